@@ -1,0 +1,80 @@
+"""Loading checkpoints for inference: attempt_load and Ensemble."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from models.common import Conv
+from models.yolo import Detect, DetectionModel
+
+
+class Ensemble(nn.ModuleList):
+    """Several models whose detections are concatenated (NMS then merges them)."""
+
+    def forward(self, x, augment=False, profile=False, visualize=False):
+        y = [m(x, augment, profile, visualize)[0] for m in self]
+        return torch.cat(y, 1), None
+
+
+def model_activation(model) -> str:
+    """The activation a model uses: its yaml's record if present, else the first Conv block's module."""
+    act = getattr(model, "yaml", {}).get("activation") if isinstance(getattr(model, "yaml", None), dict) else None
+    if act:
+        return act
+    for m in model.modules():
+        if isinstance(m, Conv):
+            return type(m.act).__name__.lower()
+    return "silu"
+
+
+def is_quantized(model) -> bool:
+    """True for a QAT-prepared model (it carries fake-quantizers, which fusion must not touch)."""
+    return any(hasattr(m, "activation_post_process") or hasattr(m, "weight_fake_quant") for m in model.modules())
+
+
+def attempt_load(weights, device=None, inplace=True, fuse=True, trust=False):
+    """Load one checkpoint (or an Ensemble of several) for inference: EMA if present, float, eval mode.
+
+    Conv+BN is fused unless `fuse=False` or the model is quantized (QAT modules keep their own path).
+    """
+    from utils.checkpoint import attempt_download, load_checkpoint
+    from utils.general import UserError
+
+    models = Ensemble()
+    for w in weights if isinstance(weights, (list, tuple)) else [weights]:
+        path = attempt_download(w)
+        ckpt = load_checkpoint(path, map_location="cpu", trust=trust)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
+            raise UserError(f"{path}: not a YOLOv5 checkpoint (no 'model' module inside)")
+        model = (ckpt.get("ema") or ckpt["model"]).to(device or "cpu").float()
+        if not hasattr(model, "stride"):
+            model.stride = torch.tensor([32.0])
+        if hasattr(model, "names") and isinstance(model.names, (list, tuple)):
+            model.names = dict(enumerate(model.names))
+        model.checkpoint_path = str(path)
+        if fuse and hasattr(model, "fuse") and not is_quantized(model):
+            model.fuse()
+        models.append(model.eval())
+
+    for m in models.modules():
+        if isinstance(m, Detect):
+            m.inplace = inplace
+            if not isinstance(m.anchor_grid, list):  # very old checkpoints stored a tensor
+                delattr(m, "anchor_grid")
+                m.anchor_grid = [torch.zeros(1)] * m.nl
+            m.grid = [torch.empty(0)] * m.nl
+        elif isinstance(m, nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
+            m.recompute_scale_factor = None  # torch >= 1.11 attribute missing in older pickles
+
+    if len(models) == 1:
+        return models[-1]
+    print(f"Ensemble created with {weights}\n")
+    for k in "names", "nc", "yaml":
+        setattr(models, k, getattr(models[0], k))
+    models.stride = models[torch.argmax(torch.tensor([m.stride.max() for m in models])).int()].stride
+    if not all(models[0].nc == m.nc for m in models):
+        raise UserError(f"ensemble: models have different class counts {[m.nc for m in models]}")
+    return models
+
+
+__all__ = ["attempt_load", "Ensemble", "model_activation", "DetectionModel"]

@@ -1,0 +1,140 @@
+"""Loading and saving checkpoints safely.
+
+Loading: a YOLOv5 checkpoint pickles whole modules, and unpickling can run arbitrary code. We load with
+`torch.load(weights_only=True)` and an explicit allowlist of the classes a YOLOv5 checkpoint may hold
+(this project's model classes, the torch.nn modules they use, and what upstream stores beside them).
+A file that needs anything else is refused with a message naming the class. To load a file you
+trust anyway, pass `trust=True` or set the environment variable YOLOV5_TRUST_CHECKPOINTS=1.
+
+Saving: written to a temporary file in the same folder and renamed over the target, so a kill during
+a save never leaves a truncated checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from utils.general import LOGGER, ROOT, UserError
+
+TRUST_ENV = "YOLOV5_TRUST_CHECKPOINTS"
+RELEASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.0/{}"
+RELEASE_ASSETS = {f"yolov5{s}{r}.pt" for s in "nsmlx" for r in ("", "6", "-cls", "-seg")}
+
+_NN_CLASSES = (
+    nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Linear, nn.Dropout, nn.Identity,
+    nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Sigmoid, nn.Sequential, nn.ModuleList,
+    nn.ModuleDict, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Upsample, nn.Flatten,
+)
+_extra_safe: list = []
+
+
+def register_safe_globals(*objs):
+    """Allow more classes in checkpoints (the QAT glue registers the quantization modules)."""
+    for o in objs:
+        if o not in _extra_safe:
+            _extra_safe.append(o)
+
+
+def safe_globals() -> list:
+    from models import common, experimental, yolo
+
+    project = [yolo.DetectionModel, yolo.Detect, common.Conv, common.DWConv, common.Bottleneck, common.C3,
+               common.SPP, common.SPPF, common.Focus, common.Concat, experimental.Ensemble]
+    extra = [set, tuple, slice, getattr]
+    try:  # upstream training checkpoints may store numpy scalars/arrays (best_fitness, results)
+        import numpy as np
+
+        extra += [np.ndarray, np.dtype, np.core.multiarray._reconstruct, np.core.multiarray.scalar]
+        extra += [type(np.dtype(t)) for t in ("float64", "float32", "int64")]
+    except (ImportError, AttributeError):
+        pass
+    return project + list(_NN_CLASSES) + extra + _extra_safe
+
+
+def attempt_download(file) -> Path:
+    """Return the path of a weights file; fetch a missing official release file, else say where to get it."""
+    file = Path(str(file).strip().replace("'", ""))
+    if file.is_file():
+        return file
+    for cand in (ROOT / file, ROOT / "weights" / file.name):
+        if cand.is_file():
+            return cand
+    if file.name in RELEASE_ASSETS:
+        url = RELEASE_URL.format(file.name)
+        dest = file if file.parent != Path(".") else ROOT / "weights" / file.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        LOGGER.info(f"Downloading {url} to {dest}...")
+        old = socket.getdefaulttimeout()
+        try:
+            socket.setdefaulttimeout(20)
+            tmp = dest.with_suffix(".part")
+            torch.hub.download_url_to_file(url, str(tmp), progress=False)
+            os.replace(tmp, dest)
+            return dest
+        except Exception as e:  # no network, HTTP error, ...
+            raise UserError(f"{file}: weights not found and the download from {url} failed ({type(e).__name__}); "
+                            f"download it by hand and put it in {ROOT / 'weights'}") from None
+        finally:
+            socket.setdefaulttimeout(old)
+    raise UserError(f"{file}: weights file not found; give the path of a .pt checkpoint "
+                    f"(official release files go in {ROOT / 'weights'}, e.g. weights/yolov5s.pt)")
+
+
+def _trusted(trust) -> bool:
+    return bool(trust) or os.getenv(TRUST_ENV, "").lower() in ("1", "true", "yes")
+
+
+def load_checkpoint(path, map_location="cpu", trust=False):
+    """torch.load a checkpoint with the YOLOv5 allowlist; clear one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        if _trusted(trust):
+            return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Unsupported global" in msg or "not an allowed global" in msg or "GLOBAL" in msg:
+            names = _unsafe_globals(path)
+            what = ", ".join(names) if names else msg.splitlines()[0]
+            raise UserError(f"{path}: refused to load, it pickles {what}, which is not on the YOLOv5 checkpoint "
+                            f"allowlist; if you trust this file, set {TRUST_ENV}=1") from None
+        raise UserError(f"{path}: corrupt or not a PyTorch checkpoint ({msg.splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, TypeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{path}: corrupt or not a PyTorch checkpoint ({first})") from None
+
+
+def _unsafe_globals(path) -> list:
+    try:
+        allowed = {f"{o.__module__}.{o.__qualname__}" for o in safe_globals() if hasattr(o, "__qualname__")}
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
+    except Exception:
+        return []
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file beside `path`, fsync, then atomically rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

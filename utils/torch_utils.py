@@ -1,0 +1,158 @@
+"""Torch helpers: devices, model summaries, Conv+BN fusion, EMA, optimizer groups, DDP helpers."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+from copy import deepcopy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from utils.general import LOGGER, UserError
+
+LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
+RANK = int(os.getenv("RANK", -1))
+WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
+
+
+def select_device(device="", batch_size=0, newline=True) -> torch.device:
+    """'' (CUDA 0 if present, else CPU), 'cpu', '0', '0,1', 'cuda:0', 'mps'."""
+    s = f"yolov5-qat torch-{torch.__version__} "
+    device = str(device).strip().lower().replace("cuda:", "").replace("none", "")
+    if device == "cpu":
+        arg = "cpu"
+        s += "CPU\n"
+    elif device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError("--device mps: Apple MPS is not available on this machine, use --device cpu")
+        arg = "mps"
+        s += "MPS\n"
+    else:
+        ids = [x for x in device.split(",") if x != ""]
+        if any(not x.isdigit() for x in ids):
+            raise UserError(f"--device {device!r}: not a device, use 'cpu', a CUDA index such as 0, or a list such as 0,1")
+        n_avail = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if ids and (n_avail == 0 or any(int(x) >= n_avail for x in ids)):
+            raise UserError(f"--device {device}: CUDA device(s) not available ({n_avail} visible); "
+                            f"use --device cpu or a valid CUDA index")
+        if not ids and n_avail == 0:
+            arg = "cpu"
+            s += "CPU\n"
+        else:
+            ids = ids or ["0"]
+            if len(ids) > 1 and batch_size > 0 and batch_size % len(ids):
+                raise UserError(f"--batch-size {batch_size} must be a multiple of the GPU count {len(ids)}")
+            for i, d in enumerate(ids):
+                p = torch.cuda.get_device_properties(int(d))
+                s += f"{'' if i == 0 else ' ' * len(s)}CUDA:{d} ({p.name}, {p.total_memory / 1024 ** 2:.0f}MiB)\n"
+            arg = f"cuda:{ids[0]}"
+    if not newline:
+        s = s.rstrip()
+    LOGGER.info(s.rstrip())
+    return torch.device(arg)
+
+
+def time_sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.time()
+
+
+def is_parallel(model):
+    return type(model) in (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def de_parallel(model):
+    return model.module if is_parallel(model) else model
+
+
+@contextmanager
+def torch_distributed_zero_first(local_rank: int):
+    """Let rank 0 do something (e.g. build a dataset cache) before the other ranks."""
+    if local_rank not in (-1, 0):
+        dist.barrier()
+    yield
+    if local_rank == 0:
+        dist.barrier()
+
+
+def initialize_weights(model):
+    """Upstream BN settings (eps 1e-3, momentum 0.03) and in-place activations."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 1e-3
+            m.momentum = 0.03
+        elif isinstance(m, (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU)):
+            m.inplace = True
+
+
+def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A Conv2d equal to bn(conv(x)) in eval mode: w' = w * g / s, b' = beta + (b - mean) * g / s."""
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True).requires_grad_(False).to(conv.weight.device)
+    w = conv.weight.detach().float()
+    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels, device=w.device)
+    gain = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+    fused.weight.copy_((w * gain.view(-1, 1, 1, 1)).to(fused.weight.dtype))
+    fused.bias.copy_((bn.bias.detach().float() + (b - bn.running_mean.float()) * gain).to(fused.bias.dtype))
+    return fused
+
+
+def count_flops(model, x) -> float:
+    """Floating point operations of one forward at input x, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def model_info(model, verbose=False, imgsz=640, name=None):
+    """Print `<name> summary: L layers, P parameters, G gradients, F GFLOPs` (FLOPs at imgsz)."""
+    n_p = sum(p.numel() for p in model.parameters())
+    n_g = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if verbose:
+        LOGGER.info(f"{'layer':>5} {'name':>40} {'gradient':>9} {'parameters':>12} {'shape':>20} {'mu':>10} {'sigma':>10}")
+        for i, (n, p) in enumerate(model.named_parameters()):
+            LOGGER.info(f"{i:5g} {n:>40} {str(p.requires_grad):>9} {p.numel():12g} {str(list(p.shape)):>20} "
+                        f"{p.mean():10.3g} {p.std() if p.numel() > 1 else 0:10.3g}")
+    fs = ""
+    try:
+        p = next(model.parameters())
+        stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
+        im = torch.zeros((1, model.yaml.get("ch", 3) if hasattr(model, "yaml") else 3, stride, stride),
+                         device=p.device, dtype=p.dtype)
+        was_training = model.training
+        model.eval()
+        flops = count_flops(deepcopy(model), im) / 1e9
+        model.train(was_training)
+        imgsz = imgsz if isinstance(imgsz, (list, tuple)) else [imgsz, imgsz]
+        fs = f", {flops * imgsz[0] / stride * imgsz[1] / stride:.1f} GFLOPs"
+    except Exception as e:  # FLOPs are informative only; never fail a summary for them
+        LOGGER.debug(f"FLOPs not counted: {e}")
+    name = name or "Model"
+    LOGGER.info(f"{name} summary: {len(list(model.modules()))} layers, {n_p} parameters, {n_g} gradients{fs}")
+    return n_p, fs
+
+
+def scale_img(img, ratio=1.0, same_shape=False, gs=32):
+    """Resize a BCHW batch by ratio and pad to a multiple of gs (test-time augmentation)."""
+    if ratio == 1.0:
+        return img
+    h, w = img.shape[2:]
+    s = (int(h * ratio), int(w * ratio))
+    img = nn.functional.interpolate(img, size=s, mode="bilinear", align_corners=False)
+    if not same_shape:
+        h, w = (math.ceil(x * ratio / gs) * gs for x in (h, w))
+    return nn.functional.pad(img, [0, w - s[1], 0, h - s[0]], value=0.447)
+
+
+def copy_attr(a, b, include=(), exclude=()):
+    for k, v in b.__dict__.items():
+        if (len(include) and k not in include) or k.startswith("_") or k in exclude:
+            continue
+        setattr(a, k, v)
