@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.common import SPP, SPPF, C3, Bottleneck, Concat, Conv, DWConv, Focus, activation_name  # noqa: E402
+from models.common import (SPP, SPPF, C3, Bottleneck, Concat, Conv, DWConv, Focus, activation_name,  # noqa: E402
+                           make_activation)
 from utils.general import LOGGER, UserError, check_file, make_divisible, run_cli, yaml_load  # noqa: E402
 from utils.torch_utils import fuse_conv_and_bn, initialize_weights, model_info, scale_img, select_device  # noqa: E402
 
@@ -250,7 +251,7 @@ def parse_model(d, ch):
     except KeyError as e:
         raise UserError(f"model yaml: missing key {e.args[0]!r} (needs nc, depth_multiple, width_multiple, "
                         f"anchors, backbone, head)") from None
-    act = d.get("activation") or True
+    act = make_activation(d.get("activation") or True)  # one instance shared by all blocks, as upstream
     LOGGER.info(f"\n{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<40}{'arguments':<30}")
     na = (len(anchors[0]) // 2) if isinstance(anchors, list) else anchors
     no = na * (nc + 5)
@@ -274,8 +275,7 @@ def parse_model(d, ch):
             if m in WITH_REPEATS:
                 args.insert(2, n)
                 n = 1
-            if act is not True:
-                kwargs["act"] = act
+            kwargs["act"] = act
         elif m is nn.BatchNorm2d:
             args = [ch[f]]
         elif m is Concat:
