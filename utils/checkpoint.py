@@ -51,7 +51,8 @@ def safe_globals() -> list:
     try:  # upstream training checkpoints may store numpy scalars/arrays (best_fitness, results)
         import numpy as np
 
-        extra += [np.ndarray, np.dtype, np.core.multiarray._reconstruct, np.core.multiarray.scalar]
+        core = getattr(np, "_core", None) or np.core
+        extra += [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
         extra += [type(np.dtype(t)) for t in ("float64", "float32", "int64")]
     except (ImportError, AttributeError):
         pass

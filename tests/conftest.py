@@ -1,0 +1,40 @@
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+REFERENCE = ROOT.parent / "shared" / "reference"
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def yolo_log():
+    """Capture the 'yolov5' logger (it does not propagate) as a list of messages."""
+    from utils.general import LOGGER
+
+    records = []
+
+    class _H(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    h = _H(level=logging.DEBUG)
+    LOGGER.addHandler(h)
+    old = LOGGER.level
+    LOGGER.setLevel(logging.INFO)
+    yield records
+    LOGGER.removeHandler(h)
+    LOGGER.setLevel(old)
+
+
+def reference(name):
+    path = REFERENCE / name
+    if not path.is_file():
+        pytest.skip(f"reference file {path} not present")
+    return path

@@ -1,0 +1,189 @@
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT, reference
+from models.common import C3, Bottleneck, Conv, make_activation
+from models.experimental import attempt_load, model_activation
+from models.yolo import Detect, DetectionModel, Model, parse_model
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.general import UserError, yaml_load
+from utils.torch_utils import fuse_conv_and_bn, select_device
+
+UPSTREAM_PARAMS = {"n": 1872157, "s": 7235389, "m": 21190557, "l": 46563709, "x": 86749405}
+
+
+@pytest.mark.parametrize("size", list(UPSTREAM_PARAMS))
+def test_param_counts_and_forward_shapes(size):
+    model = DetectionModel(ROOT / f"models/yolov5{size}.yaml").eval()
+    assert sum(p.numel() for p in model.parameters()) == UPSTREAM_PARAMS[size]
+    assert model.stride.tolist() == [8.0, 16.0, 32.0]
+    shapes = [(64, 64), (320, 320), (96, 160)] if size in "nsm" else [(64, 64), (320, 320), (64, 128)]
+    with torch.no_grad():
+        for h, w in shapes:
+            pred, raw = model(torch.rand(1, 3, h, w))
+            n = sum(3 * (h // s) * (w // s) for s in (8, 16, 32))
+            assert pred.shape == (1, n, 85)
+            assert [r.shape[2:4] for r in raw] == [(h // s, w // s) for s in (8, 16, 32)]
+            assert torch.isfinite(pred).all()
+
+
+def test_model_alias_and_activation_choice():
+    assert Model is DetectionModel
+    relu = DetectionModel(ROOT / "models/yolov5n.yaml", act="relu")
+    acts = {type(m.act) for m in relu.modules() if isinstance(m, Conv)}
+    assert acts == {nn.ReLU}
+    assert relu.yaml["activation"] == "relu" and model_activation(relu) == "relu"
+    # choosing ReLU for one model changes nothing for the next (no class attribute mutated)
+    silu = DetectionModel(ROOT / "models/yolov5n.yaml")
+    assert {type(m.act) for m in silu.modules() if isinstance(m, Conv)} == {nn.SiLU}
+    cfg = yaml_load(ROOT / "models/yolov5n.yaml")
+    cfg["activation"] = "nn.ReLU6()"
+    r6 = DetectionModel(cfg)
+    assert {type(m.act) for m in r6.modules() if isinstance(m, Conv)} == {nn.ReLU6}
+    with pytest.raises(ValueError, match="not supported"):
+        make_activation("gelu-ish")
+
+
+def test_unknown_module_and_malformed_yaml():
+    cfg = yaml_load(ROOT / "models/yolov5n.yaml")
+    cfg["head"][0][2] = "Transformer"
+    with pytest.raises(UserError, match="unknown module 'Transformer'"):
+        DetectionModel(cfg)
+    cfg = yaml_load(ROOT / "models/yolov5n.yaml")
+    del cfg["anchors"]
+    with pytest.raises(UserError, match="missing key 'anchors'"):
+        parse_model(cfg, ch=[3])
+
+
+def test_skip_add_only_when_shapes_allow():
+    assert Bottleneck(16, 16).add and not Bottleneck(16, 32).add and not Bottleneck(16, 16, shortcut=False).add
+    c3 = C3(16, 32, n=2)
+    assert c3(torch.rand(1, 16, 8, 8)).shape == (1, 32, 8, 8)
+
+
+def test_fused_matches_unfused():
+    torch.manual_seed(0)
+    model = DetectionModel(ROOT / "models/yolov5n.yaml", act="relu")
+    for m in model.modules():  # non-trivial BN statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    model.eval()
+    x = torch.rand(2, 3, 128, 160)
+    with torch.no_grad():
+        y0 = model(x)[0]
+        model.fuse()
+        y1 = model(x)[0]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert ((y0 - y1).abs().max() / y0.abs().max()).item() < 1e-4
+
+
+def test_fuse_conv_and_bn_formula():
+    torch.manual_seed(1)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.normal_()
+    bn.eval()
+    x = torch.randn(2, 4, 9, 9)
+    assert torch.allclose(fuse_conv_and_bn(conv, bn)(x), bn(conv(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_reference_checkpoint_reproduces_upstream(act):
+    ref = torch.load(reference(f"yolov5n_{act}_outputs.pt"), weights_only=False)
+    model = attempt_load(reference(f"yolov5n_{act}.pt"), fuse=False)
+    assert sum(p.numel() for p in model.parameters()) == ref["n_parameters"]
+    assert model_activation(model) == ref["activation"].lower()
+    assert isinstance(model.model[-1], Detect) and model.names[0] == "person"
+    x = ref["input"]
+    with torch.no_grad():
+        y = model(x)[0]
+        scale = ref["eval_output"].abs().max()
+        assert ((y - ref["eval_output"]).abs().max() / scale) < 1e-5
+        model.train()
+        outs = model(x)
+        top = max(o.abs().max() for o in ref["train_outputs"])
+        for a, b in zip(outs, ref["train_outputs"]):
+            # train mode normalises with batch statistics of 2 images, which amplifies float32 rounding
+            assert a.shape == b.shape and ((a - b).abs().max() / top) < 5e-5
+            assert ((a - b).abs().mean() / top) < 1e-5
+        model.eval().fuse()
+        yf = model(x)[0]
+    # same fusion arithmetic as upstream: fused outputs agree closely with upstream's fused outputs
+    assert ((yf - ref["eval_output_fused"]).abs().max() / scale) < 1e-5
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(UserError, match="weights file not found"):
+        attempt_load(tmp_path / "nothere.pt")
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"PK\x03\x04 this is not a zip at all")
+    with pytest.raises(UserError, match="corrupt"):
+        attempt_load(bad)
+    notckpt = tmp_path / "tensor.pt"
+    torch.save({"model": torch.zeros(3)}, notckpt)
+    with pytest.raises(UserError, match="not a YOLOv5 checkpoint"):
+        attempt_load(notckpt)
+
+
+class Payload:
+    """Unpickling this would create a file: the loader must refuse it without running it."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("YOLOV5_TRUST_CHECKPOINTS", raising=False)
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Payload(target)}, path)
+    with pytest.raises(UserError, match="refused.*open"):
+        load_checkpoint(path)
+    assert not target.exists()
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom during save")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint({"epoch": 2, "x": Unpicklable()}, path)
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_select_device():
+    assert select_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert select_device("").type == "cpu"
+        with pytest.raises(UserError, match="not available"):
+            select_device("0")
+    with pytest.raises(UserError, match="not a device"):
+        select_device("gpu7")
+
+
+def test_yolo_cli_summary_and_errors():
+    r = subprocess.run([sys.executable, "models/yolo.py", "--cfg", "yolov5s.yaml"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "YOLOv5s summary: 214 layers, 7235389 parameters, 7235389 gradients" in r.stdout
+    assert "GFLOPs" in r.stdout and "models.common.C3" in r.stdout
+    r = subprocess.run([sys.executable, "models/yolo.py", "--cfg", "missing.yaml"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().startswith("ERROR: missing.yaml") and "Traceback" not in r.stderr
