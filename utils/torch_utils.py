@@ -156,3 +156,158 @@ def copy_attr(a, b, include=(), exclude=()):
         if (len(include) and k not in include) or k.startswith("_") or k in exclude:
             continue
         setattr(a, k, v)
+
+
+def _is_bn(m):
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def averaged_state_keys(model) -> set:
+    """state_dict keys the EMA averages: float parameters and BatchNorm running statistics.
+
+    Everything else (quantizer scales and zero points, observer min/max, enable flags, counters) is
+    copied from the live model: averaging a power-of-two scale gives a non-power-of-two, and averaging
+    observer statistics smears them.
+    """
+    keys = {n for n, p in model.named_parameters() if p.dtype.is_floating_point}
+    for name, m in model.named_modules():
+        if _is_bn(m):
+            keys |= {f"{name}.running_mean" if name else "running_mean", f"{name}.running_var" if name else "running_var"}
+    return keys
+
+
+def _set_tensor(root, dotted, value):
+    *path, leaf = dotted.split(".")
+    mod = root
+    for p in path:
+        mod = getattr(mod, p)
+    cur = getattr(mod, leaf)
+    if isinstance(cur, nn.Parameter):
+        cur.data = value
+    elif leaf in mod._buffers:
+        mod._buffers[leaf] = value
+    else:
+        setattr(mod, leaf, value)
+
+
+class ModelEMA:
+    """Exponential moving average of a model (Polyak averaging), with upstream's ramped decay.
+
+    Only `averaged_state_keys` are averaged; all other state is copied, so quantization state stays exact.
+    """
+
+    def __init__(self, model, decay=0.9999, tau=2000, updates=0):
+        self.ema = deepcopy(de_parallel(model)).eval()
+        self.updates = updates
+        self.decay_max, self.tau = decay, tau
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self._averaged = averaged_state_keys(self.ema)
+
+    def decay(self, updates):
+        return self.decay_max * (1 - math.exp(-updates / self.tau))
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        d = self.decay(self.updates)
+        msd = de_parallel(model).state_dict()
+        for k, v in self.ema.state_dict().items():
+            src = msd[k].detach()
+            if k in self._averaged and v.dtype.is_floating_point:
+                v.mul_(d).add_(src.to(v.dtype), alpha=1 - d)
+            elif v.shape == src.shape:
+                v.copy_(src)
+            else:  # a quantizer buffer that resized (per-channel qparams after the first observation)
+                _set_tensor(self.ema, k, src.clone())
+
+    def update_attr(self, model, include=(), exclude=("process_group", "reducer")):
+        copy_attr(self.ema, de_parallel(model), include, exclude)
+
+    def refresh_keys(self):
+        """Call after the model's module structure changed (e.g. QAT preparation)."""
+        self._averaged = averaged_state_keys(self.ema)
+
+
+def parameter_groups(model):
+    """Upstream's three groups: weights with decay, BN weights (and quantizer parameters) without, biases."""
+    decay, no_decay, biases = [], [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "bias":
+                biases.append(p)
+            elif name == "weight" and not _is_bn(module):
+                decay.append(p)
+            else:  # BN weights, learnable quantization scales (scale / log2_scale / zero_point), ...
+                no_decay.append(p)
+    return decay, no_decay, biases
+
+
+def smart_optimizer(model, name="Adam", lr=0.001, momentum=0.9, decay=1e-5):
+    """SGD / Adam / AdamW over the three groups; group 0 holds the biases (warmup_bias_lr applies to it)."""
+    g_decay, g_no_decay, g_bias = parameter_groups(model)
+    if name == "Adam":
+        optimizer = torch.optim.Adam(g_bias, lr=lr, betas=(momentum, 0.999))
+    elif name == "AdamW":
+        optimizer = torch.optim.AdamW(g_bias, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+    elif name == "RMSProp":
+        optimizer = torch.optim.RMSprop(g_bias, lr=lr, momentum=momentum)
+    elif name == "SGD":
+        optimizer = torch.optim.SGD(g_bias, lr=lr, momentum=momentum, nesterov=True)
+    else:
+        raise UserError(f"--optimizer {name}: not supported, use SGD, Adam or AdamW")
+    optimizer.add_param_group({"params": g_decay, "weight_decay": decay})
+    optimizer.add_param_group({"params": g_no_decay, "weight_decay": 0.0})
+    LOGGER.info(f"optimizer: {type(optimizer).__name__}(lr={lr}) with parameter groups "
+                f"{len(g_no_decay)} weight(decay=0.0), {len(g_decay)} weight(decay={decay}), {len(g_bias)} bias")
+    return optimizer
+
+
+class EarlyStopping:
+    """Stop when fitness has not improved for `patience` epochs."""
+
+    def __init__(self, patience=30):
+        self.best_fitness = 0.0
+        self.best_epoch = 0
+        self.patience = patience or float("inf")
+        self.possible_stop = False
+
+    def __call__(self, epoch, fitness):
+        if fitness >= self.best_fitness:
+            self.best_epoch = epoch
+            self.best_fitness = fitness
+        delta = epoch - self.best_epoch
+        self.possible_stop = delta >= (self.patience - 1)
+        stop = delta >= self.patience
+        if stop:
+            LOGGER.info(f"Stopping training early as no improvement observed in last {self.patience} epochs. "
+                        f"Best results observed at epoch {self.best_epoch}, best model saved as best.pt.\n"
+                        f"To update EarlyStopping(patience={self.patience}) pass a new patience value, "
+                        f"i.e. `python train.py --patience 300` or use `--patience 0` to disable EarlyStopping.")
+        return stop
+
+
+def strip_optimizer(f="best.pt", s=""):
+    """Drop optimizer/EMA state from a finished checkpoint and store the (EMA) model in FP16, atomically.
+
+    Quantizer buffers are not touched by `.half()` (the quantization library keeps them float32).
+    """
+    from utils.checkpoint import load_checkpoint, save_checkpoint
+
+    x = load_checkpoint(f)
+    if x.get("ema"):
+        x["model"] = x["ema"]
+    for k in "optimizer", "best_fitness", "ema", "updates":
+        x[k] = None
+    x["epoch"] = -1
+    x["model"].half()
+    for p in x["model"].parameters():
+        p.requires_grad = False
+    save_checkpoint(x, s or f)
+    mb = os.path.getsize(s or f) / 1e6
+    LOGGER.info(f"Optimizer stripped from {f},{f' saved as {s},' if s else ''} {mb:.1f}MB")
+
+
+def one_cycle(y1=0.0, y2=1.0, steps=100):
+    """Cosine ramp from y1 to y2 over steps."""
+    return lambda x: ((1 - math.cos(x * math.pi / steps)) / 2) * (y2 - y1) + y1

@@ -1,0 +1,170 @@
+"""Run YOLOv5 detection on images, folders, globs, .txt lists and videos.
+
+Usage:
+    python detect.py --weights yolov5s.pt --source data/images/   # folder, file, glob, list.txt, video.mp4
+    python detect.py --weights runs/train/exp/weights/best.pt --source img.jpg --save-txt --save-conf
+Results go to runs/detect/exp*: annotated images/videos, labels/*.txt with --save-txt, crops with --save-crop.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from models.backend import DetectMultiBackend  # noqa: E402
+from utils.dataloaders import VID_FORMATS, LoadImages  # noqa: E402
+from utils.general import (LOGGER, UserError, check_file, check_img_size, colorstr, increment_path,  # noqa: E402
+                           non_max_suppression, print_args, run_cli, scale_boxes, xyxy2xywh)
+from utils.plots import Annotator, colors, save_one_box  # noqa: E402
+from utils.torch_utils import select_device, time_sync  # noqa: E402
+
+
+@torch.no_grad()
+def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640, 640), conf_thres=0.25,
+        iou_thres=0.45, max_det=1000, device="", view_img=False, save_txt=False, save_conf=False, save_crop=False,
+        nosave=False, classes=None, agnostic_nms=False, augment=False, visualize=False, update=False,
+        project=ROOT / "runs/detect", name="exp", exist_ok=False, line_thickness=3, hide_labels=False,
+        hide_conf=False, half=False, dnn=False, vid_stride=1):
+    source = str(source)
+    if not Path(source).exists() and not any(c in source for c in "*?"):
+        raise UserError(f"--source {source}: path does not exist; give an image, video, folder, glob or .txt list")
+    save_img = not nosave and not source.endswith(".txt")
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+
+    device = select_device(device)
+    model = DetectMultiBackend(weights, device=device, dnn=dnn, data=data, fp16=half)
+    stride, names = model.stride, model.names or {}
+    imgsz = check_img_size(imgsz, s=stride)
+    dataset = LoadImages(source, img_size=imgsz, stride=stride, auto=model.pt, vid_stride=vid_stride)
+    if view_img:
+        LOGGER.warning("WARNING: --view-img needs a display; images are saved instead when none is available")
+    vid_path, vid_writer = [None] * 1, [None] * 1
+    model.warmup(imgsz=(1, 3, *imgsz))
+    seen, dt = 0, [0.0, 0.0, 0.0]
+    for path, im, im0s, vid_cap, s in dataset:
+        t1 = time_sync()
+        im = torch.from_numpy(im).to(device)
+        im = (im.half() if model.fp16 else im.float()) / 255
+        if im.ndim == 3:
+            im = im[None]
+        t2 = time_sync()
+        dt[0] += t2 - t1
+        vis_dir = increment_path(save_dir / Path(path).stem, mkdir=True) if visualize else False
+        pred = model(im, augment=augment, visualize=vis_dir)
+        t3 = time_sync()
+        dt[1] += t3 - t2
+        pred = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det)
+        dt[2] += time_sync() - t3
+
+        for det in pred:
+            seen += 1
+            p, im0, frame = Path(path), im0s.copy(), getattr(dataset, "frame", 0)
+            save_path = str(save_dir / p.name)
+            txt_path = str(save_dir / "labels" / p.stem) + ("" if dataset.mode == "image" else f"_{frame}")
+            s += "%gx%g " % im.shape[2:]
+            gn = torch.tensor(im0.shape)[[1, 0, 1, 0]]
+            imc = im0.copy() if save_crop else im0
+            annotator = Annotator(im0, line_width=line_thickness, example=str(names))
+            if len(det):
+                det[:, :4] = scale_boxes(im.shape[2:], det[:, :4], im0.shape).round()
+                for c in det[:, 5].unique():
+                    n = (det[:, 5] == c).sum()
+                    s += f"{n} {names.get(int(c), int(c))}{'s' * (n > 1)}, "
+                for *xyxy, conf, cls in reversed(det):
+                    c = int(cls)
+                    if save_txt:
+                        xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
+                        line = (c, *xywh, float(conf)) if save_conf else (c, *xywh)
+                        with open(f"{txt_path}.txt", "a") as f:
+                            f.write(("%g " * len(line)).rstrip() % line + "\n")
+                    if save_img or save_crop or view_img:
+                        label = None if hide_labels else (names.get(c, str(c)) if hide_conf else f"{names.get(c, c)} {conf:.2f}")
+                        annotator.box_label(xyxy, label, color=colors(c, True))
+                    if save_crop:
+                        save_one_box(xyxy, imc, file=save_dir / "crops" / str(names.get(c, c)) / f"{p.stem}.jpg", BGR=True)
+            im0 = annotator.result()
+            if save_img:
+                if dataset.mode == "image":
+                    import cv2
+
+                    cv2.imwrite(save_path, im0)
+                else:
+                    vid_path[0], vid_writer[0] = _write_video_frame(save_path, vid_path[0], vid_writer[0], vid_cap, im0)
+        LOGGER.info(f"{s}{'' if len(det) else '(no detections), '}{(t3 - t2) * 1e3:.1f}ms")
+
+    for w in vid_writer:
+        if w is not None:
+            w.release()
+    t = tuple(x / max(seen, 1) * 1e3 for x in dt)
+    LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(1, 3, *imgsz)}" % t)
+    if save_txt or save_img:
+        n = len(list(save_dir.glob("labels/*.txt")))
+        extra = f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""
+        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}{extra}")
+    return save_dir
+
+
+def _write_video_frame(save_path, vid_path, vid_writer, vid_cap, im0):
+    import cv2
+
+    if vid_path != save_path:
+        if vid_writer is not None:
+            vid_writer.release()
+        fps = vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap else 30
+        h, w = im0.shape[:2]
+        save_path = str(Path(save_path).with_suffix(".mp4"))
+        vid_writer = cv2.VideoWriter(save_path, cv2.VideoWriter_fourcc(*"mp4v"), fps or 30, (w, h))
+        vid_path = save_path
+    vid_writer.write(im0)
+    return vid_path, vid_writer
+
+
+def parse_opt(argv=None):
+    parser = argparse.ArgumentParser(description="YOLOv5 detection")
+    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "yolov5s.pt", help="model path(s): .pt, .torchscript, .onnx")
+    parser.add_argument("--source", type=str, default=ROOT / "data/images", help="file/dir/glob/.txt list/video")
+    parser.add_argument("--data", type=str, default=None, help="(optional) dataset.yaml for class names")
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="inference size h,w")
+    parser.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
+    parser.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
+    parser.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    parser.add_argument("--view-img", action="store_true", help="show results")
+    parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
+    parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
+    parser.add_argument("--save-crop", action="store_true", help="save cropped prediction boxes")
+    parser.add_argument("--nosave", action="store_true", help="do not save images/videos")
+    parser.add_argument("--classes", nargs="+", type=int, help="filter by class: --classes 0, or --classes 0 2 3")
+    parser.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
+    parser.add_argument("--augment", action="store_true", help="augmented inference")
+    parser.add_argument("--visualize", action="store_true", help="visualize features")
+    parser.add_argument("--project", default=ROOT / "runs/detect", help="save results to project/name")
+    parser.add_argument("--name", default="exp", help="save results to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    parser.add_argument("--line-thickness", default=3, type=int, help="bounding box thickness (pixels)")
+    parser.add_argument("--hide-labels", default=False, action="store_true", help="hide labels")
+    parser.add_argument("--hide-conf", default=False, action="store_true", help="hide confidences")
+    parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference")
+    parser.add_argument("--dnn", action="store_true", help="use OpenCV DNN for ONNX inference")
+    parser.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
+    opt = parser.parse_args(argv)
+    opt.imgsz *= 2 if len(opt.imgsz) == 1 else 1
+    print_args(vars(opt), "detect")
+    return opt
+
+
+def main(opt):
+    if opt.data:
+        opt.data = check_file(opt.data)
+    return run(**vars(opt))
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_opt())

@@ -1,0 +1,470 @@
+"""Train a YOLOv5 model on a custom dataset (FP32, activation retraining, and QAT).
+
+Usage:
+    python train.py --data shapes.yaml --cfg yolov5n.yaml --weights '' --img 320 --epochs 30
+    python train.py --data coco.yaml --weights weights/yolov5m.pt --cfg models/yolov5m.yaml --act relu \
+        --hyp data/hyps/hyp.m-relu-tune.yaml
+    torchrun --nproc_per_node 2 train.py --device 0,1 ...    (DDP; --device cpu uses gloo)
+Runs go to runs/train/exp*: weights/last.pt, weights/best.pt, results.csv, results.png, plots.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from copy import deepcopy
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import val as validate  # noqa: E402
+from models.experimental import attempt_load, model_activation  # noqa: E402
+from models.yolo import DetectionModel  # noqa: E402
+from utils.autoanchor import check_anchors  # noqa: E402
+from utils.checkpoint import attempt_download, load_checkpoint, save_checkpoint  # noqa: E402
+from utils.class_weights import labels_to_class_weights, labels_to_image_weights  # noqa: E402
+from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.dataset_yaml import check_dataset  # noqa: E402
+from utils.general import (LOGGER, UserError, check_file, check_img_size, colorstr, increment_path,  # noqa: E402
+                           intersect_dicts, print_args, run_cli, yaml_load, yaml_save)
+from utils.loss import ComputeLoss  # noqa: E402
+from utils.metrics import fitness  # noqa: E402
+from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
+from utils.torch_utils import (EarlyStopping, ModelEMA, de_parallel, one_cycle, select_device,  # noqa: E402
+                               smart_optimizer, strip_optimizer, torch_distributed_zero_first)
+
+LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
+RANK = int(os.getenv("RANK", -1))
+WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
+
+RESULT_COLUMNS = ("train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
+                  "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss",
+                  "x/lr0", "x/lr1", "x/lr2")
+
+
+def init_seeds(seed=0, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+
+
+def build_model(opt, hyp, nc, device):
+    """The model to train and, when fine-tuning, how many tensors came from the checkpoint."""
+    weights = opt.weights
+    if weights and str(weights).endswith(".pt"):
+        path = attempt_download(weights)
+        with torch_distributed_zero_first(LOCAL_RANK):
+            ckpt = load_checkpoint(path)
+        src = ckpt.get("ema") or ckpt.get("model")
+        if not isinstance(src, nn.Module):
+            raise UserError(f"{path}: not a YOLOv5 checkpoint (no 'model' module inside)")
+        act = opt.act or model_activation(src)
+        model = DetectionModel(opt.cfg or src.yaml, ch=3, nc=nc, anchors=hyp.get("anchors"), act=act).to(device)
+        exclude = ["anchor"] if (opt.cfg or hyp.get("anchors")) and not opt.resume else []
+        csd = intersect_dicts(src.float().state_dict(), model.state_dict(), exclude=exclude)
+        model.load_state_dict(csd, strict=False)
+        LOGGER.info(f"Transferred {len(csd)}/{len(model.state_dict())} items from {weights}"
+                    + (f" (activation {model_activation(src)} -> {act})" if model_activation(src) != act else ""))
+        return model, ckpt
+    if weights:
+        raise UserError(f"--weights {weights}: expected a .pt checkpoint, or '' to train from scratch")
+    if not opt.cfg:
+        raise UserError("--cfg is required when training from scratch (--weights ''), e.g. --cfg yolov5s.yaml")
+    return DetectionModel(opt.cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), act=opt.act or "silu").to(device), None
+
+
+def train(hyp, opt, device):
+    save_dir, epochs, batch_size, weights, single_cls, noval, nosave, workers, freeze = (
+        Path(opt.save_dir), opt.epochs, opt.batch_size, opt.weights, opt.single_cls, opt.noval, opt.nosave,
+        opt.workers, opt.freeze)
+    w = save_dir / "weights"
+    w.mkdir(parents=True, exist_ok=True)
+    last, best = w / "last.pt", w / "best.pt"
+
+    if isinstance(hyp, str):
+        hyp = yaml_load(hyp)
+    LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+    opt.hyp = hyp.copy()
+    if not opt.evolve:
+        yaml_save(save_dir / "hyp.yaml", hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
+
+    tb = None
+    if RANK in (-1, 0) and not opt.noplots:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(save_dir))
+        except (ImportError, ModuleNotFoundError):
+            pass
+
+    plots = not opt.evolve and not opt.noplots
+    cuda = device.type != "cpu"
+    init_seeds(opt.seed + 1 + RANK, deterministic=True)
+    with torch_distributed_zero_first(LOCAL_RANK):
+        data_dict = check_dataset(opt.data)
+    train_path, val_path = data_dict["train"], data_dict["val"]
+    nc = 1 if single_cls else int(data_dict["nc"])
+    names = {0: "item"} if single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
+
+    model, ckpt = build_model(opt, hyp, nc, device)
+    amp = cuda
+
+    freeze = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
+    for k, v in model.named_parameters():
+        v.requires_grad = True
+        if any(x in k for x in freeze):
+            LOGGER.info(f"freezing {k}")
+            v.requires_grad = False
+
+    gs = max(int(model.stride.max()), 32)
+    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
+    if batch_size == -1:
+        raise UserError("--batch-size -1 (AutoBatch) needs CUDA memory probing and is not supported; give a batch size")
+
+    nbs = 64  # nominal batch size
+    accumulate = max(round(nbs / batch_size), 1)
+    hyp["weight_decay"] *= batch_size * accumulate / nbs
+    optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+
+    lf = one_cycle(1, hyp["lrf"], epochs) if opt.cos_lr else (lambda x: (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+
+    ema = ModelEMA(model) if RANK in (-1, 0) else None
+
+    best_fitness, start_epoch = 0.0, 0
+    if opt.resume and ckpt is not None:
+        best_fitness, start_epoch, epochs = resume_state(ckpt, optimizer, ema, weights, epochs)
+    del ckpt
+
+    if cuda and RANK != -1 and opt.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+        LOGGER.info("Using SyncBatchNorm()")
+    elif opt.sync_bn and RANK != -1:
+        LOGGER.warning("WARNING: --sync-bn needs CUDA devices; ignored on CPU")
+
+    train_loader, dataset = create_dataloader(train_path, imgsz, batch_size // WORLD_SIZE, gs, single_cls, hyp=hyp,
+                                              augment=True, cache=None if opt.cache == "val" else opt.cache,
+                                              rect=opt.rect, rank=LOCAL_RANK, workers=workers,
+                                              image_weights=opt.image_weights, quad=opt.quad,
+                                              prefix=colorstr("train: "), shuffle=True, seed=opt.seed)
+    labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
+    mlc = int(labels[:, 0].max()) if len(labels) else 0
+    if mlc >= nc:
+        raise UserError(f"{opt.data}: label class {mlc} exceeds nc={nc}; possible class labels are 0-{nc - 1}")
+
+    val_loader = None
+    if RANK in (-1, 0):
+        val_loader = create_dataloader(val_path, imgsz, batch_size // WORLD_SIZE * 2, gs, single_cls, hyp=hyp,
+                                       cache=None if noval else opt.cache, rect=True, rank=-1, workers=workers * 2,
+                                       pad=0.5, prefix=colorstr("val: "))[0]
+        if not opt.resume:
+            if not opt.noautoanchor:
+                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+            model.half().float()  # pre-reduce anchor precision, as upstream
+            if plots:
+                plot_labels(labels, names, save_dir)
+
+    nl = de_parallel(model).model[-1].nl
+    hyp["box"] *= 3 / nl
+    hyp["cls"] *= nc / 80 * 3 / nl
+    hyp["obj"] *= (imgsz / 640) ** 2 * 3 / nl
+    hyp["label_smoothing"] = opt.label_smoothing
+    model.nc = nc
+    model.hyp = hyp
+    model.class_weights = labels_to_class_weights(dataset.labels, nc).to(device) * nc
+    model.names = names
+    if ema:
+        ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
+
+    if cuda and RANK == -1 and torch.cuda.device_count() > 1 and len(str(opt.device).split(",")) > 1:
+        LOGGER.warning("WARNING: DataParallel is not supported, use torchrun for multi-GPU training")
+    if RANK != -1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if cuda else None,
+                                                    output_device=LOCAL_RANK if cuda else None)
+
+    t0 = time.time()
+    nb = len(train_loader)
+    nw = max(round(hyp["warmup_epochs"] * nb), 100)
+    last_opt_step = -1
+    maps = np.zeros(nc)
+    results = (0, 0, 0, 0, 0, 0, 0)
+    scheduler.last_epoch = start_epoch - 1
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    stopper, stop = EarlyStopping(patience=opt.patience), False
+    compute_loss = ComputeLoss(de_parallel(model))
+    LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\n"
+                f"Using {train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
+                f"Logging results to {colorstr('bold', save_dir)}\n"
+                f"Starting training for {epochs} epochs...")
+    epoch = start_epoch
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        if opt.image_weights:
+            cw = model.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
+            iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
+            dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
+        mloss = torch.zeros(3, device=device)
+        if RANK != -1:
+            train_loader.sampler.set_epoch(epoch)
+        pbar = enumerate(train_loader)
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
+        if RANK in (-1, 0):
+            pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
+        optimizer.zero_grad()
+        for i, (imgs, targets, paths, _) in pbar:
+            ni = i + nb * epoch
+            imgs = imgs.to(device, non_blocking=True).float() / 255
+
+            if ni <= nw:  # warmup: bias lr falls from warmup_bias_lr, other lrs rise from 0
+                xi = [0, nw]
+                accumulate = max(1, np.interp(ni, xi, [1, nbs / batch_size]).round())
+                for j, x in enumerate(optimizer.param_groups):
+                    x["lr"] = np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0, x["initial_lr"] * lf(epoch)])
+                    if "momentum" in x:
+                        x["momentum"] = np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]])
+
+            if opt.multi_scale:
+                sz = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
+                sf = sz / max(imgs.shape[2:])
+                if sf != 1:
+                    ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
+                    imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
+
+            with torch.autocast(device_type=device.type, enabled=amp):
+                pred = model(imgs)
+                loss, loss_items = compute_loss(pred, targets.to(device))
+                if RANK != -1:
+                    loss *= WORLD_SIZE
+                if opt.quad:
+                    loss *= 4.0
+            if not torch.isfinite(loss).all():
+                raise UserError(f"non-finite loss ({loss_items.tolist()}) at epoch {epoch} batch {i}; stopped. "
+                                f"The last good checkpoint is {last if last.exists() else 'not written yet'}; "
+                                f"lower lr0 in --hyp or check the data")
+
+            scaler.scale(loss).backward()
+            if ni - last_opt_step >= accumulate:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
+                if ema:
+                    ema.update(model)
+                last_opt_step = ni
+
+            if RANK in (-1, 0):
+                mloss = (mloss * i + loss_items) / (i + 1)
+                mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
+                pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (f"{epoch}/{epochs - 1}", mem, *mloss,
+                                                                    targets.shape[0], imgs.shape[-1]))
+                if plots and ni < 3:
+                    plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg")
+
+        lr = [x["lr"] for x in optimizer.param_groups]
+        scheduler.step()
+
+        if RANK in (-1, 0):
+            ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
+            final_epoch = (epoch + 1 == epochs) or stopper.possible_stop
+            if not noval or final_epoch:
+                results, maps, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
+                                                half=amp, model=ema.ema, single_cls=single_cls, dataloader=val_loader,
+                                                save_dir=save_dir, plots=False, compute_loss=compute_loss)
+            fi = float(fitness(np.array(results).reshape(1, -1))[0])
+            stop = stopper(epoch=epoch, fitness=fi)
+            if fi > best_fitness:
+                best_fitness = fi
+            log_results(save_dir, epoch, list(mloss.cpu().numpy()) + list(results) + lr, tb)
+
+            if (not nosave) or final_epoch:
+                ckpt = {"epoch": epoch, "best_fitness": best_fitness, "model": deepcopy(de_parallel(model)).half(),
+                        "ema": deepcopy(ema.ema).half(), "updates": ema.updates, "optimizer": optimizer.state_dict(),
+                        "opt": _plain(vars(opt)), "git": None, "date": datetime.now().isoformat()}
+                save_checkpoint(ckpt, last)
+                if best_fitness == fi:
+                    save_checkpoint(ckpt, best)
+                if opt.save_period > 0 and epoch % opt.save_period == 0:
+                    save_checkpoint(ckpt, w / f"epoch{epoch}.pt")
+                del ckpt
+
+        if RANK != -1:  # every rank stops together
+            flag = [stop if RANK == 0 else None]
+            dist.broadcast_object_list(flag, 0)
+            stop = flag[0]
+        if stop:
+            break
+
+    if RANK in (-1, 0):
+        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        for f in last, best:
+            if f.exists():
+                strip_optimizer(f)
+                if f is best:
+                    LOGGER.info(f"\nValidating {f}...")
+                    results, _, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
+                                                 model=attempt_load(f, device, fuse=True), single_cls=single_cls,
+                                                 dataloader=val_loader, save_dir=save_dir,
+                                                 save_json=bool(data_dict.get("coco_json")) or "coco" in str(opt.data),
+                                                 verbose=True, plots=plots, compute_loss=compute_loss)
+        if plots and (save_dir / "results.csv").exists():
+            plot_results(file=save_dir / "results.csv")
+        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
+    if tb:
+        tb.close()
+    torch.cuda.empty_cache()
+    return results
+
+
+def resume_state(ckpt, optimizer, ema, weights, epochs):
+    """Restore optimizer, EMA, epoch and best fitness from a last.pt; refuse finished runs."""
+    best_fitness = float(ckpt.get("best_fitness") or 0.0)
+    if ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ema and ckpt.get("ema") is not None:
+        ema.ema.load_state_dict(ckpt["ema"].float().state_dict())
+        ema.updates = ckpt["updates"]
+    start_epoch = ckpt["epoch"] + 1
+    if ckpt["epoch"] == -1 or start_epoch >= epochs:
+        raise UserError(f"{weights}: training to {epochs} epochs is finished, nothing to resume; "
+                        f"start a new run with --weights {weights}")
+    LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
+    return best_fitness, start_epoch, epochs
+
+
+def _plain(d):
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def log_results(save_dir, epoch, vals, tb=None):
+    file = save_dir / "results.csv"
+    n = len(RESULT_COLUMNS) + 1
+    header = "" if file.exists() else (("%20s," * n % ("epoch", *RESULT_COLUMNS)).rstrip(",") + "\n")
+    with open(file, "a") as f:
+        f.write(header + ("%20.5g," * n % (epoch, *vals)).rstrip(",") + "\n")
+    if tb:
+        for k, v in zip(RESULT_COLUMNS, vals):
+            tb.add_scalar(k, float(v), epoch)
+
+
+def parse_opt(argv=None):
+    parser = argparse.ArgumentParser(description="Train YOLOv5 (FP32, activation retraining, QAT)")
+    parser.add_argument("--weights", type=str, default="", help="initial weights path ('' to train from scratch)")
+    parser.add_argument("--cfg", type=str, default="", help="model.yaml path")
+    parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="dataset.yaml path")
+    parser.add_argument("--hyp", type=str, default=ROOT / "data/hyps/hyp.scratch-low.yaml", help="hyperparameters path")
+    parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
+    parser.add_argument("--batch-size", "--batch", type=int, default=16, help="total batch size for all GPUs")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
+    parser.add_argument("--rect", action="store_true", help="rectangular training")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent training")
+    parser.add_argument("--nosave", action="store_true", help="only save final checkpoint")
+    parser.add_argument("--noval", action="store_true", help="only validate final epoch")
+    parser.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
+    parser.add_argument("--noplots", action="store_true", help="save no plot files")
+    parser.add_argument("--evolve", type=int, nargs="?", const=300, help="not supported in yolov5-qat")
+    parser.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
+    parser.add_argument("--image-weights", action="store_true", help="use weighted image selection for training")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    parser.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
+    parser.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    parser.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW"], default="SGD", help="optimizer")
+    parser.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
+    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers (per RANK in DDP mode)")
+    parser.add_argument("--project", default=ROOT / "runs/train", help="save to project/name")
+    parser.add_argument("--name", default="exp", help="save to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    parser.add_argument("--quad", action="store_true", help="quad dataloader")
+    parser.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="Label smoothing epsilon")
+    parser.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
+    parser.add_argument("--freeze", nargs="+", type=int, default=[0], help="Freeze layers: backbone=10, first3=0 1 2")
+    parser.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
+    parser.add_argument("--seed", type=int, default=0, help="Global training seed")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
+    parser.add_argument("--act", type=str, choices=["silu", "relu", "relu6"], default=None,
+                        help="activation of every Conv block (default: the checkpoint's, else silu)")
+    return parser.parse_args(argv)
+
+
+def latest_run(search_dir=ROOT / "runs"):
+    runs = [p for p in Path(search_dir).glob("**/last*.pt")]
+    return max(runs, key=os.path.getctime) if runs else None
+
+
+def main(opt):
+    if RANK in (-1, 0):
+        print_args(vars(opt), "train")
+    if opt.evolve:
+        raise UserError("--evolve (hyperparameter evolution) is not supported in yolov5-qat; tune a --hyp yaml instead")
+    if opt.resume:
+        last = Path(opt.resume) if isinstance(opt.resume, str) else latest_run()
+        if last is None or not last.is_file():
+            raise UserError(f"--resume: no last.pt found{' at ' + str(opt.resume) if isinstance(opt.resume, str) else ' under runs/'}; "
+                            f"give the path of a run's weights/last.pt")
+        opt_yaml = last.parent.parent / "opt.yaml"
+        if not opt_yaml.is_file():
+            raise UserError(f"--resume {last}: {opt_yaml} is missing, cannot restore the run's options")
+        d = yaml_load(opt_yaml)
+        keep = {"device": opt.device, "workers": opt.workers}
+        opt = argparse.Namespace(**{**vars(opt), **d})
+        opt.device, opt.workers = keep["device"], keep["workers"]
+        opt.cfg, opt.weights, opt.resume = "", str(last), True
+        opt.save_dir = str(last.parent.parent)
+        if isinstance(opt.hyp, dict):
+            pass
+    else:
+        opt.data = check_file(opt.data)
+        opt.hyp = check_file(opt.hyp)
+        opt.cfg = check_file(opt.cfg, search_dirs=("models",)) if opt.cfg else ""
+        opt.weights = str(opt.weights)
+        if not opt.cfg and not opt.weights:
+            raise UserError("either --cfg or --weights must be specified")
+        opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
+
+    device = select_device(opt.device, batch_size=opt.batch_size)
+    if LOCAL_RANK != -1:
+        if opt.batch_size % WORLD_SIZE:
+            raise UserError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
+        if device.type == "cuda":
+            torch.cuda.set_device(LOCAL_RANK)
+            device = torch.device("cuda", LOCAL_RANK)
+        dist.init_process_group(backend="nccl" if dist.is_nccl_available() and device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=10800))
+    try:
+        return train(opt.hyp, opt, device)
+    finally:
+        if WORLD_SIZE > 1 and RANK == 0 and dist.is_initialized():
+            LOGGER.info("Destroying process group... ")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(**kwargs):
+    """In-process use: train.run(data='shapes.yaml', cfg='yolov5n.yaml', weights='', imgsz=320, epochs=1)."""
+    opt = parse_opt([])
+    for k, v in kwargs.items():
+        setattr(opt, k, v)
+    return main(opt)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_opt())

@@ -1,0 +1,304 @@
+"""Validate a trained YOLOv5 detection model on a detection dataset.
+
+Usage:
+    python val.py --weights yolov5s.pt --data coco.yaml --img 640
+    python val.py --weights runs/train/exp/weights/best.pt --data shapes.yaml --img 320 --save-json
+    python val.py --weights model.onnx --data shapes.yaml --img 320          (onnxruntime)
+With --save-json and a dataset that has COCO annotations, pycocotools' COCOeval runs and its mAP is the result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from models.backend import DetectMultiBackend  # noqa: E402
+from models.experimental import is_quantized  # noqa: E402
+from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.dataset_yaml import check_dataset  # noqa: E402
+from utils.general import (LOGGER, UserError, check_file, check_img_size, coco80_to_coco91_class, colorstr,  # noqa: E402
+                           increment_path, non_max_suppression, print_args, run_cli, scale_boxes, xywh2xyxy,
+                           xyxy2xywh)
+from utils.metrics import ConfusionMatrix, ap_per_class, process_batch  # noqa: E402
+from utils.plots import output_to_target, plot_images  # noqa: E402
+from utils.torch_utils import select_device, time_sync  # noqa: E402
+
+
+def save_one_txt(predn, save_conf, shape, file):
+    gn = torch.tensor(shape)[[1, 0, 1, 0]]
+    with open(file, "a") as f:
+        for *xyxy, conf, cls in predn.tolist():
+            xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
+            line = (cls, *xywh, conf) if save_conf else (cls, *xywh)
+            f.write(("%g " * len(line)).rstrip() % line + "\n")
+
+
+def image_id(path: Path):
+    return int(path.stem) if path.stem.isnumeric() else path.stem
+
+
+def save_one_json(predn, jdict, path, class_map):
+    """COCO results: {image_id, category_id, bbox [x_min, y_min, w, h], score}."""
+    box = xyxy2xywh(predn[:, :4])
+    box[:, :2] -= box[:, 2:] / 2
+    for p, b in zip(predn.tolist(), box.tolist()):
+        if int(p[5]) >= len(class_map):  # a class the dataset does not have: no category to report it under
+            continue
+        jdict.append({"image_id": image_id(path), "category_id": class_map[int(p[5])],
+                      "bbox": [round(x, 3) for x in b], "score": round(p[4], 5)})
+
+
+def coco_eval(anno_json, pred_json, im_files):
+    """Run pycocotools COCOeval (bbox) restricted to the evaluated images; prints its 12 statistics."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    anno = COCO(str(anno_json))
+    pred = anno.loadRes(str(pred_json))
+    ev = COCOeval(anno, pred, "bbox")
+    ev.params.imgIds = [image_id(Path(x)) for x in im_files]
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return ev.stats
+
+
+@torch.no_grad()
+def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thres=0.6, max_det=300, task="val",
+        device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False, save_hybrid=False,
+        save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False, half=True,
+        dnn=False, model=None, dataloader=None, save_dir=Path(""), plots=True, callbacks=None, compute_loss=None):
+    training = model is not None
+    if training:  # called by train.py
+        device, pt = next(model.parameters()).device, True
+        half &= device.type != "cpu" and not is_quantized(model)  # fake-quant state stays float32
+        model.half() if half else model.float()
+    else:
+        device = select_device(device, batch_size=batch_size)
+        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+        model = DetectMultiBackend(weights, device=device, dnn=dnn, data=data, fp16=half and device.type != "cpu")
+        stride, pt = model.stride, model.pt
+        imgsz = check_img_size(imgsz, s=stride)
+        half = model.fp16
+        if not pt and not model.dynamic:
+            batch_size = 1
+            LOGGER.info(f"Forcing --batch-size 1 square inference (1,3,{imgsz},{imgsz}) for non-PyTorch models")
+        data = check_dataset(data)
+
+    model.eval()
+    cuda = device.type != "cpu"
+    is_coco = isinstance(data.get("val"), str) and data["val"].endswith(f"coco{os.sep}val2017.txt")
+    nc = 1 if single_cls else int(data["nc"])
+    iouv = torch.linspace(0.5, 0.95, 10, device=device)
+    niou = iouv.numel()
+
+    if not training:
+        if pt and not single_cls:
+            ncm = model.model.nc if hasattr(model.model, "nc") else model.model.yaml["nc"]
+            if ncm < nc:
+                raise UserError(f"{weights}: model has {ncm} classes but the dataset has {nc}; "
+                                f"pass the --data the model was trained on")
+            if ncm > nc:
+                LOGGER.warning(f"WARNING: {weights} has {ncm} classes, the dataset {nc}: predictions of classes "
+                               f">= {nc} count as false positives")
+        model.warmup(imgsz=(1 if pt else batch_size, 3, imgsz, imgsz))
+        pad, rect = (0.0, False) if task == "speed" else (0.5, pt)
+        task = task if task in ("train", "val", "test") else "val"
+        if not data.get(task):
+            raise UserError(f"--task {task}: the dataset yaml has no '{task}' split")
+        dataloader = create_dataloader(data[task], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
+                                       workers=workers, prefix=colorstr(f"{task}: "))[0]
+
+    seen = 0
+    confusion_matrix = ConfusionMatrix(nc=nc)
+    names = model.names if hasattr(model, "names") else model.module.names
+    names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else (names or data["names"])
+    if is_coco:
+        class_map = coco80_to_coco91_class()
+    elif data.get("category_ids"):
+        class_map = list(data["category_ids"])
+    else:
+        class_map = list(range(1000))
+    s = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
+    tp, fp, p, r, f1, mp, mr, map50, ap50, map = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    dt = [0.0, 0.0, 0.0]
+    loss = torch.zeros(3, device=device)
+    jdict, stats, ap, ap_class = [], [], [], []
+    pbar = tqdm(dataloader, desc=s, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
+    for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
+        t1 = time_sync()
+        im = im.to(device, non_blocking=True)
+        targets = targets.to(device)
+        im = im.half() if half else im.float()
+        im /= 255
+        nb, _, height, width = im.shape
+        t2 = time_sync()
+        dt[0] += t2 - t1
+
+        if compute_loss:
+            preds, train_out = model(im)
+        else:
+            preds, train_out = model(im, augment=augment), None
+        dt[1] += time_sync() - t2
+        if compute_loss:
+            loss += compute_loss([x.float() for x in train_out], targets)[1]
+
+        targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
+        lb = [targets[targets[:, 0] == i, 1:] for i in range(nb)] if save_hybrid else []
+        t3 = time_sync()
+        preds = non_max_suppression(preds, conf_thres, iou_thres, labels=lb, multi_label=True, agnostic=single_cls,
+                                    max_det=max_det)
+        dt[2] += time_sync() - t3
+
+        for si, pred in enumerate(preds):
+            labels = targets[targets[:, 0] == si, 1:]
+            nl, npr = labels.shape[0], pred.shape[0]
+            path, shape = Path(paths[si]), shapes[si][0]
+            correct = torch.zeros(npr, niou, dtype=torch.bool, device=device)
+            seen += 1
+            if npr == 0:
+                if nl:
+                    stats.append((correct, *torch.zeros((2, 0), device=device), labels[:, 0]))
+                    if plots:
+                        confusion_matrix.process_batch(detections=None, labels=labels[:, 0])
+                continue
+            if single_cls:
+                pred[:, 5] = 0
+            predn = pred.clone()
+            scale_boxes(im[si].shape[1:], predn[:, :4], shape, shapes[si][1])
+            if nl:
+                tbox = xywh2xyxy(labels[:, 1:5])
+                scale_boxes(im[si].shape[1:], tbox, shape, shapes[si][1])
+                labelsn = torch.cat((labels[:, 0:1], tbox), 1)
+                correct = process_batch(predn, labelsn, iouv)
+                if plots:
+                    confusion_matrix.process_batch(predn[predn[:, 5] < nc], labelsn)
+            stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))
+            if save_txt:
+                save_one_txt(predn, save_conf, shape, file=save_dir / "labels" / f"{path.stem}.txt")
+            if save_json:
+                save_one_json(predn, jdict, path, class_map)
+
+        if plots and batch_i < 3:
+            plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
+            plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
+
+    stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
+    if len(stats) and stats[0].any():
+        tp, fp, p, r, f1, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
+        ap50, ap = ap[:, 0], ap.mean(1)
+        mp, mr, map50, map = p.mean(), r.mean(), ap50.mean(), ap.mean()
+    nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
+
+    pf = "%22s" + "%11i" * 2 + "%11.3g" * 4
+    LOGGER.info(pf % ("all", seen, nt.sum(), mp, mr, map50, map))
+    if nt.sum() == 0:
+        LOGGER.warning(f"WARNING: no labels found in {task} set, can not compute metrics without labels")
+    if (verbose or (nc < 50 and not training)) and nc > 1 and len(stats):
+        for i, c in enumerate(ap_class):
+            LOGGER.info(pf % (names[c], seen, nt[c], p[i], r[i], ap50[i], ap[i]))
+
+    t = tuple(x / max(seen, 1) * 1e3 for x in dt)
+    if not training:
+        shape = (batch_size, 3, imgsz, imgsz)
+        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % t)
+
+    if plots:
+        confusion_matrix.plot(save_dir=save_dir, names=list(names.values()))
+
+    if save_json and len(jdict):
+        w = Path(weights[0] if isinstance(weights, (list, tuple)) else weights).stem if weights is not None else ""
+        anno_json = Path(data["path"]) / (data.get("annotations") or "annotations/instances_val2017.json")
+        pred_json = str(save_dir / f"{w}_predictions.json")
+        LOGGER.info(f"\nEvaluating pycocotools mAP... saving {pred_json}...")
+        with open(pred_json, "w") as f:
+            json.dump(jdict, f)
+        if anno_json.is_file():
+            stats_coco = coco_eval(anno_json, pred_json, dataloader.dataset.im_files)
+            map, map50 = float(stats_coco[0]), float(stats_coco[1])
+        else:
+            LOGGER.warning(f"WARNING: {anno_json} not found, pycocotools evaluation skipped")
+
+    model.float()
+    if not training:
+        n = len(list(save_dir.glob("labels/*.txt")))
+        s = f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""
+        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}{s}")
+    maps = np.zeros(nc) + map
+    for i, c in enumerate(ap_class):
+        maps[c] = ap[i]
+    return (mp, mr, map50, map, *(loss.cpu() / max(len(dataloader), 1)).tolist()), maps, t
+
+
+def parse_opt(argv=None):
+    parser = argparse.ArgumentParser(description="Validate a YOLOv5 model")
+    parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="dataset.yaml path")
+    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "yolov5s.pt", help="model path(s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
+    parser.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
+    parser.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    parser.add_argument("--task", default="val", help="train, val, test, speed or study")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers (per RANK in DDP mode)")
+    parser.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
+    parser.add_argument("--augment", action="store_true", help="augmented inference")
+    parser.add_argument("--verbose", action="store_true", help="report mAP by class")
+    parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
+    parser.add_argument("--save-hybrid", action="store_true", help="save label+prediction hybrid results to *.txt")
+    parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
+    parser.add_argument("--save-json", action="store_true", help="save a COCO-JSON results file (and run pycocotools)")
+    parser.add_argument("--project", default=ROOT / "runs/val", help="save to project/name")
+    parser.add_argument("--name", default="exp", help="save to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference")
+    parser.add_argument("--dnn", action="store_true", help="use OpenCV DNN for ONNX inference")
+    opt = parser.parse_args(argv)
+    opt.save_json |= str(opt.data).endswith("coco.yaml")
+    opt.save_txt |= opt.save_hybrid
+    print_args(vars(opt), "val")
+    return opt
+
+
+def main(opt):
+    opt.data = check_file(opt.data)
+    for name, v in (("--conf-thres", opt.conf_thres), ("--iou-thres", opt.iou_thres)):
+        if not 0 <= v <= 1:
+            raise UserError(f"{name} {v}: must be between 0.0 and 1.0")
+    if opt.task in ("train", "val", "test"):
+        if opt.conf_thres > 0.001:
+            LOGGER.info(f"WARNING: confidence threshold {opt.conf_thres} > 0.001 produces invalid results")
+        return run(**vars(opt))
+    weights = opt.weights if isinstance(opt.weights, list) else [opt.weights]
+    opt.half = torch.cuda.is_available() and opt.device != "cpu"
+    if opt.task == "speed":
+        opt.conf_thres, opt.iou_thres, opt.save_json = 0.25, 0.45, False
+        for opt.weights in weights:
+            run(**vars(opt), plots=False)
+    elif opt.task == "study":  # mAP and speed against image size
+        for w in weights:
+            rows = []
+            for opt.imgsz in range(256, 1536 + 128, 128):
+                r, _, t = run(**{**vars(opt), "weights": w}, plots=False)
+                rows.append(r + t)
+            f = f"study_{Path(opt.data).stem}_{Path(w).stem}.txt"
+            np.savetxt(f, rows, fmt="%10.4g")
+            LOGGER.info(f"study results saved to {f}")
+    else:
+        raise UserError(f"--task {opt.task}: choose train, val, test, speed or study")
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_opt())
