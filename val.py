@@ -43,6 +43,13 @@ def save_one_txt(predn, save_conf, shape, file):
             f.write(("%g " * len(line)).rstrip() % line + "\n")
 
 
+def _as_dict(names):
+    """Class names as {index: name} (a list or dict given; None/empty -> {})."""
+    if isinstance(names, (list, tuple)):
+        return dict(enumerate(names))
+    return {int(k): v for k, v in names.items()} if names else {}
+
+
 def image_id(path: Path):
     return int(path.stem) if path.stem.isnumeric() else path.stem
 
@@ -59,17 +66,32 @@ def save_one_json(predn, jdict, path, class_map):
 
 
 def coco_eval(anno_json, pred_json, im_files):
-    """Run pycocotools COCOeval (bbox) restricted to the evaluated images; prints its 12 statistics."""
+    """Run pycocotools COCOeval (bbox) restricted to the evaluated images; prints its 12 statistics.
+
+    Returns COCOeval.stats, or None (with a warning naming the cause) when the annotation file does not describe
+    the evaluated images or pycocotools fails: val.py's own metrics then stand.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    anno = COCO(str(anno_json))
-    pred = anno.loadRes(str(pred_json))
-    ev = COCOeval(anno, pred, "bbox")
-    ev.params.imgIds = [image_id(Path(x)) for x in im_files]
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
+    try:
+        anno = COCO(str(anno_json))
+        ids = [image_id(Path(x)) for x in im_files]
+        unknown = [i for i in ids if i not in anno.imgs]
+        if unknown:
+            LOGGER.warning(f"WARNING: {anno_json} has no image with id {unknown[0]!r} ({len(unknown)} of {len(ids)} "
+                           f"evaluated images missing; image id = file stem as int); pycocotools evaluation skipped")
+            return None
+        pred = anno.loadRes(str(pred_json))
+        ev = COCOeval(anno, pred, "bbox")
+        ev.params.imgIds = ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    except Exception as e:  # pycocotools raises bare exceptions/assertions on malformed files
+        LOGGER.warning(f"WARNING: pycocotools unable to run on {anno_json} ({type(e).__name__}: {e}); "
+                       f"check that it is a COCO detection annotation file")
+        return None
     return ev.stats
 
 
@@ -85,8 +107,6 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         model.half() if half else model.float()
     else:
         device = select_device(device, batch_size=batch_size)
-        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
-        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
         model = DetectMultiBackend(weights, device=device, dnn=dnn, data=data, fp16=half and device.type != "cpu")
         stride, pt = model.stride, model.pt
         imgsz = check_img_size(imgsz, s=stride)
@@ -97,7 +117,6 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         data = check_dataset(data)
 
     model.eval()
-    cuda = device.type != "cpu"
     is_coco = isinstance(data.get("val"), str) and data["val"].endswith(f"coco{os.sep}val2017.txt")
     nc = 1 if single_cls else int(data["nc"])
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
@@ -106,12 +125,14 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     if not training:
         if pt and not single_cls:
             ncm = model.model.nc if hasattr(model.model, "nc") else model.model.yaml["nc"]
+            wname = ", ".join(str(w) for w in weights) if isinstance(weights, (list, tuple)) else str(weights)
             if ncm < nc:
-                raise UserError(f"{weights}: model has {ncm} classes but the dataset has {nc}; "
+                raise UserError(f"{wname}: model has {ncm} classes but the dataset has {nc}; "
                                 f"pass the --data the model was trained on")
-            if ncm > nc:
-                LOGGER.warning(f"WARNING: {weights} has {ncm} classes, the dataset {nc}: predictions of classes "
-                               f">= {nc} count as false positives")
+            if ncm > nc:  # upstream refuses this; we evaluate, as COCOeval does with categories it has no labels of
+                LOGGER.warning(f"WARNING: {wname} has {ncm} classes, the dataset {nc}: predictions of classes >= {nc} "
+                               f"match no label, so they are never true positives and are left out of the per-class "
+                               f"metrics, the confusion matrix and the JSON; class names come from the dataset")
         model.warmup(imgsz=(1 if pt else batch_size, 3, imgsz, imgsz))
         pad, rect = (0.0, False) if task == "speed" else (0.5, pt)
         task = task if task in ("train", "val", "test") else "val"
@@ -119,11 +140,18 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
             raise UserError(f"--task {task}: the dataset yaml has no '{task}' split")
         dataloader = create_dataloader(data[task], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
                                        workers=workers, prefix=colorstr(f"{task}: "))[0]
+        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # once the inputs load: no empty runs
+        save_dir.mkdir(parents=True, exist_ok=True)
+    save_dir = Path(save_dir)
+    if plots or save_json or save_txt:  # train.py's folder exists; an in-process caller's may not yet
+        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
 
     seen = 0
     confusion_matrix = ConfusionMatrix(nc=nc)
-    names = model.names if hasattr(model, "names") else model.module.names
-    names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else (names or data["names"])
+    names = _as_dict(model.names if hasattr(model, "names") else model.module.names) or _as_dict(data["names"])
+    pred_names = names  # predictions are in the model's classes
+    if not single_cls and len(names) != nc:  # the model's names do not describe this dataset's classes
+        names = _as_dict(data["names"])
     if is_coco:
         class_map = coco80_to_coco91_class()
     elif data.get("category_ids"):
@@ -135,8 +163,11 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     dt = [0.0, 0.0, 0.0]
     loss = torch.zeros(3, device=device)
     jdict, stats, ap, ap_class = [], [], [], []
+    hook = callbacks.run if callbacks is not None else (lambda *a: None)  # upstream's Callbacks interface
+    hook("on_val_start")
     pbar = tqdm(dataloader, desc=s, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
     for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
+        hook("on_val_batch_start")
         t1 = time_sync()
         im = im.to(device, non_blocking=True)
         targets = targets.to(device)
@@ -187,15 +218,19 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
             stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))
             if save_txt:
                 save_one_txt(predn, save_conf, shape, file=save_dir / "labels" / f"{path.stem}.txt")
-            if save_json:
-                save_one_json(predn, jdict, path, class_map)
+            if save_json:  # classes the dataset does not have (a model with more classes) have no category id
+                save_one_json(predn[predn[:, 5] < nc], jdict, path, class_map)
+            hook("on_val_image_end", pred, predn, path, names, im[si])
 
         if plots and batch_i < 3:
             plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
-            plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
+            plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", pred_names)
+        hook("on_val_batch_end", batch_i, im, targets, paths, shapes, preds)
 
     stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
-    if len(stats) and stats[0].any():
+    # Upstream skips this when nothing matched; the numbers are the same (all 0), but then the per-class rows and
+    # the P/R/F1/PR curves would silently be missing, so run it whenever there are labels.
+    if len(stats) and len(stats[3]):
         tp, fp, p, r, f1, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
         ap50, ap = ap[:, 0], ap.mean(1)
         mp, mr, map50, map = p.mean(), r.mean(), ap50.mean(), ap.mean()
@@ -216,7 +251,11 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 
     if plots:
         confusion_matrix.plot(save_dir=save_dir, names=list(names.values()))
+    hook("on_val_end", nt, tp, fp, p, r, f1, ap, ap50, ap_class, confusion_matrix)
 
+    if save_json and not jdict:
+        LOGGER.info(f"No predictions of the dataset's {nc} classes above --conf-thres {conf_thres} to save as JSON; "
+                    f"pycocotools evaluation skipped")
     if save_json and len(jdict):
         w = Path(weights[0] if isinstance(weights, (list, tuple)) else weights).stem if weights is not None else ""
         anno_json = Path(data["path"]) / (data.get("annotations") or "annotations/instances_val2017.json")
@@ -226,7 +265,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
             json.dump(jdict, f)
         if anno_json.is_file():
             stats_coco = coco_eval(anno_json, pred_json, dataloader.dataset.im_files)
-            map, map50 = float(stats_coco[0]), float(stats_coco[1])
+            if stats_coco is not None:
+                map, map50 = float(stats_coco[0]), float(stats_coco[1])
         else:
             LOGGER.warning(f"WARNING: {anno_json} not found, pycocotools evaluation skipped")
 
@@ -277,9 +317,14 @@ def main(opt):
     for name, v in (("--conf-thres", opt.conf_thres), ("--iou-thres", opt.iou_thres)):
         if not 0 <= v <= 1:
             raise UserError(f"{name} {v}: must be between 0.0 and 1.0")
+    for name, v in (("--batch-size", opt.batch_size), ("--imgsz", opt.imgsz), ("--max-det", opt.max_det)):
+        if v < 1:
+            raise UserError(f"{name} {v}: must be a positive integer")
     if opt.task in ("train", "val", "test"):
         if opt.conf_thres > 0.001:
             LOGGER.info(f"WARNING: confidence threshold {opt.conf_thres} > 0.001 produces invalid results")
+        if opt.save_hybrid:
+            LOGGER.info("WARNING: --save-hybrid will return high mAP from hybrid labels, not from predictions alone")
         return run(**vars(opt))
     weights = opt.weights if isinstance(opt.weights, list) else [opt.weights]
     opt.half = torch.cuda.is_available() and opt.device != "cpu"
