@@ -29,7 +29,9 @@ def model_activation(model) -> str:
 
 def is_quantized(model) -> bool:
     """True for a QAT-prepared model (it carries fake-quantizers, which fusion must not touch)."""
-    return any(hasattr(m, "activation_post_process") or hasattr(m, "weight_fake_quant") for m in model.modules())
+    from bst.torch.ao.quantization import FakeQuantizeBase
+
+    return any(isinstance(m, FakeQuantizeBase) for m in model.modules())
 
 
 def attempt_load(weights, device=None, inplace=True, fuse=True, trust=False):

@@ -88,6 +88,9 @@ class BaseModel(nn.Module):
         return self._forward_once(x, profile, visualize)
 
     def _forward_once(self, x, profile=False, visualize=False):
+        quant = self._modules.get("input_quant")  # QuantStub of a QAT model (models/quant.py)
+        if quant is not None:
+            x = quant(x)
         y = []
         for m in self.model:
             if m.f != -1:

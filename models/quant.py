@@ -1,0 +1,292 @@
+"""YOLOv5 QAT glue: which modules to fuse, where the skip-adds and concats are, and QAT recipes.
+
+The quantization library (bst.torch.ao) knows nothing about YOLO; this module tells it:
+  * every Conv block (conv + BN + act) becomes a fused QAT module: with `bn_folding` BN stays live with
+    simulated folding (ConvBn[ReLU|ReLU6]2d); without it BN is folded into the conv first (Conv[ReLU]2d);
+  * the Bottleneck skip-add and every concat (C3, SPPF, Concat, ...) go through a FloatFunctional with
+    its own output quantizer (models/common.py calls `qadd` / `qcat` when present);
+  * the input image is quantized by a QuantStub (`model.input_quant`);
+  * Detect's 1x1 convs become QAT convs with an output quantizer; sigmoid and box decoding stay float.
+
+A recipe (data/quant/*.yaml) sets the defaults and per-module overrides:
+
+    default:                         # every quantized module, unless a rule says otherwise
+      activation: {observer: minmax | moving_average | percentile | mse, percentile: 99.99}
+      learnable: false               # LSQ scales (log2 of the scale when pow2)
+    rules:                           # applied in order; later rules win
+      - match: "24"                  # a model index (model.24 and everything under it) or a name glob
+        mode: float                  # float (excluded) | weight_only | quantize
+      - match: "model.24.m.*"
+        activation: {fixed: {scale: 0.0625, zero_point: 0}}   # fixed qparams (8/128 = 2**-4)
+      - match: "model.0"
+        activation: {observer: mse}
+        learnable: true
+"""
+from __future__ import annotations
+
+import fnmatch
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from bst.torch.ao import quantization as bq
+from bst.torch.ao.nn.intrinsic import qat as nniqat
+from bst.torch.ao.nn.quantized import FloatFunctional
+from models.common import SPP, SPPF, C3, Bottleneck, Concat, Conv, DWConv, Focus
+from models.yolo import Detect
+from utils.general import LOGGER, UserError, check_file, yaml_load
+from utils.torch_utils import fuse_conv_and_bn
+
+OBSERVERS = {
+    "minmax": bq.MinMaxObserver,
+    "moving_average": bq.MovingAverageMinMaxObserver,
+    "percentile": bq.PercentileObserver,
+    "mse": bq.MSEObserver,
+}
+MODES = ("quantize", "float", "weight_only")
+DEFAULT_RECIPE = {"default": {"activation": {"observer": "mse"}, "learnable": False}, "rules": []}
+
+
+class QuantizedActivation(nn.Module):
+    """A float activation (SiLU, Hardswish, ...) whose output gets a quantizer: shift hardware applies it
+    as a lookup table on int8, so its output must be on an int8 grid too."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x):
+        return self.act(x)
+
+    @classmethod
+    def from_float(cls, mod):
+        q = cls(mod)
+        q.qconfig = mod.qconfig
+        return q
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+def load_recipe(recipe) -> dict:
+    """A recipe dict from a yaml path, a dict or None (the default recipe); validated."""
+    if recipe is None or recipe == "":
+        return deepcopy(DEFAULT_RECIPE)
+    if isinstance(recipe, (str, Path)):
+        path = check_file(recipe, search_dirs=("data/quant",))
+        data = yaml_load(path)
+        data["file"] = str(Path(path).name)
+    else:
+        data = deepcopy(recipe)
+    where = data.get("file", "recipe")
+    unknown = set(data) - {"default", "rules", "file", "description"}
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; a recipe has default, rules, description")
+    data.setdefault("default", deepcopy(DEFAULT_RECIPE["default"]))
+    data.setdefault("rules", [])
+    for i, rule in enumerate(data["rules"]):
+        if not isinstance(rule, dict) or "match" not in rule:
+            raise UserError(f"{where}: rule {i} needs a 'match' (a model index like 24 or a name glob like model.24.m.*)")
+        if rule.get("mode", "quantize") not in MODES:
+            raise UserError(f"{where}: rule {i} mode {rule['mode']!r} must be one of {', '.join(MODES)}")
+        _activation_spec(rule.get("activation"), f"{where}: rule {i}")
+    _activation_spec(data["default"].get("activation"), f"{where}: default")
+    return data
+
+
+def _activation_spec(spec, where):
+    if spec is None:
+        return
+    if not isinstance(spec, dict) or not ({"observer", "fixed"} & set(spec)):
+        raise UserError(f"{where}: activation must be {{observer: NAME}} or {{fixed: {{scale: S, zero_point: Z}}}}")
+    if "observer" in spec and spec["observer"] not in OBSERVERS:
+        raise UserError(f"{where}: observer {spec['observer']!r} unknown; choose one of {', '.join(OBSERVERS)}")
+    if "fixed" in spec and not ({"scale", "zero_point"} <= set(spec["fixed"] or {})):
+        raise UserError(f"{where}: fixed activation needs scale and zero_point")
+
+
+def _rule_targets(model, pattern, where):
+    """Qualified module names a rule's `match` selects (an index, 'model.N', or a glob)."""
+    pattern = str(pattern)
+    names = [n for n, _ in model.named_modules() if n]
+    if pattern.isdigit():
+        pattern = f"model.{pattern}"
+    hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+    if not hits:
+        raise UserError(f"{where}: match {pattern!r} names no module of this model "
+                        f"(model indices are 0-{len(model.model) - 1}; names look like model.24.m.0)")
+    return hits
+
+
+def make_qconfig(pow2: bool, spec: dict | None, learnable: bool, pow2_rounding="ceil", weight_only=False):
+    """A QConfig from a recipe entry."""
+    spec = spec or {"observer": "mse"}
+    if "fixed" in spec:
+        fx = spec["fixed"]
+        zp = int(fx["zero_point"])
+        signed = zp == 0 and fx.get("dtype", "qint8") == "qint8"
+        obs = bq.FixedQParamsObserver.with_args(
+            scale=float(eval_fraction(fx["scale"])), zero_point=zp,
+            dtype=torch.qint8 if signed else torch.quint8, qscheme=torch.per_tensor_affine,
+            quant_min=-128 if signed else 0, quant_max=127 if signed else 255, pow2=pow2)
+        base = bq.get_default_qat_qconfig(pow2=pow2, pow2_rounding=pow2_rounding, learnable=learnable)
+        act = bq.FixedQParamsFakeQuantize.with_args(observer=obs)
+        return bq.QConfig(activation=None if weight_only else act, weight=base.weight)
+    observer = OBSERVERS[spec["observer"]]
+    kwargs = {k: v for k, v in spec.items() if k != "observer"}
+    act_observer = observer.with_args(**kwargs) if kwargs else observer
+    qc = bq.get_default_qat_qconfig(pow2=pow2, pow2_rounding=pow2_rounding, learnable=learnable,
+                                    activation_observer=act_observer)
+    return bq.QConfig(activation=None, weight=qc.weight) if weight_only else qc
+
+
+def eval_fraction(v):
+    """'8/128' -> 0.0625; numbers pass through. No eval()."""
+    if isinstance(v, str) and "/" in v:
+        a, b = v.split("/", 1)
+        return float(a) / float(b)
+    return float(v)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+def _fuse_conv_blocks(model, bn_folding: bool):
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, (Conv, DWConv)) or not isinstance(getattr(m, "bn", None), nn.BatchNorm2d):
+            continue
+        relu = type(m.act) in (nn.ReLU, nn.ReLU6)
+        if bn_folding:
+            group = [f"{name}.conv", f"{name}.bn"] + ([f"{name}.act"] if relu else [])
+        else:
+            was = m.conv.weight.requires_grad
+            m.conv = fuse_conv_and_bn(m.conv, m.bn).requires_grad_(was).train(m.training)
+            m.bn = nn.Identity()
+            group = [f"{name}.conv", f"{name}.act"] if relu else None
+        if group:
+            bq.fuse_modules_qat(model, group, inplace=True)
+
+
+def _attach_functionals(model):
+    for m in model.modules():
+        if isinstance(m, Bottleneck) and m.add:
+            m.qadd = FloatFunctional()
+        elif isinstance(m, (C3, SPPF, SPP, Focus, Concat)):
+            m.qcat = FloatFunctional()
+
+
+def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_rounding="ceil"):
+    """Turn a float DetectionModel (training mode) into a QAT model, in place; returns it."""
+    recipe = load_recipe(recipe)
+    if any(isinstance(m, (bq.FakeQuantizeBase,)) for m in model.modules()):
+        raise UserError("model is already prepared for QAT")
+    acts = {type(m.act).__name__ for m in model.modules() if isinstance(m, Conv)}
+    model.train()
+    _fuse_conv_blocks(model, bn_folding)
+    _attach_functionals(model)
+    model.input_quant = bq.QuantStub()
+    # images are x/255 in [0, 1]: 1/255 puts every pixel exactly on the grid; shift hardware takes 2**-8
+    model.input_quant.qconfig = make_qconfig(pow2, {"fixed": {"scale": 2 ** -8 if pow2 else 1 / 255, "zero_point": 0,
+                                                              "dtype": "quint8"}}, False, pow2_rounding)
+
+    default = recipe["default"]
+    model.qconfig = make_qconfig(pow2, default.get("activation"), bool(default.get("learnable")), pow2_rounding)
+    where = recipe.get("file", "recipe")
+    for i, rule in enumerate(recipe["rules"]):
+        mode = rule.get("mode", "quantize")
+        for name in _rule_targets(model, rule["match"], f"{where}: rule {i}"):
+            target = model.get_submodule(name)
+            if mode == "float":
+                target.qconfig = None
+            else:
+                spec = rule.get("activation", default.get("activation"))
+                learn = bool(rule.get("learnable", default.get("learnable")))
+                target.qconfig = make_qconfig(pow2, spec, learn, pow2_rounding, weight_only=mode == "weight_only")
+    mapping = bq.get_default_qat_module_mappings()
+    mapping.update({nn.SiLU: QuantizedActivation, nn.Hardswish: QuantizedActivation})
+    bq.prepare_qat(model, mapping=mapping, inplace=True)
+    for m in model.modules():  # qconfigs hold constructors; they are not needed after prepare (nor pickled)
+        m.__dict__.pop("qconfig", None)
+    model.qat = {"bn_folding": bool(bn_folding), "pow2": bool(pow2), "pow2_rounding": pow2_rounding,
+                 "recipe": recipe, "activations": sorted(acts)}
+    n_q = sum(isinstance(m, bq.FakeQuantizeBase) for m in model.modules())
+    LOGGER.info(f"QAT: prepared {n_q} fake quantizers (bn_folding={bn_folding}, pow2={pow2}, "
+                f"recipe={recipe.get('file', 'default')})")
+    return model
+
+
+def quantizers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, bq.FakeQuantizeBase)]
+
+
+def all_scales_pow2(model) -> bool:
+    return all(bool(bq.is_pow2(m.scale.float()).all()) for _, m in quantizers(model) if hasattr(m, "scale"))
+
+
+def set_observers(model, enabled: bool):
+    model.apply(bq.enable_observer if enabled else bq.disable_observer)
+
+
+def set_fake_quant(model, enabled: bool):
+    model.apply(bq.enable_fake_quant if enabled else bq.disable_fake_quant)
+
+
+def freeze_bn(model):
+    model.apply(nniqat.freeze_bn_stats)
+
+
+def observer_states(model):
+    return [bool(m.observer_enabled[0]) for _, m in quantizers(model)]
+
+
+def restore_observer_states(model, states):
+    for (_, m), on in zip(quantizers(model), states):
+        m.enable_observer(on)
+
+
+def apply_schedule(model, epoch: int, freeze_bn_epoch: int, disable_observer_epoch: int):
+    """BN statistics and observers per the QAT flags at the start of `epoch` (-1: never)."""
+    if freeze_bn_epoch >= 0 and epoch >= freeze_bn_epoch:
+        freeze_bn(model)
+    observe = not (disable_observer_epoch >= 0 and epoch >= disable_observer_epoch)
+    set_observers(model, observe)
+    return {"bn_frozen": freeze_bn_epoch >= 0 and epoch >= freeze_bn_epoch, "observers": observe}
+
+
+@torch.no_grad()
+def calibrate(model, loader, n_batches: int, device):
+    """Observers on, fake quantization off, eval mode (BN statistics untouched): fill the observers
+    with `n_batches` batches, then freeze them into scales and turn fake quantization on."""
+    model.eval()
+    set_fake_quant(model, False)
+    set_observers(model, True)
+    seen = 0
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
+            break
+        imgs = batch[0].to(device, non_blocking=True).float() / 255
+        model(imgs)
+        seen += imgs.shape[0]
+    set_observers(model, False)  # computes lazily evaluated qparams (e.g. MSE) now
+    set_fake_quant(model, True)
+    model.train()
+    LOGGER.info(f"QAT: calibrated on {seen} images ({min(n_batches, len(loader))} batches)")
+    return seen
+
+
+def register_checkpoint_classes():
+    """Allow the quantization modules in checkpoints loaded with weights_only=True."""
+    import bst.torch.ao.nn.intrinsic as nni
+    import bst.torch.ao.nn.qat as nnqat
+    import bst.torch.ao.nn.quantized as nnq
+    from bst.torch.ao.quantization import quantize as bq_quantize
+    from utils.checkpoint import register_safe_globals
+
+    classes = [QuantizedActivation]
+    for mod in (bq, nniqat, nnqat, nni, nnq):
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if isinstance(obj, type) and issubclass(obj, nn.Module):
+                classes.append(obj)
+    classes.append(bq_quantize._output_quantizer_hook)
+    register_safe_globals(*classes)

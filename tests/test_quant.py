@@ -1,0 +1,128 @@
+"""YOLO-side QAT glue: fusion, functional quantizers, recipes, schedules and checkpoint round trips."""
+from copy import deepcopy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT
+from bst.torch.ao.nn.quantized import FloatFunctional
+from bst.torch.ao.quantization import FakeQuantizeBase, is_pow2
+from models.common import C3, SPPF, Bottleneck, Concat
+from models.quant import (all_scales_pow2, apply_schedule, calibrate, load_recipe, prepare_yolo_qat,
+                          register_checkpoint_classes, set_fake_quant, set_observers)
+from models.yolo import DetectionModel
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.general import UserError
+from utils.torch_utils import ModelEMA
+
+
+def small_model(act="relu"):
+    torch.manual_seed(0)
+    return DetectionModel(ROOT / "models/yolov5n.yaml", nc=4, act=act)
+
+
+def calibrated(model, n=2):
+    batches = [(torch.randint(0, 255, (2, 3, 96, 96), dtype=torch.uint8),) for _ in range(n)]
+    calibrate(model, batches, n, torch.device("cpu"))
+    return model
+
+
+def test_bn_folding_flag_keeps_or_removes_bn():
+    live = prepare_yolo_qat(small_model(), bn_folding=True, pow2=False)
+    folded = prepare_yolo_qat(small_model(), bn_folding=False, pow2=False)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in live.modules()) == 57  # one per Conv block, inside ConvBn
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 0
+
+
+def test_every_add_concat_and_detect_conv_is_quantized():
+    model = small_model()
+    n_add = sum(isinstance(m, Bottleneck) and m.add for m in model.modules())
+    n_cat = sum(isinstance(m, (C3, SPPF, Concat)) for m in model.modules())
+    prepare_yolo_qat(model, bn_folding=True, pow2=True)
+    adds = [m for m in model.modules() if isinstance(m, Bottleneck) and m.add]
+    cats = [m for m in model.modules() if isinstance(m, (C3, SPPF, Concat))]
+    assert len(adds) == n_add == 7 and len(cats) == n_cat == 13  # yolov5n: C3 repeats 1+2+3+1 with shortcut
+    assert all(isinstance(m.qadd.activation_post_process, FakeQuantizeBase) for m in adds)
+    assert all(isinstance(m.qcat.activation_post_process, FakeQuantizeBase) for m in cats)
+    for conv in model.model[-1].m:
+        assert hasattr(conv, "weight_fake_quant") and isinstance(conv.activation_post_process, FakeQuantizeBase)
+    assert isinstance(model.input_quant.activation_post_process, FakeQuantizeBase)
+
+
+def test_pow2_scales_survive_calibration_training_ema_and_checkpoint(tmp_path):
+    model = calibrated(prepare_yolo_qat(small_model(), bn_folding=True, pow2=True))
+    assert all_scales_pow2(model)
+    ema = ModelEMA(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    set_observers(model, True)  # observers keep updating during these steps
+    for _ in range(2):
+        out = model(torch.rand(2, 3, 96, 96))
+        sum(o.float().pow(2).mean() for o in out).backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model)
+    assert all_scales_pow2(model) and all_scales_pow2(ema.ema)
+    register_checkpoint_classes()
+    save_checkpoint({"model": deepcopy(ema.ema).half()}, tmp_path / "q.pt")
+    back = load_checkpoint(tmp_path / "q.pt")["model"]
+    assert all_scales_pow2(back)
+    assert all(m.scale.dtype == torch.float32 for m in back.modules() if isinstance(m, FakeQuantizeBase))
+
+
+def test_schedule_freezes_bn_and_observers():
+    model = calibrated(prepare_yolo_qat(small_model(), bn_folding=True, pow2=True))
+    apply_schedule(model, epoch=1, freeze_bn_epoch=1, disable_observer_epoch=1)
+    model.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or k.endswith(".scale")}
+    model(torch.rand(2, 3, 96, 96) * 3)  # a very different input range
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in stats.items())
+    apply_schedule(model, epoch=0, freeze_bn_epoch=1, disable_observer_epoch=1)
+    model(torch.rand(2, 3, 96, 96) * 3)
+    changed = [k for k, v in stats.items() if k.endswith(".scale") and not torch.equal(v, model.state_dict()[k])]
+    assert changed, "observers on: some activation scale must follow the new input range"
+
+
+def test_recipes_exclude_and_fix_the_detect_convs():
+    model = prepare_yolo_qat(small_model(), pow2=True, recipe={"rules": [{"match": "24", "mode": "float"}]})
+    detect = model.model[24]
+    assert all(type(c) is nn.Conv2d for c in detect.m)
+    assert not any(isinstance(m, FakeQuantizeBase) for m in detect.modules())
+    fixed = {"rules": [{"match": "model.24.m.*", "activation": {"fixed": {"scale": "8/128", "zero_point": 0}}}]}
+    model = calibrated(prepare_yolo_qat(small_model(), pow2=True, recipe=fixed))
+    for c in model.model[24].m:
+        assert c.activation_post_process.scale.item() == 0.0625
+        assert c.activation_post_process.quant_min == -128
+    with pytest.raises(UserError, match="names no module"):
+        prepare_yolo_qat(small_model(), recipe={"rules": [{"match": "model.99", "mode": "float"}]})
+    with pytest.raises(UserError, match="observer 'bogus' unknown"):
+        load_recipe({"rules": [{"match": "0", "activation": {"observer": "bogus"}}]})
+
+
+def test_shipped_recipes_load_and_prepare():
+    recipes = sorted((ROOT / "data/quant").glob("*.yaml"))
+    assert len(recipes) >= 11
+    for r in recipes:
+        model = prepare_yolo_qat(small_model(), pow2=True, recipe=r)
+        assert any(isinstance(m, FakeQuantizeBase) for m in model.modules()), r.name
+
+
+def test_silu_model_quantizes_activation_outputs():
+    model = calibrated(prepare_yolo_qat(small_model(act="silu"), bn_folding=True, pow2=True))
+    acts = [m for m in model.modules() if type(m).__name__ == "QuantizedActivation"]
+    assert len(acts) == 57 and all(isinstance(a.activation_post_process, FakeQuantizeBase) for a in acts)
+    assert all_scales_pow2(model)
+
+
+def test_qat_forward_close_to_float_after_calibration():
+    model = small_model()
+    ref = deepcopy(model).eval()
+    x = torch.rand(2, 3, 96, 96)
+    q = calibrated(prepare_yolo_qat(model, bn_folding=False, pow2=False)).eval()
+    with torch.no_grad():
+        a, b = ref(x)[0], q(x)[0]
+        set_fake_quant(q, False)
+        c = q(x)[0]
+    assert torch.allclose(a, c, atol=1e-3, rtol=1e-3)  # fake quant off: the folded float model
+    assert 0 < (a - b).abs().max() < 0.1 * a.abs().max()  # on: close, not equal
