@@ -117,6 +117,14 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         data = check_dataset(data)
 
     model.eval()
+    # a QAT model is evaluated with its scales as they are: observers must not learn from validation data
+    qmodel = model if training else getattr(model, "model", None)
+    observing = None
+    if qmodel is not None and is_quantized(qmodel):
+        from models.quant import observer_states, set_observers
+
+        observing = observer_states(qmodel)
+        set_observers(qmodel, False)
     is_coco = isinstance(data.get("val"), str) and data["val"].endswith(f"coco{os.sep}val2017.txt")
     nc = 1 if single_cls else int(data["nc"])
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
@@ -271,6 +279,10 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
             LOGGER.warning(f"WARNING: {anno_json} not found, pycocotools evaluation skipped")
 
     model.float()
+    if observing is not None:
+        from models.quant import restore_observer_states
+
+        restore_observer_states(qmodel, observing)
     if not training:
         n = len(list(save_dir.glob("labels/*.txt")))
         s = f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""

@@ -274,19 +274,18 @@ def calibrate(model, loader, n_batches: int, device):
     return seen
 
 
-def register_checkpoint_classes():
-    """Allow the quantization modules in checkpoints loaded with weights_only=True."""
+def checkpoint_classes() -> list:
+    """The quantization classes (and the output-quantizer hook) a QAT checkpoint pickles; utils/checkpoint.py
+    adds them to the weights_only allowlist."""
     import bst.torch.ao.nn.intrinsic as nni
     import bst.torch.ao.nn.qat as nnqat
     import bst.torch.ao.nn.quantized as nnq
     from bst.torch.ao.quantization import quantize as bq_quantize
-    from utils.checkpoint import register_safe_globals
 
-    classes = [QuantizedActivation]
+    classes = [QuantizedActivation, bq_quantize._output_quantizer_hook]
     for mod in (bq, nniqat, nnqat, nni, nnq):
         for name in dir(mod):
             obj = getattr(mod, name)
-            if isinstance(obj, type) and issubclass(obj, nn.Module):
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and obj not in classes:
                 classes.append(obj)
-    classes.append(bq_quantize._output_quantizer_hook)
-    register_safe_globals(*classes)
+    return classes

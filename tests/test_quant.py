@@ -9,8 +9,8 @@ from conftest import ROOT
 from bst.torch.ao.nn.quantized import FloatFunctional
 from bst.torch.ao.quantization import FakeQuantizeBase, is_pow2
 from models.common import C3, SPPF, Bottleneck, Concat
-from models.quant import (all_scales_pow2, apply_schedule, calibrate, load_recipe, prepare_yolo_qat,
-                          register_checkpoint_classes, set_fake_quant, set_observers)
+from models.quant import (all_scales_pow2, apply_schedule, calibrate, load_recipe, prepare_yolo_qat, set_fake_quant,
+                          set_observers)
 from models.yolo import DetectionModel
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.general import UserError
@@ -63,7 +63,6 @@ def test_pow2_scales_survive_calibration_training_ema_and_checkpoint(tmp_path):
         opt.zero_grad()
         ema.update(model)
     assert all_scales_pow2(model) and all_scales_pow2(ema.ema)
-    register_checkpoint_classes()
     save_checkpoint({"model": deepcopy(ema.ema).half()}, tmp_path / "q.pt")
     back = load_checkpoint(tmp_path / "q.pt")["model"]
     assert all_scales_pow2(back)

@@ -56,7 +56,9 @@ def safe_globals() -> list:
         extra += [type(np.dtype(t)) for t in ("float64", "float32", "int64")]
     except (ImportError, AttributeError):
         pass
-    return project + list(_NN_CLASSES) + extra + _extra_safe
+    from models.quant import checkpoint_classes
+
+    return project + list(_NN_CLASSES) + extra + checkpoint_classes() + _extra_safe
 
 
 def attempt_download(file) -> Path:

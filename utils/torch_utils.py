@@ -290,8 +290,10 @@ class EarlyStopping:
 def strip_optimizer(f="best.pt", s=""):
     """Drop optimizer/EMA state from a finished checkpoint and store the (EMA) model in FP16, atomically.
 
-    Quantizer buffers are not touched by `.half()` (the quantization library keeps them float32).
+    QAT models stay float32: rounding their weights to FP16 could move fake-quantized weights to other
+    int8 steps, and val.py of best.pt must reproduce the mAP training printed.
     """
+    from models.experimental import is_quantized
     from utils.checkpoint import load_checkpoint, save_checkpoint
 
     x = load_checkpoint(f)
@@ -300,7 +302,8 @@ def strip_optimizer(f="best.pt", s=""):
     for k in "optimizer", "best_fitness", "ema", "updates":
         x[k] = None
     x["epoch"] = -1
-    x["model"].half()
+    if not is_quantized(x["model"]):
+        x["model"].half()
     for p in x["model"].parameters():
         p.requires_grad = False
     save_checkpoint(x, s or f)
