@@ -1,12 +1,17 @@
 """DetectMultiBackend: run a PyTorch checkpoint, a TorchScript file or an ONNX file the same way.
 
 val.py and detect.py call `model(im)` and get `(pred, ...)` with pred (bs, N, 5 + nc) in pixels,
-whatever the file type. ONNX runs through onnxruntime, or OpenCV DNN with `dnn=True` (float ONNX only).
+whatever the file type. ONNX runs through onnxruntime, or OpenCV DNN with `dnn=True` (meant for float ONNX).
+Exported files carry what the loader needs (export.py writes it): TorchScript an extra file config.txt with json
+{shape, stride, names[, dynamic]}, ONNX metadata_props stride, names and quantized. A file exported at a fixed
+shape only accepts that shape; a mismatch is a UserError saying which --imgsz to use.
 """
 from __future__ import annotations
 
 import ast
 import json
+import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,45 @@ def default_names(nc: int):
     return {i: f"class{i}" for i in range(nc)}
 
 
+def load_pytorch_model(weights, device=None, inplace=True, fuse=True, trust=False):
+    """attempt_load, with the unpickler's own errors on a file that is no checkpoint turned into a UserError."""
+    from models.experimental import attempt_load
+
+    try:
+        return attempt_load(weights, device=device, inplace=inplace, fuse=fuse, trust=trust)
+    except (KeyError, IndexError, UnicodeDecodeError, pickle.UnpicklingError) as e:
+        # torch's weights-only unpickler reads arbitrary bytes as opcodes and may fail with a KeyError (bad memo id)
+        raise UserError(f"{weights}: corrupt or not a PyTorch checkpoint ({type(e).__name__} while unpickling)") \
+            from None
+
+
+def onnx_metadata(path) -> dict:
+    """metadata_props of an ONNX file as a dict, plus '_input_shape' (ints, or None for a named/dynamic dim)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends: not an ONNX file
+        raise UserError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if inputs:
+        dims = inputs[0].type.tensor_type.shape.dim
+        meta["_input_shape"] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return meta
+
+
+def _cv2_reason(e) -> str:
+    """The informative part of a cv2.error: its 'error: (...) ... in function ...' line."""
+    msg = next((ln for ln in str(e).splitlines() if "error:" in ln), str(e)).strip()
+    return msg.split("error:", 1)[-1].strip()[:160]
+
+
+def _shape_str(shape):
+    return "x".join(str(s) if s is not None else "?" for s in shape)
+
+
 class DetectMultiBackend(nn.Module):
     def __init__(self, weights="yolov5s.pt", device=torch.device("cpu"), dnn=False, data=None, fp16=False,
                  fuse=True, trust=False):
@@ -32,13 +76,15 @@ class DetectMultiBackend(nn.Module):
             raise UserError(f"{w}: unsupported weights format {suffix!r}; use a .pt checkpoint, .torchscript or .onnx")
         self.backend = SUFFIXES[suffix]
         self.device = device
+        self.weights = w
         self.fp16 = fp16 and self.backend == "pt" and device.type != "cpu"
         self.stride, self.names, self.dynamic, self.quantized = 32, None, False, False
+        self.input_shape = None  # the shape a fixed-shape exported file was made for (None: any)
         if self.backend == "pt":
-            from models.experimental import attempt_load, is_quantized
+            from models.experimental import is_quantized
 
-            model = attempt_load(weights if isinstance(weights, (list, tuple)) else w, device=device,
-                                 inplace=True, fuse=fuse, trust=trust)
+            model = load_pytorch_model(weights if isinstance(weights, (list, tuple)) else w, device=device,
+                                       inplace=True, fuse=fuse, trust=trust)
             self.stride = max(int(model.stride.max()), 32)
             self.names = model.module.names if hasattr(model, "module") else model.names
             self.quantized = is_quantized(model)
@@ -53,34 +99,9 @@ class DetectMultiBackend(nn.Module):
             if not Path(w).is_file():
                 raise UserError(f"{w}: file not found")
             if self.backend == "jit":
-                extra = {"config.txt": ""}
-                self.model = torch.jit.load(w, _extra_files=extra, map_location=device).eval()
-                meta = json.loads(extra["config.txt"]) if extra["config.txt"] else {}
-                self.stride, self.names = int(meta.get("stride", 32)), meta.get("names")
-            elif dnn:
-                import cv2
-
-                LOGGER.info(f"Loading {w} for ONNX OpenCV DNN inference...")
-                self.net = cv2.dnn.readNetFromONNX(w)
-                self.session = None
+                self._load_torchscript(w, device)
             else:
-                import onnxruntime as ort
-
-                LOGGER.info(f"Loading {w} for ONNX Runtime inference...")
-                try:
-                    self.session = ort.InferenceSession(w, providers=self._ort_providers(device))
-                except Exception as e:
-                    raise UserError(f"{w}: onnxruntime could not load it ({str(e).splitlines()[0][:150]})") from None
-                meta = self.session.get_modelmeta().custom_metadata_map
-                if "stride" in meta:
-                    self.stride = int(meta["stride"])
-                if "names" in meta:
-                    self.names = ast.literal_eval(meta["names"])
-                self.quantized = meta.get("quantized", "0") == "1"
-                shape = self.session.get_inputs()[0].shape
-                self.dynamic = any(not isinstance(s, int) for s in shape)
-                self.input_name = self.session.get_inputs()[0].name
-                self.output_names = [o.name for o in self.session.get_outputs()]
+                self._load_onnx(w, device, dnn)
         if data and self.names is None:
             from utils.dataset_yaml import check_dataset
 
@@ -89,6 +110,62 @@ class DetectMultiBackend(nn.Module):
             self.names = dict(enumerate(self.names))
         if isinstance(self.names, dict):
             self.names = {int(k): v for k, v in self.names.items()}
+
+    def _load_torchscript(self, w, device):
+        LOGGER.info(f"Loading {w} for TorchScript inference...")
+        extra = {"config.txt": ""}
+        try:
+            with warnings.catch_warnings():  # torch.jit's deprecation notice; TorchScript is what this file is
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                self.model = torch.jit.load(w, _extra_files=extra, map_location=device).eval()
+        except RuntimeError as e:
+            raise UserError(f"{w}: not a readable TorchScript file ({str(e).strip().splitlines()[0][:150]})") from None
+        self.jit_dtype = next(self.model.parameters(), torch.empty(0)).dtype  # float16 for a --half export
+        meta = json.loads(extra["config.txt"]) if extra["config.txt"] else {}
+        self.stride, self.names = int(meta.get("stride", 32)), meta.get("names")
+        self.dynamic = bool(meta.get("dynamic", False))
+        if meta.get("shape") and not self.dynamic:
+            self.input_shape = [None, *meta["shape"][1:]]  # traced grids fix h, w; the batch size is free
+
+    def _load_onnx(self, w, device, dnn):
+        meta = onnx_metadata(w)
+        if "stride" in meta:
+            self.stride = int(meta["stride"])
+        if "names" in meta:
+            self.names = ast.literal_eval(meta["names"])
+        self.quantized = meta.get("quantized", "0") == "1"
+        shape = meta.get("_input_shape")
+        self.dynamic = shape is None or any(s is None or s == 0 for s in shape)
+        self.input_shape = None if self.dynamic else shape
+        self.session = None
+        if dnn:
+            import cv2
+
+            LOGGER.info(f"Loading {w} for ONNX OpenCV DNN inference...")
+            if self.quantized:
+                LOGGER.warning(f"WARNING: {w} is a quantized (QDQ) model; OpenCV DNN runs it with its own int8 "
+                               f"kernels, onnxruntime (drop --dnn) is the reference")
+            log = cv2.utils.logging
+            level = log.getLogLevel()
+            log.setLogLevel(log.LOG_LEVEL_SILENT)  # its importer logs each unsupported node; we say it in one line
+            try:
+                self.net = cv2.dnn.readNetFromONNX(w)
+            except cv2.error as e:
+                raise UserError(f"{w}: OpenCV DNN {cv2.__version__} cannot read this graph ({_cv2_reason(e)}); "
+                                f"drop --dnn to run it with onnxruntime") from None
+            finally:
+                log.setLogLevel(level)
+        else:
+            import onnxruntime as ort
+
+            LOGGER.info(f"Loading {w} for ONNX Runtime inference...")
+            try:
+                self.session = ort.InferenceSession(w, providers=self._ort_providers(device))
+            except Exception as e:
+                raise UserError(f"{w}: onnxruntime could not load it ({str(e).splitlines()[0][:150]})") from None
+            self.input_name = self.session.get_inputs()[0].name
+            self.input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
+            self.output_names = [o.name for o in self.session.get_outputs()]
 
     @staticmethod
     def _ort_providers(device):
@@ -99,19 +176,41 @@ class DetectMultiBackend(nn.Module):
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
+    def _check_shape(self, im):
+        """A fixed-shape exported file computes garbage or fails on another shape: say which shape it needs."""
+        want = self.input_shape
+        if want is None:
+            return
+        got = list(im.shape)
+        if len(got) != len(want) or any(s is not None and s != g for s, g in zip(want, got)):
+            h, w = want[2], want[3]
+            size = f"{h}" if h == w else f"{h} {w}"
+            batch = "" if want[0] is None or want[0] == got[0] else f" and batch size {want[0]}"
+            square = "" if h == w else " (val.py runs square images: it needs a square or --dynamic export)"
+            raise UserError(f"{self.weights}: exported for input {_shape_str(want)}, got {_shape_str(got)}; "
+                            f"run with --imgsz {size}{batch}{square}, or re-export at this shape or with --dynamic")
+
     def forward(self, im, augment=False, visualize=False):
         if self.fp16 and im.dtype != torch.float16:
             im = im.half()
         if self.backend == "pt":
             y = self.model(im, augment=augment, visualize=visualize) if (augment or visualize) else self.model(im)
         elif self.backend == "jit":
-            y = self.model(im)
-        elif getattr(self, "session", None) is None:  # OpenCV DNN
-            arr = im.cpu().numpy().astype(np.float32)
-            self.net.setInput(arr)
-            y = torch.from_numpy(self.net.forward()).to(self.device)
+            self._check_shape(im)
+            y = self.model(im.to(self.jit_dtype))
+        elif self.session is None:  # OpenCV DNN
+            import cv2
+
+            self._check_shape(im)
+            self.net.setInput(im.cpu().numpy().astype(np.float32))
+            try:
+                y = torch.from_numpy(self.net.forward()).to(self.device)
+            except cv2.error as e:
+                raise UserError(f"{self.weights}: OpenCV DNN could not run this graph ({_cv2_reason(e)}); "
+                                f"drop --dnn to run it with onnxruntime") from None
         else:
-            arr = im.cpu().numpy().astype(np.float32)
+            self._check_shape(im)
+            arr = im.cpu().numpy().astype(self.input_dtype)
             y = self.session.run(self.output_names, {self.input_name: arr})[0]
             y = torch.from_numpy(y).to(self.device)
         if isinstance(y, (list, tuple)):
