@@ -1,0 +1,1 @@
+"""bst: project libraries that know nothing about YOLO (see bst/README.md)."""

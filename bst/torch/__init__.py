@@ -1,0 +1,1 @@
+"""Project-owned extensions mirroring torch namespaces."""

@@ -1,0 +1,1 @@
+"""Module namespaces mirroring torch.ao.nn: intrinsic (fused), intrinsic.qat, qat, quantized."""

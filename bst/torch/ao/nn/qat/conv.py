@@ -1,0 +1,81 @@
+"""QAT Conv2d: the weight goes through ``weight_fake_quant``; the output through
+``activation_post_process`` once `prepare_qat` attached one (inside forward, no hook needed)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bst.torch.ao.nn.intrinsic.modules import ConvReLU2d as FloatConvReLU2d
+from bst.torch.ao.nn.intrinsic.modules import ConvReLU62d as FloatConvReLU62d
+
+ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
+
+
+def require_weight_qconfig(qconfig, owner: str):
+    if qconfig is None or getattr(qconfig, "weight", None) is None:
+        raise ValueError(f"qconfig={qconfig!r}: {owner} needs a qconfig with a weight fake-quantizer constructor")
+    return qconfig
+
+
+def finish_output(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Apply the module's activation, then its output quantizer if it has one."""
+    act = ACTIVATIONS[module._activation]
+    if act is not None:
+        y = act(y)
+    quantizer = module._modules.get("activation_post_process")
+    return y if quantizer is None else quantizer(y)
+
+
+class Conv2d(nn.Conv2d):
+    """Conv2d with fake-quantized weight (and output, after prepare_qat)."""
+
+    _float_module = nn.Conv2d
+    _activation = None
+    _quantizes_own_output = True  # prepare_qat needs no forward hook for the output quantizer
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros", qconfig=None, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                         device=device, dtype=dtype)
+        self.qconfig = require_weight_qconfig(qconfig, type(self).__name__)
+        self.weight_fake_quant = qconfig.weight()
+
+    def forward(self, x):
+        return finish_output(self, self._conv_forward(x, self.weight_fake_quant(self.weight), self.bias))
+
+    @classmethod
+    def from_float(cls, mod):
+        """From an nn.Conv2d (or, for the ReLU subclasses, the fused float container) carrying ``qconfig``."""
+        if type(mod) is not cls._float_module:
+            raise ValueError(f"mod: {cls.__name__}.from_float takes a {cls._float_module.__name__}, got {type(mod).__name__}")
+        qconfig = getattr(mod, "qconfig", None)
+        conv = mod[0] if isinstance(mod, nn.Sequential) else mod
+        qat = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, qconfig=qconfig,
+                  device=conv.weight.device, dtype=conv.weight.dtype)
+        qat.weight = conv.weight
+        qat.bias = conv.bias
+        qat.train(mod.training)
+        return qat
+
+    def folded_weight_bias(self):
+        """(weight, bias) of the equivalent float conv, before weight fake quantization."""
+        bias = self.bias.detach() if self.bias is not None else None
+        return self.weight.detach(), bias
+
+    def to_float(self):
+        """Plain float modules computing this layer without quantization."""
+        weight, bias = self.folded_weight_bias()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias is not None, self.padding_mode,
+                         device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        if self._activation == "relu":
+            return FloatConvReLU2d(conv, nn.ReLU())
+        if self._activation == "relu6":
+            return FloatConvReLU62d(conv, nn.ReLU6())
+        return conv

@@ -1,0 +1,234 @@
+"""Converted (quantized) modules in reference form.
+
+Each holds what an integer kernel needs: int8 weights, int32 bias, weight / input / output scales and
+zero points. On float tensors they compute the fake-quantized result (weights dequantized, bias on
+its int32 grid, output fake-quantized); on `QTensor` inputs (see `integer_reference.integer_mode`)
+they run the integer-only reference. Scales stay float32 through ``.half()`` like all quantizer state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bst.torch.ao.quantization import integer_reference as iref
+from bst.torch.ao.quantization.fake_quant_ops import fake_quantize_per_tensor
+from bst.torch.ao.quantization.state import QuantizerModule
+
+_ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+def qparams_of(quantizer):
+    """(scale, zero_point, quant_min, quant_max) of a fake quantizer, after any pending refresh."""
+    if getattr(quantizer, "_stale", False):
+        quantizer.refresh_qparams()
+    if hasattr(quantizer, "calculate_qparams") and hasattr(quantizer, "log2_scale"):
+        quantizer.calculate_qparams()  # learnable pow2: syncs the scale buffer
+    return (quantizer.scale.detach().clone().float(), quantizer.zero_point.detach().clone().to(torch.int32),
+            quantizer.quant_min, quantizer.quant_max)
+
+
+def _fake_quantize(x, scale, zero_point, quant_min, quant_max):
+    return fake_quantize_per_tensor(x, scale.to(x.device), zero_point.to(x.device), quant_min, quant_max)
+
+
+class _OutputQParams(QuantizerModule):
+    """Per-tensor output quantization parameters (``output_scale`` is None for a float output)."""
+
+    def _set_output(self, qparams):
+        if qparams is None:
+            self.output_scale = None
+            self.output_zero_point = None
+            self.output_quant_min = self.output_quant_max = None
+            return
+        scale, zero_point, qmin, qmax = qparams
+        if scale.numel() != 1:
+            raise ValueError(f"output scale: per-tensor quantization expected, got {scale.numel()} scales")
+        self.register_buffer("output_scale", scale.reshape(1))
+        self.register_buffer("output_zero_point", zero_point.reshape(1))
+        self.output_quant_min, self.output_quant_max = qmin, qmax
+
+    def _quantize_output(self, y):
+        if self.output_scale is None:
+            return y
+        return _fake_quantize(y, self.output_scale, self.output_zero_point, self.output_quant_min, self.output_quant_max)
+
+
+class Quantize(_OutputQParams):
+    """Converted QuantStub: fake-quantizes its float input, or emits a `QTensor` in integer mode."""
+
+    def __init__(self, qparams):
+        super().__init__()
+        self._set_output(qparams)
+        self.integer_output = False
+
+    @classmethod
+    def from_stub(cls, stub):
+        return cls(qparams_of(stub.activation_post_process))
+
+    def forward(self, x):
+        if isinstance(x, iref.QTensor):
+            return x
+        if self.integer_output:
+            return iref.quantize(x, self.output_scale, int(self.output_zero_point), self.output_quant_min,
+                                 self.output_quant_max)
+        return self._quantize_output(x)
+
+
+class DeQuantize(torch.nn.Module):
+    """Converted DeQuantStub: a `QTensor` back to float; float tensors pass unchanged."""
+
+    def forward(self, x):
+        return x.dequantize() if isinstance(x, iref.QTensor) else x
+
+    @classmethod
+    def from_stub(cls, stub):
+        return cls()
+
+
+class Conv2d(_OutputQParams):
+    """Quantized Conv2d (+ReLU/ReLU6), BN already folded.
+
+    Buffers: ``weight_int8`` (int8), ``weight_scale`` / ``weight_zero_point`` (per output channel or
+    one), ``bias`` (float, folded), ``bias_int32`` (on the grid ``input_scale * weight_scale``; None when
+    the input qparams are unknown), ``input_scale`` / ``input_zero_point`` (from the quantizer that
+    produced this layer's input while `convert` traced the model), ``output_scale`` / ``output_zero_point``.
+    """
+
+    def __init__(self, weight_int8, weight_scale, weight_zero_point, weight_quant_range, bias, input_qparams,
+                 output_qparams, stride, padding, dilation, groups, padding_mode="zeros", activation=None):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not supported; use None, 'relu' or 'relu6'")
+        self.register_buffer("weight_int8", weight_int8.to(torch.int8))
+        self.register_buffer("weight_scale", weight_scale.float().reshape(-1))
+        self.register_buffer("weight_zero_point", weight_zero_point.to(torch.int32).reshape(-1))
+        self.weight_quant_min, self.weight_quant_max = weight_quant_range
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.padding_mode = padding_mode
+        self.activation = activation
+        if input_qparams is None:
+            self.input_scale = self.input_zero_point = self.bias_int32 = None
+        else:
+            in_scale, in_zero_point = input_qparams[0].reshape(1), input_qparams[1].reshape(1)
+            self.register_buffer("input_scale", in_scale)
+            self.register_buffer("input_zero_point", in_zero_point)
+            self.register_buffer("bias_int32", None if bias is None else self._bias_on_grid(float(in_scale)))
+        self._set_output(output_qparams)
+
+    @property
+    def in_channels(self):
+        return self.weight_int8.shape[1] * self.groups
+
+    @property
+    def out_channels(self):
+        return self.weight_int8.shape[0]
+
+    def _bias_on_grid(self, input_scale: float):
+        """round_half_even(bias / (input_scale * weight_scale)) as int32."""
+        grid = self.weight_scale * input_scale
+        q = torch.round(self.bias / grid)
+        if bool(((q < INT32_MIN) | (q > INT32_MAX)).any()):
+            raise ValueError(f"bias: does not fit int32 on the grid input_scale * weight_scale (input_scale={input_scale})")
+        return q.to(torch.int32)
+
+    def integer_bias(self, input_scale: float):
+        """The int32 bias for an input of scale `input_scale` (the stored one when it matches)."""
+        if self.bias is None:
+            return None
+        if self.input_scale is not None:
+            if float(self.input_scale) != float(input_scale):
+                raise ValueError(f"input_scale={input_scale}: this layer was converted for input scale "
+                                 f"{float(self.input_scale)}")
+            return self.bias_int32
+        return self._bias_on_grid(float(input_scale))
+
+    def dequantized_weight(self):
+        zp = self.weight_zero_point.reshape(-1, 1, 1, 1).to(torch.float32)
+        return (self.weight_int8.to(torch.float32) - zp) * self.weight_scale.reshape(-1, 1, 1, 1)
+
+    def forward(self, x):
+        if isinstance(x, iref.QTensor):
+            return iref.conv2d(self, x)
+        weight = self.dequantized_weight().to(x.dtype)
+        if self.bias_int32 is not None:
+            bias = (self.bias_int32.to(torch.float32) * (self.weight_scale * self.input_scale)).to(x.dtype)
+        else:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.padding_mode != "zeros":
+            pad = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
+            y = F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, bias, self.stride, 0, self.dilation, self.groups)
+        else:
+            y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        act = _ACTIVATIONS[self.activation]
+        if act is not None:
+            y = act(y)
+        return self._quantize_output(y)
+
+    @classmethod
+    def from_qat(cls, mod, input_qparams=None):
+        """From a QAT conv (``nnqat.Conv2d``, ``nniqat.ConvBn2d``, ... ); BN is folded first."""
+        weight, bias = mod.folded_weight_bias()
+        weight_fq = mod.weight_fake_quant
+        with torch.no_grad():
+            weight_fq(weight)  # an enabled weight observer sees the final weights, as in training
+        w_scale, w_zp, qmin, qmax = qparams_of(weight_fq)
+        if weight_fq.is_per_channel and weight_fq.ch_axis % 4 != 0:
+            raise ValueError(f"ch_axis={weight_fq.ch_axis}: conv weights must be quantized per output channel (axis 0)")
+        if w_scale.numel() not in (1, weight.shape[0]):
+            raise ValueError(f"weight_scale: {w_scale.numel()} scales for {weight.shape[0]} output channels")
+        shape = (-1, 1, 1, 1)
+        scale_b = w_scale.expand(weight.shape[0]).reshape(shape)
+        zp_b = w_zp.expand(weight.shape[0]).reshape(shape)
+        # the same arithmetic as the fake quantizer: round(w * (1 / s)) + z, clamped
+        q = torch.clamp(torch.round(weight * (1.0 / scale_b)) + zp_b, qmin, qmax)
+        output = mod._modules.get("activation_post_process")
+        return cls(q, scale_b.reshape(-1), zp_b.reshape(-1), (qmin, qmax), bias, input_qparams,
+                   None if output is None else qparams_of(output), mod.stride, mod.padding, mod.dilation, mod.groups,
+                   mod.padding_mode, mod._activation)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight_int8.shape[2:])}, "
+                f"stride={self.stride}, padding={self.padding}, activation={self.activation}")
+
+
+class QFunctional(_OutputQParams):
+    """Converted FloatFunctional: add / add_relu / mul / cat with a quantized output.
+
+    ``input_qparams``: (scale, zero_point) per operand of the call `convert` traced (None for a float
+    operand), empty without ``example_inputs``. The integer reference reads them from its QTensors.
+    """
+
+    def __init__(self, output_qparams):
+        super().__init__()
+        self._set_output(output_qparams)
+        self.input_qparams = []
+
+    @classmethod
+    def from_float(cls, mod):
+        return cls(qparams_of(mod.activation_post_process))
+
+    def forward(self, x):
+        raise RuntimeError("QFunctional is not called directly; use its add / add_relu / mul / cat methods")
+
+    def add(self, x, y):
+        if isinstance(x, iref.QTensor):
+            return iref.add(self, x, y)
+        return self._quantize_output(torch.add(x, y))
+
+    def add_relu(self, x, y):
+        if isinstance(x, iref.QTensor):
+            return iref.add(self, x, y, activation="relu")
+        return self._quantize_output(F.relu(torch.add(x, y)))
+
+    def mul(self, x, y):
+        if isinstance(x, iref.QTensor):
+            return iref.mul(self, x, y)
+        return self._quantize_output(torch.mul(x, y))
+
+    def cat(self, tensors, dim: int = 0):
+        tensors = list(tensors)
+        if tensors and isinstance(tensors[0], iref.QTensor):
+            return iref.cat(self, tensors, dim)
+        return self._quantize_output(torch.cat(tensors, dim))

@@ -1,0 +1,37 @@
+"""bst.torch.ao.quantization: observers, fake quantizers (with power-of-two scales), qconfigs,
+fusion, prepare_qat / convert and an integer-only reference. Public names mirror torch.ao.quantization.
+
+Importing this package never imports torch.ao.quantization.
+"""
+from .calibrators import MSEObserver, PercentileObserver
+from .factory import Factory
+from .fake_quantize import (FakeQuantize, FakeQuantizeBase, FixedQParamsFakeQuantize, FusedMovingAvgObsFakeQuantize,
+                            LearnableFakeQuantize, disable_fake_quant, disable_observer, enable_fake_quant,
+                            enable_observer)
+from .fuse import SUPPORTED_PATTERNS, fuse_conv_bn_weights, fuse_modules, fuse_modules_qat
+from .integer_reference import QTensor, integer_mode
+from .mappings import get_default_convert_module_mappings, get_default_qat_module_mappings
+from .observer import (FixedQParamsObserver, MinMaxObserver, MovingAverageMinMaxObserver,
+                       MovingAveragePerChannelMinMaxObserver, ObserverBase, PerChannelMinMaxObserver)
+from .pow2 import is_pow2
+from .qconfig import QConfig, get_default_calibration_qconfig, get_default_qat_qconfig
+from .quantize import convert, prepare_qat, propagate_qconfig_
+from .state import (QuantizerModule, copy_quantizer_state_, is_quantizer_state, quantizer_parameters,
+                    quantizer_state_keys)
+from .stubs import DeQuantStub, QuantStub
+
+__all__ = [
+    "MSEObserver", "PercentileObserver", "Factory",
+    "FakeQuantize", "FakeQuantizeBase", "FixedQParamsFakeQuantize", "FusedMovingAvgObsFakeQuantize",
+    "LearnableFakeQuantize", "disable_fake_quant", "disable_observer", "enable_fake_quant", "enable_observer",
+    "SUPPORTED_PATTERNS", "fuse_conv_bn_weights", "fuse_modules", "fuse_modules_qat",
+    "QTensor", "integer_mode",
+    "get_default_convert_module_mappings", "get_default_qat_module_mappings",
+    "FixedQParamsObserver", "MinMaxObserver", "MovingAverageMinMaxObserver", "MovingAveragePerChannelMinMaxObserver",
+    "ObserverBase", "PerChannelMinMaxObserver",
+    "is_pow2",
+    "QConfig", "get_default_calibration_qconfig", "get_default_qat_qconfig",
+    "convert", "prepare_qat", "propagate_qconfig_",
+    "QuantizerModule", "copy_quantizer_state_", "is_quantizer_state", "quantizer_parameters", "quantizer_state_keys",
+    "DeQuantStub", "QuantStub",
+]
