@@ -2,6 +2,8 @@
 
 Usage:
     python train.py --data shapes.yaml --cfg yolov5n.yaml --weights '' --img 320 --epochs 30
+    python train.py --data shapes.yaml --weights runs/train/relu/weights/best.pt --hyp data/hyps/hyp.qat.yaml \
+        --qat --bn-folding --pow2-scale --freeze-bn-epoch 0 --disable-observer-epoch 0      (QAT, see README)
     python train.py --data coco.yaml --weights weights/yolov5m.pt --cfg models/yolov5m.yaml --act relu \
         --hyp data/hyps/hyp.m-relu-tune.yaml
     torchrun --nproc_per_node 2 train.py --device 0,1 ...    (DDP; --device cpu uses gloo)
@@ -30,7 +32,8 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import val as validate  # noqa: E402
-from models.experimental import attempt_load, model_activation  # noqa: E402
+from models.common import activation_name  # noqa: E402
+from models.experimental import attempt_load, is_quantized, model_activation  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import attempt_download, load_checkpoint, save_checkpoint  # noqa: E402
@@ -42,13 +45,17 @@ from utils.general import (LOGGER, UserError, check_file, check_img_size, colors
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
+from utils.qat import QATRun, check_qat_flags, checkpoint_copy, report_ptq  # noqa: E402
 from utils.torch_utils import (EarlyStopping, ModelEMA, de_parallel, one_cycle, select_device,  # noqa: E402
                                smart_optimizer, strip_optimizer, torch_distributed_zero_first)
 
+DDP_DUMP_ENV = "YOLOV5_DDP_DUMP"  # debug aid, see dump_parameters()
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
 RANK = int(os.getenv("RANK", -1))
 WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
 
+HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr", "box",
+            "cls", "obj", "anchor_t")  # read by train.py itself; the dataloader and ComputeLoss check their own
 RESULT_COLUMNS = ("train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
                   "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss",
                   "x/lr0", "x/lr1", "x/lr2")
@@ -69,13 +76,22 @@ def build_model(opt, hyp, nc, device):
     """The model to train and, when fine-tuning, how many tensors came from the checkpoint."""
     weights = opt.weights
     if weights and str(weights).endswith(".pt"):
-        path = attempt_download(weights)
-        with torch_distributed_zero_first(LOCAL_RANK):
+        with torch_distributed_zero_first(LOCAL_RANK):  # one rank downloads, the others wait for the file
+            path = attempt_download(weights)
             ckpt = load_checkpoint(path)
-        src = ckpt.get("ema") or ckpt.get("model")
+        # the live training weights, as upstream (a resumed run must not restart from its EMA); stripped
+        # checkpoints hold the EMA as 'model' already
+        src = ckpt.get("model") if isinstance(ckpt, dict) else None
+        if not isinstance(src, nn.Module) and isinstance(ckpt, dict):
+            src = ckpt.get("ema")
         if not isinstance(src, nn.Module):
             raise UserError(f"{path}: not a YOLOv5 checkpoint (no 'model' module inside)")
-        act = opt.act or model_activation(src)
+        if is_quantized(src):  # a QAT checkpoint: keep training it as saved (modules, scales, observer statistics)
+            if not (getattr(opt, "qat", False) or opt.resume):
+                raise UserError(f"{path}: is a QAT checkpoint; add --qat to keep training it, or start from a float one")
+            LOGGER.info(f"Continuing the QAT model of {weights}")
+            return src.float().to(device), ckpt
+        act = pick_activation(opt, src)
         model = DetectionModel(opt.cfg or src.yaml, ch=3, nc=nc, anchors=hyp.get("anchors"), act=act).to(device)
         exclude = ["anchor"] if (opt.cfg or hyp.get("anchors")) and not opt.resume else []
         csd = intersect_dicts(src.float().state_dict(), model.state_dict(), exclude=exclude)
@@ -87,7 +103,21 @@ def build_model(opt, hyp, nc, device):
         raise UserError(f"--weights {weights}: expected a .pt checkpoint, or '' to train from scratch")
     if not opt.cfg:
         raise UserError("--cfg is required when training from scratch (--weights ''), e.g. --cfg yolov5s.yaml")
-    return DetectionModel(opt.cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), act=opt.act or "silu").to(device), None
+    return DetectionModel(opt.cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), act=pick_activation(opt)).to(device), None
+
+
+def pick_activation(opt, src=None) -> str:
+    """--act, else the --cfg yaml's own `activation`, else the checkpoint's, else SiLU (upstream's default).
+
+    Always a name, so the model's yaml (and every checkpoint) records which activation it was built with.
+    """
+    cfg = yaml_load(opt.cfg) if opt.cfg else {}
+    act = opt.act or (cfg.get("activation") if isinstance(cfg, dict) else None) or \
+        (model_activation(src) if src is not None else "silu")
+    try:
+        return activation_name(act)
+    except ValueError as e:
+        raise UserError(f"{opt.cfg or opt.weights}: {e}") from None
 
 
 def train(hyp, opt, device):
@@ -98,11 +128,11 @@ def train(hyp, opt, device):
     w.mkdir(parents=True, exist_ok=True)
     last, best = w / "last.pt", w / "best.pt"
 
-    if isinstance(hyp, str):
-        hyp = yaml_load(hyp)
+    where = str(hyp) if isinstance(hyp, (str, Path)) else "hyp"
+    hyp = check_hyp(yaml_load(hyp) if isinstance(hyp, (str, Path)) else hyp, where)
     LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
     opt.hyp = hyp.copy()
-    if not opt.evolve:
+    if not opt.evolve and RANK in (-1, 0):  # one writer under DDP
         yaml_save(save_dir / "hyp.yaml", hyp)
         yaml_save(save_dir / "opt.yaml", vars(opt))
 
@@ -126,6 +156,9 @@ def train(hyp, opt, device):
 
     model, ckpt = build_model(opt, hyp, nc, device)
     amp = cuda
+    qat = QATRun(opt)
+    if qat.enabled:  # before the optimizer and the EMA: they must see the QAT modules
+        model = qat.prepare(model).to(device)
 
     freeze = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
     for k, v in model.named_parameters():
@@ -152,6 +185,8 @@ def train(hyp, opt, device):
     best_fitness, start_epoch = 0.0, 0
     if opt.resume and ckpt is not None:
         best_fitness, start_epoch, epochs = resume_state(ckpt, optimizer, ema, weights, epochs)
+        if RANK in (-1, 0):
+            trim_results(save_dir / "results.csv", start_epoch)
     del ckpt
 
     if cuda and RANK != -1 and opt.sync_bn:
@@ -173,7 +208,8 @@ def train(hyp, opt, device):
     val_loader = None
     if RANK in (-1, 0):
         val_loader = create_dataloader(val_path, imgsz, batch_size // WORLD_SIZE * 2, gs, single_cls, hyp=hyp,
-                                       cache=None if noval else opt.cache, rect=True, rank=-1, workers=workers * 2,
+                                       cache=None if noval else ("ram" if opt.cache == "val" else opt.cache),
+                                       rect=True, rank=-1, workers=workers * 2,
                                        pad=0.5, prefix=colorstr("val: "))[0]
         if not opt.resume:
             if not opt.noautoanchor:
@@ -181,6 +217,22 @@ def train(hyp, opt, device):
             model.half().float()  # pre-reduce anchor precision, as upstream
             if plots:
                 plot_labels(labels, names, save_dir)
+
+    if qat.enabled and not qat.resumed:
+        # scales must exist before observers can be frozen (--disable-observer-epoch 0): calibrate on training
+        # images without augmentation, observers on and fake quantization off; every rank does the same, and
+        # DDP then broadcasts rank 0's quantizer buffers
+        calib_loader = create_dataloader(train_path, imgsz, batch_size // WORLD_SIZE, gs, single_cls, hyp=hyp,
+                                         augment=False, rect=False, rank=-1, workers=workers, shuffle=True,
+                                         seed=opt.seed, prefix=colorstr("calib: "))[0]
+        qat.calibrate(model, calib_loader, device)
+        del calib_loader
+        if RANK in (-1, 0):
+            ptq, _, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz, half=False,
+                                     model=model, single_cls=single_cls, dataloader=val_loader, save_dir=save_dir,
+                                     plots=False)
+            report_ptq(ptq)
+            ema = ModelEMA(model)  # start the average from the calibrated model
 
     nl = de_parallel(model).model[-1].nl
     hyp["box"] *= 3 / nl
@@ -217,6 +269,8 @@ def train(hyp, opt, device):
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
         model.train()
+        if qat.enabled:
+            qat.start_epoch(de_parallel(model), epoch)
         if opt.image_weights:
             cw = model.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
             iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
@@ -263,7 +317,11 @@ def train(hyp, opt, device):
             scaler.scale(loss).backward()
             if ni - last_opt_step >= accumulate:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                if not amp and not torch.isfinite(norm):  # (under AMP the scaler skips such steps itself)
+                    raise UserError(f"non-finite gradient at epoch {epoch} batch {i}; stopped before the update. "
+                                    f"The last good checkpoint is {last if last.exists() else 'not written yet'}; "
+                                    f"lower lr0 in --hyp or check the data")
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad()
@@ -296,9 +354,14 @@ def train(hyp, opt, device):
             log_results(save_dir, epoch, list(mloss.cpu().numpy()) + list(results) + lr, tb)
 
             if (not nosave) or final_epoch:
-                ckpt = {"epoch": epoch, "best_fitness": best_fitness, "model": deepcopy(de_parallel(model)).half(),
-                        "ema": deepcopy(ema.ema).half(), "updates": ema.updates, "optimizer": optimizer.state_dict(),
-                        "opt": _plain(vars(opt)), "git": None, "date": datetime.now().isoformat()}
+                ckpt = {"epoch": epoch, "best_fitness": best_fitness, "model": checkpoint_copy(de_parallel(model)),
+                        "ema": checkpoint_copy(ema.ema), "updates": ema.updates, "optimizer": optimizer.state_dict(),
+                        "opt": _plain(vars(opt)), "git": None, "date": datetime.now().isoformat(),
+                        "qat": qat.meta() if qat.enabled else None}
+                if not (all_finite(ckpt["model"]) and all_finite(ckpt["ema"])):  # never replace a good last.pt
+                    raise UserError(f"non-finite weights after epoch {epoch} (as saved, in float16); stopped without "
+                                    f"saving. The last good checkpoint is "
+                                    f"{last if last.exists() else 'not written yet'}; lower lr0 in --hyp")
                 save_checkpoint(ckpt, last)
                 if best_fitness == fi:
                     save_checkpoint(ckpt, best)
@@ -313,6 +376,9 @@ def train(hyp, opt, device):
         if stop:
             break
 
+    if os.getenv(DDP_DUMP_ENV):
+        dump_parameters(de_parallel(model), Path(os.environ[DDP_DUMP_ENV]))
+
     if RANK in (-1, 0):
         LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
         for f in last, best:
@@ -323,7 +389,7 @@ def train(hyp, opt, device):
                     results, _, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
                                                  model=attempt_load(f, device, fuse=True), single_cls=single_cls,
                                                  dataloader=val_loader, save_dir=save_dir,
-                                                 save_json=bool(data_dict.get("coco_json")) or "coco" in str(opt.data),
+                                                 save_json=bool(data_dict.get("annotations")),
                                                  verbose=True, plots=plots, compute_loss=compute_loss)
         if plots and (save_dir / "results.csv").exists():
             plot_results(file=save_dir / "results.csv")
@@ -348,6 +414,52 @@ def resume_state(ckpt, optimizer, ema, weights, epochs):
                         f"start a new run with --weights {weights}")
     LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
     return best_fitness, start_epoch, epochs
+
+
+def check_hyp(hyp, where="hyp") -> dict:
+    """A copy of the hyperparameter mapping, with the keys train.py reads present and numeric."""
+    if not isinstance(hyp, dict):
+        raise UserError(f"{where}: a --hyp yaml must be a mapping of hyperparameters, "
+                        f"see data/hyps/hyp.scratch-low.yaml")
+    missing = [k for k in HYP_KEYS if k not in hyp]
+    if missing:
+        raise UserError(f"{where}: missing {', '.join(missing)}; add them (see data/hyps/hyp.scratch-low.yaml)")
+    bad = [k for k in HYP_KEYS if isinstance(hyp[k], bool) or not isinstance(hyp[k], (int, float))]
+    if bad:
+        raise UserError(f"{where}: {', '.join(f'{k}={hyp[k]!r}' for k in bad)} must be numbers")
+    return dict(hyp)
+
+
+def all_finite(model) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
+
+
+def trim_results(file, start_epoch):
+    """Drop results.csv rows of epochs >= start_epoch: a run killed after logging an epoch but before saving
+    its checkpoint repeats that epoch on --resume, and must not log it twice."""
+    file = Path(file)
+    if not file.is_file():
+        return
+    def epoch_of(line):
+        try:
+            return float(line.split(",")[0])
+        except ValueError:  # a line cut short by the kill
+            return math.inf
+
+    lines = file.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.strip() and epoch_of(ln) < start_epoch]
+    if len(keep) != len(lines):
+        tmp = file.with_name(file.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, file)
+
+
+def dump_parameters(model, folder: Path):
+    """Debug aid for DDP: with YOLOV5_DDP_DUMP=<folder> set, every rank saves its final parameters to
+    <folder>/rank<RANK>.pt, so they can be compared across ranks (tests/test_train.py does)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.named_parameters()}
+    torch.save(state, folder / f"rank{max(RANK, 0)}.pt")
 
 
 def _plain(d):
@@ -402,38 +514,84 @@ def parse_opt(argv=None):
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
     parser.add_argument("--act", type=str, choices=["silu", "relu", "relu6"], default=None,
                         help="activation of every Conv block (default: the checkpoint's, else silu)")
+    qat = parser.add_argument_group("quantization-aware training (QAT)")
+    qat.add_argument("--qat", action="store_true", help="quantize the model (convs, skip-adds, concats, Detect "
+                     "convs, per --qat-recipe) and train it with fake quantization")
+    qat.add_argument("--bn-folding", action="store_true", help="keep BN live during QAT with simulated folding; "
+                     "without it BN is folded into the conv before QAT")
+    qat.add_argument("--pow2-scale", action="store_true", help="every weight and activation scale is a power of two")
+    qat.add_argument("--pow2-rounding", choices=["ceil", "round"], default="ceil",
+                     help="log2 rounding of pow2 scales: ceil never clips the observed range, round is nearest")
+    qat.add_argument("--freeze-bn-epoch", type=int, default=-1, help="BN running statistics stop updating from "
+                     "epoch N on (0: from the start; -1: never)")
+    qat.add_argument("--disable-observer-epoch", type=int, default=-1, help="observers stop updating (scales "
+                     "frozen) from epoch N on (0: right after calibration; -1: never)")
+    qat.add_argument("--qat-recipe", type=str, default="", help="per-module QAT recipe yaml (data/quant/*.yaml); "
+                     "default: data/quant/default.yaml")
+    qat.add_argument("--calib-batches", type=int, default=32, help="training batches for the calibration pass "
+                     "that starts QAT")
     return parser.parse_args(argv)
 
 
-def latest_run(search_dir=ROOT / "runs"):
+def latest_run(search_dir=ROOT / "runs/train"):
     runs = [p for p in Path(search_dir).glob("**/last*.pt")]
     return max(runs, key=os.path.getctime) if runs else None
+
+
+def resume_options(opt):
+    """The options of the run to resume (its opt.yaml), keeping --device and --workers of this command line.
+
+    --resume alone takes the newest last.pt under --project; --resume PATH takes a last.pt or a run folder.
+    Finished, foreign or broken runs are refused here, before anything in the run folder is touched.
+    """
+    if isinstance(opt.resume, (str, Path)):
+        last = Path(opt.resume)
+        last = last / "weights" / "last.pt" if last.is_dir() else last
+        if not last.is_file():
+            raise UserError(f"--resume {opt.resume}: no such checkpoint; give a run's weights/last.pt or its folder")
+    else:
+        last = latest_run(opt.project)
+        if last is None:
+            raise UserError(f"--resume: no last.pt found under {opt.project}; give the path of a run's weights/last.pt")
+    opt_yaml = last.parent.parent / "opt.yaml"
+    if not opt_yaml.is_file():
+        raise UserError(f"--resume {last}: {opt_yaml} is missing, cannot restore the run's options")
+    d = yaml_load(opt_yaml)
+    if not isinstance(d, dict) or not isinstance(d.get("epochs"), int):
+        raise UserError(f"--resume {last}: {opt_yaml} is not the opt.yaml of a training run")
+    ckpt = load_checkpoint(last)
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("epoch"), int) and isinstance(ckpt.get("model"), nn.Module)):
+        raise UserError(f"--resume {last}: not a YOLOv5 training checkpoint (no epoch/model), cannot resume it")
+    if ckpt["epoch"] == -1 or ckpt.get("optimizer") is None or ckpt["epoch"] + 1 >= d["epochs"]:
+        raise UserError(f"--resume {last}: training to {d['epochs']} epochs is finished, nothing to resume; "
+                        f"start a new run with --weights {last}")
+    del ckpt
+    if RANK in (-1, 0):  # temporary files of a save that a kill interrupted
+        for f in last.parent.glob(".*.tmp"):
+            f.unlink(missing_ok=True)
+    keep = {"device": opt.device, "workers": opt.workers}
+    opt = argparse.Namespace(**{**vars(opt), **d})
+    opt.device, opt.workers = keep["device"], keep["workers"]
+    opt.cfg, opt.weights, opt.resume = "", str(last), True
+    opt.save_dir = str(last.parent.parent)
+    return opt
 
 
 def main(opt):
     if RANK in (-1, 0):
         print_args(vars(opt), "train")
-    if opt.evolve:
+    if opt.evolve is not None:
         raise UserError("--evolve (hyperparameter evolution) is not supported in yolov5-qat; tune a --hyp yaml instead")
+    if LOCAL_RANK != -1 and opt.batch_size % WORLD_SIZE:
+        raise UserError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
     if opt.resume:
-        last = Path(opt.resume) if isinstance(opt.resume, str) else latest_run()
-        if last is None or not last.is_file():
-            raise UserError(f"--resume: no last.pt found{' at ' + str(opt.resume) if isinstance(opt.resume, str) else ' under runs/'}; "
-                            f"give the path of a run's weights/last.pt")
-        opt_yaml = last.parent.parent / "opt.yaml"
-        if not opt_yaml.is_file():
-            raise UserError(f"--resume {last}: {opt_yaml} is missing, cannot restore the run's options")
-        d = yaml_load(opt_yaml)
-        keep = {"device": opt.device, "workers": opt.workers}
-        opt = argparse.Namespace(**{**vars(opt), **d})
-        opt.device, opt.workers = keep["device"], keep["workers"]
-        opt.cfg, opt.weights, opt.resume = "", str(last), True
-        opt.save_dir = str(last.parent.parent)
-        if isinstance(opt.hyp, dict):
-            pass
+        opt = resume_options(opt)
+    check_qat_flags(opt)
+    if opt.resume:
+        pass
     else:
         opt.data = check_file(opt.data)
-        opt.hyp = check_file(opt.hyp)
+        opt.hyp = opt.hyp if isinstance(opt.hyp, dict) else check_file(opt.hyp)
         opt.cfg = check_file(opt.cfg, search_dirs=("models",)) if opt.cfg else ""
         opt.weights = str(opt.weights)
         if not opt.cfg and not opt.weights:
@@ -442,14 +600,16 @@ def main(opt):
 
     device = select_device(opt.device, batch_size=opt.batch_size)
     if LOCAL_RANK != -1:
-        if opt.batch_size % WORLD_SIZE:
-            raise UserError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
         if device.type == "cuda":
             torch.cuda.set_device(LOCAL_RANK)
             device = torch.device("cuda", LOCAL_RANK)
         dist.init_process_group(backend="nccl" if dist.is_nccl_available() and device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=10800))
     try:
+        if LOCAL_RANK != -1 and not opt.resume:  # rank 0 names the run folder (exp, exp2, ...) for every rank
+            name = [opt.save_dir]
+            dist.broadcast_object_list(name, 0)
+            opt.save_dir = name[0]
         return train(opt.hyp, opt, device)
     finally:
         if WORLD_SIZE > 1 and RANK == 0 and dist.is_initialized():

@@ -36,7 +36,7 @@ from bst.torch.ao.nn.intrinsic import qat as nniqat
 from bst.torch.ao.nn.quantized import FloatFunctional
 from models.common import SPP, SPPF, C3, Bottleneck, Concat, Conv, DWConv, Focus
 from models.yolo import Detect
-from utils.general import LOGGER, UserError, check_file, yaml_load
+from utils.general import LOGGER, ROOT, UserError, check_file, yaml_load
 from utils.torch_utils import fuse_conv_and_bn
 
 OBSERVERS = {
@@ -72,7 +72,8 @@ class QuantizedActivation(nn.Module):
 def load_recipe(recipe) -> dict:
     """A recipe dict from a yaml path, a dict or None (the default recipe); validated."""
     if recipe is None or recipe == "":
-        return deepcopy(DEFAULT_RECIPE)
+        default_file = ROOT / "data/quant/default.yaml"
+        return load_recipe(default_file) if default_file.is_file() else deepcopy(DEFAULT_RECIPE)
     if isinstance(recipe, (str, Path)):
         path = check_file(recipe, search_dirs=("data/quant",))
         data = yaml_load(path)

@@ -1,0 +1,99 @@
+"""QAT inside train.py: flag checks, preparation, the calibration pass with its PTQ report, and the
+per-epoch BN / observer schedule. The model surgery itself is models/quant.py; the library is bst/."""
+from __future__ import annotations
+
+import torch
+
+from models.experimental import is_quantized
+from utils.general import LOGGER, UserError, colorstr
+
+QAT_ONLY_FLAGS = ("bn_folding", "pow2_scale", "qat_recipe")
+PREFIX = colorstr("QAT: ")
+
+
+def check_qat_flags(opt):
+    """Bad combinations end in one line; SiLU is allowed with a warning."""
+    if not getattr(opt, "qat", False):
+        used = [f"--{f.replace('_', '-')}" for f in QAT_ONLY_FLAGS if getattr(opt, f, None)]
+        used += [f"--{f.replace('_', '-')} {getattr(opt, f)}" for f in ("freeze_bn_epoch", "disable_observer_epoch")
+                 if getattr(opt, f, -1) >= 0]
+        if used:
+            raise UserError(f"{', '.join(used)} only apply to quantization-aware training; add --qat")
+        return
+    if opt.calib_batches < 1:
+        raise UserError(f"--calib-batches {opt.calib_batches}: calibrate on at least one batch")
+    if opt.act == "silu":
+        LOGGER.warning(f"{PREFIX}WARNING: --act silu: shift-only int8 hardware has no SiLU; it is quantized here as "
+                       f"a lookup table on its int8 output. Retrain with --act relu (or relu6) for such hardware")
+
+
+class QATRun:
+    """The QAT state of one training run (flags, recipe, schedule) and its steps."""
+
+    def __init__(self, opt):
+        self.enabled = bool(getattr(opt, "qat", False))
+        self.bn_folding = bool(getattr(opt, "bn_folding", False))
+        self.pow2 = bool(getattr(opt, "pow2_scale", False))
+        self.pow2_rounding = getattr(opt, "pow2_rounding", "ceil")
+        self.recipe = getattr(opt, "qat_recipe", "") or None
+        self.freeze_bn_epoch = int(getattr(opt, "freeze_bn_epoch", -1))
+        self.disable_observer_epoch = int(getattr(opt, "disable_observer_epoch", -1))
+        self.calib_batches = int(getattr(opt, "calib_batches", 32))
+        self.state = None
+        self.resumed = False
+
+    def prepare(self, model):
+        """Quantize a float model; a model that is already a QAT model (resume, or QAT fine-tuning) is kept."""
+        from models.quant import prepare_yolo_qat
+
+        if is_quantized(model):
+            self.resumed = True
+            LOGGER.info(f"{PREFIX}continuing from an already quantized model (its scales and observers as saved)")
+            return model
+        if model_activation_is(model, "silu") and self.enabled:
+            LOGGER.warning(f"{PREFIX}WARNING: the model uses SiLU; its outputs are quantized as a lookup table")
+        return prepare_yolo_qat(model, bn_folding=self.bn_folding, pow2=self.pow2, recipe=self.recipe,
+                                pow2_rounding=self.pow2_rounding)
+
+    def calibrate(self, model, loader, device):
+        from models.quant import calibrate
+
+        if self.resumed:
+            return 0
+        return calibrate(model, loader, self.calib_batches, device)
+
+    def start_epoch(self, model, epoch):
+        from models.quant import apply_schedule
+
+        state = apply_schedule(model, epoch, self.freeze_bn_epoch, self.disable_observer_epoch)
+        if state != self.state:
+            LOGGER.info(f"{PREFIX}epoch {epoch}: BN statistics {'frozen' if state['bn_frozen'] else 'updating'}, "
+                        f"observers {'on' if state['observers'] else 'off (scales frozen)'}")
+        self.state = state
+        return state
+
+    def meta(self):
+        return {"bn_folding": self.bn_folding, "pow2": self.pow2, "pow2_rounding": self.pow2_rounding,
+                "recipe": self.recipe, "freeze_bn_epoch": self.freeze_bn_epoch,
+                "disable_observer_epoch": self.disable_observer_epoch, "calib_batches": self.calib_batches}
+
+
+def model_activation_is(model, name):
+    from models.experimental import model_activation
+
+    return model_activation(model) == name
+
+
+def checkpoint_copy(model):
+    """What train.py stores: FP16 as upstream for float models; QAT models stay float32 (see strip_optimizer)."""
+    from copy import deepcopy
+
+    m = deepcopy(model)
+    return m if is_quantized(m) else m.half()
+
+
+@torch.no_grad()
+def report_ptq(results):
+    mp, mr, map50, map_ = results[:4]
+    LOGGER.info(f"{PREFIX}PTQ (calibrated, before QAT training): P {mp:.4g}  R {mr:.4g}  mAP50 {map50:.4g}  "
+                f"mAP50-95 {map_:.4g}")
