@@ -1,0 +1,167 @@
+"""train.py --qat end to end on a tiny subset of shapes: the seed's five flags, checkpoints, val.py
+reproducing the training mAP, kill + resume, and one-line errors for bad flag combinations."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT, reference
+from bst.torch.ao.quantization import FakeQuantizeBase
+from models.quant import all_scales_pow2
+from utils.checkpoint import load_checkpoint
+from utils.dataset_yaml import check_dataset
+from utils.general import yaml_save
+
+ENV = {**os.environ, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+FAST = ["--img", "128", "--batch-size", "8", "--workers", "0", "--noplots", "--calib-batches", "2",
+        "--hyp", "data/hyps/hyp.qat.yaml"]
+SEED_FLAGS = ["--qat", "--bn-folding", "--disable-observer-epoch", "0", "--freeze-bn-epoch", "0", "--pow2-scale"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    full = check_dataset("data/shapes.yaml")
+    d = tmp_path_factory.mktemp("qat_shapes")
+    ims = sorted(p for p in os.listdir(full["train"]) if p.endswith(".jpg"))[:16]
+    val = sorted(p for p in os.listdir(full["val"]) if p.endswith(".jpg"))[:8]
+    (d / "train.txt").write_text("".join(f"{full['train']}/{p}\n" for p in ims))
+    (d / "val.txt").write_text("".join(f"{full['val']}/{p}\n" for p in val))
+    yaml_save(d / "tiny.yaml", {"path": str(d), "train": "train.txt", "val": "val.txt",
+                                "names": list(full["names"].values())})
+    return d / "tiny.yaml"
+
+
+def _train(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def _one_line_error(r, *fragments):
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERROR: ") and "Traceback" not in r.stdout, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def _rows(save):
+    lines = (save / "results.csv").read_text().splitlines()[1:]
+    return np.array([[float(x) for x in ln.split(",")] for ln in lines])
+
+
+def test_seed_command_pow2_everywhere_and_val_reproduces_training_map(tiny, tmp_path):
+    out = _ok(_train("--data", tiny, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
+                     "--epochs", "2", *SEED_FLAGS, "--project", tmp_path, "--name", "seed"))
+    assert "PTQ (calibrated, before QAT training)" in out
+    assert "epoch 0: BN statistics frozen, observers off (scales frozen)" in out
+    weights = tmp_path / "seed" / "weights"
+    for f in ("last.pt", "best.pt"):
+        ck = load_checkpoint(weights / f)
+        model = ck["model"]
+        assert ck["epoch"] == -1 and ck["qat"]["pow2"] and ck["qat"]["bn_folding"]
+        assert all_scales_pow2(model) and any(isinstance(m, FakeQuantizeBase) for m in model.modules())
+        assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # --bn-folding keeps BN live
+        assert next(model.parameters()).dtype == torch.float32  # QAT checkpoints are not rounded to FP16
+
+    import val
+    rows = _rows(tmp_path / "seed")
+    best = rows[np.argmax(0.1 * rows[:, 6] + 0.9 * rows[:, 7])]
+    r, _, _ = val.run(data=str(tiny), weights=str(weights / "best.pt"), imgsz=128, batch_size=16, workers=0,
+                      device="cpu", plots=False, project=str(tmp_path), name="val")
+    assert round(r[2], 4) == round(best[6], 4) and round(r[3], 4) == round(best[7], 4)
+
+
+def test_bn_and_observer_schedules_from_epoch_1(tiny, tmp_path):
+    _ok(_train("--data", tiny, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
+               "--epochs", "3", "--qat", "--bn-folding", "--pow2-scale", "--freeze-bn-epoch", "1",
+               "--disable-observer-epoch", "1", "--save-period", "1", "--project", tmp_path, "--name", "sched"))
+    w = tmp_path / "sched" / "weights"
+    states = [load_checkpoint(w / f"epoch{e}.pt")["model"].state_dict() for e in (0, 1, 2)]
+    frozen = [k for k in states[0] if k.endswith(("running_mean", "running_var", ".scale", ".zero_point"))]
+    assert len(frozen) > 100
+    for k in frozen:  # state at the end of epoch 0 is what epochs 1 and 2 keep
+        assert torch.equal(states[0][k], states[1][k]) and torch.equal(states[1][k], states[2][k]), k
+    weights_moved = [k for k in states[0] if k.endswith("conv.weight") and not torch.equal(states[1][k], states[2][k])]
+    assert weights_moved, "training goes on while BN and scales are frozen"
+
+
+def test_without_bn_folding_there_is_no_bn(tiny, tmp_path):
+    _ok(_train("--data", tiny, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
+               "--epochs", "1", "--qat", "--project", tmp_path, "--name", "nobn"))
+    model = load_checkpoint(tmp_path / "nobn" / "weights" / "best.pt")["model"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, FakeQuantizeBase) for m in model.modules())
+
+
+def test_qat_run_killed_mid_epoch_resumes_with_state_intact(tiny, tmp_path):
+    save, log = tmp_path / "kill", tmp_path / "kill.log"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(tiny), "--weights", str(reference("yolov5n_relu.pt")),
+           "--cfg", "yolov5n.yaml", *FAST, "--batch-size", "4", "--epochs", "3", *SEED_FLAGS,
+           "--project", str(tmp_path), "--name", "kill"]
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            if (save / "weights" / "last.pt").exists() and re.search(r"\s1/2\s+[\d.]+G\s", log.read_text()):
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, "training ended before it could be killed:\n" + log.read_text()[-3000:]
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    before = load_checkpoint(save / "weights" / "last.pt")
+    scales = {k: v for k, v in before["model"].state_dict().items() if k.endswith(".scale")}
+    out = _ok(_train("--resume", save / "weights" / "last.pt", "--workers", "0"))
+    assert "Continuing the QAT model" in out and "observers off (scales frozen)" in out
+    assert "PTQ" not in out  # a resumed run is not calibrated again
+    after = load_checkpoint(save / "weights" / "last.pt")
+    assert [row[0] for row in _rows(save)] == [0, 1, 2]
+    state = after["model"].state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in scales.items())  # observers were off: scales kept exactly
+    assert all_scales_pow2(after["model"]) and after["qat"]["disable_observer_epoch"] == 0
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--bn-folding"], ["--bn-folding", "add --qat"]),
+    (["--pow2-scale", "--freeze-bn-epoch", "0"], ["--pow2-scale", "--freeze-bn-epoch 0", "add --qat"]),
+    (["--qat", "--qat-recipe", "RECIPE"], ["names no module"]),
+])
+def test_bad_combinations_one_line(tiny, tmp_path, args, fragments):
+    recipe = tmp_path / "bad.yaml"
+    yaml_save(recipe, {"rules": [{"match": "model.31", "mode": "float"}]})
+    args = [str(recipe) if a == "RECIPE" else a for a in args]
+    _one_line_error(_train("--data", tiny, "--cfg", "yolov5n.yaml", "--weights", "", *FAST, "--epochs", "1", *args,
+                           "--project", tmp_path), *fragments)
+
+
+def test_qat_with_silu_warns(tiny, tmp_path):
+    from argparse import Namespace
+
+    from utils.qat import check_qat_flags
+    import logging
+    from utils.general import LOGGER
+
+    seen = []
+    h = logging.Handler()
+    h.emit = lambda rec: seen.append(rec.getMessage())
+    LOGGER.addHandler(h)
+    try:
+        check_qat_flags(Namespace(qat=True, act="silu", calib_batches=4))
+    finally:
+        LOGGER.removeHandler(h)
+    assert any("SiLU" in m and "--act relu" in m for m in seen)
