@@ -15,5 +15,9 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q tests
 
+# make demo: FP32 -> ReLU -> pow2 QAT -> val -> ONNX QDQ -> val on shapes (FULL=1 also retrains the FP32 model)
+demo: venv
+	$(PY) demo.py $(if $(FULL),--full,)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -99,7 +99,8 @@ def coco_eval(anno_json, pred_json, im_files):
 def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thres=0.6, max_det=300, task="val",
         device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False, save_hybrid=False,
         save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False, half=True,
-        dnn=False, model=None, dataloader=None, save_dir=Path(""), plots=True, callbacks=None, compute_loss=None):
+        dnn=False, model=None, dataloader=None, save_dir=Path(""), plots=True, callbacks=None, compute_loss=None,
+        ptq=False, pow2_scale=False, bn_folding=False, qat_recipe="", calib_batches=32, ptq_save=""):
     training = model is not None
     if training:  # called by train.py
         device, pt = next(model.parameters()).device, True
@@ -107,7 +108,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         model.half() if half else model.float()
     else:
         device = select_device(device, batch_size=batch_size)
-        model = DetectMultiBackend(weights, device=device, dnn=dnn, data=data, fp16=half and device.type != "cpu")
+        model = DetectMultiBackend(weights, device=device, dnn=dnn, data=data, fp16=half and device.type != "cpu",
+                                   fuse=not ptq)
         stride, pt = model.stride, model.pt
         imgsz = check_img_size(imgsz, s=stride)
         half = model.fp16
@@ -115,6 +117,14 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
             batch_size = 1
             LOGGER.info(f"Forcing --batch-size 1 square inference (1,3,{imgsz},{imgsz}) for non-PyTorch models")
         data = check_dataset(data)
+        if ptq:  # post-training quantization: calibrate the float checkpoint, then evaluate it fake-quantized
+            if not pt or is_quantized(model.model):
+                raise UserError(f"--ptq {weights}: needs a float PyTorch .pt checkpoint")
+            from utils.qat import ptq_model
+
+            model.model = ptq_model(model.model, data, imgsz, batch_size, stride, device, pow2=pow2_scale,
+                                    bn_folding=bn_folding, recipe=qat_recipe, calib_batches=calib_batches,
+                                    workers=workers, save=ptq_save)
 
     model.eval()
     # a QAT model is evaluated with its scales as they are: observers must not learn from validation data
@@ -317,6 +327,14 @@ def parse_opt(argv=None):
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference")
     parser.add_argument("--dnn", action="store_true", help="use OpenCV DNN for ONNX inference")
+    q = parser.add_argument_group("post-training quantization (PTQ): calibrate a float .pt, then evaluate it")
+    q.add_argument("--ptq", action="store_true", help="quantize the float checkpoint with a calibration pass on the "
+                   "train split (no training) and evaluate the fake-quantized model")
+    q.add_argument("--pow2-scale", action="store_true", help="with --ptq: power-of-two scales")
+    q.add_argument("--bn-folding", action="store_true", help="with --ptq: keep BN as a live module (simulated folding)")
+    q.add_argument("--qat-recipe", type=str, default="", help="with --ptq: per-module recipe (data/quant/*.yaml)")
+    q.add_argument("--calib-batches", type=int, default=32, help="with --ptq: calibration batches")
+    q.add_argument("--ptq-save", type=str, default="", help="with --ptq: save the calibrated model as a checkpoint")
     opt = parser.parse_args(argv)
     opt.save_json |= str(opt.data).endswith("coco.yaml")
     opt.save_txt |= opt.save_hybrid
@@ -326,6 +344,8 @@ def parse_opt(argv=None):
 
 def main(opt):
     opt.data = check_file(opt.data)
+    if not opt.ptq and (opt.pow2_scale or opt.bn_folding or opt.qat_recipe or opt.ptq_save):
+        raise UserError("--pow2-scale, --bn-folding, --qat-recipe and --ptq-save apply to --ptq only; add --ptq")
     for name, v in (("--conf-thres", opt.conf_thres), ("--iou-thres", opt.iou_thres)):
         if not 0 <= v <= 1:
             raise UserError(f"{name} {v}: must be between 0.0 and 1.0")

@@ -97,3 +97,27 @@ def report_ptq(results):
     mp, mr, map50, map_ = results[:4]
     LOGGER.info(f"{PREFIX}PTQ (calibrated, before QAT training): P {mp:.4g}  R {mr:.4g}  mAP50 {map50:.4g}  "
                 f"mAP50-95 {map_:.4g}")
+
+
+def ptq_model(model, data, imgsz, batch_size, stride, device, pow2=False, bn_folding=False, recipe="",
+              calib_batches=32, workers=8, save=""):
+    """Post-training quantization of a float DetectionModel: prepare, calibrate on the train split, optionally
+    save as a checkpoint (loadable by val.py / detect.py / export.py like a QAT one)."""
+    from datetime import datetime
+
+    from models.quant import calibrate, prepare_yolo_qat
+    from utils.checkpoint import save_checkpoint
+    from utils.dataloaders import create_dataloader
+
+    model = prepare_yolo_qat(model.float().train(), bn_folding=bn_folding, pow2=pow2, recipe=recipe or None).to(device)
+    loader = create_dataloader(data["train"], imgsz, batch_size, stride, augment=False, rect=False, workers=workers,
+                               shuffle=True, prefix=colorstr("calib: "))[0]
+    calibrate(model, loader, calib_batches, device)
+    model.eval()
+    if save:
+        meta = {"bn_folding": bn_folding, "pow2": pow2, "recipe": recipe or None, "calib_batches": calib_batches}
+        save_checkpoint({"epoch": -1, "best_fitness": None, "model": model, "ema": None, "updates": None,
+                         "optimizer": None, "opt": None, "git": None, "date": datetime.now().isoformat(),
+                         "qat": {**meta, "ptq": True}}, save)
+        LOGGER.info(f"{PREFIX}PTQ model saved to {save}")
+    return model
