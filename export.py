@@ -7,11 +7,16 @@ Usage:
 
 Format        --include     file written beside the weights
 TorchScript   torchscript   yolov5s.torchscript  (extra file config.txt: json {shape, stride, names})
-ONNX          onnx          yolov5s.onnx         (metadata_props: stride, names, quantized)
+ONNX          onnx          yolov5s.onnx         (metadata_props: stride, names, quantized[, pow2])
+
+A QAT checkpoint (train.py --qat: a fake-quant model) is detected and exported as int8 QDQ: QuantizeLinear/
+DequantizeLinear on every activation quantizer, int8 weights with per-channel DequantizeLinear (axis 0), BN folded,
+scales copied exactly (powers of two stay powers of two); Detect's decoding stays float. See `qdq_model`.
 
 Every exported file is run on a seeded sample batch at the export shape and compared with the PyTorch model
-(`verify_onnx`, `verify_torchscript`). A float export whose largest difference exceeds 1e-4 of the largest output
-magnitude is an error. Then use it with:
+(`verify_onnx`, `verify_torchscript`; `verify_onnx_qdq`, `verify_torchscript_qdq` for QAT models). A float export
+whose largest difference exceeds 1e-4 of the largest output magnitude is an error; a QDQ export whose raw Detect
+outputs are more than one step of their output quantizer from the fake-quant model is an error. Then use it with:
     python val.py --weights yolov5s.onnx --img 640          (onnxruntime; --dnn for OpenCV DNN)
     python detect.py --weights yolov5s.onnx
 """
@@ -25,11 +30,13 @@ import os
 import sys
 import time
 import warnings
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
@@ -250,8 +257,15 @@ def export_onnx(model, im, file, metadata, opset=DEFAULT_OPSET, dynamic=False, s
     quantizer. So the choice rests on the rest: this exporter writes the opset asked for (dynamo raises it to >= 18
     and converts down afterwards) and needs no onnxscript package, which is not a dependency here.
 
+    QAT models: traced as they are, bst's fake quantizers would not become QDQ at all (on CPU they run a custom
+    autograd function, which the exporter inlines into Mul/Round/Clip; LearnableFakeQuantize likewise). So a QAT
+    model is exported in its export form (`qdq_model`), whose modules carry an ONNX `symbolic` writing exactly
+    QuantizeLinear -> DequantizeLinear per activation quantizer and an int8 weight initializer -> DequantizeLinear
+    (the weight's integers computed by PyTorch, not re-rounded by a runtime); the initializers the exporter shares
+    between equal values are then given back to each node (`own_initializers`).
+
     The file gets metadata_props stride, names and quantized ("1" for a fake-quant model), as DetectMultiBackend
-    reads them.
+    reads them; a quantized model also pow2 ("1" when every quantizer keeps power-of-two scales).
     """
     import onnx
 
@@ -263,6 +277,8 @@ def export_onnx(model, im, file, metadata, opset=DEFAULT_OPSET, dynamic=False, s
         torch.onnx.export(model, (im,), str(f), verbose=verbose, opset_version=opset, do_constant_folding=True,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes, dynamo=False)
     proto = onnx.load(str(f))
+    if metadata.get("quantized"):
+        own_initializers(proto)
     onnx.checker.check_model(proto)
     if simplify:
         name, simplify_fn = _simplifier()
@@ -272,11 +288,561 @@ def export_onnx(model, im, file, metadata, opset=DEFAULT_OPSET, dynamic=False, s
     del proto.metadata_props[:]
     meta = {"stride": str(metadata["stride"]), "names": str(metadata["names"]),
             "quantized": "1" if metadata.get("quantized") else "0"}
+    if metadata.get("quantized"):
+        meta["pow2"] = "1" if metadata.get("pow2") else "0"
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.save(proto, str(f))
     return f
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# QAT checkpoints -> ONNX QuantizeLinear/DequantizeLinear (QDQ)
+# ---------------------------------------------------------------------------------------------------------------------
+# The fake-quant model computes in float what an int8 accelerator computes in integers. Its export form (`qdq_model`)
+# computes the same numbers with modules that the TorchScript-based ONNX exporter writes as QDQ nodes:
+#   * every activation quantizer (input QuantStub, conv outputs, skip-adds, concats, activation outputs, the Detect
+#     convs' outputs) -> QuantizeLinear -> DequantizeLinear, per tensor, scalar float32 scale, uint8/int8 zero point;
+#   * every quantized conv weight -> the integers its fake quantizer rounds it to, stored as an int8 initializer ->
+#     DequantizeLinear (per channel on axis 0 with zero point 0, or per tensor, as the model quantized it);
+#   * Conv+BN with simulated folding: in eval mode the QAT module computes conv(x, fq(w * g)) / g followed by BN with
+#     its running statistics, g = gamma / sqrt(running_var + eps); that is conv(x, fq(w * g)) + the folded bias
+#     beta + (b - running_mean) * g, which the file holds: the weight QDQ sits on the folded weight w * g;
+#   * biases stay float32, as the fake-quant model adds them; Detect's sigmoid and box decoding stay float.
+# Scales are copied as float32 tensors, so a power of two stays an exact power of two in the file.
+# Outside ONNX export the same modules run torch's fake-quant ops (TorchScript traces them as plain ATen ops).
+# Where the numbers can differ from the fake-quant model by float rounding, and a value on a rounding boundary of
+# the next quantizer then lands one step apart: the folded form above (~1e-7 relative); linear (non-pow2) scales,
+# where QuantizeLinear divides by the scale while torch multiplies by its float32 reciprocal, and products and sums
+# of the conv are rounded in another order. With power-of-two scales and no folding every product and sum is exact
+# and onnxruntime reproduces PyTorch bit for bit (tests/test_export_qdq.py).
+
+INT_RANGES = {torch.int8: (-128, 127), torch.uint8: (0, 255)}  # QuantizeLinear saturates to its type's range
+STEP_SLACK = 1e-4  # dequantized values are rounded to float32: two values k steps apart differ by k steps +- ~3e-5
+
+
+class _QuantDequant(torch.autograd.Function):
+    """Fake quantization (torch's core kernels), written by the ONNX exporter as QuantizeLinear -> DequantizeLinear.
+
+    A range narrower than its integer type (e.g. [0, 127]) becomes a Clip to the grid's end points before
+    QuantizeLinear, which then rounds to the same integers."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max, axis, clip):
+        return _fake_quant(x, scale, zero_point, quant_min, quant_max, axis)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, quant_min, quant_max, axis, clip):
+        kw = {} if axis is None else {"axis_i": axis}
+        if clip is not None:
+            lo = g.op("Constant", value_t=torch.tensor(clip[0], dtype=torch.float32))
+            hi = g.op("Constant", value_t=torch.tensor(clip[1], dtype=torch.float32))
+            x = g.op("Clip", x, lo, hi)
+        q = g.op("QuantizeLinear", x, scale, zero_point, **kw)
+        return g.op("DequantizeLinear", q, scale, zero_point, **kw)
+
+
+def _fake_quant(x, scale, zero_point, quant_min, quant_max, axis):
+    zp = zero_point.to(torch.int32)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, quant_min, quant_max)
+    return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, quant_min, quant_max)
+
+
+class _Dequantize(torch.autograd.Function):
+    """(q - zero_point) * scale of an integer tensor q, written as DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, q, scale, zero_point, axis):
+        return _dequantize(q, scale, zero_point, axis)
+
+    @staticmethod
+    def symbolic(g, q, scale, zero_point, axis):
+        kw = {} if axis is None else {"axis_i": axis}
+        return g.op("DequantizeLinear", q, scale, zero_point, **kw)
+
+
+def _dequantize(q, scale, zero_point, axis):
+    shape = [1] * q.dim()
+    if axis is not None:
+        shape[axis] = -1
+    return (q.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
+
+
+def _fake_quant_enabled(fq) -> bool:
+    from bst.torch.ao.quantization import FakeQuantizeBase
+
+    return isinstance(fq, FakeQuantizeBase) and bool(fq.fake_quant_enabled[0])
+
+
+def frozen_qparams(fq, name="quantizer"):
+    """(scale float32, zero_point int32) that fake quantizer `fq` applies in eval mode with its observer off, or None
+    when its fake quantization is off. Per-tensor qparams come back 0-d (a per-tensor QDQ scale is a scalar)."""
+    from bst.torch.ao.quantization import LearnableFakeQuantize
+
+    if not _fake_quant_enabled(fq):
+        return None
+    if isinstance(fq, LearnableFakeQuantize):
+        scale, zero_point = fq.calculate_qparams()  # pow2: the exact power of two of its log2_scale
+        if not fq.pow2:  # its forward clamps the learned scale to eps
+            scale = scale.clamp(min=torch.finfo(torch.float32).eps)
+    else:
+        if fq.__dict__.get("_stale"):  # lazily evaluated observer (MSE) not yet turned into qparams
+            fq.refresh_qparams()
+        scale, zero_point = fq.scale, fq.zero_point
+    scale = scale.detach().float().clone()
+    zero_point = zero_point.detach().to(torch.int32).clone()
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise UserError(f"{name}: scale {scale.flatten()[:4].tolist()} is not a positive finite number; calibrate the "
+                        f"QAT model before exporting it (train.py --qat starts with a calibration pass)")
+    if not fq.is_per_channel:
+        if scale.numel() != 1:
+            raise UserError(f"{name}: a per-tensor quantizer holds {scale.numel()} scales; the checkpoint is damaged")
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    return scale, zero_point
+
+
+def _int_type(quant_min, quant_max, name):
+    for dtype, (lo, hi) in INT_RANGES.items():
+        if lo <= quant_min and quant_max <= hi:
+            return dtype
+    raise UserError(f"{name}: quantization range [{quant_min}, {quant_max}] fits neither int8 [-128, 127] nor uint8 "
+                    f"[0, 255], the types of ONNX QuantizeLinear/DequantizeLinear; quantize to 8 bits to export QDQ")
+
+
+class QuantDequant(nn.Module):
+    """Export form of an activation fake quantizer: frozen qparams; QuantizeLinear -> DequantizeLinear in ONNX."""
+
+    def __init__(self, scale, zero_point, quant_min, quant_max, axis=None, name="quantizer"):
+        super().__init__()
+        dtype = _int_type(quant_min, quant_max, name)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", zero_point.to(dtype))
+        self.quant_min, self.quant_max, self.axis = int(quant_min), int(quant_max), axis
+        self.clip = None
+        if (quant_min, quant_max) != INT_RANGES[dtype]:
+            if axis is not None:
+                raise UserError(f"{name}: a per-channel activation quantizer with the narrow range [{quant_min}, "
+                                f"{quant_max}] has no QDQ form here; use the full 8-bit range")
+            zp, s = float(zero_point), float(scale)
+            self.clip = ((quant_min - zp) * s, (quant_max - zp) * s)
+
+    @classmethod
+    def from_fake_quant(cls, fq, name="quantizer"):
+        """The export form of fake quantizer `fq`, or nn.Identity when its fake quantization is off."""
+        qparams = frozen_qparams(fq, name)
+        if qparams is None:
+            return nn.Identity()
+        return cls(*qparams, fq.quant_min, fq.quant_max, axis=fq.ch_axis if fq.is_per_channel else None, name=name)
+
+    def forward(self, x):
+        axis = None if self.axis is None else self.axis % x.dim()
+        if torch.onnx.is_in_onnx_export():
+            return _QuantDequant.apply(x, self.scale, self.zero_point, self.quant_min, self.quant_max, axis, self.clip)
+        return _fake_quant(x, self.scale, self.zero_point, self.quant_min, self.quant_max, axis)
+
+    def extra_repr(self):
+        return (f"scale={self.scale.flatten()[:4].tolist()}, zero_point={self.zero_point.flatten()[:4].tolist()}, "
+                f"range=[{self.quant_min}, {self.quant_max}], axis={self.axis}")
+
+
+class QDQConv2d(nn.Module):
+    """Export form of a QAT conv (bst qat Conv2d / ConvReLU2d ..., intrinsic qat ConvBn2d / ConvBnReLU2d ...).
+
+    The weight is held as the integers its fake quantizer rounds it to (an int8 initializer -> DequantizeLinear in
+    ONNX); with simulated BN folding that is the folded weight, and the bias is the folded bias (see above). Then
+    the QAT module's activation (ReLU / ReLU6) and its output quantizer."""
+
+    def __init__(self, qat, name="conv"):
+        super().__init__()
+        from bst.torch.ao.nn.qat.conv import ACTIVATIONS
+
+        if qat.padding_mode != "zeros":
+            raise UserError(f"{name}: padding_mode {qat.padding_mode!r} has no export form here; use zeros padding")
+        self.stride, self.padding, self.dilation, self.groups = qat.stride, qat.padding, qat.dilation, qat.groups
+        self.activation_name = qat._activation
+        self.activation = ACTIVATIONS[qat._activation]
+        weight, bias = qat.folded_weight_bias()  # the very tensor weight_fake_quant sees in forward (BN folded)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        fq = qat.weight_fake_quant
+        qparams = frozen_qparams(fq, f"{name}.weight_fake_quant")
+        self.weight, self.axis = None, None
+        if qparams is None:  # weight quantization switched off: a float weight
+            self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+        else:
+            scale, zero_point = qparams
+            self.axis = fq.ch_axis % weight.dim() if fq.is_per_channel else None
+            shape = [1] * weight.dim()
+            if self.axis is not None:
+                shape[self.axis] = -1
+            dtype = _int_type(fq.quant_min, fq.quant_max, f"{name}.weight_fake_quant")
+            fake = fq(weight)  # exactly the fake-quantized weight of the QAT forward: (q - zp) * scale
+            q = torch.round(fake / scale.reshape(shape)) + zero_point.reshape(shape)
+            self.register_buffer("weight_int", q.to(dtype))
+            self.register_buffer("weight_scale", scale)
+            self.register_buffer("weight_zero_point", zero_point.to(dtype))
+        out = qat._modules.get("activation_post_process")
+        self.activation_post_process = QuantDequant.from_fake_quant(out, f"{name}.activation_post_process") \
+            if out is not None else nn.Identity()
+
+    def dequantized_weight(self):
+        if self.weight is not None:
+            return self.weight
+        if torch.onnx.is_in_onnx_export():
+            return _Dequantize.apply(self.weight_int, self.weight_scale, self.weight_zero_point, self.axis)
+        return _dequantize(self.weight_int, self.weight_scale, self.weight_zero_point, self.axis)
+
+    def forward(self, x):
+        y = F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.activation is not None:
+            y = self.activation(y)
+        return self.activation_post_process(y)
+
+    def extra_repr(self):
+        w = "float" if self.weight is not None else f"{self.weight_int.dtype} axis={self.axis}"
+        return f"weight={w}, activation={self.activation_name}, stride={self.stride}, padding={self.padding}"
+
+
+def qdq_model(model: nn.Module) -> nn.Module:
+    """A copy of fake-quant `model` with every QAT conv and fake quantizer in export form (QDQConv2d, QuantDequant).
+
+    `model` itself is switched to eval mode with its observers off (scales frozen; lazily computed ones evaluated).
+    Raises UserError for what QDQ cannot hold (ranges wider than 8 bits, uncalibrated scales)."""
+    from bst.torch.ao.nn.intrinsic.qat import ConvBn2d
+    from bst.torch.ao.nn.qat import Conv2d as QATConv2d
+    from bst.torch.ao.quantization import FakeQuantizeBase, disable_observer
+
+    model.apply(disable_observer)
+    model.eval()
+    m = deepcopy(model)
+
+    def swap(name, new):
+        parent, _, child = name.rpartition(".")
+        setattr(m.get_submodule(parent) if parent else m, child, new)
+
+    with torch.no_grad():
+        for name, mod in list(m.named_modules()):
+            if isinstance(mod, (QATConv2d, ConvBn2d)):
+                swap(name, QDQConv2d(mod, name))
+        for name, mod in list(m.named_modules()):
+            if isinstance(mod, FakeQuantizeBase):
+                swap(name, QuantDequant.from_fake_quant(mod, name))
+    return m.eval()
+
+
+def model_pow2(model) -> bool:
+    """True when every enabled fake quantizer of `model` keeps power-of-two scales."""
+    qs = [m for m in model.modules() if _fake_quant_enabled(m)]
+    return bool(qs) and all(bool(getattr(m, "pow2", False)) for m in qs)
+
+
+@torch.no_grad()
+def expected_qdq_counts(export_model, im) -> dict:
+    """The QDQ nodes the export of `export_model` must hold, counted on a forward pass: one QuantizeLinear and one
+    DequantizeLinear per activation quantizer applied, one DequantizeLinear per integer weight."""
+    counts = {"activations": 0, "weights": 0}
+
+    def act(*_):
+        counts["activations"] += 1
+
+    def weight(mod, *_):
+        counts["weights"] += int(mod.weight is None)
+
+    hooks = [m.register_forward_hook(act) for m in export_model.modules() if isinstance(m, QuantDequant)]
+    hooks += [m.register_forward_hook(weight) for m in export_model.modules() if isinstance(m, QDQConv2d)]
+    try:
+        export_model(im)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"quantize": counts["activations"], "dequantize": counts["activations"] + counts["weights"],
+            "weights": counts["weights"]}
+
+
+def own_initializers(proto) -> int:
+    """Give every node its own initializers. The exporter shares equal-valued initializers (every zero point of a
+    type, equal scales, equal biases) through Identity nodes; this copies the initializer under the Identity's output
+    name and drops the node, so each QuantizeLinear/DequantizeLinear reads constants named after its own quantizer,
+    as onnxruntime's QDQ fusion and hardware toolchains expect. Returns the number of Identity nodes removed."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    graph_outputs = {o.name for o in proto.graph.output}
+    keep, removed = [], 0
+    for n in proto.graph.node:
+        if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in graph_outputs:
+            copy = proto.graph.initializer.add()
+            copy.CopyFrom(inits[n.input[0]])
+            copy.name = n.output[0]
+            removed += 1
+        else:
+            keep.append(n)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    return removed
+
+
+def is_pow2_array(a) -> np.ndarray:
+    """Elementwise: a positive finite exact power of two (the frexp mantissa is exactly 0.5)."""
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        mantissa, _ = np.frexp(a)
+    return np.isfinite(a) & (a > 0) & (mantissa == 0.5)
+
+
+def qdq_structure(proto) -> dict:
+    """The QDQ content of an ONNX graph, read from the file.
+
+    Returns {"quantize": n QuantizeLinear, "dequantize": n DequantizeLinear, "activation_dq": n DequantizeLinear of a
+    computed tensor, "weight_dq": [{"name", "axis" (None per tensor), "dtype", "zero_points_all_zero", "channels"}]
+    for each DequantizeLinear of an integer initializer, "scales": {scale name: float32 array}}."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
+    aliases = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Identity"}
+
+    def value(name):
+        while name in aliases:
+            name = aliases[name]
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if name in consts:
+            return numpy_helper.to_array(next(a for a in consts[name].attribute if a.name == "value").t)
+        return None
+
+    out = {"quantize": 0, "dequantize": 0, "activation_dq": 0, "weight_dq": [], "scales": {}}
+    for n in proto.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        out["quantize" if n.op_type == "QuantizeLinear" else "dequantize"] += 1
+        scale = value(n.input[1])
+        if scale is None:
+            raise ValueError(f"proto: the scale {n.input[1]!r} of {n.name} is computed, not a constant")
+        out["scales"][n.input[1]] = np.asarray(scale, dtype=np.float32)
+        if n.op_type == "QuantizeLinear":
+            continue
+        q = value(n.input[0])
+        if q is None or q.dtype not in (np.int8, np.uint8):
+            out["activation_dq"] += 1
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)  # ONNX default axis 1 (per-axis only)
+        zp = value(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(1, q.dtype)
+        out["weight_dq"].append({"name": n.input[0], "axis": axis if np.ndim(scale) else None, "dtype": str(q.dtype),
+                                 "zero_points_all_zero": bool((np.asarray(zp) == 0).all()), "channels": q.shape[0]})
+    return out
+
+
+def check_qdq_file(proto, expected: dict, pow2: bool, path, simplified=False) -> dict:
+    """The written graph holds the model's quantizers: counts of QuantizeLinear/DequantizeLinear as `expected`
+    (expected_qdq_counts), and in pow2 mode every scale an exact power of two. UserError otherwise."""
+    s = qdq_structure(proto)
+    got = {"quantize": s["quantize"], "dequantize": s["dequantize"], "weights": len(s["weight_dq"])}
+    if got != expected:
+        hint = "; --simplify folded quantization nodes, drop it" if simplified else ""
+        raise UserError(f"{path}: the QDQ graph holds {got['quantize']} QuantizeLinear, {got['dequantize']} "
+                        f"DequantizeLinear ({got['weights']} on integer weights) where the model applies "
+                        f"{expected['quantize']}, {expected['dequantize']} ({expected['weights']}){hint}")
+    if pow2:
+        bad = [k for k, v in s["scales"].items() if not is_pow2_array(v).all()]
+        if bad:
+            raise UserError(f"{path}: scale {bad[0]} = {s['scales'][bad[0]].ravel()[:4].tolist()} is not an exact "
+                            f"power of two although the model is pow2 ({len(bad)} such scales)")
+    return s
+
+
+# --- verification of QDQ files ------------------------------------------------------------------------------------
+# The gate is the raw Detect head outputs (the 1x1 convs' outputs before the sigmoid): each element of onnxruntime's
+# result must be within one step of the output quantizer of that Detect conv (onnxruntime's int8 kernels quantize the
+# float bias to int32 and requantize in their own order, and folded BN rounds differently, so a value on a rounding
+# boundary lands one step apart; a wrong scale, weight or missing node is off by many steps). A Detect conv without
+# an output quantizer (recipe mode float / weight_only) gets the bound one step of its input quantizer implies:
+# step_in * sum |w| per output channel.
+# The decoded output (xywh in pixels, objectness and class scores) is checked against the bound that one raw step
+# implies through the decoding: sigmoid' <= 1/4, so scores move by <= step/4; xy = (2 sigmoid - 0.5 + grid) * stride
+# by <= stride * step / 2 pixels; wh = (2 sigmoid)^2 * anchor by <= 8 * max(sigmoid^2 (1 - sigmoid)) * anchor * step
+# = 32/27 * anchor * step pixels; plus float32 rounding (FLOAT_RTOL of the largest value of that kind).
+
+@torch.no_grad()
+def qdq_reference(model, im) -> dict:
+    """The fake-quant model's outputs on `im` and the one-step tolerances described above.
+
+    Returns {"decoded": array (bs, N, no), "raw": [array (bs, na, ny, nx, no) per level], "raw_tol": [array
+    broadcastable to raw], "decoded_tol": array like decoded, "steps": [Detect output step or None per level]}."""
+    from bst.torch.ao.quantization import FakeQuantizeBase
+
+    detect = model.model[-1]
+    produced, head_in = {}, {}
+
+    def record(mod, _, out):
+        produced[id(out)] = (out, mod)
+
+    def head_input(i):
+        def pre(_, args):
+            head_in[i] = args[0]
+        return pre
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+    hooks += [conv.register_forward_pre_hook(head_input(i)) for i, conv in enumerate(detect.m)]
+    export_flag = detect.export
+    detect.export = False
+    try:
+        decoded, raw = model(im)
+    finally:
+        detect.export = export_flag
+        for h in hooks:
+            h.remove()
+    raw = [r.float().cpu().numpy() for r in raw]
+    decoded = decoded.float().cpu().numpy()
+    na, no = detect.na, detect.no
+    raw_tol, steps, dec_tol = [], [], []
+    for i, conv in enumerate(detect.m):
+        out_q = conv._modules.get("activation_post_process")
+        if _fake_quant_enabled(out_q):
+            step = float(frozen_qparams(out_q)[0].max())
+            tol = np.full((na, no), step * (1 + STEP_SLACK))
+        else:
+            step = None
+            src = produced.get(id(head_in[i]))
+            fq = getattr(conv, "weight_fake_quant", None)
+            w = fq(conv.weight) if _fake_quant_enabled(fq) else conv.weight
+            if src is not None and _fake_quant_enabled(src[1]) and not src[1].is_per_channel:
+                l1 = w.detach().abs().sum(dim=(1, 2, 3)).float().cpu().numpy()
+                tol = (float(frozen_qparams(src[1])[0]) * l1).reshape(na, no) + FLOAT_RTOL * np.abs(raw[i]).max()
+            else:  # nothing quantized right before the head: the float promise
+                tol = np.full((na, no), FLOAT_RTOL * np.abs(raw[i]).max())
+        steps.append(step)
+        raw_tol.append(tol.reshape(1, na, 1, 1, no))
+        lipschitz = np.full((na, no), 0.25)
+        lipschitz[:, :2] = float(detect.stride[i]) / 2
+        lipschitz[:, 2:4] = 32 / 27 * (detect.anchors[i] * detect.stride[i]).float().cpu().numpy()
+        ny, nx = raw[i].shape[2:4]
+        dec_tol.append(np.broadcast_to((lipschitz * tol)[:, None, :], (na, ny * nx, no)).reshape(1, na * ny * nx, no))
+    dec_tol = np.concatenate(dec_tol, 1)
+    slack = np.empty(no)
+    slack[:4] = FLOAT_RTOL * np.abs(decoded[..., :4]).max()
+    slack[4:] = FLOAT_RTOL
+    return {"decoded": decoded, "raw": raw, "raw_tol": raw_tol, "decoded_tol": dec_tol + slack, "steps": steps}
+
+
+def _within(ref, out, tol) -> dict:
+    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    return {"max_abs_diff": float(diff.max()), "share_differ": float((diff > 0).mean()),
+            "share_over": float((diff > tol).mean()), "worst_ratio": float((diff / tol).max()),
+            "ok": bool(np.isfinite(out).all() and (diff <= tol).all())}
+
+
+def _detect_raw_outputs(proto) -> list:
+    """Names of the tensors Detect feeds to its sigmoids: the inputs of Sigmoid nodes fed by a Transpose (the
+    (bs, na, ny, nx, no) permute; through a Cast), in graph order. SiLU's sigmoids are fed by convs."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+
+    def source_op(name):
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Cast", "Identity"):  # p.float() is a Cast to float
+            node = producer.get(node.input[0])
+        return None if node is None else node.op_type
+
+    return [n.input[0] for n in proto.graph.node if n.op_type == "Sigmoid" and source_op(n.input[0]) == "Transpose"]
+
+
+def _describe_steps(steps):
+    def one(s):
+        if s is None:
+            return "float"
+        k = np.log2(s)
+        return f"2^{int(k)}" if k == int(k) else f"{s:.3g}"
+    return ", ".join(one(s) for s in steps)
+
+
+def _run_qdq_file(onnx_path, probe, names, x, as_written):
+    """onnxruntime's decoded output of the file itself and the raw head outputs of `probe` (the same graph with those
+    tensors as extra outputs; a second session, so the first is exactly what users run)."""
+    from models.backend import onnxruntime_session
+
+    session = onnxruntime_session(onnx_path, as_written=as_written)
+    out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    probe_session = onnxruntime_session(probe, as_written=as_written)
+    raw = probe_session.run(names, {probe_session.get_inputs()[0].name: x}) if names else []
+    return out, raw
+
+
+@torch.no_grad()
+def verify_onnx_qdq(model, onnx_path, im, check=True, prefix=colorstr("ONNX:")) -> dict:
+    """Run a QDQ file in onnxruntime (CPU) on `im` and compare it with the PyTorch fake-quant `model` (see the comment
+    above): raw head outputs within one output step, decoded output within the bound one step implies.
+
+    Two runs: the graph as written (onnxruntime without the rewrites that change QDQ numbers, as DetectMultiBackend
+    runs it: models.backend.ORT_QDQ_REWRITES) is the check, a failure raises UserError with check=True; onnxruntime
+    with its defaults (int8 kernels) is reported, with a warning when it is off by more than one step.
+
+    Returns {"raw": [_within per level], "decoded": _within, "ok", "output" (decoded), "raw_output" (per level),
+    "raw_share_differ", "int8_kernels": the same keys for the default run, "steps", "shape"}."""
+    import onnx
+    import onnxruntime as ort
+
+    ref = qdq_reference(model, im)
+    x = im.detach().float().cpu().numpy()
+    proto = onnx.load(str(onnx_path))
+    names = _detect_raw_outputs(proto)
+    for name in names:
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    probe = proto.SerializeToString()
+    n_raw = sum(r.size for r in ref["raw"])
+    runs = {}
+    for as_written in (True, False):
+        try:
+            out, raw_out = _run_qdq_file(str(onnx_path), probe, names, x, as_written)
+        except Exception as e:  # onnxruntime's own exception types
+            raise UserError(f"{onnx_path}: onnxruntime {ort.__version__} cannot run the exported file "
+                            f"({str(e).strip().splitlines()[0][:200]})") from None
+        by_shape = {r.shape: r for r in raw_out}
+        if len(raw_out) != len(ref["raw"]) or any(r.shape not in by_shape for r in ref["raw"]):
+            raise UserError(f"{onnx_path}: cannot find Detect's {len(ref['raw'])} raw outputs (Sigmoid inputs) in the "
+                            f"graph (found shapes {[r.shape for r in raw_out]})")
+        raw = [_within(r, by_shape[r.shape], t) for r, t in zip(ref["raw"], ref["raw_tol"])]
+        decoded = _within(ref["decoded"], out.astype(np.float32), ref["decoded_tol"])
+        runs[as_written] = {
+            "raw": raw, "decoded": decoded, "output": out, "raw_output": [by_shape[r.shape] for r in ref["raw"]],
+            "raw_share_differ": sum(w["share_differ"] * r.size for w, r in zip(raw, ref["raw"])) / n_raw,
+            "raw_worst": max(w["worst_ratio"] for w in raw), "ok": all(w["ok"] for w in raw) and decoded["ok"]}
+    result = {**runs[True], "int8_kernels": runs[False], "steps": ref["steps"], "shape": tuple(im.shape)}
+    for r, how in ((runs[True], "as written"), (runs[False], "with its int8 rewrites")):
+        LOGGER.info(f"{prefix} onnxruntime ({how}) vs PyTorch fake-quant on {tuple(im.shape)}: raw head outputs "
+                    f"{100 * r['raw_share_differ']:.2f}% of {n_raw} differ, worst {r['raw_worst']:.2f} of the allowed "
+                    f"one output step (steps {_describe_steps(ref['steps'])}); decoded output max |diff| "
+                    f"{r['decoded']['max_abs_diff']:.3g}, worst {r['decoded']['worst_ratio']:.2f} of the bound one "
+                    f"step implies")
+    if not runs[False]["ok"] and runs[True]["ok"]:
+        LOGGER.warning(f"WARNING: {onnx_path}: onnxruntime's int8 kernels are off by more than one step "
+                       f"({max(runs[False]['raw_worst'], runs[False]['decoded']['worst_ratio']):.3g}x the bound) while "
+                       f"the graph as written agrees; they round differently from QuantizeLinear "
+                       f"(models/backend.py ORT_QDQ_REWRITES)")
+    if check and not result["ok"]:
+        worst = max(result["raw_worst"], result["decoded"]["worst_ratio"])
+        what = "raw head outputs" if not all(w["ok"] for w in result["raw"]) else "decoded outputs"
+        raise UserError(f"{onnx_path}: the QDQ export disagrees with the PyTorch fake-quant model: {what} differ by "
+                        f"up to {worst:.3g}x the one-quantization-step tolerance; the file is left for inspection, do "
+                        f"not deploy it")
+    return result
+
+
+@torch.no_grad()
+def verify_torchscript_qdq(model, ts_path, im, check=True, prefix=colorstr("TorchScript:")) -> dict:
+    """The traced export form of a QAT model vs the PyTorch fake-quant model: the decoded output within the bound one
+    output step implies (the trace has one output, so the raw head outputs are not compared)."""
+    ref = qdq_reference(model, im)
+    with _quiet_tracing():
+        ts = torch.jit.load(str(ts_path), map_location=im.device).eval()
+    out = _first(ts(im)).float().cpu().numpy()
+    r = _within(ref["decoded"], out, ref["decoded_tol"])
+    r.update(shape=tuple(im.shape), output=out)
+    LOGGER.info(f"{prefix} torch.jit vs PyTorch fake-quant on {tuple(im.shape)}: {100 * r['share_differ']:.1f}% of "
+                f"outputs differ, max |diff| {r['max_abs_diff']:.3g}, worst {r['worst_ratio']:.2f} of the bound one "
+                f"output step implies")
+    if check and not r["ok"]:
+        raise UserError(f"{ts_path}: the TorchScript export disagrees with the PyTorch fake-quant model (up to "
+                        f"{r['worst_ratio']:.3g}x the one-quantization-step bound); do not deploy it")
+    return r
 
 
 def _second_shape(shape, stride):
@@ -333,12 +899,17 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
                         f"writable; copy the checkpoint to a folder you can write to")
 
     model = load_pytorch_model(w, device=device, inplace=True, fuse=True)
-    metadata = {**model_metadata(model), "quantized": is_quantized(model)}
-    if half and metadata["quantized"]:
+    quantized = is_quantized(model)
+    metadata = {**model_metadata(model), "quantized": quantized}
+    if half and quantized:
         raise UserError(f"{w}: --half would cast the quantizers' scales of this QAT model to float16; drop --half")
     gs = metadata["stride"]
     imgsz = check_img_size(imgsz * 2 if len(imgsz) == 1 else imgsz, s=gs)
     prepare_for_export(model, inplace=inplace, dynamic=dynamic)
+    export_model = model  # what is traced: the model itself, or the export form of a fake-quant model
+    if quantized:
+        metadata["pow2"] = model_pow2(model)
+        export_model = prepare_for_export(qdq_model(model), inplace=inplace, dynamic=dynamic)
     dtype = torch.float16 if half else torch.float32
     im = sample_batch((batch_size, 3, *imgsz), data=data, device=device, dtype=dtype)
     if half:
@@ -346,8 +917,10 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
     with torch.no_grad():
         for _ in range(2):  # dry runs build the Detect grids at this shape
             y = _first(model(im))
+            _first(export_model(im))
     LOGGER.info(f"\n{colorstr('PyTorch:')} starting from {w} with input shape {tuple(im.shape)} output shape "
-                f"{tuple(y.shape)} ({file_size_mb(w):.1f} MB)")
+                f"{tuple(y.shape)} ({file_size_mb(w):.1f} MB)"
+                + (f", QAT model (pow2={int(metadata['pow2'])}): exported as int8 QDQ" if quantized else ""))
 
     rtol = HALF_RTOL if half else FLOAT_RTOL
     checks = [im]
@@ -357,16 +930,32 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
     for fmt in include:
         t = time.time()
         if fmt == "torchscript":
-            f = export_torchscript(model, im, w, metadata, optimize=optimize, dynamic=dynamic)
+            f = export_torchscript(export_model, im, w, metadata, optimize=optimize, dynamic=dynamic)
             for x in checks:
-                verify_torchscript(model, f, x, rtol=rtol)
+                if quantized:
+                    verify_torchscript_qdq(model, f, x)
+                else:
+                    verify_torchscript(model, f, x, rtol=rtol)
             prefix = colorstr("TorchScript:")
         else:
-            f = export_onnx(model, im, w, metadata, opset=opset, dynamic=dynamic, simplify=simplify,
+            f = export_onnx(export_model, im, w, metadata, opset=opset, dynamic=dynamic, simplify=simplify,
                             verbose=verbose)
-            for x in checks:
-                verify_onnx(model, f, x, rtol=rtol)
             prefix = colorstr("ONNX:")
+            if quantized:
+                import onnx
+
+                expected = expected_qdq_counts(export_model, im)
+                s = check_qdq_file(onnx.load(str(f)), expected, metadata["pow2"], f, simplified=simplify)
+                axes = sorted({str(d["axis"]) for d in s["weight_dq"]})
+                n_scales = sum(v.size for v in s["scales"].values())
+                LOGGER.info(f"{prefix} QDQ graph: {s['quantize']} QuantizeLinear, {s['dequantize']} DequantizeLinear "
+                            f"({len(s['weight_dq'])} on int8 weights, axis {'/'.join(axes)}), {n_scales} scales"
+                            + (", all exact powers of two" if metadata["pow2"] else ""))
+            for x in checks:
+                if quantized:
+                    verify_onnx_qdq(model, f, x)
+                else:
+                    verify_onnx(model, f, x, rtol=rtol)
         LOGGER.info(f"{prefix} export success {time.time() - t:.1f}s, saved as {f} ({file_size_mb(f):.1f} MB)")
         written.append(str(f))
 

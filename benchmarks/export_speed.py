@@ -1,23 +1,26 @@
-"""Deployment latency on CPU: the float model in PyTorch and in onnxruntime, batch 1, measured side by side.
+"""Deployment latency on CPU: the float model in PyTorch and onnxruntime, and an int8 QDQ export of a pow2 QAT model
+in onnxruntime, batch 1, measured side by side.
 
     python benchmarks/export_speed.py [--weights ../shared/reference/yolov5n_silu.pt] [--sizes 320 640]
-                                      [--runs 20] [--threads 1] [--qdq model_320.onnx model_640.onnx] [--ort-qdq]
+                                      [--qat-weights ../shared/reference/yolov5n_relu.pt] [--qat-recipe R.yaml]
+                                      [--runs 20] [--threads 1] [--qdq model_320.onnx model_640.onnx]
 
-For each image size the checkpoint is exported with export.py (which checks the file against PyTorch), then the
-PyTorch model and the onnxruntime session run in interleaved rounds (one call each per round, so load from other
-processes hits both alike); the table shows medians and the ratio to PyTorch.
+For each image size the float checkpoint is exported with export.py (which checks the file against PyTorch), then
+the runtimes are called in interleaved rounds (one call each per round, so load from other processes hits all alike);
+the table shows medians and the ratio to PyTorch fp32.
 
-int8: `qdq_row(onnx_path, ...)` below is the place for the int8 QDQ model. It times the file in onnxruntime and
-inspects the graph onnxruntime actually runs (SessionOptions.optimized_model_filepath) for integer kernels
+int8: `--qat-weights` (a float checkpoint; default the ReLU reference model, as the seed quantizes ReLU models) is
+prepared for QAT here (bn_folding, pow2, default recipe), calibrated on a few shapes val images (seeded noise when the
+dataset is absent), saved as a checkpoint and exported by export.py at each size: a real QDQ file of a QAT model,
+verified against the PyTorch fake-quant model. It is timed in onnxruntime twice: with onnxruntime's defaults (its
+QDQ -> int8 kernel fusions) and as written (those rewrites off, as DetectMultiBackend runs it for val.py). For each,
+the graph onnxruntime actually runs (SessionOptions.optimized_model_filepath) is inspected for integer kernels
 (QLinearConv / ConvInteger ...), so the report says whether int8 kernels ran instead of assuming it. `--qdq FILE`
-adds a row per file (its input shape picks the size). `--ort-qdq` adds a stand-in until export.py writes QDQ files
-of QAT checkpoints: the float file statically quantized by onnxruntime's own tool (QDQ format, per-channel weights,
-calibrated on a few noise images): it shows what onnxruntime does with a QDQ YOLOv5 graph, not our QAT accuracy.
+adds a row per given QDQ file (its input shape picks the size); `--no-qat` skips the QAT model.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import statistics
 import sys
@@ -42,8 +45,12 @@ INT8_KERNELS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", 
 FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
 
 
-def ort_session(onnx_path, threads, optimized_model_filepath=None):
+def ort_session(onnx_path, threads, optimized_model_filepath=None, as_written=False):
+    """onnxruntime CPU session with all graph optimizations; as_written=True turns off the rewrites that change a QDQ
+    graph's numbers (models.backend.ORT_QDQ_REWRITES, as DetectMultiBackend does for QDQ files)."""
     import onnxruntime as ort
+
+    from models.backend import ORT_QDQ_REWRITES
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -54,10 +61,11 @@ def ort_session(onnx_path, threads, optimized_model_filepath=None):
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_filepath:
         so.optimized_model_filepath = str(optimized_model_filepath)
-    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(ORT_QDQ_REWRITES) if as_written else [])
 
 
-def kernels_run(onnx_path, threads=1) -> dict:
+def kernels_run(onnx_path, threads=1, as_written=False) -> dict:
     """The op types of the graph onnxruntime runs after its optimizations (QDQ pairs around a Conv fused into
     QLinearConv, etc.), read back from SessionOptions.optimized_model_filepath.
 
@@ -68,7 +76,7 @@ def kernels_run(onnx_path, threads=1) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         opt = Path(d) / "optimized.onnx"
-        ort_session(onnx_path, threads, optimized_model_filepath=opt)
+        ort_session(onnx_path, threads, optimized_model_filepath=opt, as_written=as_written)
         ops = Counter(n.op_type for n in onnx.load(str(opt), load_external_data=False).graph.node)
     int8 = {k: ops[k] for k in INT8_KERNELS if ops[k]}
     return {"ops": ops, "int8": int8, "float_convs": sum(ops[k] for k in FLOAT_CONVS),
@@ -97,44 +105,43 @@ def onnx_input_shape(onnx_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# int8 QDQ model: the place for export.py's QDQ files of QAT checkpoints
+# int8 QDQ model: a pow2 QAT model exported by export.py
 # ---------------------------------------------------------------------------------------------------------------------
 
-def qdq_row(onnx_path, threads=1, label="int8 QDQ (onnxruntime)") -> dict:
+def qat_checkpoint(float_weights, out_path, size=320, n_batches=2, batch_size=2, recipe=None):
+    """A QAT checkpoint made here: the float model of `float_weights` prepared for QAT (BN live with simulated
+    folding, power-of-two scales, `recipe` or the default one), calibrated on `n_batches` batches of shapes val
+    images at `size` (seeded noise when the dataset is absent), saved to `out_path`. Returns out_path."""
+    from models.quant import calibrate, prepare_yolo_qat
+    from utils.checkpoint import save_checkpoint
+    from utils.dataloaders import LoadImages
+
+    model = load_pytorch_model(float_weights, fuse=False).float().train()
+    prepare_yolo_qat(model, bn_folding=True, pow2=True, recipe=recipe)
+    files = sorted((ROOT / "datasets/shapes/images/val").glob("*.jpg"))[:n_batches * batch_size]
+    if len(files) == n_batches * batch_size:
+        images = np.stack([im for _, im, *_ in LoadImages([str(f) for f in files], img_size=size, auto=False)])
+        images = torch.from_numpy(images)
+    else:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (n_batches * batch_size, 3, size, size), dtype=torch.uint8, generator=g)
+    batches = [(images[i:i + batch_size],) for i in range(0, len(images), batch_size)]
+    calibrate(model, batches, n_batches, torch.device("cpu"))
+    save_checkpoint({"model": model.eval(), "ema": None, "epoch": -1, "best_fitness": None}, out_path)
+    return Path(out_path)
+
+
+def qdq_row(onnx_path, threads=1, label="int8 QDQ (onnxruntime)", as_written=False) -> dict:
     """How onnxruntime runs an int8 QDQ file: the kernels it really executes and a callable for timing.
 
     Returns {"label", "run": callable running one batch-1 inference on the file's input shape, "kernels": kernels_run}.
     """
-    session = ort_session(onnx_path, threads)
+    session = ort_session(onnx_path, threads, as_written=as_written)
     inp = session.get_inputs()[0]
     shape = [d if isinstance(d, int) else 1 for d in inp.shape]
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    return {"label": label, "run": lambda: session.run(None, {inp.name: x}), "kernels": kernels_run(onnx_path, threads)}
-
-
-def ort_static_qdq(float_onnx, out_path, size, n_calib=4):
-    """Stand-in int8 model: onnxruntime's static quantization of the float file (QDQ, per-channel int8 weights,
-    uint8 activations), calibrated on seeded noise. Not a QAT model: only the int8 kernels and speed mean anything."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Noise(CalibrationDataReader):
-        def __init__(self):
-            rng = np.random.default_rng(0)
-            self.batches = iter([{export.INPUT_NAME: rng.random((1, 3, size, size), dtype=np.float32)}
-                                 for _ in range(n_calib)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its advice to run its pre-processing script first
-    try:
-        quantize_static(str(float_onnx), str(out_path), Noise(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    finally:
-        root.setLevel(level)
-    return Path(out_path)
+    return {"label": label, "run": lambda: session.run(None, {inp.name: x}),
+            "kernels": kernels_run(onnx_path, threads, as_written=as_written)}
 
 
 def _kernel_note(k: dict) -> str:
@@ -148,13 +155,16 @@ def _kernel_note(k: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", default=str(ROOT.parent / "shared/reference/yolov5n_silu.pt"), help="float .pt")
+    p.add_argument("--qat-weights", default=str(ROOT.parent / "shared/reference/yolov5n_relu.pt"),
+                   help="float .pt the QAT model is prepared from (pow2, BN folding, calibrated here)")
+    p.add_argument("--qat-recipe", default=None, help="QAT recipe yaml (data/quant/*.yaml; default: the default one)")
+    p.add_argument("--no-qat", action="store_true", help="skip the QAT model")
     p.add_argument("--sizes", nargs="+", type=int, default=[320, 640], help="square image sizes")
     p.add_argument("--runs", type=int, default=20, help="timed rounds per size")
     p.add_argument("--threads", type=int, default=1,
                    help="threads for both PyTorch and onnxruntime (on a busy machine more than 1 mostly measures "
                         "PyTorch's OpenMP threads waiting for each other)")
-    p.add_argument("--qdq", nargs="*", default=[], help="int8 QDQ .onnx files (batch 1, one of --sizes)")
-    p.add_argument("--ort-qdq", action="store_true", help="add onnxruntime's static QDQ quantization as a stand-in")
+    p.add_argument("--qdq", nargs="*", default=[], help="more int8 QDQ .onnx files (batch 1, one of --sizes)")
     opt = p.parse_args(argv)
     torch.set_num_threads(opt.threads)
 
@@ -171,6 +181,10 @@ def main(argv=None):
         shutil.copy(opt.weights, pt)  # export.py writes beside the weights
         model = load_pytorch_model(pt)
         export.prepare_for_export(model)
+        qat_pt, qat_model = None, None
+        if not opt.no_qat:
+            qat_pt = qat_checkpoint(opt.qat_weights, Path(tmp) / "qat.pt", size=min(opt.sizes), recipe=opt.qat_recipe)
+            qat_model = export.prepare_for_export(load_pytorch_model(qat_pt))
         for size in opt.sizes:
             sub = Path(tmp) / str(size)
             sub.mkdir()
@@ -180,10 +194,16 @@ def main(argv=None):
             x = im.numpy()
             session = ort_session(onnx_file, opt.threads)
             fns = {"PyTorch fp32": lambda: model(im), "onnxruntime fp32": lambda: session.run(None, {"images": x})}
-            extra = [qdq_row(f, opt.threads, f"int8 QDQ {Path(f).name}") for f in qdq_by_size.get(size, [])]
-            if opt.ort_qdq:
-                q = ort_static_qdq(onnx_file, sub / "ort_static_qdq.onnx", size)
-                extra.append(qdq_row(q, opt.threads, "int8 QDQ (onnxruntime static quantization, stand-in)"))
+            extra = []
+            if qat_pt is not None:
+                shutil.copy(qat_pt, sub / qat_pt.name)
+                (q_file,) = export.run(weights=sub / qat_pt.name, imgsz=(size, size), include=["onnx"])
+                fns["PyTorch QAT fake-quant (fp32 ops)"] = lambda: qat_model(im)
+                extra += [qdq_row(q_file, opt.threads, "onnxruntime int8 QDQ of the QAT model, defaults"),
+                          qdq_row(q_file, opt.threads, "onnxruntime int8 QDQ of the QAT model, as written",
+                                  as_written=True)]
+            extra += [qdq_row(f, opt.threads, f"onnxruntime int8 QDQ {Path(f).name}")
+                      for f in qdq_by_size.get(size, [])]
             for r in extra:
                 fns[r["label"]] = r["run"]
                 notes.append(f"{size}: {r['label']}: {_kernel_note(r['kernels'])}")
@@ -194,13 +214,12 @@ def main(argv=None):
 
     import onnxruntime as ort
 
+    qat = "" if opt.no_qat else f", QAT from {Path(opt.qat_weights).name}, recipe {opt.qat_recipe or 'default'}"
     LOGGER.info(f"\nCPU latency, batch 1, {opt.threads} thread(s), median of {opt.runs} interleaved rounds "
-                f"(torch {torch.__version__}, onnxruntime {ort.__version__}, {Path(opt.weights).name})")
+                f"(torch {torch.__version__}, onnxruntime {ort.__version__}, float {Path(opt.weights).name}{qat})")
     LOGGER.info(f"{'size':>6} {'runtime':<58} {'ms':>9} {'speed vs PyTorch':>17}")
     for size, k, v, ratio in rows:
         LOGGER.info(f"{size:>6} {k:<58} {v:>9.2f} {ratio:>16.2f}x")
-    if not opt.qdq and not opt.ort_qdq:
-        LOGGER.info("int8 QDQ: no file given (--qdq FILE once export.py writes QDQ files of QAT checkpoints)")
     for n in notes:
         LOGGER.info(n)
     return rows

@@ -1,10 +1,12 @@
 """DetectMultiBackend: run a PyTorch checkpoint, a TorchScript file or an ONNX file the same way.
 
 val.py and detect.py call `model(im)` and get `(pred, ...)` with pred (bs, N, 5 + nc) in pixels,
-whatever the file type. ONNX runs through onnxruntime, or OpenCV DNN with `dnn=True` (meant for float ONNX).
+whatever the file type. ONNX runs through onnxruntime, or OpenCV DNN with `dnn=True` (meant for float ONNX); an
+int8 QDQ file runs as written (see ORT_QDQ_REWRITES), so val.py measures the numbers the exported model defines.
 Exported files carry what the loader needs (export.py writes it): TorchScript an extra file config.txt with json
-{shape, stride, names[, dynamic]}, ONNX metadata_props stride, names and quantized. A file exported at a fixed
-shape only accepts that shape; a mismatch is a UserError saying which --imgsz to use.
+{shape, stride, names[, dynamic]}, ONNX metadata_props stride, names, quantized (an int8 QDQ export of a QAT model)
+and, for those, pow2. A file exported at a fixed shape only accepts that shape; a mismatch is a UserError saying
+which --imgsz to use.
 """
 from __future__ import annotations
 
@@ -25,6 +27,28 @@ SUFFIXES = {".pt": "pt", ".torchscript": "jit", ".onnx": "onnx"}
 
 def default_names(nc: int):
     return {i: f"class{i}" for i in range(nc)}
+
+
+# onnxruntime graph rewrites that change the numbers of a QDQ graph: WeightBiasQuantization rounds float conv biases
+# to the int32 grid input_scale * weight_scale; QDQSelectorActionTransformer fuses DequantizeLinear -> op ->
+# QuantizeLinear into int8 kernels (QLinearConv, QLinearAdd, QLinearConcat ...), whose QLinearAdd rounds ties after
+# adding the zero point (QuantizeLinear rounds half to even before it): with power-of-two scales ties are frequent and
+# up to ~40% of a skip-add's outputs land one step apart. Without them the graph runs as the ONNX spec defines it.
+ORT_QDQ_REWRITES = ("WeightBiasQuantization", "QDQSelectorActionTransformer")
+
+
+def onnxruntime_session(model, providers=("CPUExecutionProvider",), as_written=False, threads=0):
+    """An onnxruntime InferenceSession of `model` (a path or serialized bytes) with its default optimizations;
+    as_written=True turns off ORT_QDQ_REWRITES, so a QDQ graph computes exactly its QuantizeLinear/DequantizeLinear
+    semantics (= the PyTorch fake-quant model's numbers, up to float rounding). threads: intra-op threads (0: ORT's
+    default)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    disabled = list(ORT_QDQ_REWRITES) if as_written else []
+    model = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(model, so, providers=list(providers), disabled_optimizers=disabled)
 
 
 def load_pytorch_model(weights, device=None, inplace=True, fuse=True, trust=False):
@@ -79,6 +103,7 @@ class DetectMultiBackend(nn.Module):
         self.weights = w
         self.fp16 = fp16 and self.backend == "pt" and device.type != "cpu"
         self.stride, self.names, self.dynamic, self.quantized = 32, None, False, False
+        self.pow2 = False  # a quantized model whose every scale is a power of two
         self.input_shape = None  # the shape a fixed-shape exported file was made for (None: any)
         if self.backend == "pt":
             from models.experimental import is_quantized
@@ -88,6 +113,7 @@ class DetectMultiBackend(nn.Module):
             self.stride = max(int(model.stride.max()), 32)
             self.names = model.module.names if hasattr(model, "module") else model.names
             self.quantized = is_quantized(model)
+            self.pow2 = bool(getattr(model, "qat", {}).get("pow2", False)) if self.quantized else False
             if self.fp16 and not self.quantized:  # fake-quant models stay float32 (scales must not be cast)
                 model.half()
             else:
@@ -134,6 +160,7 @@ class DetectMultiBackend(nn.Module):
         if "names" in meta:
             self.names = ast.literal_eval(meta["names"])
         self.quantized = meta.get("quantized", "0") == "1"
+        self.pow2 = self.quantized and meta.get("pow2", "0") == "1"
         shape = meta.get("_input_shape")
         self.dynamic = shape is None or any(s is None or s == 0 for s in shape)
         self.input_shape = None if self.dynamic else shape
@@ -156,11 +183,11 @@ class DetectMultiBackend(nn.Module):
             finally:
                 log.setLogLevel(level)
         else:
-            import onnxruntime as ort
-
-            LOGGER.info(f"Loading {w} for ONNX Runtime inference...")
+            kind = f" (int8 QDQ{', power-of-two scales' if self.pow2 else ''}, run as written: no int8-kernel " \
+                   f"rewrites)" if self.quantized else ""
+            LOGGER.info(f"Loading {w}{kind} for ONNX Runtime inference...")
             try:
-                self.session = ort.InferenceSession(w, providers=self._ort_providers(device))
+                self.session = onnxruntime_session(w, self._ort_providers(device), as_written=self.quantized)
             except Exception as e:
                 raise UserError(f"{w}: onnxruntime could not load it ({str(e).splitlines()[0][:150]})") from None
             self.input_name = self.session.get_inputs()[0].name

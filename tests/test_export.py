@@ -310,3 +310,44 @@ def test_benchmark_int8_kernel_inspection(tmp_path):
     assert not found[False]["int8_ran"] and found[False]["float_convs"] == 1
     row = bench.qdq_row(tmp_path / "conv_True.onnx")
     assert row["run"]()[0].shape == (1, 8, 16, 16)
+
+
+def test_backend_runs_qdq_graphs_as_written(tmp_path):
+    """onnxruntime's QLinearAdd (its int8 kernel for DequantizeLinear -> Add -> QuantizeLinear) rounds ties after adding
+    the zero point; QuantizeLinear rounds half to even before it. With power-of-two scales ties are frequent. The
+    session DetectMultiBackend opens for QDQ files (as_written) keeps the graph's own numbers."""
+    import importlib.util
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from models.backend import onnxruntime_session
+
+    spec = importlib.util.spec_from_file_location("export_speed", ROOT / "benchmarks" / "export_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    shape = [1, 8, 16, 16]
+    qparams = {"a": (2.0 ** -9, 20), "b": (2.0 ** -9, 22), "y": (2.0 ** -8, 97)}  # as a skip-add of a pow2 QAT model
+    nodes, inits = [], []
+    for name, (scale, zp) in qparams.items():
+        src = "sum" if name == "y" else name
+        nodes += [helper.make_node("QuantizeLinear", [src, f"{name}_s", f"{name}_z"], [f"{name}_q"]),
+                  helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_dq"])]
+        inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{name}_s"),
+                  numpy_helper.from_array(np.array(zp, np.uint8), f"{name}_z")]
+    nodes.append(helper.make_node("Add", ["a_dq", "b_dq"], ["sum"]))
+    graph = helper.make_graph(nodes, "skip_add", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+                                                  for n in ("a", "b")],
+                              [helper.make_tensor_value_info("y_dq", TensorProto.FLOAT, shape)], initializer=inits)
+    f = tmp_path / "add.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(f))
+
+    rng = np.random.default_rng(0)
+    feeds = {n: ((rng.integers(0, 256, shape) - qparams[n][1]) * qparams[n][0]).astype(np.float32) for n in "ab"}
+    s, z = qparams["y"]
+    exact = (np.clip(np.round((feeds["a"] + feeds["b"]) / s) + z, 0, 255) - z) * s  # numpy rounds half to even
+    assert bench.kernels_run(f)["int8"] == {"QLinearAdd": 1} and not bench.kernels_run(f, as_written=True)["int8_ran"]
+    written = onnxruntime_session(f, as_written=True).run(None, feeds)[0]
+    assert np.array_equal(written, exact.astype(np.float32))
+    fused = onnxruntime_session(f).run(None, feeds)[0]
+    assert np.abs(fused - exact).max() <= s  # the int8 kernel: within one step

@@ -1,0 +1,377 @@
+"""export.py on QAT checkpoints: ONNX with QuantizeLinear/DequantizeLinear (QDQ), its structure read back with the onnx
+package, the built-in onnxruntime check against the PyTorch fake-quant model, and val.py on the file."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+from conftest import ROOT, reference
+
+import export
+from models.backend import DetectMultiBackend, load_pytorch_model
+from models.common import C3, SPPF, Bottleneck, Concat, Conv
+from models.quant import calibrate, prepare_yolo_qat
+from models.yolo import Detect, DetectionModel
+from utils.checkpoint import save_checkpoint
+from utils.general import UserError, run_cli
+
+H, W = 64, 96  # non-square on purpose
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_qat(act="relu", bn_folding=True, pow2=True, recipe=None):
+    """yolov5n (nc=10) prepared for QAT and calibrated on noise, in eval mode.
+
+    BN statistics come from two noise batches first: with a fresh model's BN (mean 0, var 1) the activations shrink
+    layer by layer to ~1e-7 at the head, where the int32 bias grid input_scale * weight_scale no longer holds the
+    biases (onnxruntime's bias quantization then saturates)."""
+    torch.manual_seed(0)
+    model = DetectionModel(ROOT / "models/yolov5n.yaml", nc=10, act=act).train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.momentum = None  # cumulative average of the batches below
+        for _ in range(2):
+            model(torch.rand(2, 3, H, W))
+    for bn in bns:
+        bn.momentum = 0.03
+    prepare_yolo_qat(model, bn_folding=bn_folding, pow2=pow2, recipe=recipe)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8, generator=g),) for _ in range(2)]
+    calibrate(model, batches, 2, torch.device("cpu"))
+    return model.eval()
+
+
+def save_qat(model, path):
+    save_checkpoint({"model": model, "ema": None, "epoch": -1, "best_fitness": None}, path)
+    return path
+
+
+_CACHE = {}
+
+
+def exported(tmp_path_factory, act="relu", bn_folding=True, pow2=True, **run_kw):
+    """(fake-quant model as loaded from the checkpoint, onnx path, loaded proto), exported once per configuration."""
+    key = (act, bn_folding, pow2, tuple(sorted(run_kw.items())))
+    if key not in _CACHE:
+        d = tmp_path_factory.mktemp(f"qat_{act}_{int(bn_folding)}_{int(pow2)}")
+        pt = save_qat(small_qat(act, bn_folding, pow2), d / "qat.pt")
+        run_kw.setdefault("include", ["onnx"])
+        files = export.run(weights=pt, imgsz=(H, W), **run_kw)
+        f = next(Path(x) for x in files if x.endswith(".onnx"))
+        model = export.prepare_for_export(load_pytorch_model(pt))
+        _CACHE[key] = model, f, onnx.load(str(f)), files
+    return _CACHE[key]
+
+
+def _producers(proto):
+    return {o: n for n in proto.graph.node for o in n.output}
+
+
+def _is_pow2(a):
+    mantissa, _ = np.frexp(np.asarray(a, dtype=np.float64))
+    return (np.asarray(a) > 0) & (mantissa == 0.5)
+
+
+@pytest.mark.parametrize("bn_folding", [True, False])
+@pytest.mark.parametrize("pow2", [True, False])
+def test_qdq_graph_structure(bn_folding, pow2, tmp_path_factory):
+    model, f, proto, _ = exported(tmp_path_factory, bn_folding=bn_folding, pow2=pow2)
+    onnx.checker.check_model(proto, full_check=True)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == export.DEFAULT_OPSET
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["quantized"] == "1" and meta["pow2"] == str(int(pow2)) and meta["stride"] == "32"
+
+    # expected counts from the architecture: every Conv block (conv+BN+ReLU fused, one output quantizer after the
+    # ReLU), every skip-add (Bottleneck with shortcut), every concat (C3, SPPF, Concat), the input and the three
+    # Detect convs carry one activation quantizer = one QuantizeLinear + one DequantizeLinear each; every conv weight
+    # (Conv blocks + Detect convs) is an int8 initializer with one DequantizeLinear and no QuantizeLinear.
+    n_conv = sum(isinstance(m, Conv) for m in model.modules())
+    n_add = sum(isinstance(m, Bottleneck) and m.add for m in model.modules())
+    n_cat = sum(isinstance(m, (C3, SPPF, Concat)) for m in model.modules())
+    n_head = model.model[-1].nl
+    assert (n_conv, n_add, n_cat, n_head) == (57, 7, 13, 3)
+    n_act = 1 + n_conv + n_add + n_cat + n_head
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") == n_act == 81
+    assert ops.count("DequantizeLinear") == n_act + n_conv + n_head == 141
+    assert ops.count("Conv") == n_conv + n_head
+    # BN is folded in both modes; no fake quantization decomposed into float ops; no shared-initializer Identity
+    assert not {"BatchNormalization", "Round", "Identity", "Div"} & set(ops)
+
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    prod = _producers(proto)
+    for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
+        x_dq, w_dq = prod[conv.input[0]], prod[conv.input[1]]
+        assert x_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear"  # both sides quantized
+        q, scale, zp = (inits[name] for name in w_dq.input)
+        axis = {a.name: a.i for a in w_dq.attribute}["axis"]
+        assert axis == 0 and q.dtype == np.int8 and zp.dtype == np.int8 and not zp.any()
+        assert scale.shape == zp.shape == (q.shape[0],) and scale.dtype == np.float32
+        assert inits[conv.input[2]].dtype == np.float32  # the bias stays float, as the fake-quant model adds it
+        # the file's weight is exactly the fake-quantized (BN-folded) weight of the QAT forward
+        qat = model.get_submodule(w_dq.input[0].rsplit(".weight_int", 1)[0])
+        with torch.no_grad():
+            fake = qat.weight_fake_quant(qat.folded_weight_bias()[0]).numpy()
+        assert np.array_equal(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1), fake), w_dq.input[0]
+
+    scales = [inits[n.input[1]] for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    flat = np.concatenate([s.ravel() for s in scales])
+    act_scales = [s for s in scales if s.ndim == 0]
+    assert len(act_scales) == 2 * n_act  # per-tensor: a scalar scale on every activation Q and DQ
+    if pow2:
+        assert _is_pow2(flat).all()
+    else:  # linear scales: not powers of two in general (the input's 1/255, most observed ranges)
+        assert not _is_pow2(flat).all() and (~_is_pow2(flat)).mean() > 0.5
+        assert float(inits["input_quant.activation_post_process.scale"]) == np.float32(1 / 255)
+
+    # decoding stays float: each Detect sigmoid reads the DequantizeLinear of its conv through Reshape/Transpose
+    heads = export._detect_raw_outputs(proto)
+    assert len(heads) == 3
+    for name in heads:
+        node, chain = prod[name], []
+        while node.op_type != "DequantizeLinear":
+            chain.append(node.op_type)
+            node = prod[node.input[0]]
+        assert chain == ["Cast", "Transpose", "Reshape"] and node.input[1].startswith("model.24.m.")
+
+
+@pytest.mark.parametrize("bn_folding", [True, False])
+@pytest.mark.parametrize("pow2", [True, False])
+def test_onnxruntime_within_one_output_step(bn_folding, pow2, tmp_path_factory):
+    model, f, _, _ = exported(tmp_path_factory, bn_folding=bn_folding, pow2=pow2)
+    im = export.sample_batch((1, 3, H, W), seed=5)
+    r = export.verify_onnx_qdq(model, f, im)
+    det = model.model[-1]
+    steps = [float(c.activation_post_process.scale) for c in det.m]
+    assert r["ok"] and r["steps"] == steps and all(s > 0 for s in steps)
+    for got, ref, step in zip(r["raw_output"], export.qdq_reference(model, im)["raw"], steps):
+        diff = np.abs(got - ref)
+        assert diff.max() <= step * (1 + 1e-4)  # at most one output step anywhere
+        # and only on a small share of the values
+        assert (diff > 0).mean() < 0.05
+    if pow2:
+        # power-of-two grids make every product and sum exact in float32: onnxruntime computes the numbers of the
+        # export form (BN folded) exactly; without folding that is the fake-quant model's numbers too
+        export_form = export.prepare_for_export(export.qdq_model(model))
+        det_q = export_form.model[-1]
+        det_q.export = False
+        with torch.no_grad():
+            raw = [t.numpy() for t in export_form(im)[1]]
+        assert all(np.array_equal(a, b) for a, b in zip(raw, r["raw_output"]))
+        if not bn_folding:
+            assert r["raw_share_differ"] == 0 and r["decoded"]["max_abs_diff"] < 1e-3
+    # onnxruntime's own int8 kernels: reported and also within one step here
+    k = r["int8_kernels"]
+    assert k["ok"] and k["raw_worst"] <= 1 and 0 <= k["raw_share_differ"] < 0.1
+
+
+def test_silu_activations_get_their_own_quantizers(tmp_path_factory):
+    model, f, proto, _ = exported(tmp_path_factory, act="silu")
+    ops = [n.op_type for n in proto.graph.node]
+    # SiLU is not fused into the conv: the conv output and the SiLU output are each quantized (57 + 57)
+    assert ops.count("QuantizeLinear") == 1 + 2 * 57 + 7 + 13 + 3 and ops.count("DequantizeLinear") == 138 + 60
+    assert ops.count("Sigmoid") == 57 + 3  # SiLU = x * sigmoid(x), in float between DequantizeLinear and Quantize
+    assert export.verify_onnx_qdq(model, f, export.sample_batch((1, 3, H, W), seed=2))["ok"]
+
+
+def test_learnable_scales_export(tmp_path):
+    """LSQ quantizers (custom autograd, which no ONNX exporter handles) export through their frozen qparams."""
+    from bst.torch.ao.quantization import LearnableFakeQuantize
+
+    model = small_qat(pow2=True, recipe={"default": {"activation": {"observer": "minmax"}, "learnable": True}})
+    learnable = [m for m in model.modules() if isinstance(m, LearnableFakeQuantize)]
+    assert len(learnable) >= 81
+    with torch.no_grad():  # move the learned exponents off their calibrated values, as training would
+        for q in learnable[::5]:
+            q.log2_scale.sub_(1)
+    pt = save_qat(model, tmp_path / "lsq.pt")
+    (f,) = export.run(weights=pt, imgsz=(H, W), include=["onnx"])
+    proto = onnx.load(f)
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    s = export.qdq_structure(proto)
+    assert s["quantize"] == 81 and s["dequantize"] == 141
+    assert all(_is_pow2(v).all() for v in s["scales"].values())
+    loaded = load_pytorch_model(pt)
+    for name in ("model.0.conv.activation_post_process", "model.24.m.0.activation_post_process"):
+        scale = loaded.get_submodule(name).calculate_qparams()[0]  # the power of two of the learned log2_scale
+        assert float(inits[f"{name}.scale"]) == float(scale)
+    assert export.verify_onnx_qdq(export.prepare_for_export(loaded), f, export.sample_batch((1, 3, H, W)))["ok"]
+
+
+def test_float_detect_head(tmp_path):
+    """The seed's best pow2 recipe keeps the Detect convs float: no QDQ on them, and the check bounds their outputs by
+    one step of the quantizer feeding them times sum |w| per output channel."""
+    model = small_qat(recipe={"rules": [{"match": "24", "mode": "float"}]})
+    (f,) = export.run(weights=save_qat(model, tmp_path / "head_float.pt"), imgsz=(H, W), include=["onnx"])
+    s = export.qdq_structure(onnx.load(f))
+    assert (s["quantize"], s["dequantize"], len(s["weight_dq"])) == (1 + 57 + 7 + 13, 78 + 57, 57)
+    r = export.verify_onnx_qdq(model, f, export.sample_batch((1, 3, H, W), seed=4))
+    assert r["ok"] and r["steps"] == [None, None, None]
+    tol = export.qdq_reference(model, export.sample_batch((1, 3, H, W), seed=4))["raw_tol"]
+    step_in = float(model.model[23].cv3.conv.activation_post_process.scale)
+    w = model.model[24].m[2].weight.detach().abs().sum((1, 2, 3)).numpy()
+    assert np.allclose(tol[2].reshape(-1), step_in * w + export.FLOAT_RTOL * np.abs(r["raw_output"][2]).max(),
+                       rtol=1e-3)
+
+
+def test_dynamic_torchscript_and_backend(tmp_path_factory):
+    model, f, proto, files = exported(tmp_path_factory, bn_folding=False, pow2=True, dynamic=True,
+                                      include=("onnx", "torchscript"))
+    assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == \
+        ["batch", 3, "height", "width"]
+    backend = DetectMultiBackend(f)
+    assert backend.quantized and backend.pow2 and backend.dynamic and backend.names == model.names
+    im = export.sample_batch((2, 3, 96, 64), seed=3)
+    with torch.no_grad():
+        y = model(im)[0]
+    out = backend(im)
+    assert out.shape == y.shape == (2, 3 * (12 * 8 + 6 * 4 + 3 * 2), 15)
+    assert export.verify_onnx_qdq(model, f, im)["ok"]
+    ts = next(x for x in files if x.endswith(".torchscript"))
+    r = export.verify_torchscript_qdq(model, ts, im)
+    assert r["ok"] and r["max_abs_diff"] == 0  # the traced export form computes the fake-quant model's numbers
+
+
+def test_verification_catches_a_wrong_file(tmp_path_factory, tmp_path):
+    """Double the weight scales of the conv before the last head (a scale written wrong): the check must fail."""
+    model, f, proto, _ = exported(tmp_path_factory)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(proto)
+    w = next(i for i in bad.graph.initializer if i.name == "model.23.cv3.conv.weight_scale")
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
+    path = tmp_path / "tampered.onnx"
+    onnx.save(bad, str(path))
+    im = export.sample_batch((1, 3, H, W))
+    r = export.verify_onnx_qdq(model, path, im, check=False)
+    assert not r["ok"] and r["raw_worst"] > 2
+    with pytest.raises(UserError, match="disagrees with the PyTorch fake-quant model"):
+        export.verify_onnx_qdq(model, path, im)
+
+
+def test_qdq_module_ranges(tmp_path):
+    """A narrow range becomes Clip + QuantizeLinear/DequantizeLinear and computes the fake-quant numbers; a range
+    wider than 8 bits is refused in one line."""
+    q = export.QuantDequant(torch.tensor(0.05), torch.tensor(3, dtype=torch.int32), 0, 127)
+    x = torch.linspace(-1, 8, 301).reshape(1, 1, 7, 43)
+    f = tmp_path / "narrow.onnx"
+    with export._quiet_tracing():
+        torch.onnx.export(q, (x,), str(f), opset_version=export.DEFAULT_OPSET, dynamo=False)
+    proto = onnx.load(str(f))
+    assert [n.op_type for n in proto.graph.node if n.op_type != "Constant"] == \
+        ["Clip", "QuantizeLinear", "DequantizeLinear"]
+    from models.backend import onnxruntime_session
+
+    out = onnxruntime_session(str(f)).run(None, {proto.graph.input[0].name: x.numpy()})[0]
+    ref = torch.fake_quantize_per_tensor_affine(x, 0.05, 3, 0, 127).numpy()
+    assert np.array_equal(out, ref) and ref.max() == pytest.approx((127 - 3) * 0.05)
+    with pytest.raises(UserError, match=r"range \[-1000, 1000\] fits neither int8"):
+        export.QuantDequant(torch.tensor(0.1), torch.tensor(0), -1000, 1000)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--include", "onnx", "--opset", "12"], "per-channel QuantizeLinear/DequantizeLinear (the axis attribute) needs "
+                                             "opset >= 13"),
+    (["--include", "onnx", "--half"], "--half would cast the quantizers' scales"),
+])
+def test_bad_input_one_line(args, message, tmp_path, capsys):
+    pt = save_qat(small_qat(), tmp_path / "qat.pt")
+    with pytest.raises(SystemExit) as e:
+        run_cli(export.main, export.parse_opt(["--weights", str(pt), "--imgsz", "64", *args]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR:") and message in err[0], err
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+# --- val.py on the QDQ file: the same mAP as the PyTorch QAT model ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pseudo_data(tmp_path_factory):
+    """4 shapes val images labelled with the float reference model's confident detections (random weights: on the
+    real labels it scores ~0, which could not tell a broken export from a good one). The labeller is the float model,
+    not the QAT model under test, so neither side is favoured by labels equal to its own boxes."""
+    from test_export import _pseudo_labelled_dataset
+
+    return _pseudo_labelled_dataset(tmp_path_factory.mktemp("pseudo"), reference("yolov5n_relu.pt"), n=4, imgsz=160)
+
+
+def _qat_from_reference(bn_folding, path):
+    """The float ReLU reference checkpoint prepared for pow2 QAT and calibrated on 4 shapes val images."""
+    from utils.dataloaders import LoadImages
+
+    model = load_pytorch_model(reference("yolov5n_relu.pt"), fuse=False).float().train()
+    prepare_yolo_qat(model, bn_folding=bn_folding, pow2=True)
+    src = sorted((ROOT / "datasets/shapes/images/val").glob("*.jpg"))[4:8]
+    images = [im for _, im, *_ in LoadImages([str(s) for s in src], img_size=160, auto=False)]
+    calibrate(model, [(torch.from_numpy(np.stack(images)),)], 1, torch.device("cpu"))
+    return save_qat(model.eval(), path)
+
+
+def test_val_qdq_onnx_gives_the_pt_map(pseudo_data, tmp_path, yolo_log):
+    """pow2 without simulated BN folding: onnxruntime runs the file with PyTorch's exact numbers, so val.py gives the
+    same mAP. (With simulated folding the fake-quant model divides by the BN factor and applies BN in eval while the
+    file adds the folded bias: one-step flips on ~0.2% of the head outputs, which on this random-weight model and 4
+    images move mAP@0.5:0.95 by up to ~0.015; test_onnxruntime_within_one_output_step shows that the file computes
+    its folded form exactly.)"""
+    import val
+
+    pt = _qat_from_reference(False, tmp_path / "qat.pt")
+    (f,) = export.run(weights=pt, imgsz=(160, 160), include=["onnx"])
+    # task="speed" gives the .pt model the square letterboxed inputs the fixed-shape ONNX file gets (see test_export)
+    r_pt = val.run(data=str(pseudo_data), weights=str(pt), imgsz=160, batch_size=1, task="speed", conf_thres=0.05,
+                   max_det=30, workers=0, plots=False, project=tmp_path / "val", name="pt")[0]
+    yolo_log.clear()
+    r_onnx = run_cli(val.main, val.parse_opt(["--weights", str(f), "--data", str(pseudo_data), "--img", "160",
+                                              "--conf-thres", "0.05", "--max-det", "30", "--workers", "0",
+                                              "--project", str(tmp_path / "val"), "--name", "onnx"]))[0]
+    assert any("int8 QDQ, power-of-two scales" in m for m in yolo_log)
+    assert r_pt[2] > 0.3 and r_pt[3] > 0.3, "the pseudo labels must give the QAT model a clear mAP"
+    assert r_onnx[2] == pytest.approx(r_pt[2], abs=0.002) and r_onnx[3] == pytest.approx(r_pt[3], abs=0.002)
+    assert r_onnx[:4] == r_pt[:4]  # P, R, mAP50, mAP50-95: identical, not merely close
+
+
+def test_detect_qdq_onnx(tmp_path_factory, tmp_path, yolo_log):
+    import detect
+
+    _, f, _, _ = exported(tmp_path_factory)
+    src = sorted((ROOT / "datasets/shapes/images/val").glob("*.jpg"))
+    if not src:
+        pytest.skip("shapes dataset not generated")
+    run_cli(detect.main, detect.parse_opt(["--weights", str(f), "--source", str(src[0]), "--imgsz", str(H), str(W),
+                                           "--conf-thres", "0.0", "--save-txt", "--nosave", "--project",
+                                           str(tmp_path), "--name", "exp"]))
+    assert any("int8 QDQ" in m and "ONNX Runtime" in m for m in yolo_log)
+    labels = np.loadtxt(tmp_path / "exp" / "labels" / f"{src[0].stem}.txt", ndmin=2)
+    assert len(labels) > 0 and ((labels[:, 1:] >= 0) & (labels[:, 1:] <= 1)).all()
+
+
+def test_benchmark_qat_row_reports_int8_kernels(tmp_path):
+    """benchmarks/export_speed.py builds a pow2 QAT model, exports it with export.py and reads onnxruntime's optimized
+    graph: with its defaults onnxruntime fuses QDQ convs into QLinearConv; run as written it runs no int8 kernel."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_speed", ROOT / "benchmarks" / "export_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pt = bench.qat_checkpoint(reference("yolov5n_relu.pt"), tmp_path / "qat.pt", size=64, n_batches=1)
+    assert isinstance(pt, Path) and pt.is_file()
+    (f,) = export.run(weights=pt, imgsz=(64, 64), include=["onnx"])
+    default = bench.kernels_run(f)
+    written = bench.kernels_run(f, as_written=True)
+    assert default["int8_ran"] and default["int8"].get("QLinearConv", 0) >= 3  # at least the Detect convs
+    assert not written["int8_ran"] and written["float_convs"] == 60 and written["qdq_left"] >= 141
+    row = bench.qdq_row(f, label="int8")
+    assert row["run"]()[0].shape == (1, 3 * (8 * 8 + 4 * 4 + 2 * 2), 85)
