@@ -175,3 +175,15 @@ def test_scalar_and_tensor_observer_updates_agree_exactly(batches, c):
         assert torch.equal(cpu_path.min_val, tensor_path.min_val) and torch.equal(cpu_path.max_val, tensor_path.max_val)
     scale, zp = tensor_path.calculate_qparams()
     assert (scale.item(), zp.item()) == cpu_path.calculate_qparams_scalar()
+
+
+def test_moving_average_overflow_never_stores_nan():
+    """Found by hypothesis: blending ranges near the float32 limit overflowed into inf, then NaN."""
+    for update in ("_update_scalar", "_update_tensor"):
+        obs = MovingAverageMinMaxObserver(averaging_constant=0.01, pow2=True)
+        for a, b in [(0.0, 2.9495377760520625e+38), (-4.532857917452741e+37, -4.532857917452741e+37), (0.0, 0.0)]:
+            lo, hi = min(a, b), max(a, b)
+            getattr(obs, update)(*((lo, hi) if update == "_update_scalar" else (torch.tensor(lo), torch.tensor(hi))))
+        assert torch.isfinite(obs.min_val) and torch.isfinite(obs.max_val)
+        scale, _ = obs.calculate_qparams()
+        assert torch.isfinite(scale).all() and bool(is_pow2(scale).all())

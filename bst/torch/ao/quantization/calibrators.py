@@ -175,10 +175,15 @@ class MSEObserver(ObserverBase):
             hi = torch.clamp_min(self.max_val, 0)
             at_min = (qmin - torch.round(lo / scales)).clamp(qmin, qmax)  # grid starts at the minimum
             at_max = (qmax - torch.round(hi / scales)).clamp(qmin, qmax)  # grid ends at the maximum
-            full = torch.round(qmin - lo / scales[0]).clamp(qmin, qmax).expand_as(scales)
-            placements = [torch.round(at_max + (at_min - at_max) * t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
-            zero_points = torch.cat(placements + [full])
-            scales = scales.repeat(len(placements) + 1)
+            if bool(self.min_val >= 0) or bool(self.max_val <= 0):
+                # one-signed data (e.g. after ReLU): the grid starts (ends) at zero, zero point = quant_min
+                # (quant_max); integer kernels and requantizing adds need exactly that, and the MSE can only tie
+                zero_points = torch.full_like(scales, qmin if bool(self.min_val >= 0) else qmax)
+            else:
+                full = torch.round(qmin - lo / scales[0]).clamp(qmin, qmax).expand_as(scales)
+                placements = [torch.round(at_max + (at_min - at_max) * t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+                zero_points = torch.cat(placements + [full])
+                scales = scales.repeat(len(placements) + 1)
         errors = torch.empty_like(scales)
         for start in range(0, scales.numel(), 16):  # chunks bound the memory at 16 x num_samples
             s = scales[start:start + 16, None]
@@ -187,6 +192,23 @@ class MSEObserver(ObserverBase):
             errors[start:start + 16] = (((q - z) * s - values).square() * weights).sum(dim=1)
         best = int(torch.argmin(errors))  # ties go to the first, i.e. the widest range
         return scales[best].reshape(1).clone(), zero_points[best].reshape(1).to(torch.int32)
+
+    def __getstate__(self):
+        # the sample ring buffers are working memory of the search (not state_dict state either): pickles and
+        # checkpoints leave them out, which keeps a QAT checkpoint near the size of its float model
+        state = self.__dict__.copy()
+        buffers = dict(state["_buffers"])
+        for k in ("samples", "weights"):
+            buffers[k] = buffers[k].new_zeros(0)
+        state["_buffers"] = buffers
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for k in ("samples", "weights"):
+            if self._buffers[k].numel() == 0:
+                self._buffers[k] = self.min_val.new_zeros(self.num_samples)
+        self._cursor = 0
 
     def extra_repr(self):
         return f"{super().extra_repr()}, num_samples={self.num_samples}, min_val={self.min_val}, max_val={self.max_val}"

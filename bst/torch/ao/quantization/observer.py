@@ -134,8 +134,12 @@ def _moving_average(running_min, running_max, cur_min, cur_max, c):
     if c == 1.0:  # exactly the current range (weights): no history to blend, no rounding
         return cur_min, cur_max
     first = torch.isinf(running_min)
-    return (torch.where(first, cur_min, running_min + c * (cur_min - running_min)),
-            torch.where(first, cur_max, running_max + c * (cur_max - running_max)))
+    new_min = running_min + c * (cur_min - running_min)
+    new_max = running_max + c * (cur_max - running_max)
+    # near the float32 limit the difference overflows: keep the running range rather than store inf/NaN
+    ok = torch.isfinite(new_min) & torch.isfinite(new_max)
+    return (torch.where(first, cur_min, torch.where(ok, new_min, running_min)),
+            torch.where(first, cur_max, torch.where(ok, new_max, running_max)))
 
 
 def _check_averaging_constant(averaging_constant):
@@ -162,8 +166,11 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             return cur_min, cur_max
         c = np.float32(self.averaging_constant)  # torch rounds the Python scalar to the tensor's float32
         with np.errstate(over="ignore", invalid="ignore"):
-            return (float(np.float32(run_min) + c * (np.float32(cur_min) - np.float32(run_min))),
-                    float(np.float32(run_max) + c * (np.float32(cur_max) - np.float32(run_max))))
+            new_min = float(np.float32(run_min) + c * (np.float32(cur_min) - np.float32(run_min)))
+            new_max = float(np.float32(run_max) + c * (np.float32(cur_max) - np.float32(run_max)))
+        if not (math.isfinite(new_min) and math.isfinite(new_max)):  # overflow: keep the running range
+            return run_min, run_max
+        return new_min, new_max
 
 
 class PerChannelMinMaxObserver(ObserverBase):

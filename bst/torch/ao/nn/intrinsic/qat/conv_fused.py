@@ -84,6 +84,11 @@ class ConvBn2d(nn.Conv2d):
         return bn.weight / torch.sqrt(bn.running_var + bn.eps)
 
     def _conv_bn(self, x):
+        if not self.training:
+            # inference: the deployed conv itself, BN folded into weight and bias (running statistics), so the
+            # fake-quant model computes what the exported QDQ graph and integer kernels compute
+            weight, bias = self._folded(differentiable=True)
+            return self._conv_forward(x, self.weight_fake_quant(weight), bias)
         factor = self._bn_scale_factor()
         weight = self.weight_fake_quant(self.weight * factor.reshape(-1, 1, 1, 1))
         y = _DivideChannels.apply(self._conv_forward(x, weight, None), factor)
@@ -111,6 +116,12 @@ class ConvBn2d(nn.Conv2d):
         qat.bn = bn
         qat.train(mod.training)
         return qat
+
+    def _folded(self, differentiable=False):
+        factor = self._bn_scale_factor()
+        weight = self.weight * factor.reshape(-1, 1, 1, 1)
+        bias = self.bias if self.bias is not None else torch.zeros_like(self.bn.running_mean)
+        return weight, self.bn.bias + (bias - self.bn.running_mean) * factor
 
     def folded_weight_bias(self):
         """(weight, bias) with BN folded in, from its running statistics; the weight is the very tensor
