@@ -339,6 +339,11 @@ def train(hyp, opt, device):
 
         lr = [x["lr"] for x in optimizer.param_groups]
         scheduler.step()
+        if RANK != -1:
+            # DDP broadcasts rank 0's buffers at the start of every forward, so after the last step each rank's
+            # BN statistics and observer state have moved on its own batch: make them rank 0's again
+            for buf in de_parallel(model).buffers():
+                dist.broadcast(buf, 0)
 
         if RANK in (-1, 0):
             ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
@@ -460,6 +465,8 @@ def dump_parameters(model, folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.named_parameters()}
     torch.save(state, folder / f"rank{max(RANK, 0)}.pt")
+    buffers = {k: v.detach().cpu().clone() for k, v in model.named_buffers()}  # BN statistics, quantizer state
+    torch.save(buffers, folder / f"rank{max(RANK, 0)}_buffers.pt")
 
 
 def _plain(d):

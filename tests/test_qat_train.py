@@ -165,3 +165,28 @@ def test_qat_with_silu_warns(tiny, tmp_path):
     finally:
         LOGGER.removeHandler(h)
     assert any("SiLU" in m and "--act relu" in m for m in seen)
+
+
+def test_ddp_qat_two_cpu_ranks_hold_identical_quantizer_state(tiny, tmp_path):
+    import socket
+
+    import train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dump = tmp_path / "ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "train.py"), "--device", "cpu", "--data", str(tiny), "--weights", str(reference("yolov5n_relu.pt")),
+           "--cfg", "yolov5n.yaml", *FAST, "--epochs", "1", "--qat", "--bn-folding", "--pow2-scale",
+           "--project", str(tmp_path), "--name", "ddp"]
+    r = subprocess.run(cmd, cwd=ROOT, env={**ENV, train.DDP_DUMP_ENV: str(dump)}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    b0, b1 = (torch.load(dump / f"rank{i}_buffers.pt") for i in (0, 1))
+    scales = [k for k in b0 if k.endswith(".scale")]
+    assert len(scales) > 100 and b0.keys() == b1.keys()
+    assert all(torch.equal(b0[k], b1[k]) for k in b0), [k for k in b0 if not torch.equal(b0[k], b1[k])][:5]
+    p0, p1 = (torch.load(dump / f"rank{i}.pt") for i in (0, 1))
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    assert all_scales_pow2(load_checkpoint(tmp_path / "ddp" / "weights" / "last.pt")["model"])
