@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from models.common import (SPP, SPPF, C3, Bottleneck, Concat, Conv, DWConv, Focus, activation_name,  # noqa: E402
                            make_activation)
-from utils.general import LOGGER, UserError, check_file, make_divisible, run_cli, yaml_load  # noqa: E402
+from utils.general import LOGGER, UserError, check_file, colorstr, make_divisible, run_cli, yaml_load  # noqa: E402
 from utils.torch_utils import fuse_conv_and_bn, initialize_weights, model_info, scale_img, select_device  # noqa: E402
 
 
@@ -77,7 +77,7 @@ class Detect(nn.Module):
         area = self.anchors.prod(-1).mean(-1).view(-1)
         da, ds = area[-1] - area[0], self.stride[-1] - self.stride[0]
         if da and (da.sign() != ds.sign()):
-            LOGGER.info("AutoAnchor: Reversing anchor order")
+            LOGGER.info(f"{colorstr('AutoAnchor: ')}Reversing anchor order")
             self.anchors[:] = self.anchors.flip(0)
 
 

@@ -16,13 +16,11 @@ PREFIX = colorstr("AutoAnchor: ")
 
 
 def check_anchor_order(m):
-    """Anchors must grow with stride; flip the levels of Detect m if their mean areas run the other way."""
-    area = m.anchors.prod(-1).mean(-1).view(-1)
-    da = area[-1] - area[0]
-    ds = m.stride[-1] - m.stride[0]
-    if da and (da.sign() != ds.sign()):
-        LOGGER.info(f"{PREFIX}Reversing anchor order")
-        m.anchors[:] = m.anchors.flip(0)
+    """Anchors must grow with stride; flip the levels of Detect m if their mean areas run the other way
+    (the model does this itself when built: `Detect.check_anchor_order`)."""
+    from models.yolo import Detect
+
+    Detect.check_anchor_order(m)
 
 
 def _ratio_fit(wh, anchors):

@@ -342,7 +342,8 @@ def _finish(fig, ax, file, xlabel, ylabel, title):
     ax.set_ylabel(ylabel)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
     ax.set_title(title)
     fig.savefig(file, dpi=250)
 
