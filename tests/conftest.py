@@ -10,7 +10,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 REFERENCE = ROOT.parent / "shared" / "reference"
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # 2 shared cores: OpenMP threads fighting other processes cost more than they give
 
 
 @pytest.fixture

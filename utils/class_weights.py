@@ -16,5 +16,7 @@ def labels_to_class_weights(labels, nc=80):
 
 def labels_to_image_weights(labels, nc=80, class_weights=np.ones(80)):
     """Per image: sum over its objects of their class weight (images of rare classes are drawn more)."""
-    counts = np.array([np.bincount(x[:, 0].astype(int), minlength=nc) for x in labels])
+    counts = np.zeros((len(labels), nc))
+    for i, x in enumerate(labels):
+        counts[i] = np.bincount(np.asarray(x)[:, 0].astype(int), minlength=nc)[:nc]
     return (np.asarray(class_weights[:nc]).reshape(1, nc) * counts).sum(1)
