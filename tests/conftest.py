@@ -38,3 +38,25 @@ def reference(name):
     if not path.is_file():
         pytest.skip(f"reference file {path} not present")
     return path
+
+
+def start_and_kill_when(cmd, log, ready, env, timeout=240):
+    """Run cmd with output to `log`; SIGKILL it as soon as ready(log_text) is true (it must still be running)."""
+    import signal
+    import subprocess
+    import time
+
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and p.poll() is None:
+            if ready(Path(log).read_text()):
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, "training ended before it could be killed:\n" + Path(log).read_text()[-3000:]
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(30) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, reference
+from conftest import ROOT, reference, start_and_kill_when
 from bst.torch.ao.quantization import FakeQuantizeBase
 from models.quant import all_scales_pow2
 from utils.checkpoint import load_checkpoint
@@ -116,20 +116,8 @@ def test_qat_run_killed_mid_epoch_resumes_with_state_intact(tiny, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(tiny), "--weights", str(reference("yolov5n_relu.pt")),
            "--cfg", "yolov5n.yaml", *FAST, "--batch-size", "4", "--epochs", "3", *SEED_FLAGS,
            "--project", str(tmp_path), "--name", "kill"]
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and p.poll() is None:
-            if (save / "weights" / "last.pt").exists() and re.search(r"\s1/2\s+[\d.]+G\s", log.read_text()):
-                break
-            time.sleep(0.05)
-        assert p.poll() is None, "training ended before it could be killed:\n" + log.read_text()[-3000:]
-        p.send_signal(signal.SIGKILL)
-        p.wait(30)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    start_and_kill_when(cmd, log, lambda text: (save / "weights" / "last.pt").exists()
+                        and re.search(r"\s1/2\s+[\d.]+G\s", text) is not None, ENV)
     before = load_checkpoint(save / "weights" / "last.pt")
     scales = {k: v for k, v in before["model"].state_dict().items() if k.endswith(".scale")}
     out = _ok(_train("--resume", save / "weights" / "last.pt", "--workers", "0"))

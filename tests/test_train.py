@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, reference
+from conftest import ROOT, reference, start_and_kill_when
 from models.common import Conv
 from utils.checkpoint import load_checkpoint
 from utils.dataset_yaml import check_dataset
@@ -161,20 +161,8 @@ def test_sigkill_mid_epoch_then_resume(shapes_subset, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(shapes_subset["kill"]), "--cfg", "yolov5n.yaml",
            "--weights", "", "--img", "128", "--batch-size", "4", "--workers", "0", "--epochs", "3", "--noplots",
            "--project", str(tmp_path), "--name", "kill"]
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 200
-        while time.time() < deadline and p.poll() is None:
-            if (save / "weights" / "last.pt").exists() and re.search(r"\s1/2\s+[\d.]+G\s", log.read_text()):
-                break
-            time.sleep(0.05)
-        assert p.poll() is None, "training ended before it could be killed:\n" + log.read_text()[-3000:]
-        p.send_signal(signal.SIGKILL)
-        assert p.wait(30) == -signal.SIGKILL
-    finally:
-        if p.poll() is None:
-            p.kill()
+    start_and_kill_when(cmd, log, lambda text: (save / "weights" / "last.pt").exists()
+                        and re.search(r"\s1/2\s+[\d.]+G\s", text) is not None, ENV)
 
     ck = load_checkpoint(save / "weights" / "last.pt")  # complete, loadable, not stripped
     assert ck["epoch"] in (0, 1) and ck["optimizer"] is not None
