@@ -25,7 +25,7 @@ SHIPPED = ROOT / "weights" / "shapes_yolov5n_silu.pt"
 FP32_CMD = ["train.py", "--data", "shapes.yaml", "--cfg", "yolov5n.yaml", "--weights", "", "--hyp",
             "data/hyps/hyp.scratch-shapes.yaml", "--optimizer", "Adam", "--img", str(IMG), "--batch-size", "16",
             "--epochs", "40", "--workers", "2"]
-RELU_EPOCHS, QAT_EPOCHS = 6, 4
+RELU_EPOCHS, QAT_EPOCHS = 3, 2
 
 
 def stage(n, total, text):
@@ -77,9 +77,19 @@ def val(weights, name, extra=()):
     return val_metrics(text)
 
 
+def finished(ckpt):
+    """A run's best.pt is reusable once training finished (its optimizer was stripped: epoch -1)."""
+    if not ckpt.exists():
+        return False
+    sys.path.insert(0, str(ROOT))
+    from utils.checkpoint import load_checkpoint
+
+    return load_checkpoint(ckpt).get("epoch") == -1
+
+
 def train_stage(name, args):
     best = OUT / name / "weights" / "best.pt"
-    if best.exists():
+    if finished(best):
         print(f"(reusing {best.relative_to(ROOT)}; delete {(OUT / name).relative_to(ROOT)} to retrain)")
         return best
     shutil.rmtree(OUT / name, ignore_errors=True)

@@ -48,7 +48,7 @@ def make_parent(opt):
     if not shipped.exists():
         raise SystemExit(f"ERROR: {parent} and {shipped} are missing; run `make demo` first or pass --parent")
     sh(["train.py", "--data", "shapes.yaml", "--weights", shipped, "--act", "relu", "--hyp",
-        "data/hyps/hyp.m-relu-tune.yaml", "--img", opt.img, "--batch-size", opt.batch, "--epochs", 6, "--workers", 2,
+        "data/hyps/hyp.m-relu-tune.yaml", "--img", opt.img, "--batch-size", opt.batch, "--epochs", 3, "--workers", 2,
         "--noplots", "--project", opt.out, "--name", "parent", "--exist-ok"])
     return Path(opt.out) / "parent" / "weights" / "best.pt"
 
