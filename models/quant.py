@@ -81,9 +81,12 @@ def load_recipe(recipe) -> dict:
     else:
         data = deepcopy(recipe)
     where = data.get("file", "recipe")
-    unknown = set(data) - {"default", "rules", "file", "description"}
+    unknown = set(data) - {"default", "rules", "file", "description", "concat"}
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; a recipe has default, rules, description")
+        raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; a recipe has default, rules, concat, description")
+    concat = data.setdefault("concat", {}) or {}
+    if set(concat) - {"share_input_scales"}:
+        raise UserError(f"{where}: concat takes only share_input_scales: true/false")
     data.setdefault("default", deepcopy(DEFAULT_RECIPE["default"]))
     data.setdefault("rules", [])
     for i, rule in enumerate(data["rules"]):
@@ -214,6 +217,46 @@ def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_roun
     LOGGER.info(f"QAT: prepared {n_q} fake quantizers (bn_folding={bn_folding}, pow2={pow2}, "
                 f"recipe={recipe.get('file', 'default')})")
     return model
+
+
+@torch.no_grad()
+def share_concat_scales(model, example) -> int:
+    """Give every concat's inputs and its output one scale, the largest of them, so that an int8 concat needs no
+    requantization on shift hardware. Concats that share an input are joined into one group. Applies to plain
+    per-tensor FakeQuantize modules with frozen observers (observers would overwrite the shared scale);
+    groups whose zero points differ are left alone with a warning. Returns the number of groups changed."""
+    inputs = bq.trace_input_quantizers(model, (example,))
+    parent = {}
+
+    def find(q):
+        while parent.setdefault(q, q) is not q:
+            q = parent[q]
+        return q
+
+    for m in model.modules():
+        op = getattr(m, "qcat", None) if isinstance(m, (C3, SPPF, SPP, Focus, Concat)) else None
+        if not isinstance(op, FloatFunctional) or not isinstance(op.activation_post_process, bq.FakeQuantizeBase):
+            continue
+        members = [q for q in inputs.get(op, []) if q is not None] + [op.activation_post_process]
+        for q in members[1:]:
+            parent[find(q)] = find(members[0])
+    groups = {}
+    for q in list(parent):
+        groups.setdefault(find(q), []).append(q)
+    changed = 0
+    for group in groups.values():
+        usable = [q for q in group if type(q) is bq.FakeQuantize and q.scale.numel() == 1]
+        if len(usable) < 2:
+            continue
+        if len({int(q.zero_point) for q in usable}) > 1:
+            LOGGER.warning(f"QAT: concat group of {len(usable)} quantizers has different zero points; scales not shared")
+            continue
+        scale = max(float(q.scale) for q in usable)
+        for q in usable:
+            q.scale.fill_(scale)
+        changed += 1
+    LOGGER.info(f"QAT: concat inputs and outputs share one scale in {changed} groups")
+    return changed
 
 
 def quantizers(model):

@@ -104,8 +104,10 @@ def test_bn_and_observer_schedules_from_epoch_1(tiny, tmp_path):
 
 
 def test_without_bn_folding_there_is_no_bn(tiny, tmp_path):
-    _ok(_train("--data", tiny, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
-               "--epochs", "1", "--qat", "--project", tmp_path, "--name", "nobn"))
+    out = _ok(_train("--data", tiny, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
+                     "--epochs", "1", "--qat", "--qat-recipe", "data/quant/shared_concat.yaml",
+                     "--disable-observer-epoch", "0", "--project", tmp_path, "--name", "nobn"))
+    assert re.search(r"concat inputs and outputs share one scale in [1-9]\d* groups", out)
     model = load_checkpoint(tmp_path / "nobn" / "weights" / "best.pt")["model"]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert any(isinstance(m, FakeQuantizeBase) for m in model.modules())

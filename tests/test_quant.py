@@ -125,3 +125,21 @@ def test_qat_forward_close_to_float_after_calibration():
         c = q(x)[0]
     assert torch.allclose(a, c, atol=1e-3, rtol=1e-3)  # fake quant off: the folded float model
     assert 0 < (a - b).abs().max() < 0.1 * a.abs().max()  # on: close, not equal
+
+
+def test_concat_inputs_and_output_share_one_scale():
+    from bst.torch.ao.quantization import trace_input_quantizers
+    from models.quant import share_concat_scales
+
+    model = calibrated(prepare_yolo_qat(small_model(), bn_folding=True, pow2=True,
+                                        recipe=ROOT / "data/quant/shared_concat.yaml"))
+    assert model.qat["recipe"]["concat"]["share_input_scales"]
+    x = torch.rand(1, 3, 96, 96)
+    assert share_concat_scales(model, x) >= 1
+    inputs = trace_input_quantizers(model, (x,))
+    for m in model.modules():
+        op = getattr(m, "qcat", None)
+        if isinstance(op, FloatFunctional):
+            scales = {float(q.scale) for q in inputs[op] if q is not None} | {float(op.activation_post_process.scale)}
+            assert len(scales) == 1, (type(m).__name__, scales)
+    assert all_scales_pow2(model)

@@ -60,12 +60,30 @@ class QATRun:
 
         if self.resumed:
             return 0
-        return calibrate(model, loader, self.calib_batches, device)
+        seen = calibrate(model, loader, self.calib_batches, device)
+        if self.shares_concat_scales(model):
+            self.example = next(iter(loader))[0][:1].to(device).float() / 255
+            self._share(model)
+        return seen
+
+    @staticmethod
+    def shares_concat_scales(model):
+        return bool(((getattr(model, "qat", None) or {}).get("recipe") or {}).get("concat", {}).get("share_input_scales"))
+
+    def _share(self, model):
+        from models.quant import share_concat_scales
+
+        if getattr(self, "example", None) is not None:
+            training = model.training
+            share_concat_scales(model, self.example)
+            model.train(training)
 
     def start_epoch(self, model, epoch):
         from models.quant import apply_schedule
 
         state = apply_schedule(model, epoch, self.freeze_bn_epoch, self.disable_observer_epoch)
+        if not state["observers"] and self.shares_concat_scales(model):
+            self._share(model)  # observers just froze the scales (again): re-share them
         if state != self.state:
             LOGGER.info(f"{PREFIX}epoch {epoch}: BN statistics {'frozen' if state['bn_frozen'] else 'updating'}, "
                         f"observers {'on' if state['observers'] else 'off (scales frozen)'}")

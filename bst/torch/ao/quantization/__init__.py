@@ -15,7 +15,7 @@ from .observer import (FixedQParamsObserver, MinMaxObserver, MovingAverageMinMax
                        MovingAveragePerChannelMinMaxObserver, ObserverBase, PerChannelMinMaxObserver)
 from .pow2 import is_pow2
 from .qconfig import QConfig, get_default_calibration_qconfig, get_default_qat_qconfig
-from .quantize import convert, prepare_qat, propagate_qconfig_
+from .quantize import convert, prepare_qat, propagate_qconfig_, trace_input_quantizers
 from .state import (QuantizerModule, copy_quantizer_state_, is_quantizer_state, quantizer_parameters,
                     quantizer_state_keys)
 from .stubs import DeQuantStub, QuantStub
@@ -31,7 +31,7 @@ __all__ = [
     "ObserverBase", "PerChannelMinMaxObserver",
     "is_pow2",
     "QConfig", "get_default_calibration_qconfig", "get_default_qat_qconfig",
-    "convert", "prepare_qat", "propagate_qconfig_",
+    "convert", "prepare_qat", "propagate_qconfig_", "trace_input_quantizers",
     "QuantizerModule", "copy_quantizer_state_", "is_quantizer_state", "quantizer_parameters", "quantizer_state_keys",
     "DeQuantStub", "QuantStub",
 ]

@@ -175,6 +175,15 @@ class _InputTracer:
         return self.inputs
 
 
+def trace_input_quantizers(model: nn.Module, example_inputs: tuple, consumer_types=()) -> dict:
+    """One forward pass (observers off, eval mode, state restored) that maps every FloatFunctional, and every
+    module of ``consumer_types``, to the fake quantizers that produced its inputs (None where an input does not
+    come straight from one, through grid-preserving modules such as max-pool or nearest upsampling)."""
+    if not isinstance(example_inputs, tuple):
+        raise ValueError(f"example_inputs: a tuple of model inputs is expected, got {type(example_inputs).__name__}")
+    return _InputTracer(model, set(consumer_types)).run(example_inputs)
+
+
 def _swap_converted(module, mapping, inputs, prefix=""):
     from bst.torch.ao.nn.quantized import FloatFunctional
     from bst.torch.ao.nn.quantized.reference import qparams_of
