@@ -60,3 +60,20 @@ def start_and_kill_when(cmd, log, ready, env, timeout=240):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def shapes_subset(folder, n_train, n_val, name="tiny"):
+    """A dataset yaml over the first n_train / n_val images of shapes (generated on first use) in `folder`."""
+    import os
+
+    from utils.dataset_yaml import check_dataset
+    from utils.general import yaml_save
+
+    full = check_dataset("data/shapes.yaml")
+    train = sorted(p for p in os.listdir(full["train"]) if p.endswith(".jpg"))[:n_train]
+    val = sorted(p for p in os.listdir(full["val"]) if p.endswith(".jpg"))[:n_val]
+    (folder / f"{name}_train.txt").write_text("".join(f"{full['train']}/{p}\n" for p in train))
+    (folder / f"{name}_val.txt").write_text("".join(f"{full['val']}/{p}\n" for p in val))
+    yaml_save(folder / f"{name}.yaml", {"path": str(folder), "train": f"{name}_train.txt", "val": f"{name}_val.txt",
+                                        "names": list(full["names"].values())})
+    return folder / f"{name}.yaml"

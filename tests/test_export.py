@@ -19,15 +19,6 @@ from utils.general import UserError, run_cli
 H, W = 128, 160  # non-square on purpose: a mixed-up h/w shows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine a second OpenMP thread mostly spins at barriers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=4)
 def _load(pt):
     """The fused eval-mode model as export.py prepares it (tests only read it)."""

@@ -23,14 +23,6 @@ from utils.general import UserError, run_cli
 H, W = 64, 96  # non-square on purpose
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_qat(act="relu", bn_folding=True, pow2=True, recipe=None):
     """yolov5n (nc=10) prepared for QAT and calibrated on noise, in eval mode.
 

@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, reference
+from conftest import ROOT, reference, shapes_subset
 import bst.torch.ao.quantization as bq
 from models.quant import load_recipe
 from utils import qat_report as qr
-from utils.dataset_yaml import check_dataset
-from utils.general import UserError, yaml_save
+from utils.general import UserError
 
 ENV = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
 FAST = ["--img", "64", "--batch-size", "4", "--workers", "0"]
@@ -24,15 +23,7 @@ FAST = ["--img", "64", "--batch-size", "4", "--workers", "0"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    full = check_dataset("data/shapes.yaml")
-    d = tmp_path_factory.mktemp("report_shapes")
-    train = sorted(p for p in os.listdir(full["train"]) if p.endswith(".jpg"))[:8]
-    val = sorted(p for p in os.listdir(full["val"]) if p.endswith(".jpg"))[:6]
-    (d / "train.txt").write_text("".join(f"{full['train']}/{p}\n" for p in train))
-    (d / "val.txt").write_text("".join(f"{full['val']}/{p}\n" for p in val))
-    yaml_save(d / "tiny.yaml", {"path": str(d), "train": "train.txt", "val": "val.txt",
-                                "names": list(full["names"].values())})
-    return d / "tiny.yaml"
+    return shapes_subset(tmp_path_factory.mktemp("report_shapes"), 8, 6)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +162,7 @@ def test_sensitivity_ranks_the_layers(tiny, tmp_path):
     assert all(math.isfinite(v) and -1 <= v <= 1 for m in maps for v in m)
     assert maps[0][2] >= maps[1][2]  # ranked by mAP lost
     subset = (tmp_path / "sens" / "val_subset.txt").read_text().split()
-    first = [ln for ln in (tiny.parent / "val.txt").read_text().split()][:4]
+    first = [ln for ln in (tiny.parent / "tiny_val.txt").read_text().split()][:4]
     assert subset == first
 
 

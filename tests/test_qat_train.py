@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, reference, start_and_kill_when
+from conftest import ROOT, reference, shapes_subset, start_and_kill_when
 from bst.torch.ao.quantization import FakeQuantizeBase
 from models.quant import all_scales_pow2
 from utils.checkpoint import load_checkpoint
-from utils.dataset_yaml import check_dataset
 from utils.general import yaml_save
 
 ENV = {**os.environ, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -27,15 +26,7 @@ SEED_FLAGS = ["--qat", "--bn-folding", "--disable-observer-epoch", "0", "--freez
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    full = check_dataset("data/shapes.yaml")
-    d = tmp_path_factory.mktemp("qat_shapes")
-    ims = sorted(p for p in os.listdir(full["train"]) if p.endswith(".jpg"))[:16]
-    val = sorted(p for p in os.listdir(full["val"]) if p.endswith(".jpg"))[:8]
-    (d / "train.txt").write_text("".join(f"{full['train']}/{p}\n" for p in ims))
-    (d / "val.txt").write_text("".join(f"{full['val']}/{p}\n" for p in val))
-    yaml_save(d / "tiny.yaml", {"path": str(d), "train": "train.txt", "val": "val.txt",
-                                "names": list(full["names"].values())})
-    return d / "tiny.yaml"
+    return shapes_subset(tmp_path_factory.mktemp("qat_shapes"), 16, 8)
 
 
 def _train(*args, timeout=300):
