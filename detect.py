@@ -30,7 +30,7 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
         iou_thres=0.45, max_det=1000, device="", view_img=False, save_txt=False, save_conf=False, save_crop=False,
         nosave=False, classes=None, agnostic_nms=False, augment=False, visualize=False, update=False,
         project=ROOT / "runs/detect", name="exp", exist_ok=False, line_thickness=3, hide_labels=False,
-        hide_conf=False, half=False, dnn=False, vid_stride=1):
+        hide_conf=False, half=False, dnn=False, vid_stride=1, nms_time_limit=0.0):
     source = str(source)
     if not Path(source).exists() and not any(c in source for c in "*?"):
         raise UserError(f"--source {source}: path does not exist; give an image, video, folder, glob or .txt list")
@@ -60,7 +60,8 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
         pred = model(im, augment=augment, visualize=vis_dir)
         t3 = time_sync()
         dt[1] += t3 - t2
-        pred = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det)
+        pred = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det,
+                                   time_limit=nms_time_limit if nms_time_limit > 0 else None)
         dt[2] += time_sync() - t3
 
         for det in pred:
@@ -154,6 +155,8 @@ def parse_opt(argv=None):
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference")
     parser.add_argument("--dnn", action="store_true", help="use OpenCV DNN for ONNX inference")
     parser.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
+    parser.add_argument("--nms-time-limit", type=float, default=0.0, help="seconds NMS may spend on a batch before "
+                        "dropping the rest (for live streams; 0: no limit, every detection is kept)")
     opt = parser.parse_args(argv)
     opt.imgsz *= 2 if len(opt.imgsz) == 1 else 1
     print_args(vars(opt), "detect")

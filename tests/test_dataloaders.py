@@ -1,5 +1,6 @@
 """Dataset scanning, bad-data handling, label cache, rect batches, mosaic, loaders, LoadImages, check_dataset."""
 import logging
+import math
 import random
 import re
 import zipfile
@@ -572,3 +573,15 @@ def test_mixup_merges_two_mosaics(tmp_path):
     lo = np.minimum(made[0][0], made[1][0]).astype(float) - 1
     hi = np.maximum(made[0][0], made[1][0]).astype(float) + 1
     assert ((blend >= lo) & (blend <= hi)).all()  # every pixel lies between the two mosaics
+
+
+@pytest.mark.parametrize("w, h", [(269, 245), (242, 361), (301, 17), (1000, 999)])
+def test_load_image_rounds_resized_sides_up_as_upstream(tmp_path, w, h):
+    """Upstream v7.0 resizes to ceil(side * r); int() made odd-sized images one pixel short and changed predictions."""
+    write_image(tmp_path / "images" / "val" / "odd.jpg", w=w, h=h)
+    write_label(tmp_path, "odd", "0 0.5 0.5 0.5 0.5\n", "val")
+    ds = LoadImagesAndLabels(tmp_path / "images" / "val", img_size=256, batch_size=1, rect=True, stride=32)
+    im, hw0, hw = ds.load_image(0)
+    r = 256 / max(w, h)
+    assert hw0 == (h, w)
+    assert hw == im.shape[:2] == (math.ceil(h * r), math.ceil(w * r))

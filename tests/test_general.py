@@ -204,15 +204,27 @@ def test_nms_accepts_tuple_and_returns_one_tensor_per_image():
     assert torch.equal(out[0], non_max_suppression([p, raw])[0])
 
 
-def test_nms_time_limit_warns_and_stops(monkeypatch):
+def test_nms_never_drops_images_by_default_even_on_a_slow_clock(monkeypatch):
+    """The val/training path: no wall-clock limit, so a slow or loaded machine gives the same detections."""
     clock = iter(range(0, 1000, 10))  # every call to time.time() advances 10 s
     monkeypatch.setattr(general.time, "time", lambda: float(next(clock)))
     warnings = []
     monkeypatch.setattr(general.LOGGER, "warning", lambda msg: warnings.append(msg))
     p = torch.cat([_pred([(*A, 0.9, {0: 0.9})], nc=1)] * 3, 0)
     out = non_max_suppression(p)
+    assert [len(o) for o in out] == [1, 1, 1]
+    assert warnings == []
+
+
+def test_nms_explicit_time_limit_warns_with_what_was_dropped(monkeypatch):
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(general.time, "time", lambda: float(next(clock)))
+    warnings = []
+    monkeypatch.setattr(general.LOGGER, "warning", lambda msg: warnings.append(msg))
+    p = torch.cat([_pred([(*A, 0.9, {0: 0.9})], nc=1)] * 3, 0)
+    out = non_max_suppression(p, time_limit=1.0)
     assert [len(o) for o in out] == [1, 0, 0]
-    assert len(warnings) == 1 and "time limit" in warnings[0]
+    assert len(warnings) == 1 and "time limit" in warnings[0] and "other 2 images" in warnings[0]
 
 
 def _reference_nms(pred, conf_thres, iou_thres):

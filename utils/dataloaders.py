@@ -557,7 +557,9 @@ class LoadImagesAndLabels(Dataset):
         r = self.img_size / max(h0, w0)
         if r != 1:
             interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA  # AREA: best for shrinking
-            im = cv2.resize(im, (max(1, int(w0 * r)), max(1, int(h0 * r))), interpolation=interp)
+            # ceil, as upstream v7.0: with int() a 245x269 image at 256 would come out one pixel short, and every
+            # prediction on it would differ from upstream's
+            im = cv2.resize(im, (math.ceil(w0 * r), math.ceil(h0 * r)), interpolation=interp)
         return im, (h0, w0), im.shape[:2]
 
     def load_mosaic(self, index):

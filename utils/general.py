@@ -244,7 +244,7 @@ NMS_MAX_BOXES = 30000  # at most this many highest-confidence candidates per ima
 
 
 def non_max_suppression(prediction, conf_thres=0.25, iou_thres=0.45, classes=None, agnostic=False,
-                        multi_label=False, labels=(), max_det=300, nm=0):
+                        multi_label=False, labels=(), max_det=300, nm=0, time_limit=None):
     """Filter raw detections per image.
 
     prediction: (bs, N, 5 + nc + nm) rows [x, y, w, h, obj, nc class scores, nm mask coefficients], or a tuple/list
@@ -269,7 +269,6 @@ def non_max_suppression(prediction, conf_thres=0.25, iou_thres=0.45, classes=Non
     nc = prediction.shape[2] - nm - 5
     mask_start = 5 + nc
     multi_label = multi_label and nc > 1
-    time_limit = 0.5 + 0.05 * bs  # seconds
     t_start = time.time()
     keep_class = None if classes is None else torch.as_tensor(classes, device=prediction.device).view(1, -1)
 
@@ -307,8 +306,9 @@ def non_max_suppression(prediction, conf_thres=0.25, iou_thres=0.45, classes=Non
         keep = torchvision.ops.nms((x[:, :4] + offset).float(), x[:, 4].float(), iou_thres)[:max_det]
         output[bi] = x[keep].to(device)
 
-        if time.time() - t_start > time_limit:
-            LOGGER.warning(f"WARNING: NMS time limit {time_limit:.3f}s exceeded, later images of the batch are empty")
+        if time_limit is not None and time.time() - t_start > time_limit and bi + 1 < bs:
+            LOGGER.warning(f"WARNING: NMS time limit {time_limit:.3f}s exceeded after image {bi + 1} of {bs}: the "
+                           f"detections of the other {bs - bi - 1} images of this batch were dropped")
             break
     return output
 
