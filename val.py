@@ -9,6 +9,7 @@ With --save-json and a dataset that has COCO annotations, pycocotools' COCOeval 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 from models.backend import DetectMultiBackend  # noqa: E402
 from models.experimental import is_quantized  # noqa: E402
+from models.quant import observers_frozen  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.dataset_yaml import check_dataset  # noqa: E402
 from utils.general import (LOGGER, UserError, check_file, check_img_size, coco80_to_coco91_class, colorstr,  # noqa: E402
@@ -95,6 +97,21 @@ def coco_eval(anno_json, pred_json, im_files):
     return ev.stats
 
 
+def _qparams_frozen(evaluate):
+    """A QAT model passed in (training's validation) is evaluated with frozen qparams (models.quant.freeze: observers
+    off, convs on the integer bias grid), as its checkpoint and exports will be; observers come back afterwards.
+    A checkpoint loaded by DetectMultiBackend is frozen on load."""
+    @functools.wraps(evaluate)
+    def wrapper(*args, **kwargs):
+        model = kwargs.get("model")
+        if model is None or not is_quantized(model):
+            return evaluate(*args, **kwargs)
+        with observers_frozen(model):
+            return evaluate(*args, **kwargs)
+    return wrapper
+
+
+@_qparams_frozen
 @torch.no_grad()
 def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thres=0.6, max_det=300, task="val",
         device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False, save_hybrid=False,
@@ -127,14 +144,6 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
                                     workers=workers, save=ptq_save)
 
     model.eval()
-    # a QAT model is evaluated with its scales as they are: observers must not learn from validation data
-    qmodel = model if training else getattr(model, "model", None)
-    observing = None
-    if qmodel is not None and is_quantized(qmodel):
-        from models.quant import observer_states, set_observers
-
-        observing = observer_states(qmodel)
-        set_observers(qmodel, False)
     is_coco = isinstance(data.get("val"), str) and data["val"].endswith(f"coco{os.sep}val2017.txt")
     nc = 1 if single_cls else int(data["nc"])
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
@@ -289,10 +298,6 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
             LOGGER.warning(f"WARNING: {anno_json} not found, pycocotools evaluation skipped")
 
     model.float()
-    if observing is not None:
-        from models.quant import restore_observer_states
-
-        restore_observer_states(qmodel, observing)
     if not training:
         n = len(list(save_dir.glob("labels/*.txt")))
         s = f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""

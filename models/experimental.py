@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from models.common import Conv
+from models.quant import freeze
 from models.yolo import Detect, DetectionModel
 
 
@@ -37,7 +38,8 @@ def is_quantized(model) -> bool:
 def attempt_load(weights, device=None, inplace=True, fuse=True, trust=False):
     """Load one checkpoint (or an Ensemble of several) for inference: EMA if present, float, eval mode.
 
-    Conv+BN is fused unless `fuse=False` or the model is quantized (QAT modules keep their own path).
+    Conv+BN is fused unless `fuse=False` or the model is quantized (QAT modules keep their own path). A QAT model's
+    quantization parameters are frozen (models.quant.freeze), so it computes what its exports compute.
     """
     from utils.checkpoint import attempt_download, load_checkpoint
     from utils.general import UserError
@@ -54,7 +56,9 @@ def attempt_load(weights, device=None, inplace=True, fuse=True, trust=False):
         if hasattr(model, "names") and isinstance(model.names, (list, tuple)):
             model.names = dict(enumerate(model.names))
         model.checkpoint_path = str(path)
-        if fuse and hasattr(model, "fuse") and not is_quantized(model):
+        if is_quantized(model):
+            freeze(model)
+        elif fuse and hasattr(model, "fuse"):
             model.fuse()
         models.append(model.eval())
 

@@ -25,6 +25,7 @@ A recipe (data/quant/*.yaml) sets the defaults and per-module overrides:
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
 
@@ -288,6 +289,33 @@ def restore_observer_states(model, states):
         m.enable_observer(on)
 
 
+def example_input(model, size: int = 64) -> torch.Tensor:
+    """A small input on the model's device: enough for one traced forward of a YOLOv5 model (stride <= 32)."""
+    t = next(model.parameters(), None)
+    t = next(model.buffers(), None) if t is None else t
+    return torch.zeros(1, 3, size, size, device=t.device if t is not None else "cpu", dtype=torch.float32)
+
+
+def freeze(model):
+    """Freeze a QAT DetectionModel's qparams for evaluation or export (bq.freeze_qparams); returns it.
+    val.py, detect.py, training's validation and export.py all evaluate a QAT model through this."""
+    training = model.training
+    bq.freeze_qparams(model, (example_input(model),))
+    model.train(training)
+    return model
+
+
+@contextmanager
+def observers_frozen(model):
+    """``with observers_frozen(model):`` evaluate with frozen qparams; each observer's on/off state comes back
+    afterwards, also when the evaluation raises."""
+    states = observer_states(model)
+    try:
+        yield freeze(model)
+    finally:
+        restore_observer_states(model, states)
+
+
 def apply_schedule(model, epoch: int, freeze_bn_epoch: int, disable_observer_epoch: int):
     """BN statistics and observers per the QAT flags at the start of `epoch` (-1: never)."""
     if freeze_bn_epoch >= 0 and epoch >= freeze_bn_epoch:
@@ -311,8 +339,8 @@ def calibrate(model, loader, n_batches: int, device):
         imgs = batch[0].to(device, non_blocking=True).float() / 255
         model(imgs)
         seen += imgs.shape[0]
-    set_observers(model, False)  # computes lazily evaluated qparams (e.g. MSE) now
     set_fake_quant(model, True)
+    freeze(model)  # observers off: computes lazily evaluated qparams (e.g. MSE) now
     model.train()
     LOGGER.info(f"QAT: calibrated on {seen} images ({min(n_batches, len(loader))} batches)")
     return seen

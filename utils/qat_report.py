@@ -235,7 +235,8 @@ def val_dataloader(data, imgsz, batch_size, stride, save_dir, max_images=0, work
 # ---------------------------------------------------------------------------------------------- activations
 
 class _RangePass:
-    """Pass 1 (the calibration pass): element count, min, max and first-call order of each quantizer's input."""
+    """Pass 1 (the calibration pass): element count, min, max and first-call order of each quantizer's input, over the
+    calls that observe (the traced forward with which calibration ends sees no data)."""
 
     def __init__(self, named):
         self.stats = {}
@@ -243,6 +244,8 @@ class _RangePass:
 
     def _hook(self, name):
         def hook(module, inputs):
+            if not bool(module.observer_enabled[0]):
+                return
             x = inputs[0].detach().float().flatten()
             lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (math.nan, math.nan)
             dirty = not (math.isfinite(lo) and math.isfinite(hi))  # NaN propagates into min/max; inf shows there

@@ -7,7 +7,7 @@ from .calibrators import MSEObserver, PercentileObserver
 from .factory import Factory
 from .fake_quantize import (FakeQuantize, FakeQuantizeBase, FixedQParamsFakeQuantize, FusedMovingAvgObsFakeQuantize,
                             LearnableFakeQuantize, disable_fake_quant, disable_observer, enable_fake_quant,
-                            enable_observer)
+                            enable_observer, fake_quant_enabled, qparams_of)
 from .fuse import SUPPORTED_PATTERNS, fuse_conv_bn_weights, fuse_modules, fuse_modules_qat
 from .integer_reference import QTensor, integer_mode
 from .mappings import get_default_convert_module_mappings, get_default_qat_module_mappings
@@ -15,7 +15,7 @@ from .observer import (FixedQParamsObserver, MinMaxObserver, MovingAverageMinMax
                        MovingAveragePerChannelMinMaxObserver, ObserverBase, PerChannelMinMaxObserver)
 from .pow2 import is_pow2
 from .qconfig import QConfig, get_default_calibration_qconfig, get_default_qat_qconfig
-from .quantize import convert, prepare_qat, propagate_qconfig_, trace_input_quantizers
+from .quantize import convert, freeze_qparams, prepare_qat, propagate_qconfig_, trace_input_quantizers
 from .state import (QuantizerModule, copy_quantizer_state_, is_quantizer_state, quantizer_parameters,
                     quantizer_state_keys)
 from .stubs import DeQuantStub, QuantStub
@@ -24,6 +24,7 @@ __all__ = [
     "MSEObserver", "PercentileObserver", "Factory",
     "FakeQuantize", "FakeQuantizeBase", "FixedQParamsFakeQuantize", "FusedMovingAvgObsFakeQuantize",
     "LearnableFakeQuantize", "disable_fake_quant", "disable_observer", "enable_fake_quant", "enable_observer",
+    "fake_quant_enabled", "qparams_of",
     "SUPPORTED_PATTERNS", "fuse_conv_bn_weights", "fuse_modules", "fuse_modules_qat",
     "QTensor", "integer_mode",
     "get_default_convert_module_mappings", "get_default_qat_module_mappings",
@@ -31,7 +32,7 @@ __all__ = [
     "ObserverBase", "PerChannelMinMaxObserver",
     "is_pow2",
     "QConfig", "get_default_calibration_qconfig", "get_default_qat_qconfig",
-    "convert", "prepare_qat", "propagate_qconfig_", "trace_input_quantizers",
+    "convert", "freeze_qparams", "prepare_qat", "propagate_qconfig_", "trace_input_quantizers",
     "QuantizerModule", "copy_quantizer_state_", "is_quantizer_state", "quantizer_parameters", "quantizer_state_keys",
     "DeQuantStub", "QuantStub",
 ]

@@ -409,6 +409,28 @@ class LearnableFakeQuantize(FakeQuantizeBase):
                 f"pow2={self.pow2}, grad_factor={self.grad_factor}")
 
 
+@torch.no_grad()
+def qparams_of(quantizer: FakeQuantizeBase) -> tuple:
+    """(scale float32, zero_point int32, quant_min, quant_max) that `quantizer` applies with its observer off: a
+    lazily computed observer's pending qparams are evaluated first, a learned power-of-two scale is synced.
+    The public way to read a quantizer's frozen qparams (copies, safe to keep)."""
+    if isinstance(quantizer, LearnableFakeQuantize):
+        scale, zero_point = quantizer.calculate_qparams()
+        if not quantizer.pow2:  # its forward clamps the learned scale to eps
+            scale = scale.clamp(min=torch.finfo(torch.float32).eps)
+    else:
+        if quantizer.__dict__.get("_stale"):
+            quantizer.refresh_qparams()
+        scale, zero_point = quantizer.scale, quantizer.zero_point
+    return (scale.detach().clone().float(), zero_point.detach().clone().to(torch.int32), quantizer.quant_min,
+            quantizer.quant_max)
+
+
+def fake_quant_enabled(quantizer) -> bool:
+    """True when `quantizer` is a fake quantizer with fake quantization on."""
+    return isinstance(quantizer, FakeQuantizeBase) and quantizer._flag("fake_quant_enabled")
+
+
 def enable_fake_quant(module: nn.Module):
     """For ``model.apply``: turn fake quantization on."""
     if isinstance(module, FakeQuantizeBase):

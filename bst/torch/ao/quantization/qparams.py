@@ -42,6 +42,17 @@ UNSIGNED_DTYPES = (torch.quint8, torch.uint8)
 DEFAULT_EPS = torch.finfo(torch.float32).eps  # 2**-23, itself a power of two
 
 
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+def bias_on_grid(bias: torch.Tensor, weight_scale: torch.Tensor, input_scale) -> torch.Tensor:
+    """round_half_even(bias / (input_scale * weight_scale)): the int32 bias an integer conv adds to its
+    accumulator, as float32 integers (not clamped; see ``INT32_MIN``/``INT32_MAX``). One formula for the
+    eval-mode QAT convs, `convert` and every export, so they add the very same bias."""
+    grid = weight_scale.detach().float().reshape(-1) * input_scale
+    return torch.round(bias.detach().float() / grid)
+
+
 def check_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPE_RANGES:
         names = ", ".join(f"torch.{str(d).split('.')[-1]}" for d in DTYPE_RANGES)

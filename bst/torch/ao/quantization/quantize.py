@@ -15,7 +15,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .fake_quantize import FakeQuantizeBase
+from .fake_quantize import FakeQuantizeBase, disable_observer, fake_quant_enabled, qparams_of
 from .mappings import get_default_convert_module_mappings, get_default_qat_module_mappings
 from .qconfig import QConfig
 from .stubs import QuantStub
@@ -130,7 +130,7 @@ class _InputTracer:
                 self.handles.append(m.register_forward_hook(self._tag))
             elif isinstance(m, _GRID_PRESERVING) and getattr(m, "mode", "nearest") == "nearest":
                 self.handles.append(m.register_forward_hook(self._pass_on))
-            elif type(m) in conv_types:
+            elif isinstance(m, tuple(conv_types)):
                 self.handles.append(m.register_forward_pre_hook(self._consume))
 
     def _source(self, t):
@@ -184,9 +184,40 @@ def trace_input_quantizers(model: nn.Module, example_inputs: tuple, consumer_typ
     return _InputTracer(model, set(consumer_types)).run(example_inputs)
 
 
+def _qat_conv_types() -> tuple:
+    from bst.torch.ao.nn.intrinsic.qat import ConvBn2d
+    from bst.torch.ao.nn.qat import Conv2d
+
+    return Conv2d, ConvBn2d
+
+
+@torch.no_grad()
+def freeze_qparams(model: nn.Module, example_inputs: tuple) -> nn.Module:
+    """Freeze a QAT model's quantization parameters for evaluation and export; returns `model`.
+
+    Observers off (a lazily computed observer, e.g. MSE, turns its statistics into qparams now), then one
+    traced forward (`trace_input_quantizers`) tells every QAT conv the scale of the per-tensor quantizer that
+    feeds it, so that in eval mode it adds its bias on the int32 grid ``input_scale * weight_scale`` exactly as
+    `convert` and every export do. Evaluation and export must both start from this function: it is what
+    makes them compute the same integers. A conv whose input does not come straight from a per-tensor fake
+    quantizer keeps its float bias. Observers stay off; re-enable them to keep calibrating."""
+    from bst.torch.ao.nn.qat.conv import set_input_scale
+
+    if not isinstance(example_inputs, tuple):
+        raise ValueError(f"example_inputs: a tuple of model inputs is expected, got {type(example_inputs).__name__}")
+    model.apply(disable_observer)
+    conv_types = _qat_conv_types()
+    inputs = _InputTracer(model, conv_types).run(example_inputs)
+    for m in model.modules():
+        if isinstance(m, conv_types):
+            source = (inputs.get(m) or [None])[0]
+            known = source is not None and fake_quant_enabled(source) and not source.is_per_channel
+            set_input_scale(m, float(qparams_of(source)[0]) if known else None)
+    return model
+
+
 def _swap_converted(module, mapping, inputs, prefix=""):
     from bst.torch.ao.nn.quantized import FloatFunctional
-    from bst.torch.ao.nn.quantized.reference import qparams_of
 
     for name, child in module.named_children():
         full = f"{prefix}.{name}" if prefix else name

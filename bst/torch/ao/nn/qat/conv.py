@@ -1,5 +1,13 @@
 """QAT Conv2d: the weight goes through ``weight_fake_quant``; the output through
-``activation_post_process`` once `prepare_qat` attached one (inside forward, no hook needed)."""
+``activation_post_process`` once `prepare_qat` attached one (inside forward, no hook needed).
+
+In eval mode, once `bst.torch.ao.quantization.freeze_qparams` has told a conv the scale of the quantizer
+that feeds it (``input_scale``), the conv adds its bias on the int32 grid ``input_scale * weight_scale``,
+as the integer kernel, `convert` and every export do. With power-of-two scales every product and sum
+of such a conv is then exact in float32, so the PyTorch model, the integer reference and an exported
+graph compute the same numbers whatever their summation order (a float bias leaves sums a rounding
+away from a tie of the output quantizer, and two runtimes round such sums differently).
+"""
 from __future__ import annotations
 
 import torch
@@ -8,6 +16,8 @@ import torch.nn.functional as F
 
 from bst.torch.ao.nn.intrinsic.modules import ConvReLU2d as FloatConvReLU2d
 from bst.torch.ao.nn.intrinsic.modules import ConvReLU62d as FloatConvReLU62d
+from bst.torch.ao.quantization.fake_quantize import fake_quant_enabled
+from bst.torch.ao.quantization.qparams import INT32_MAX, INT32_MIN, bias_on_grid
 
 ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
 
@@ -16,6 +26,23 @@ def require_weight_qconfig(qconfig, owner: str):
     if qconfig is None or getattr(qconfig, "weight", None) is None:
         raise ValueError(f"qconfig={qconfig!r}: {owner} needs a qconfig with a weight fake-quantizer constructor")
     return qconfig
+
+
+def set_input_scale(module: nn.Module, scale: float | None) -> None:
+    """The per-tensor scale of the quantizer feeding QAT conv `module` (None: unknown, the bias stays float)."""
+    module.input_scale = None if scale is None else float(scale)
+
+
+def eval_bias(module: nn.Module, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias an eval-mode QAT conv adds: on the int32 grid input_scale * weight_scale once its input scale is
+    known and its weight is fake-quantized (straight-through gradient), else `bias` itself. Call it after
+    ``weight_fake_quant`` ran in the same forward (a learned weight scale is synced there)."""
+    input_scale = module.__dict__.get("input_scale")
+    if bias is None or module.training or input_scale is None or not fake_quant_enabled(module.weight_fake_quant):
+        return bias
+    grid = module.weight_fake_quant.scale.detach().float().reshape(-1) * input_scale
+    q = bias_on_grid(bias, module.weight_fake_quant.scale, input_scale).clamp(INT32_MIN, INT32_MAX)
+    return bias + (q * grid - bias).detach()
 
 
 def finish_output(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -40,9 +67,11 @@ class Conv2d(nn.Conv2d):
                          device=device, dtype=dtype)
         self.qconfig = require_weight_qconfig(qconfig, type(self).__name__)
         self.weight_fake_quant = qconfig.weight()
+        self.input_scale = None  # see set_input_scale
 
     def forward(self, x):
-        return finish_output(self, self._conv_forward(x, self.weight_fake_quant(self.weight), self.bias))
+        weight = self.weight_fake_quant(self.weight)
+        return finish_output(self, self._conv_forward(x, weight, eval_bias(self, self.bias)))
 
     @classmethod
     def from_float(cls, mod):

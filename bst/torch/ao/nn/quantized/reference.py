@@ -12,20 +12,11 @@ import torch.nn.functional as F
 
 from bst.torch.ao.quantization import integer_reference as iref
 from bst.torch.ao.quantization.fake_quant_ops import fake_quantize_per_tensor
+from bst.torch.ao.quantization.fake_quantize import qparams_of
+from bst.torch.ao.quantization.qparams import INT32_MAX, INT32_MIN, bias_on_grid
 from bst.torch.ao.quantization.state import QuantizerModule
 
 _ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
-
-
-def qparams_of(quantizer):
-    """(scale, zero_point, quant_min, quant_max) of a fake quantizer, after any pending refresh."""
-    if getattr(quantizer, "_stale", False):
-        quantizer.refresh_qparams()
-    if hasattr(quantizer, "calculate_qparams") and hasattr(quantizer, "log2_scale"):
-        quantizer.calculate_qparams()  # learnable pow2: syncs the scale buffer
-    return (quantizer.scale.detach().clone().float(), quantizer.zero_point.detach().clone().to(torch.int32),
-            quantizer.quant_min, quantizer.quant_max)
 
 
 def _fake_quantize(x, scale, zero_point, quant_min, quant_max):
@@ -127,8 +118,7 @@ class Conv2d(_OutputQParams):
 
     def _bias_on_grid(self, input_scale: float):
         """round_half_even(bias / (input_scale * weight_scale)) as int32."""
-        grid = self.weight_scale * input_scale
-        q = torch.round(self.bias / grid)
+        q = bias_on_grid(self.bias, self.weight_scale, input_scale)
         if bool(((q < INT32_MIN) | (q > INT32_MAX)).any()):
             raise ValueError(f"bias: does not fit int32 on the grid input_scale * weight_scale (input_scale={input_scale})")
         return q.to(torch.int32)

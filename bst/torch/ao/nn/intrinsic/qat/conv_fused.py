@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from bst.torch.ao.nn.intrinsic import modules as nni
 from bst.torch.ao.nn.qat.conv import Conv2d as QATConv2d
-from bst.torch.ao.nn.qat.conv import finish_output, require_weight_qconfig
+from bst.torch.ao.nn.qat.conv import eval_bias, finish_output, require_weight_qconfig
 
 
 class _DivideChannels(torch.autograd.Function):
@@ -55,6 +55,7 @@ class ConvBn2d(nn.Conv2d):
         self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine=True, track_running_stats=True,
                                  device=device, dtype=dtype)
         self.weight_fake_quant = qconfig.weight()
+        self.input_scale = None  # see bst.torch.ao.nn.qat.conv.set_input_scale
         self.freeze_bn = freeze_bn if self.training else True
         if self.freeze_bn:
             self.bn.train(False)
@@ -88,7 +89,8 @@ class ConvBn2d(nn.Conv2d):
             # inference: the deployed conv itself, BN folded into weight and bias (running statistics), so the
             # fake-quant model computes what the exported QDQ graph and integer kernels compute
             weight, bias = self._folded(differentiable=True)
-            return self._conv_forward(x, self.weight_fake_quant(weight), bias)
+            weight = self.weight_fake_quant(weight)
+            return self._conv_forward(x, weight, eval_bias(self, bias))
         factor = self._bn_scale_factor()
         weight = self.weight_fake_quant(self.weight * factor.reshape(-1, 1, 1, 1))
         y = _DivideChannels.apply(self._conv_forward(x, weight, None), factor)
