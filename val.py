@@ -132,7 +132,10 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         half = model.fp16
         if not pt and not model.dynamic:
             batch_size = 1
-            LOGGER.info(f"Forcing --batch-size 1 square inference (1,3,{imgsz},{imgsz}) for non-PyTorch models")
+            first = weights[0] if isinstance(weights, (list, tuple)) else weights
+            LOGGER.info(f"Forcing --batch-size 1 square inference (1,3,{imgsz},{imgsz}) for {Path(str(first)).name}, an "
+                        f"exported file with fixed shapes; export it with --dynamic to validate it with the rectangular "
+                        f"batches the .pt gets")
         data = check_dataset(data)
         if ptq:  # post-training quantization: calibrate the float checkpoint, then evaluate it fake-quantized
             if not pt or is_quantized(model.model):
@@ -161,7 +164,9 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
                                f"match no label, so they are never true positives and are left out of the per-class "
                                f"metrics, the confusion matrix and the JSON; class names come from the dataset")
         model.warmup(imgsz=(1 if pt else batch_size, 3, imgsz, imgsz))
-        pad, rect = (0.0, False) if task == "speed" else (0.5, pt)
+        # rectangular batches for .pt and for exported files with dynamic shapes alike, so both are judged on the
+        # same inputs; a fixed-shape export can only take its square size, one image at a time
+        pad, rect = (0.0, False) if task == "speed" else (0.5, pt or model.dynamic)
         task = task if task in ("train", "val", "test") else "val"
         if not data.get(task):
             raise UserError(f"--task {task}: the dataset yaml has no '{task}' split")

@@ -107,3 +107,20 @@ def test_unfrozen_float_bias_is_what_broke_exactness(tmp_path):
     loose = export.verify_onnx_qdq(model, f, export.sample_batch((1, 3, H, W), seed=10), check=False)
     assert frozen["raw_share_differ"] == 0.0
     assert loose["raw_share_differ"] > 0.0
+
+
+def test_frozen_pow2_model_predictions_do_not_depend_on_the_batch(tmp_path):
+    """Every image of a batch gets the same raw outputs alone or batched with others, padded as rect batches pad
+    (114 grey): frozen power-of-two arithmetic is exact, so neither batch size nor neighbours change a prediction."""
+    pt = trained_qat_checkpoint(tmp_path / "qat.pt", "mse", 7)
+    model = load_pytorch_model(pt)
+    g = torch.Generator().manual_seed(3)
+    ims = torch.full((8, 3, H, W), 114 / 255)
+    ims[:, :, 8:H - 8] = torch.randint(0, 256, (8, 3, H - 16, W), generator=g).float() / 255
+    with torch.no_grad():  # raw head outputs (the Detect convs' quantized outputs), level by level
+        together = model(ims)[1]
+        alone = [model(ims[i:i + 1])[1] for i in range(8)]
+        pairs = [model(ims[i:i + 2])[1] for i in range(0, 8, 2)]
+    for level, t in enumerate(together):
+        assert torch.equal(t, torch.cat([a[level] for a in alone]))
+        assert torch.equal(t, torch.cat([p[level] for p in pairs]))

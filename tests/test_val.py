@@ -4,6 +4,7 @@ Most tests feed the ground truth of each real dataloader batch back as the model
 right metrics are known exactly; the CLI tests run the reference checkpoint (random weights, 80 classes) on shapes.
 """
 import json
+import math
 import os
 import re
 import subprocess
@@ -135,12 +136,13 @@ def run_echo(dataset, save_dir, plots=False, **kw):
 
 
 def upstream_x_scale(stem, imgsz=320):
-    """Upstream's scale_boxes divides x and y by one gain, h/h0 of the resized image; where int() rounding of the
-    resized size made w/w0 differ (000003: 300x200 -> 320x213), x comes back scaled by (w/w0)/(h/h0). Kept for
-    parity with upstream (about 0.16% here); val.py's own metrics are unaffected (labels go through the same path)."""
+    """Upstream's scale_boxes divides x and y by one gain, h/h0 of the resized image; where ceil rounding of the
+    resized size (upstream load_image) made w/w0 differ (000003: 300x200 -> 320x214), x comes back scaled by
+    (w/w0)/(h/h0). Kept for parity with upstream (about 0.3% here); val.py's own metrics are unaffected (labels go
+    through the same path)."""
     w0, h0 = IMAGES[stem][0]
     r = imgsz / max(w0, h0)
-    return (int(w0 * r) / w0) / (int(h0 * r) / h0)
+    return (math.ceil(w0 * r) / w0) / (math.ceil(h0 * r) / h0)
 
 
 def shift_for_iou(iou):
