@@ -128,13 +128,14 @@ def main(opt):
     rows = [("FP32 SiLU", fp32, *val(fp32, "fp32")), ("FP32 ReLU", relu, *val(relu, "relu")),
             ("QAT pow2 int8", qat, *val(qat, "qat"))]
 
-    stage(5, total, "export.py: ONNX with QuantizeLinear/DequantizeLinear, checked by onnxruntime")
+    stage(5, total, "export.py: ONNX with QuantizeLinear/DequantizeLinear (dynamic shapes), checked by onnxruntime")
     onnx = qat.with_suffix(".onnx")
     if onnx.exists() and onnx.stat().st_mtime > qat.stat().st_mtime:
         print(f"(reusing {onnx.relative_to(ROOT)})")
     else:
-        run(["export.py", "--weights", qat, "--include", "onnx", "--imgsz", IMG, IMG, "--data", "shapes.yaml"],
-            OUT / "export.log")
+        # --dynamic: val.py then runs the file with the same rectangular batches as the .pt, so the two rows compare
+        run(["export.py", "--weights", qat, "--include", "onnx", "--dynamic", "--imgsz", IMG, IMG, "--data",
+             "shapes.yaml"], OUT / "export.log")
 
     stage(6, total, "val.py of the ONNX file (onnxruntime)")
     rows.append(("ONNX QDQ (onnxruntime)", onnx, *val(onnx, "onnx")))

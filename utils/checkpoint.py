@@ -47,7 +47,9 @@ def safe_globals() -> list:
 
     project = [yolo.DetectionModel, yolo.Detect, common.Conv, common.DWConv, common.Bottleneck, common.C3,
                common.SPP, common.SPPF, common.Focus, common.Concat, experimental.Ensemble]
-    extra = [set, tuple, slice, getattr]
+    # plain-data constructors only: never a callable that reads attributes (getattr let a pickle walk from an allowed
+    # class to eval/exec), imports, evaluates or calls what it is given (tests/test_checkpoint_security.py)
+    extra = [set, tuple, slice]
     try:  # upstream training checkpoints may store numpy scalars/arrays (best_fitness, results)
         import numpy as np
 

@@ -62,7 +62,6 @@ class QATRun:
             return 0
         seen = calibrate(model, loader, self.calib_batches, device)
         if self.shares_concat_scales(model):
-            self.example = next(iter(loader))[0][:1].to(device).float() / 255
             self._share(model)
         return seen
 
@@ -70,13 +69,14 @@ class QATRun:
     def shares_concat_scales(model):
         return bool(((getattr(model, "qat", None) or {}).get("recipe") or {}).get("concat", {}).get("share_input_scales"))
 
-    def _share(self, model):
-        from models.quant import share_concat_scales
+    @staticmethod
+    def _share(model):
+        """Re-share the concat scales (after observers froze them); needs no data, so a resumed run does it too."""
+        from models.quant import example_input, share_concat_scales
 
-        if getattr(self, "example", None) is not None:
-            training = model.training
-            share_concat_scales(model, self.example)
-            model.train(training)
+        training = model.training
+        share_concat_scales(model, example_input(model))
+        model.train(training)
 
     def start_epoch(self, model, epoch):
         from models.quant import apply_schedule

@@ -1,0 +1,141 @@
+"""val.py against upstream YOLOv5 v7.0 on images of arbitrary size: P, R, mAP50, mAP50-95 and the --save-json
+predictions, box for box, for the same checkpoint and flags.
+
+The dataset is made here from the shapes val split: every image resized to another size (odd, non-square, several
+aspect ratios, a few very small and very large ones), labels unchanged (they are normalised). Upstream is the
+`yolov5==7.0.14` package, installed outside this repository with the few modules it imports (it needs numpy < 2):
+
+    pip install --no-deps --target ../upstream yolov5==7.0.14 "numpy<2" pandas==2.2.3 "setuptools<70" \\
+        ultralytics==8.0.238 requests urllib3 idna certifi psutil python-dateutil pytz
+    python benchmarks/val_upstream.py --upstream ../upstream
+
+Upstream runs in a subprocess whose only extra import path is that folder. Without it the script says so and exits 0.
+Exit status 1 when the two disagree beyond --tol (metrics) or a prediction differs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import val  # noqa: E402
+from utils.dataset_yaml import check_dataset  # noqa: E402
+from utils.general import LOGGER, UserError, run_cli, yaml_save  # noqa: E402
+
+# (w, h): odd sides, portrait and landscape, very small and very large
+SIZES = [(269, 245), (242, 361), (37, 53), (1203, 771), (513, 127), (99, 301), (333, 333), (700, 1001), (61, 29),
+         (455, 387), (255, 257), (1500, 401)]
+
+DRIVER = """
+import json, sys
+from yolov5 import val
+r = val.run(**json.loads(sys.argv[1]))
+print("UPSTREAM_RESULT " + json.dumps([float(x) for x in r[0][:4]]))
+"""
+
+
+def make_dataset(out: Path, n: int) -> Path:
+    """The first n shapes val images, each resized to the next size of SIZES; returns the data yaml."""
+    shapes = check_dataset(ROOT / "data/shapes.yaml")
+    src = sorted(Path(shapes["val"]).glob("*.jpg"))[:n]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(src):
+        w, h = SIZES[i % len(SIZES)]
+        im = cv2.resize(cv2.imread(str(f)), (w, h), interpolation=cv2.INTER_LINEAR)
+        cv2.imwrite(str(out / "images" / f.name), im)
+        label = Path(str(f).replace(f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}")).with_suffix(".txt")
+        (out / "labels" / label.name).write_text(label.read_text() if label.is_file() else "")
+    data = out / "odd.yaml"
+    yaml_save(data, {"path": str(out), "train": "images", "val": "images", "names": shapes["names"]})
+    return data
+
+
+def run_upstream(upstream: Path, kwargs: dict, cwd: Path) -> list:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    # upstream resolves the checkpoint's pickled models.* classes through its own folder; torch >= 2.6 needs the
+    # full unpickler for upstream's torch.load
+    env.update(PYTHONPATH=f"{upstream}{os.pathsep}{upstream / 'yolov5'}", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(kwargs)], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=1800)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("UPSTREAM_RESULT ")]
+    if r.returncode or not lines:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"upstream val.run failed (exit {r.returncode}): {tail}")
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def predictions(folder: Path) -> list:
+    (f,) = list(folder.glob("*_predictions.json"))
+    key = lambda p: (str(p["image_id"]), p["category_id"], -p["score"], p["bbox"])  # noqa: E731
+    return sorted(json.loads(f.read_text()), key=key)
+
+
+def compare_predictions(ours: list, theirs: list) -> dict:
+    worst_box = worst_score = 0.0
+    same_keys = len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        same_keys &= (str(a["image_id"]), a["category_id"]) == (str(b["image_id"]), b["category_id"])
+        worst_box = max(worst_box, max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])))
+        worst_score = max(worst_score, abs(a["score"] - b["score"]))
+    return {"n_ours": len(ours), "n_upstream": len(theirs), "same_images_and_classes": bool(same_keys),
+            "max_bbox_diff": worst_box, "max_score_diff": worst_score}
+
+
+def main(opt):
+    upstream = Path(opt.upstream).resolve()
+    if not (upstream / "yolov5" / "val.py").is_file():
+        print(f"skipped: upstream YOLOv5 v7.0 not found in {upstream} (install it as the docstring says: "
+              f"pip install --no-deps --target {opt.upstream} yolov5==7.0.14 ...)")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = make_dataset(tmp / "odd", opt.images)
+        common = {"data": str(data), "weights": str(Path(opt.weights).resolve()), "imgsz": opt.imgsz,
+                  "batch_size": opt.batch_size, "save_json": True, "plots": False, "workers": 0,
+                  "project": str(tmp), "exist_ok": True, "device": "cpu"}
+        theirs = run_upstream(upstream, {**common, "name": "upstream"}, tmp)
+        ours = list(val.run(**{**common, "name": "ours"})[0][:4])
+        pred = compare_predictions(predictions(tmp / "ours"), predictions(tmp / "upstream"))
+    names = ("P", "R", "mAP50", "mAP50-95")
+    sizes = ", ".join(f"{w}x{h}" for w, h in SIZES)
+    print(f"\nval.py vs upstream YOLOv5 v7.0 ({upstream}): {Path(opt.weights).name}, {opt.images} shapes val images "
+          f"resized to {sizes} (cycled), --img {opt.imgsz} --batch-size {opt.batch_size}")
+    print(f"{'metric':<10}{'ours':>10}{'upstream':>10}{'diff':>10}")
+    worst = 0.0
+    for n, a, b in zip(names, ours, theirs):
+        worst = max(worst, abs(a - b))
+        print(f"{n:<10}{a:>10.5f}{b:>10.5f}{a - b:>+10.5f}")
+    print(f"--save-json predictions: {pred['n_ours']} ours, {pred['n_upstream']} upstream; same images and classes in "
+          f"order: {pred['same_images_and_classes']}; max |bbox diff| {pred['max_bbox_diff']:.4f} px, "
+          f"max |score diff| {pred['max_score_diff']:.6f}")
+    agree = worst <= opt.tol and pred["same_images_and_classes"] and pred["max_bbox_diff"] <= 0.002 \
+        and pred["max_score_diff"] <= 1e-5
+    print("agree" if agree else f"DIFFER (metrics tolerance {opt.tol}; JSON boxes 0.002 px, scores 1e-5)")
+    return 0 if agree else 1
+
+
+def parse_opt(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--upstream", default=str(ROOT.parent / "upstream"), help="folder holding the yolov5 package")
+    parser.add_argument("--weights", default=str(ROOT / "weights" / "shapes_yolov5n_silu.pt"), help="checkpoint")
+    parser.add_argument("--imgsz", "--img", type=int, default=256, help="inference size (pixels)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size")
+    parser.add_argument("--images", type=int, default=60, help="how many shapes val images to resize and use")
+    parser.add_argument("--tol", type=float, default=0.001, help="largest allowed metric difference")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    LOGGER.setLevel("WARNING")
+    raise SystemExit(run_cli(main, parse_opt()))
