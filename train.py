@@ -89,6 +89,11 @@ def build_model(opt, hyp, nc, device):
         if is_quantized(src):  # a QAT checkpoint: keep training it as saved (modules, scales, observer statistics)
             if not (getattr(opt, "qat", False) or opt.resume):
                 raise UserError(f"{path}: is a QAT checkpoint; add --qat to keep training it, or start from a float one")
+            src_nc = int(getattr(src, "nc", 0) or src.yaml.get("nc", 0))
+            if src_nc != nc and not opt.resume:
+                raise UserError(f"{path}: a QAT model with {src_nc} classes cannot train on {opt.data} ({nc} classes): "
+                                f"its quantized Detect head has the wrong size; start QAT from the float model it came "
+                                f"from (--weights <float .pt> --qat ...)")
             LOGGER.info(f"Continuing the QAT model of {weights}")
             return src.float().to(device), ckpt
         act = pick_activation(opt, src)

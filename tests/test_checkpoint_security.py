@@ -82,8 +82,9 @@ def test_every_cli_refuses_the_exploit_in_one_line(tmp_path, cli):
 
     marker = tmp_path / "pwned"
     evil = write_checkpoint(tmp_path / "evil.pt", exploit_pickle(marker))
-    args = {"val.py": ["--data", "shapes.yaml"], "detect.py": ["--source", str(ROOT / "models")],
-            "export.py": ["--include", "onnx"], "train.py": ["--data", "shapes.yaml", "--epochs", "1"]}[cli]
+    runs = ["--project", str(tmp_path / "runs")]
+    args = {"val.py": ["--data", "shapes.yaml", *runs], "detect.py": ["--source", str(ROOT / "models"), *runs],
+            "export.py": ["--include", "onnx"], "train.py": ["--data", "shapes.yaml", "--epochs", "1", *runs]}[cli]
     r = subprocess.run([sys.executable, cli, "--weights", str(evil), *args], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert r.returncode != 0 and not marker.exists()

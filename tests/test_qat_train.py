@@ -16,7 +16,7 @@ from conftest import ROOT, reference, shapes_subset, start_and_kill_when
 from bst.torch.ao.quantization import FakeQuantizeBase
 from models.quant import all_scales_pow2
 from utils.checkpoint import load_checkpoint
-from utils.general import yaml_save
+from utils.general import yaml_load, yaml_save
 
 ENV = {**os.environ, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 FAST = ["--img", "128", "--batch-size", "8", "--workers", "0", "--noplots", "--calib-batches", "2",
@@ -177,3 +177,23 @@ def test_ddp_qat_two_cpu_ranks_hold_identical_quantizer_state(tiny, tmp_path):
     p0, p1 = (torch.load(dump / f"rank{i}.pt") for i in (0, 1))
     assert all(torch.equal(p0[k], p1[k]) for k in p0)
     assert all_scales_pow2(load_checkpoint(tmp_path / "ddp" / "weights" / "last.pt")["model"])
+
+
+def test_continuing_a_qat_checkpoint_keeps_its_own_quantization(tiny, tmp_path):
+    """--weights <QAT .pt>: the model keeps how it was quantized and the checkpoint records that; flags that would
+    change it are reported; a dataset with another class count is refused in one line (the head is quantized)."""
+    _ok(_train("--data", tiny, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST, "--epochs",
+               "1", *SEED_FLAGS, "--project", tmp_path, "--name", "first"))
+    qat_pt = tmp_path / "first" / "weights" / "best.pt"
+    r = _train("--data", tiny, "--weights", qat_pt, *FAST, "--epochs", "1", "--qat", "--project", tmp_path,
+               "--name", "again")
+    out = _ok(r)
+    assert "--pow2-scale False" in out + r.stderr and "--bn-folding False" in out + r.stderr
+    meta = load_checkpoint(tmp_path / "again" / "weights" / "best.pt")["qat"]
+    assert meta["pow2"] is True and meta["bn_folding"] is True  # the model's, not the command line's
+
+    three = tmp_path / "three.yaml"
+    data = yaml_load(tiny)
+    yaml_save(three, {**data, "names": ["a", "b", "c"]})
+    _one_line_error(_train("--data", three, "--weights", qat_pt, *FAST, "--epochs", "1", "--qat", "--project",
+                           tmp_path), "10 classes", "3 classes", "start QAT from the float model")

@@ -2,6 +2,8 @@
 per-epoch BN / observer schedule. The model surgery itself is models/quant.py; the library is bst/."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from models.experimental import is_quantized
@@ -49,11 +51,31 @@ class QATRun:
         if is_quantized(model):
             self.resumed = True
             LOGGER.info(f"{PREFIX}continuing from an already quantized model (its scales and observers as saved)")
+            self._adopt(getattr(model, "qat", None) or {})
             return model
         if model_activation_is(model, "silu") and self.enabled:
             LOGGER.warning(f"{PREFIX}WARNING: the model uses SiLU; its outputs are quantized as a lookup table")
         return prepare_yolo_qat(model, bn_folding=self.bn_folding, pow2=self.pow2, recipe=self.recipe,
                                 pow2_rounding=self.pow2_rounding)
+
+    def _adopt(self, saved: dict):
+        """An already quantized model keeps how it was quantized: record its own settings, and say which of the
+        given flags cannot change it."""
+        own = {"bn_folding": bool(saved.get("bn_folding", self.bn_folding)), "pow2": bool(saved.get("pow2", self.pow2)),
+               "pow2_rounding": saved.get("pow2_rounding", self.pow2_rounding)}
+        recipe = saved.get("recipe")
+        recipe_name = recipe.get("file", "default") if isinstance(recipe, dict) else recipe
+        given = {"bn_folding": self.bn_folding, "pow2": self.pow2, "pow2_rounding": self.pow2_rounding}
+        flags = {"bn_folding": "--bn-folding", "pow2": "--pow2-scale", "pow2_rounding": "--pow2-rounding"}
+        ignored = [f"{flags[k]} {given[k]}" for k in own if given[k] != own[k]]
+        if self.recipe and Path(str(self.recipe)).name != str(recipe_name):
+            ignored.append(f"--qat-recipe {self.recipe}")
+        if ignored:
+            LOGGER.warning(f"{PREFIX}WARNING: the model is already quantized (bn_folding={own['bn_folding']}, "
+                           f"pow2={own['pow2']}, pow2_rounding={own['pow2_rounding']}, recipe {recipe_name}); "
+                           f"{', '.join(ignored)} cannot change that and are ignored")
+        self.bn_folding, self.pow2, self.pow2_rounding = own["bn_folding"], own["pow2"], own["pow2_rounding"]
+        self.recipe = recipe_name
 
     def calibrate(self, model, loader, device):
         from models.quant import calibrate
