@@ -197,3 +197,35 @@ def test_continuing_a_qat_checkpoint_keeps_its_own_quantization(tiny, tmp_path):
     yaml_save(three, {**data, "names": ["a", "b", "c"]})
     _one_line_error(_train("--data", three, "--weights", qat_pt, *FAST, "--epochs", "1", "--qat", "--project",
                            tmp_path), "10 classes", "3 classes", "start QAT from the float model")
+
+
+def _unshared_concats(model):
+    """Names of concats whose inputs and output do not all hold one scale."""
+    from bst.torch.ao.nn.quantized import FloatFunctional
+    from bst.torch.ao.quantization import trace_input_quantizers
+
+    inputs = trace_input_quantizers(model, (torch.zeros(1, 3, 64, 64),))
+    bad = []
+    for name, m in model.named_modules():
+        op = getattr(m, "qcat", None)
+        if isinstance(op, FloatFunctional):
+            scales = {float(q.scale) for q in inputs.get(op, []) if q is not None}
+            if len(scales | {float(op.activation_post_process.scale)}) > 1:
+                bad.append(name)
+    return bad
+
+
+def test_resumed_run_keeps_concat_scales_shared(tiny, tmp_path):
+    """shared_concat.yaml: killed in epoch 1 (where the observers stop) and resumed, the concats still share scales;
+    the sharing needs no calibration batch, which a resumed run does not have."""
+    save, log = tmp_path / "share", tmp_path / "share.log"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(tiny), "--weights", str(reference("yolov5n_relu.pt")),
+           "--cfg", "yolov5n.yaml", *FAST, "--batch-size", "4", "--epochs", "3", "--qat", "--pow2-scale",
+           "--qat-recipe", "data/quant/shared_concat.yaml", "--disable-observer-epoch", "1",
+           "--project", str(tmp_path), "--name", "share"]
+    start_and_kill_when(cmd, log, lambda text: (save / "weights" / "last.pt").exists()
+                        and re.search(r"\s1/2\s+[\d.]+G\s", text) is not None, ENV)
+    out = _ok(_train("--resume", save / "weights" / "last.pt", "--workers", "0"))
+    assert "Continuing the QAT model" in out and re.search(r"share one scale in [1-9]\d* groups", out)
+    model = load_checkpoint(save / "weights" / "last.pt")["model"]
+    assert _unshared_concats(model) == []
