@@ -187,3 +187,11 @@ def test_yolo_cli_summary_and_errors():
     r = subprocess.run([sys.executable, "models/yolo.py", "--cfg", "missing.yaml"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().startswith("ERROR: missing.yaml") and "Traceback" not in r.stderr
+
+
+def test_checkpoint_gets_the_mode_of_other_files(tmp_path):
+    """Not mkstemp's 0600: a checkpoint is as readable as results.csv beside it (whatever the umask)."""
+    path = save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    other = tmp_path / "results.csv"
+    other.write_text("epoch\n")
+    assert (path.stat().st_mode & 0o777) == (other.stat().st_mode & 0o777)

@@ -127,6 +127,19 @@ def _unsafe_globals(path) -> list:
         return []
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(obj, path):
     """torch.save to a temporary file beside `path`, fsync, then atomically rename over `path`."""
     path = Path(path)
@@ -137,6 +150,7 @@ def save_checkpoint(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the mode of every other run file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
