@@ -396,7 +396,10 @@ def train(hyp, opt, device):
                 strip_optimizer(f)
                 if f is best:
                     LOGGER.info(f"\nValidating {f}...")
+                    # as upstream: COCO's final validation at NMS IoU 0.65 (its published numbers), else 0.6
+                    is_coco = isinstance(val_path, str) and val_path.endswith(f"coco{os.sep}val2017.txt")
                     results, _, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
+                                                 iou_thres=0.65 if is_coco else 0.60,
                                                  model=attempt_load(f, device, fuse=True), single_cls=single_cls,
                                                  dataloader=val_loader, save_dir=save_dir,
                                                  save_json=bool(data_dict.get("annotations")),
