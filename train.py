@@ -568,15 +568,17 @@ def resume_options(opt):
         last = latest_run(opt.project)
         if last is None:
             raise UserError(f"--resume: no last.pt found under {opt.project}; give the path of a run's weights/last.pt")
-    opt_yaml = last.parent.parent / "opt.yaml"
-    if not opt_yaml.is_file():
-        raise UserError(f"--resume {last}: {opt_yaml} is missing, cannot restore the run's options")
-    d = yaml_load(opt_yaml)
-    if not isinstance(d, dict) or not isinstance(d.get("epochs"), int):
-        raise UserError(f"--resume {last}: {opt_yaml} is not the opt.yaml of a training run")
     ckpt = load_checkpoint(last)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("epoch"), int) and isinstance(ckpt.get("model"), nn.Module)):
         raise UserError(f"--resume {last}: not a YOLOv5 training checkpoint (no epoch/model), cannot resume it")
+    opt_yaml = last.parent.parent / "opt.yaml"
+    if opt_yaml.is_file():
+        d, source = yaml_load(opt_yaml), opt_yaml
+    else:  # as upstream: the options the checkpoint was saved with
+        d, source = ckpt.get("opt"), f"{last} (its saved 'opt'; {opt_yaml.name} is missing)"
+    if not isinstance(d, dict) or not isinstance(d.get("epochs"), int):
+        raise UserError(f"--resume {last}: {source} holds no training run's options (opt.yaml beside the run, or "
+                        f"'opt' in the checkpoint), cannot resume it")
     if ckpt["epoch"] == -1 or ckpt.get("optimizer") is None or ckpt["epoch"] + 1 >= d["epochs"]:
         raise UserError(f"--resume {last}: training to {d['epochs']} epochs is finished, nothing to resume; "
                         f"start a new run with --weights {last}")

@@ -382,3 +382,21 @@ def test_activation_choice_order(tmp_path):
     yaml_save(tmp_path / "gelu.yaml", cfg)
     with pytest.raises(UserError, match="gelu.*not supported"):
         train.pick_activation(Namespace(act=None, cfg=str(tmp_path / "gelu.yaml"), weights=""))
+
+
+def test_resume_falls_back_to_the_checkpoint_opt_without_opt_yaml(tmp_path):
+    """As upstream: a last.pt moved without its run's opt.yaml resumes with the options saved inside it."""
+    from argparse import Namespace
+
+    from utils.checkpoint import save_checkpoint
+
+    last = tmp_path / "moved" / "weights" / "last.pt"
+    saved = {"epochs": 5, "batch_size": 4, "data": "shapes.yaml", "imgsz": 128, "device": "0", "workers": 8}
+    save_checkpoint({"epoch": 1, "model": Conv(3, 4), "optimizer": {"state": {}}, "opt": saved}, last)
+    opt = train.resume_options(Namespace(resume=str(last), device="cpu", workers=0, project=str(tmp_path)))
+    assert (opt.epochs, opt.batch_size, opt.imgsz, opt.data) == (5, 4, 128, "shapes.yaml")
+    assert (opt.device, opt.workers, opt.resume, opt.weights) == ("cpu", 0, True, str(last))
+    assert opt.save_dir == str(tmp_path / "moved")
+    save_checkpoint({"epoch": 1, "model": Conv(3, 4), "optimizer": {"state": {}}, "opt": None}, last)
+    with pytest.raises(UserError, match="holds no training run's options"):
+        train.resume_options(Namespace(resume=str(last), device="cpu", workers=0, project=str(tmp_path)))
