@@ -109,8 +109,8 @@ def main(opt):
         shutil.copy(fp32, SHIPPED)
     else:
         cmd = " ".join(a if a else "''" for a in FP32_CMD)
-        print(f"(using the shipped {SHIPPED.relative_to(ROOT)}: best.pt (epoch 23) of `python {cmd}`, stopped after "
-              f"24 of its 40 epochs for time; make demo FULL=1 retrains it with all 40)")
+        print(f"(using the shipped {SHIPPED.relative_to(ROOT)}: best.pt (epoch 23) of the first 24 of the 40 epochs of "
+              f"`python {cmd}`; make demo FULL=1 trains all 40)")
     fp32 = SHIPPED
 
     stage(2, total, f"retrain with ReLU (hyp.m-relu-tune.yaml, {RELU_EPOCHS} epochs)")
