@@ -233,7 +233,7 @@ def _text_file(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--weights", "TEXT"], "corrupt or not a PyTorch checkpoint"),
+    (["--weights", "TEXT"], "not a PyTorch checkpoint"),
     (["--weights", "REF", "--include", "onnx", "engine"], "--include engine: unsupported format"),
     (["--weights", "REF", "--include", "onnx", "--opset", "12"], "per-channel QuantizeLinear"),
     (["--weights", "missing/none.pt"], "none.pt: weights file not found"),

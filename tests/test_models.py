@@ -195,3 +195,11 @@ def test_checkpoint_gets_the_mode_of_other_files(tmp_path):
     other = tmp_path / "results.csv"
     other.write_text("epoch\n")
     assert (path.stat().st_mode & 0o777) == (other.stat().st_mode & 0o777)
+
+
+def test_random_bytes_are_not_a_checkpoint_in_one_line(tmp_path):
+    f = tmp_path / "noise.pt"
+    f.write_bytes(bytes(range(7, 256)) * 20)
+    with pytest.raises(UserError, match=r"^.*noise\.pt: not a PyTorch checkpoint \(neither torch.save's zip") as e:
+        load_checkpoint(f)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)

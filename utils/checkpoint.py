@@ -101,6 +101,11 @@ def load_checkpoint(path, map_location="cpu", trust=False):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or its legacy pickle
+        raise UserError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor its legacy format); "
+                        f"give a .pt file written by train.py or torch.save")
     try:
         if _trusted(trust):
             return torch.load(path, map_location=map_location, weights_only=False)
