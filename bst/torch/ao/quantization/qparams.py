@@ -45,11 +45,17 @@ DEFAULT_EPS = torch.finfo(torch.float32).eps  # 2**-23, itself a power of two
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
-def bias_on_grid(bias: torch.Tensor, weight_scale: torch.Tensor, input_scale) -> torch.Tensor:
+def bias_grid(weight_scale: torch.Tensor, input_scale) -> torch.Tensor:
+    """The step of a conv's int32 accumulator, per output channel: input_scale * weight_scale."""
+    return weight_scale.detach().float().reshape(-1) * input_scale
+
+
+def bias_on_grid(bias: torch.Tensor, weight_scale: torch.Tensor, input_scale, grid=None) -> torch.Tensor:
     """round_half_even(bias / (input_scale * weight_scale)): the int32 bias an integer conv adds to its
     accumulator, as float32 integers (not clamped; see ``INT32_MIN``/``INT32_MAX``). One formula for the
-    eval-mode QAT convs, `convert` and every export, so they add the very same bias."""
-    grid = weight_scale.detach().float().reshape(-1) * input_scale
+    eval-mode QAT convs, `convert` and every export, so they add the very same bias. ``grid``: `bias_grid`'s
+    result when the caller has it already."""
+    grid = bias_grid(weight_scale, input_scale) if grid is None else grid
     return torch.round(bias.detach().float() / grid)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from bst.torch.ao.nn.intrinsic.modules import ConvReLU2d as FloatConvReLU2d
 from bst.torch.ao.nn.intrinsic.modules import ConvReLU62d as FloatConvReLU62d
 from bst.torch.ao.quantization.fake_quantize import fake_quant_enabled
-from bst.torch.ao.quantization.qparams import INT32_MAX, INT32_MIN, bias_on_grid
+from bst.torch.ao.quantization.qparams import INT32_MAX, INT32_MIN, bias_grid, bias_on_grid
 
 ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
 
@@ -40,8 +40,9 @@ def eval_bias(module: nn.Module, bias: torch.Tensor | None) -> torch.Tensor | No
     input_scale = module.__dict__.get("input_scale")
     if bias is None or module.training or input_scale is None or not fake_quant_enabled(module.weight_fake_quant):
         return bias
-    grid = module.weight_fake_quant.scale.detach().float().reshape(-1) * input_scale
-    q = bias_on_grid(bias, module.weight_fake_quant.scale, input_scale).clamp(INT32_MIN, INT32_MAX)
+    weight_scale = module.weight_fake_quant.scale
+    grid = bias_grid(weight_scale, input_scale)
+    q = bias_on_grid(bias, weight_scale, input_scale, grid).clamp(INT32_MIN, INT32_MAX)
     return bias + (q * grid - bias).detach()
 
 
