@@ -12,8 +12,9 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
+# tests run on two worker processes (pytest-xdist); each test uses one torch thread (tests/conftest.py)
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 # make demo: FP32 -> ReLU -> pow2 QAT -> val -> ONNX QDQ -> val on shapes (FULL=1 also retrains the FP32 model)
 demo: venv
