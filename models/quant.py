@@ -11,7 +11,8 @@ The quantization library (bst.torch.ao) knows nothing about YOLO; this module te
 A recipe (data/quant/*.yaml) sets the defaults and per-module overrides:
 
     default:                         # every quantized module, unless a rule says otherwise
-      activation: {observer: minmax | moving_average | percentile | mse, percentile: 99.99}
+      activation: {observer: minmax | moving_average | percentile | mse, percentile: 99.99,
+                   training_update: track | search}   # calibrators while training with observers on
       learnable: false               # LSQ scales (log2 of the scale when pow2)
     rules:                           # applied in order; later rules win
       - match: "24"                  # a model index (model.24 and everything under it) or a name glob
@@ -46,6 +47,7 @@ OBSERVERS = {
     "percentile": bq.PercentileObserver,
     "mse": bq.MSEObserver,
 }
+CALIBRATORS = ("percentile", "mse")  # observers with a calibration search (training_update: track | search)
 MODES = ("quantize", "float", "weight_only")
 DEFAULT_RECIPE = {"default": {"activation": {"observer": "mse"}, "learnable": False}, "rules": []}
 
@@ -107,6 +109,10 @@ def _activation_spec(spec, where):
         raise UserError(f"{where}: activation must be {{observer: NAME}} or {{fixed: {{scale: S, zero_point: Z}}}}")
     if "observer" in spec and spec["observer"] not in OBSERVERS:
         raise UserError(f"{where}: observer {spec['observer']!r} unknown; choose one of {', '.join(OBSERVERS)}")
+    update = spec.get("training_update")
+    if update is not None and (spec.get("observer") not in CALIBRATORS or update not in bq.TRAINING_UPDATES):
+        raise UserError(f"{where}: training_update {update!r}: the {' and '.join(CALIBRATORS)} observers take "
+                        f"{' or '.join(bq.TRAINING_UPDATES)}")
     if "fixed" in spec and not ({"scale", "zero_point"} <= set(spec["fixed"] or {})):
         raise UserError(f"{where}: fixed activation needs scale and zero_point")
 

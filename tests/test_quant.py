@@ -78,9 +78,12 @@ def test_schedule_freezes_bn_and_observers():
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in stats.items())
     apply_schedule(model, epoch=0, freeze_bn_epoch=1, disable_observer_epoch=1)
-    model(torch.rand(2, 3, 96, 96) * 3)
-    changed = [k for k, v in stats.items() if k.endswith(".scale") and not torch.equal(v, model.state_dict()[k])]
-    assert changed, "observers on: some activation scale must follow the new input range"
+    with torch.no_grad():  # the first conv's outputs grow 4x: with observers on, their scale follows
+        model.model[0].conv.weight.mul_(4)
+    for _ in range(5):
+        model(torch.rand(2, 3, 96, 96))
+    first = "model.0.conv.activation_post_process.scale"
+    assert model.state_dict()[first] == 4 * stats[first], "observers on: the activation scale must follow the range"
 
 
 def test_recipes_exclude_and_fix_the_detect_convs():
@@ -97,6 +100,38 @@ def test_recipes_exclude_and_fix_the_detect_convs():
         prepare_yolo_qat(small_model(), recipe={"rules": [{"match": "model.99", "mode": "float"}]})
     with pytest.raises(UserError, match="observer 'bogus' unknown"):
         load_recipe({"rules": [{"match": "0", "activation": {"observer": "bogus"}}]})
+    for bad in ({"observer": "minmax", "training_update": "track"}, {"observer": "mse", "training_update": "often"}):
+        with pytest.raises(UserError, match="training_update .* the percentile and mse observers take track or search"):
+            load_recipe({"default": {"activation": bad}})
+
+
+@pytest.mark.parametrize("update", ["track", "search"])
+def test_default_recipe_observers_on_track_or_search_as_the_recipe_says(update):
+    """--qat without --disable-observer-epoch trains with observers on: the MSE calibrators keep the calibrated
+    qparams and follow the batch range with one min/max per step, unless the recipe asks for the search."""
+    recipe = load_recipe(None)
+    if update == "search":
+        recipe["default"]["activation"]["training_update"] = "search"
+    model = calibrated(prepare_yolo_qat(small_model(), pow2=True, recipe=recipe), n=3)
+    calibrated_scales = {n: m.scale.clone() for n, m in model.named_modules() if isinstance(m, FakeQuantizeBase)}
+    apply_schedule(model, 0, -1, -1)  # epoch 0: observers on, fake quantization on
+    searches = []
+    for m in model.modules():
+        if hasattr(m, "_search_qparams"):
+            m._search_qparams = (lambda f: lambda: searches.append(1) or f())(m._search_qparams)
+    model.train()
+    x = torch.randint(0, 255, (2, 3, 96, 96), dtype=torch.uint8).float() / 255
+    model(x)  # first step: tracking calibrators fix their reference (one search each)
+    first = len(searches)
+    model(x)
+    calibrators = [m for m in model.modules() if hasattr(m, "training_update")]
+    assert len(calibrators) == 80 and all(m.training_update == update for m in calibrators)  # 141 - 60 weights - input
+    assert all(m.tracking == (update == "track") for m in calibrators)
+    assert len(searches) - first == (0 if update == "track" else len(calibrators))
+    if update == "track":  # tracking starts from the calibrated qparams: same batch range, same scales
+        same = sum(torch.equal(m.scale, calibrated_scales[n]) for n, m in model.named_modules()
+                   if isinstance(m, FakeQuantizeBase) and hasattr(m.activation_post_process, "training_update"))
+        assert same == len(calibrators)
 
 
 def test_shipped_recipes_load_and_prepare():

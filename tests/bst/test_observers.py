@@ -196,3 +196,138 @@ def test_mse_observer_symmetric_and_lazy_flag():
     obs(torch.randn(5000))
     scale, zp = obs.calculate_qparams()
     assert zp.item() == 0 and bool(is_pow2(scale).all())
+
+
+# --- calibrators after calibration: tracking the calibrated qparams (training_update="track") -----------------
+
+def _calibrated_fq(observer, pow2, batches, **kw):
+    """A FakeQuantize over `observer`, calibrated on `batches` (observer on, fake quant off), then fake quant on."""
+    from bst.torch.ao.quantization import FakeQuantize
+
+    fq = FakeQuantize(observer=observer, pow2=pow2, **kw)
+    fq.disable_fake_quant()
+    for b in batches:
+        fq(b)
+    fq.disable_observer()
+    calibrated = (fq.scale.clone(), fq.zero_point.clone())
+    fq.enable_fake_quant()
+    fq.enable_observer()
+    return fq, calibrated
+
+
+TRACK_CASES = [(obs, pow2, dtype, qs) for obs in (MSEObserver, PercentileObserver) for pow2 in (False, True)
+               for dtype, qs in ((torch.quint8, torch.per_tensor_affine), (torch.qint8, torch.per_tensor_symmetric))]
+
+
+@pytest.mark.parametrize("observer,pow2,dtype,qscheme", TRACK_CASES)
+def test_tracking_starts_from_the_calibrated_qparams_and_follows_the_range(observer, pow2, dtype, qscheme):
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4000, generator=g) * 2 + 0.5 for _ in range(8)]
+    fq, (scale, zp) = _calibrated_fq(observer, pow2, batches, dtype=dtype, qscheme=qscheme)
+    obs = fq.activation_post_process
+    fq(torch.randn(4000, generator=g) * 2 + 0.5)  # same distribution: the calibrated qparams, to the bit (pow2)
+    assert obs.tracking
+    if pow2:
+        assert fq.scale.item() == scale.item() and fq.zero_point.item() == zp.item()
+    else:
+        assert fq.scale.item() == pytest.approx(scale.item(), rel=0.05)
+        assert abs(fq.zero_point.item() - zp.item()) <= 2
+
+    def no_search():
+        raise AssertionError("searched while tracking")
+    obs._search_qparams = no_search  # from now on every step is one min/max and a few scalar ops
+    for _ in range(400):  # the range grows 4x: the scale follows, 4x (exactly 2**2 in pow2 mode)
+        fq(torch.randn(4000, generator=g) * 8 + 2.0)
+    ratio = fq.scale.item() / scale.item()
+    assert ratio == 4.0 if pow2 else ratio == pytest.approx(4.0, rel=0.05)
+    if pow2:
+        assert bool(is_pow2(fq.scale).all())
+
+
+def test_tracking_keeps_one_signed_data_at_the_range_end():
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.rand(4000, generator=g) * 3 for _ in range(4)]  # after ReLU: zero point at quant_min
+    fq, (scale, zp) = _calibrated_fq(MSEObserver, True, batches)
+    assert zp.item() == 0
+    for _ in range(300):
+        fq(torch.rand(4000, generator=g) * 0.7)
+    assert fq.zero_point.item() == 0 and fq.scale.item() == scale.item() / 4
+
+
+def test_tracking_ignores_non_finite_batches():
+    g = torch.Generator().manual_seed(3)
+    fq, (scale, zp) = _calibrated_fq(MSEObserver, True, [torch.randn(4000, generator=g) for _ in range(4)])
+    fq(torch.randn(4000, generator=g))
+    before = fq.activation_post_process.batch_range.clone()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(4000, generator=g)
+        x[7] = bad
+        fq(x)
+    assert torch.equal(fq.activation_post_process.batch_range, before) and fq.scale.item() == scale.item()
+
+
+def test_search_mode_repeats_the_full_search():
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(4000, generator=g) for _ in range(4)]
+    fq, _ = _calibrated_fq(MSEObserver, True, batches, training_update="search")
+    x = torch.randn(4000, generator=g) * 8
+    fq(x)
+    obs = fq.activation_post_process
+    assert not obs.tracking and fq.scale.item() == obs._search_qparams()[0].item()
+    with pytest.raises(ValueError, match="training_update"):
+        MSEObserver(training_update="sometimes")
+
+
+def test_tracking_state_survives_state_dict_and_pickle_and_old_state_loads():
+    import pickle
+
+    g = torch.Generator().manual_seed(5)
+    fq, _ = _calibrated_fq(MSEObserver, True, [torch.randn(4000, generator=g) for _ in range(4)])
+    for _ in range(3):
+        fq(torch.randn(4000, generator=g) * 3)
+    from bst.torch.ao.quantization import FakeQuantize
+
+    fresh = FakeQuantize(observer=MSEObserver, pow2=True)
+    fresh.load_state_dict(fq.state_dict())  # strict
+    copy = pickle.loads(pickle.dumps(fq))
+    for other in (fresh, copy):
+        obs = other.activation_post_process
+        assert obs.tracking and torch.equal(obs.reference, fq.activation_post_process.reference)
+        assert torch.equal(obs.calculate_qparams()[0], fq.activation_post_process.calculate_qparams()[0])
+    # state written before tracking existed: loads strictly, and the observer calibrates as it did then
+    old = {k: v for k, v in fq.state_dict().items() if k.split(".")[-1] not in ("batch_range", "batch_count", "reference")}
+    fresh.load_state_dict(old)
+    assert not fresh.activation_post_process.tracking
+    # a pickle from before tracking existed gets the tracking state back
+    legacy = MSEObserver(pow2=True)
+    for k in ("batch_range", "batch_count", "reference"):
+        del legacy._buffers[k]
+    del legacy.__dict__["training_update"], legacy.__dict__["_tracking"]
+    restored = pickle.loads(pickle.dumps(legacy))
+    assert restored.training_update == "track" and not restored.tracking and restored.reference.shape == (4,)
+
+
+@pytest.mark.parametrize("observer,pow2,dtype,qscheme", TRACK_CASES)
+def test_tracking_scalar_path_equals_the_tensor_path(observer, pow2, dtype, qscheme):
+    """On the CPU a tracking calibrator updates with numpy float32 scalars; CUDA uses tensor ops without host
+    synchronisation. Both must give the same state and qparams, bit for bit."""
+    g = torch.Generator().manual_seed(6)
+    fq, _ = _calibrated_fq(observer, pow2, [torch.randn(3000, generator=g) * 2 + 0.3 for _ in range(3)],
+                           dtype=dtype, qscheme=qscheme)
+    fq(torch.randn(3000, generator=g))
+    obs = fq.activation_post_process
+    twin = pickle_copy(obs)
+    for i in range(150):
+        x = torch.randn(3000, generator=g) * (1 + i / 20) + (i % 7 - 3) * 0.4
+        low, high = torch.aminmax(x)
+        obs._update_batch_range_scalar(low.item(), high.item())
+        twin._update_batch_range(low, high)
+        assert torch.equal(obs.batch_range, twin.batch_range) and torch.equal(obs.batch_count, twin.batch_count)
+        scale, zero_point = obs._tracked_qparams()
+        assert (scale.item(), zero_point.item()) == obs.calculate_qparams_scalar()
+
+
+def pickle_copy(module):
+    import pickle
+
+    return pickle.loads(pickle.dumps(module))

@@ -3,7 +3,7 @@ fusion, prepare_qat / convert and an integer-only reference. Public names mirror
 
 Importing this package never imports torch.ao.quantization.
 """
-from .calibrators import MSEObserver, PercentileObserver
+from .calibrators import TRAINING_UPDATES, MSEObserver, PercentileObserver
 from .factory import Factory
 from .fake_quantize import (FakeQuantize, FakeQuantizeBase, FixedQParamsFakeQuantize, FusedMovingAvgObsFakeQuantize,
                             LearnableFakeQuantize, disable_fake_quant, disable_observer, enable_fake_quant,
@@ -21,7 +21,7 @@ from .state import (QuantizerModule, copy_quantizer_state_, is_quantizer_state, 
 from .stubs import DeQuantStub, QuantStub
 
 __all__ = [
-    "MSEObserver", "PercentileObserver", "Factory",
+    "MSEObserver", "PercentileObserver", "TRAINING_UPDATES", "Factory",
     "FakeQuantize", "FakeQuantizeBase", "FixedQParamsFakeQuantize", "FusedMovingAvgObsFakeQuantize",
     "LearnableFakeQuantize", "disable_fake_quant", "disable_observer", "enable_fake_quant", "enable_observer",
     "fake_quant_enabled", "qparams_of",

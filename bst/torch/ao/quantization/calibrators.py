@@ -14,35 +14,210 @@ the values when the outliers do not matter downstream (the seed's very negative 
 
 Both are meant for a calibration pass (observer on, fake quant off), then ``disable_observer``. They
 synchronise with the host (they select values), and they drop non-finite values element by element.
+
+After calibration (``training_update="track"``, the default), an observer that stays on while fake
+quantization is on (QAT training with observers on) no longer searches: its first such forward fixes
+the calibrated (scale, zero point) and the average batch range seen so far as the reference; from then
+on each batch costs one min/max, the average batch range follows it (running mean over the first
+``1 / averaging_constant`` batches, then an exponential moving average), and the qparams are the
+calibrated ones scaled by how much that average range has grown or shrunk since the reference (to the
+nearest power of two in pow2 mode). The zero point keeps the calibrated grid placement (and stays at
+the range end for one-signed data). ``training_update="search"`` repeats the full search on every batch
+instead, as a plain observer would (much slower).
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
-from .observer import ObserverBase
-from .pow2 import exp2_int, exponent_of_pow2
+from .observer import ObserverBase, _check_averaging_constant
+from .pow2 import _SQRT_HALF, MAX_EXPONENT, MIN_EXPONENT, exp2_int, exponent_of_pow2, log2_exponent
 from .qparams import DEFAULT_EPS, compute_qparams
 
 
-def _finite_sample(x: torch.Tensor, limit: int) -> torch.Tensor:
-    """Finite values of x (float32, flat), thinned by a fixed stride to at most `limit`."""
-    values = x.detach().reshape(-1).to(torch.float32)
-    values = values[torch.isfinite(values)]
+def _thinned(values: torch.Tensor, limit: int) -> torch.Tensor:
+    """A flat tensor thinned by a fixed stride to at most `limit` values."""
     if values.numel() > limit:
         step = -(-values.numel() // limit)
         values = values[::step]
     return values
 
 
-class PercentileObserver(ObserverBase):
+TRAINING_UPDATES = ("track", "search")
+
+
+class _TrackedCalibrator(ObserverBase):
+    """Shared by the calibrators: the average batch range, and tracking of the calibrated qparams after
+    calibration (see the module docstring). Subclasses implement ``_observe(values)`` (the calibration
+    statistics of a float32 tensor) and ``_search_qparams()``."""
+
+    _TRACK_BUFFERS = ("batch_range", "batch_count", "reference")
+
+    def _init_tracking(self, training_update, averaging_constant):
+        if training_update not in TRAINING_UPDATES:
+            raise ValueError(f"training_update={training_update!r} must be one of {', '.join(TRAINING_UPDATES)}")
+        self.training_update = training_update
+        self.averaging_constant = _check_averaging_constant(averaging_constant)
+        self._add_tracking_buffers()
+
+    def _add_tracking_buffers(self):
+        # (mean batch min, mean batch max); number of batches averaged; (scale, zero point, reference min,
+        # reference max) fixed when tracking begins, scale 0 while calibrating
+        self.register_buffer("batch_range", torch.zeros(2))
+        self.register_buffer("batch_count", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("reference", torch.zeros(4))
+        self._tracking = False
+
+    @property
+    def tracking(self) -> bool:
+        """True once the calibrated qparams are being tracked (``training_update="track"`` only)."""
+        return self._tracking
+
+    @torch.no_grad()
+    def begin_tracking(self):
+        """Fix the reference: the calibrated qparams (one last search) and the average batch range so far.
+        Called by the fake quantizer on its first forward with both observer and fake quantization on."""
+        if self.training_update != "track" or self._tracking:
+            return
+        scale, zero_point = self._search_qparams()
+        self.reference.copy_(torch.cat([scale.reshape(1).float(), zero_point.reshape(1).float(), self.batch_range]))
+        self._tracking = True
+
+    @torch.no_grad()
+    def _update_batch_range(self, low, high):
+        """Running mean of per-batch (min, max) for 1 / averaging_constant batches, then an EMA; a
+        non-finite batch leaves it as it was (no host synchronisation)."""
+        current = torch.stack([low, high]).float()
+        finite = torch.isfinite(current).all()
+        weight = 1.0 / torch.clamp(self.batch_count + 1, max=round(1 / self.averaging_constant)).float()
+        self.batch_range.copy_(torch.where(finite, self.batch_range + (current - self.batch_range) * weight,
+                                           self.batch_range))
+        self.batch_count.add_(finite.to(torch.int64))
+
+    @torch.no_grad()
+    def _update_batch_range_scalar(self, low: float, high: float):
+        """`_update_batch_range` in float32 numpy scalars (CPU: two numbers, no dozen tensor ops); same result."""
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return
+        count = self.batch_count.item()
+        weight = np.float32(1.0) / np.float32(min(count + 1, round(1 / self.averaging_constant)))
+        old = self.batch_range.numpy()
+        current = np.array([low, high], dtype=np.float32)
+        self.batch_range.copy_(torch.from_numpy(old + (current - old) * weight))
+        self.batch_count.fill_(count + 1)
+
+    @torch.no_grad()
+    def forward(self, x):
+        if self._tracking:
+            if x.numel():
+                low, high = torch.aminmax(x.detach().to(torch.float32))
+                if low.device.type == "cpu":
+                    self._update_batch_range_scalar(low.item(), high.item())
+                else:
+                    self._update_batch_range(low, high)
+            return x
+        values = x.detach().reshape(-1).to(torch.float32)
+        values = values[torch.isfinite(values)]
+        if values.numel():
+            self._update_batch_range(*torch.aminmax(values))
+            self._observe(values)
+        return x
+
+    @torch.no_grad()
+    def _tracked_qparams(self):
+        scale, zero_point, ref_low, ref_high = self.reference
+        low, high = self.batch_range
+        if self.symmetric:
+            now, then = torch.maximum(-low, high), torch.maximum(-ref_low, ref_high)
+        else:
+            now, then = high - low, ref_high - ref_low
+        ok = (then > 0) & (now > 0) & torch.isfinite(now / then)
+        factor = torch.where(ok, now / torch.where(ok, then, torch.ones_like(then)), torch.ones_like(then))
+        if self.pow2:  # the calibrated power of two, moved by the nearest power of two of the factor
+            new_scale = exp2_int(exponent_of_pow2(scale) + log2_exponent(factor, "round"))
+        else:
+            new_scale = torch.clamp_min(scale * factor, self.eps)
+        qmin, qmax = self.quant_min, self.quant_max
+        if self.symmetric:
+            new_zero_point = zero_point
+        else:  # keep the grid's lower end where the calibrated one was, relative to the batch minimum
+            grid_low = (qmin - zero_point) * scale * torch.where(ref_low < 0, low / ref_low, torch.ones_like(low))
+            moved = torch.clamp(torch.round(qmin - grid_low / new_scale), qmin, qmax)
+            one_signed = (zero_point == qmin) | (zero_point == qmax)
+            new_zero_point = torch.where(one_signed | ~torch.isfinite(moved), zero_point, moved)
+        return new_scale.reshape(1).clone(), new_zero_point.reshape(1).to(torch.int32)
+
+    def _tracked_qparams_scalar(self):
+        """`_tracked_qparams` with float32 numpy scalars (CPU); the same numbers."""
+        f32 = np.float32
+        scale, zero_point, ref_low, ref_high = (f32(v) for v in self.reference.numpy())
+        low, high = (f32(v) for v in self.batch_range.numpy())
+        if self.symmetric:
+            now, then = max(-low, high), max(-ref_low, ref_high)
+        else:
+            now, then = high - low, ref_high - ref_low
+        with np.errstate(all="ignore"):
+            factor = now / then if then > 0 and now > 0 else f32(1)
+        factor = factor if np.isfinite(factor) else f32(1)
+        if self.pow2:
+            mantissa, exponent = math.frexp(float(factor))
+            step = exponent - (1 if mantissa < _SQRT_HALF else 0)
+            k = math.frexp(float(scale))[1] - 1 + step
+            new_scale = math.ldexp(1.0, min(max(k, MIN_EXPONENT), MAX_EXPONENT))
+        else:
+            new_scale = float(max(scale * factor, f32(self.eps)))
+        qmin, qmax = self.quant_min, self.quant_max
+        if self.symmetric or zero_point in (qmin, qmax):
+            return new_scale, int(zero_point)
+        with np.errstate(all="ignore"):
+            grid_low = (f32(qmin) - zero_point) * scale * (low / ref_low if ref_low < 0 else f32(1))
+            moved = np.round(f32(qmin) - grid_low / f32(new_scale))
+        if not np.isfinite(moved):
+            return new_scale, int(zero_point)
+        return new_scale, int(min(max(moved, qmin), qmax))
+
+    def calculate_qparams(self):
+        return self._tracked_qparams() if self._tracking else self._search_qparams()
+
+    def calculate_qparams_scalar(self):
+        """(scale, zero_point) as Python numbers, equal to `calculate_qparams` (cheaper on the CPU)."""
+        if self._tracking:
+            return self._tracked_qparams_scalar()
+        scale, zero_point = self._search_qparams()
+        return scale.item(), int(zero_point.item())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        absent = [k for k in self._TRACK_BUFFERS if prefix + k not in state_dict]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for k in absent:  # state saved before tracking existed: calibrating, as it was then
+            if prefix + k in missing_keys:
+                missing_keys.remove(prefix + k)
+        if absent:
+            self.batch_range.zero_(), self.batch_count.zero_(), self.reference.zero_()
+        self._tracking = self.training_update == "track" and bool(self.reference[0] > 0)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "reference" not in self._buffers:  # pickled before tracking existed
+            self.training_update, self.averaging_constant = "track", 0.01
+            self._add_tracking_buffers()
+
+
+class PercentileObserver(_TrackedCalibrator):
     """Range = running mean of per-batch percentiles (per tensor).
 
     Affine schemes take the (100 - p)th and pth percentiles; symmetric ones the pth percentile of |x|.
     """
 
     def __init__(self, percentile=99.99, max_samples=1 << 16, dtype=torch.quint8, qscheme=torch.per_tensor_affine,
-                 reduce_range=False, quant_min=None, quant_max=None, eps=DEFAULT_EPS, pow2=False, pow2_rounding="ceil"):
+                 reduce_range=False, quant_min=None, quant_max=None, eps=DEFAULT_EPS, pow2=False, pow2_rounding="ceil",
+                 training_update="track", averaging_constant=0.01):
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
+        self._init_tracking(training_update, averaging_constant)
         if not 50 < percentile <= 100:
             raise ValueError(f"percentile={percentile} must be in (50, 100]")
         if max_samples < 16:
@@ -53,11 +228,8 @@ class PercentileObserver(ObserverBase):
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.int64))
 
-    @torch.no_grad()
-    def forward(self, x):
-        values = _finite_sample(x, self.max_samples)
-        if values.numel() == 0:
-            return x
+    def _observe(self, values):
+        values = _thinned(values, self.max_samples)
         p = self.percentile / 100
         if self.symmetric:
             high = torch.quantile(values.abs(), p)
@@ -69,16 +241,15 @@ class PercentileObserver(ObserverBase):
         self.min_val.copy_(torch.where(first, low, self.min_val + (low - self.min_val) / (n + 1)))
         self.max_val.copy_(torch.where(first, high, self.max_val + (high - self.max_val) / (n + 1)))
         self.num_batches += 1
-        return x
 
-    def calculate_qparams(self):
+    def _search_qparams(self):
         return self._qparams_from(self.min_val, self.max_val)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, percentile={self.percentile}, min_val={self.min_val}, max_val={self.max_val}"
 
 
-class MSEObserver(ObserverBase):
+class MSEObserver(_TrackedCalibrator):
     """Minimum-MSE clipping range, searched on a weighted summary of the observed values (per tensor).
 
     Each batch contributes its ``num_extremes`` largest and smallest values exactly (weight 1), so rare
@@ -94,8 +265,9 @@ class MSEObserver(ObserverBase):
 
     def __init__(self, num_samples=1 << 14, num_extremes=64, max_shrink_log2=10, dtype=torch.quint8,
                  qscheme=torch.per_tensor_affine, reduce_range=False, quant_min=None, quant_max=None, eps=DEFAULT_EPS,
-                 pow2=False, pow2_rounding="ceil"):
+                 pow2=False, pow2_rounding="ceil", training_update="track", averaging_constant=0.01):
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
+        self._init_tracking(training_update, averaging_constant)
         if num_samples < 64:
             raise ValueError(f"num_samples={num_samples} must be at least 64")
         if not 0 <= 4 * num_extremes < num_samples // 8:
@@ -129,12 +301,7 @@ class MSEObserver(ObserverBase):
         weights = torch.cat([torch.ones_like(extremes), torch.full_like(sample, weight)])
         return entries, weights
 
-    @torch.no_grad()
-    def forward(self, x):
-        values = x.detach().reshape(-1).to(torch.float32)
-        values = values[torch.isfinite(values)]
-        if values.numel() == 0:
-            return x
+    def _observe(self, values):
         low, high = torch.aminmax(values)
         self.min_val.copy_(torch.minimum(self.min_val, low))
         self.max_val.copy_(torch.maximum(self.max_val, high))
@@ -146,7 +313,6 @@ class MSEObserver(ObserverBase):
         self.samples[:n - first] = entries[first:]
         self.weights[:n - first] = weights[first:]
         self._cursor = (at + n) % self.num_samples
-        return x
 
     def _candidate_scales(self):
         full_scale, _ = compute_qparams(self.min_val, self.max_val, quant_min=self.quant_min, quant_max=self.quant_max,
@@ -159,7 +325,7 @@ class MSEObserver(ObserverBase):
         return torch.clamp_min(full_scale * torch.exp2(-steps / 8), self.eps)
 
     @torch.no_grad()
-    def calculate_qparams(self):
+    def _search_qparams(self):
         used = self.weights > 0
         if not bool(used.any()):
             device = self.min_val.device
@@ -204,7 +370,7 @@ class MSEObserver(ObserverBase):
         return state
 
     def __setstate__(self, state):
-        super().__setstate__(state)
+        super().__setstate__(state)  # also adds the tracking state to pickles that predate it
         for k in ("samples", "weights"):
             if self._buffers[k].numel() == 0:
                 self._buffers[k] = self.min_val.new_zeros(self.num_samples)

@@ -62,6 +62,14 @@ class FakeQuantizeBase(QuantizerModule):
                              "Copy it instead (bst.torch.ao.quantization.copy_quantizer_state_)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _observe(self, x, quantize: bool):
+        """Show x to the observer; a calibrator starts tracking its calibrated qparams on the first forward
+        with fake quantization on (see `calibrators`)."""
+        obs = self.activation_post_process
+        if quantize and not getattr(obs, "tracking", True):
+            obs.begin_tracking()
+        obs(x.detach())
+
     def enable_fake_quant(self, enabled: bool = True):
         self.fake_quant_enabled.fill_(1 if enabled else 0)
         return self
@@ -159,7 +167,7 @@ class FakeQuantize(FakeQuantizeBase):
     def forward(self, x):
         quantize = self._flag("fake_quant_enabled")
         if self._flag("observer_enabled"):
-            self.activation_post_process(x.detach())
+            self._observe(x, quantize)
             if quantize or not getattr(self.activation_post_process, "compute_qparams_lazily", False):
                 self.refresh_qparams()
             else:
@@ -390,7 +398,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
     def forward(self, x):
         if self._flag("observer_enabled"):
-            self.activation_post_process(x.detach())
+            self._observe(x, self._flag("fake_quant_enabled"))
             self._load_observed()
         if not self._flag("fake_quant_enabled"):
             return x
