@@ -1,36 +1,45 @@
-"""QAT training-step overhead of bst.torch.ao on a yolov5n-shaped network, measured side by side.
+"""Cost of a QAT training step against FP32 and against peer QAT libraries, measured side by side in one run.
 
-    python benchmarks/qat_overhead.py [--batch 8] [--img 320] [--rounds 5] [--device cpu] [--threads N]
+    python benchmarks/qat_overhead.py                      # yolov5n ReLU, batch 8, 320 px, CPU, 2 threads
+    python benchmarks/qat_overhead.py --device 0 --batch 32 --img 640
+    python benchmarks/qat_overhead.py --epoch-time         # also train.py's whole epoch on shapes, FP32 vs --qat
 
-Variants (all trained with the same loss and optimizer, timed in interleaved rounds so that load from
-other processes hits all of them alike; the table shows medians and ratios to FP32):
+Every variant is yolov5n (act=relu, 80 classes) and trains one step at a time as train.py does: forward,
+ComputeLoss on fixed targets, backward, SGD step. The variants take turns step by step (interleaved rounds), so
+load from other processes hits them alike; the table gives the median step time, its spread (interquartile range
+in percent of the median), the ratio to FP32's median, and the peak memory of a step against FP32's.
 
-* fp32: the float model (Conv+BN+ReLU, adds, concats).
-* bst linear / bst pow2: every conv (Conv+BN+ReLU fused with simulated BN folding, Detect convs),
-  every skip-add and concat and the input quantized; observers on (moving-average min/max).
-* bst pow2 frozen: the same with observers disabled (scales frozen after calibration).
-* bst fused linear: linear scales through torch.fused_moving_avg_obs_fake_quant.
-* bst pow2 convs only / torch.ao convs only: only Conv+BN+ReLU fused modules and Detect convs, the
-  setting torch.ao's eager QAT supports directly (its default 'x86' QAT qconfig).
+  fp32                   the float model
+  qat default            --qat --pow2-scale: the default recipe, calibrated (MSE) on 4 batches, observers on, as
+                         --qat trains before --disable-observer-epoch: the calibrators track their calibrated range
+  qat default, search    the same, with `training_update: search` in the recipe (the MSE search on every step)
+  qat observers off      --qat --pow2-scale --disable-observer-epoch 0
+  qat original flags     --qat --bn-folding --pow2-scale --disable-observer-epoch 0 --freeze-bn-epoch 0
+  torch.ao convs only    torch.ao eager QAT ('x86' qconfig): Conv+BN+ReLU fused, Detect convs; adds and concats
+                         stay float (the setting it supports directly, its best case)
+  brevitas pow2          Brevitas FixedPoint quantizers (power-of-two scales, learned) at the same places as
+                         `qat default`: input, every conv's per-channel int8 weights and its output, each skip-add
+                         and concat, the Detect outputs. Skipped with a message when brevitas is not installed
+                         (pip install brevitas). Its activation scales are statistics, not powers of two, during
+                         its first 300 steps; this benchmark times steps after those (--brevitas-warmup).
 
-Columns: median wall time per step, the best (minimum) round, and median process CPU time, each with
-its ratio to FP32. On CPU, bst computes fake quantization with vectorized core ops (the core CPU
-fake-quant kernels, which torch.ao and the fused variant use, run a scalar loop); on CUDA it calls
-the core kernels.
-
-The network is models.yolo.DetectionModel('models/yolov5n.yaml', act='relu') when that imports and
-builds, else an equivalent stack defined below. Ratios, not absolute times, are the result.
+Peak memory: on CUDA, torch.cuda.max_memory_allocated over the timed steps; on CPU, each variant runs a few steps
+in a child process and reports its peak resident memory above the memory it had before the first step.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
+import json
+import re
+import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -39,232 +48,311 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import bst.torch.ao.quantization as bq  # noqa: E402
-from bst.torch.ao.nn.quantized import FloatFunctional  # noqa: E402
+from models.common import Bottleneck, C3, SPPF, Concat, Conv  # noqa: E402
+from models.quant import quantizers  # noqa: E402
+from models.yolo import Detect, DetectionModel  # noqa: E402
+from utils.general import LOGGER, yaml_load  # noqa: E402
+from utils.loss import ComputeLoss  # noqa: E402
+from utils.qat import QATRun  # noqa: E402
+
+VARIANTS = ("fp32", "qat default", "qat default, search", "qat observers off", "qat original flags",
+            "torch.ao convs only", "brevitas pow2")
+HYP = ROOT / "data/hyps/hyp.scratch-low.yaml"
 
 
-# --- fallback network: yolov5n's layer shapes (width 0.25, depth 0.33), ReLU -------------------------
-class ConvBNReLU(nn.Module):
-    def __init__(self, c1, c2, k=1, s=1):
-        super().__init__()
-        self.conv = nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
-        self.bn = nn.BatchNorm2d(c2)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
+def float_model(device):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = DetectionModel(str(ROOT / "models/yolov5n.yaml"), act="relu")
+    model.hyp = yaml_load(HYP)
+    return model.to(device).train()
 
 
-class Bottleneck(nn.Module):
-    def __init__(self, c, shortcut=True):
-        super().__init__()
-        self.cv1, self.cv2 = ConvBNReLU(c, c, 1), ConvBNReLU(c, c, 3)
-        self.add = shortcut
-
-    def forward(self, x):
-        y = self.cv2(self.cv1(x))
-        if not self.add:
-            return y
-        return self.qadd.add(x, y) if hasattr(self, "qadd") else x + y
+def inputs(batch, img, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.randint(0, 256, (batch, 3, img, img), generator=g, dtype=torch.uint8)
+    rows = []
+    for i in range(batch):
+        xy, wh = torch.rand(8, 2, generator=g) * 0.6 + 0.2, torch.rand(8, 2, generator=g) * 0.3 + 0.05
+        cls = torch.randint(0, 80, (8, 1), generator=g).float()
+        rows.append(torch.cat([torch.full((8, 1), float(i)), cls, xy, wh], 1))
+    return imgs.to(device), torch.cat(rows).to(device)
 
 
-class C3(nn.Module):
-    def __init__(self, c1, c2, n=1, shortcut=True):
-        super().__init__()
-        c = c2 // 2
-        self.cv1, self.cv2, self.cv3 = ConvBNReLU(c1, c), ConvBNReLU(c1, c), ConvBNReLU(2 * c, c2)
-        self.m = nn.Sequential(*(Bottleneck(c, shortcut) for _ in range(n)))
-
-    def forward(self, x):
-        parts = [self.m(self.cv1(x)), self.cv2(x)]
-        return self.cv3(self.qcat.cat(parts, 1) if hasattr(self, "qcat") else torch.cat(parts, 1))
-
-
-class SPPF(nn.Module):
-    def __init__(self, c1, c2):
-        super().__init__()
-        c = c1 // 2
-        self.cv1, self.cv2 = ConvBNReLU(c1, c), ConvBNReLU(4 * c, c2)
-        self.m = nn.MaxPool2d(5, 1, 2)
-
-    def forward(self, x):
-        x = self.cv1(x)
-        y1 = self.m(x)
-        y2 = self.m(y1)
-        parts = [x, y1, y2, self.m(y2)]
-        return self.cv2(self.qcat.cat(parts, 1) if hasattr(self, "qcat") else torch.cat(parts, 1))
+def qat_model(base, imgs, recipe=None, bn_folding=False, freeze_bn_epoch=-1, disable_observer_epoch=-1):
+    """The model train.py trains with these --qat flags, calibrated on 4 batches, at the start of epoch 0."""
+    opt = SimpleNamespace(qat=True, bn_folding=bn_folding, pow2_scale=True, qat_recipe=recipe, calib_batches=4,
+                          freeze_bn_epoch=freeze_bn_epoch, disable_observer_epoch=disable_observer_epoch)
+    run = QATRun(opt)
+    model = run.prepare(copy.deepcopy(base))
+    run.calibrate(model, [(imgs,)] * 4, imgs.device)
+    run.start_epoch(model, 0)
+    return model.train()
 
 
-class Concat(nn.Module):
-    def forward(self, xs):
-        return self.qcat.cat(list(xs), 1) if hasattr(self, "qcat") else torch.cat(xs, 1)
+def search_recipe(folder):
+    """The default recipe with the MSE search on every training step."""
+    path = Path(folder) / "default_search.yaml"
+    recipe = yaml_load(ROOT / "data/quant/default.yaml")
+    recipe["default"]["activation"]["training_update"] = "search"
+    path.write_text(json.dumps(recipe))
+    return str(path)
 
 
-class YoloV5nLike(nn.Module):
-    """Backbone, PANet neck and 3-level detection convs of yolov5n (255 outputs per level)."""
-
-    def __init__(self, no=255):
-        super().__init__()
-        self.b = nn.ModuleList([ConvBNReLU(3, 16, 6, 2), ConvBNReLU(16, 32, 3, 2), C3(32, 32, 1),
-                                ConvBNReLU(32, 64, 3, 2), C3(64, 64, 2), ConvBNReLU(64, 128, 3, 2), C3(128, 128, 3),
-                                ConvBNReLU(128, 256, 3, 2), C3(256, 256, 1), SPPF(256, 256)])
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.h10, self.c13 = ConvBNReLU(256, 128), C3(256, 128, 1, False)
-        self.h14, self.c17 = ConvBNReLU(128, 64), C3(128, 64, 1, False)
-        self.h18, self.c20 = ConvBNReLU(64, 64, 3, 2), C3(128, 128, 1, False)
-        self.h21, self.c23 = ConvBNReLU(128, 128, 3, 2), C3(256, 256, 1, False)
-        self.cats = nn.ModuleList([Concat() for _ in range(4)])
-        self.detect = nn.ModuleList([nn.Conv2d(c, no, 1) for c in (64, 128, 256)])
-
-    def forward(self, x):
-        saved = {}
-        for i, m in enumerate(self.b):
-            x = m(x)
-            saved[i] = x
-        p10 = self.h10(x)
-        p13 = self.c13(self.cats[0]([self.up(p10), saved[6]]))
-        p14 = self.h14(p13)
-        p17 = self.c17(self.cats[1]([self.up(p14), saved[4]]))
-        p20 = self.c20(self.cats[2]([self.h18(p17), p14]))
-        p23 = self.c23(self.cats[3]([self.h21(p20), p10]))
-        return [d(p) for d, p in zip(self.detect, (p17, p20, p23))]
-
-
-def build_network():
-    """(model, name, block types): models.yolo's yolov5n with ReLU when available, else the stack above."""
-    try:
-        from models import common
-        from models.yolo import DetectionModel
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = DetectionModel(str(ROOT / "models" / "yolov5n.yaml"), act="relu")
-        return model, "models.yolo yolov5n (act=relu)", (common.Conv, common.Bottleneck,
-                                                         (common.C3, common.SPPF, common.SPP, common.Concat))
-    except Exception as e:  # the models issue may not have landed yet
-        print(f"models.yolo unavailable ({type(e).__name__}: {e}); using the built-in yolov5n-shaped stack")
-        return YoloV5nLike(), "yolov5n-shaped stack (built in)", (ConvBNReLU, Bottleneck, (C3, SPPF, Concat))
-
-
-class WithInputStub(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.quant = bq.QuantStub()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(self.quant(x))
-
-
-def fuse_conv_blocks(model, conv_type, fuse_fn):
-    for m in model.modules():
-        if isinstance(m, conv_type) and isinstance(getattr(m, "act", None), nn.ReLU):
-            fuse_fn(m, [["conv", "bn", "act"]], inplace=True)
-
-
-def bst_qat(base, types, qconfig, functionals=True):
-    conv_type, bottleneck_type, cat_types = types
-    model = copy.deepcopy(base).train()
-    fuse_conv_blocks(model, conv_type, bq.fuse_modules_qat)
-    if functionals:
-        for m in model.modules():
-            if isinstance(m, bottleneck_type) and m.add:
-                m.qadd = FloatFunctional()
-            elif isinstance(m, cat_types):
-                m.qcat = FloatFunctional()
-        model = WithInputStub(model)
-    model.qconfig = qconfig
-    return bq.prepare_qat(model)
-
-
-def torch_ao_qat(base, types):
+def torch_ao_model(base):
     import torch.ao.quantization as tq
 
     model = copy.deepcopy(base).train()
-    fuse_conv_blocks(model, types[0], tq.fuse_modules_qat)
-    model.qconfig = tq.get_default_qat_qconfig("x86")
-    return tq.prepare_qat(model)
+    for m in model.modules():
+        if isinstance(m, Conv) and isinstance(m.act, nn.ReLU):
+            tq.fuse_modules_qat(m, [["conv", "bn", "act"]], inplace=True)
+    qconfig = tq.get_default_qat_qconfig("x86")
+    for m in model.modules():  # only the fused conv blocks and Detect's convs are quantized
+        if isinstance(m, (Conv, Detect)):
+            m.qconfig = qconfig
+    return tq.prepare_qat(model, inplace=True)
 
 
-def make_step(model, x):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+def brevitas_model(base, warmup_batch, warmup_steps):
+    """yolov5n with Brevitas power-of-two quantizers where `qat default` has bst's."""
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8ActPerTensorFixedPoint, Int8WeightPerTensorFixedPoint, Uint8ActPerTensorFixedPoint
+
+    class PerChannelWeight(Int8WeightPerTensorFixedPoint):
+        scaling_per_output_channel = True
+
+    def qconv(conv):
+        q = qnn.QuantConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                            bias=conv.bias is not None, weight_quant=PerChannelWeight)
+        q.load_state_dict(conv.state_dict(), strict=False)
+        return q
+
+    class QuantOp(nn.Module):  # what models/common.py calls as qadd.add / qcat.cat, with a quantized output
+        def __init__(self):
+            super().__init__()
+            self.out = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint)
+
+        def add(self, a, b):
+            return self.out(a + b)
+
+        def cat(self, xs, dim=0):
+            return self.out(torch.cat(xs, dim))
+
+    class QuantOutputs(nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            self.conv, self.out = qconv(conv), qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint)
+
+        def forward(self, x):
+            return self.out(self.conv(x))
+
+    class QuantInput(nn.Module):
+        def __init__(self, first):
+            super().__init__()
+            self.quant, self.first = qnn.QuantIdentity(act_quant=Uint8ActPerTensorFixedPoint), first
+
+        def forward(self, x):
+            return self.first(self.quant(x))
+
+    model = copy.deepcopy(base).train()
+    for m in model.modules():
+        if isinstance(m, Conv):
+            m.conv = qconv(m.conv)
+            m.act = qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint)
+        elif isinstance(m, Bottleneck) and m.add:
+            m.qadd = QuantOp()
+        elif isinstance(m, (C3, SPPF, Concat)):
+            m.qcat = QuantOp()
+        elif isinstance(m, Detect):
+            m.m = nn.ModuleList(QuantOutputs(c) for c in m.m)
+    first = model.model[0]
+    model.model[0] = QuantInput(first)
+    for attr in ("f", "i", "type", "np"):
+        setattr(model.model[0], attr, getattr(first, attr))
+    model.to(warmup_batch[0].device)
+    step = make_step(model, *warmup_batch)
+    for _ in range(warmup_steps):  # its statistics phase: activation scales are not yet powers of two
+        step()
+    return model
+
+
+def count_quantizers(key, model):
+    if key.startswith("qat"):
+        return len(quantizers(model))
+    if key.startswith("torch.ao"):
+        import torch.ao.quantization as tq
+
+        return sum(isinstance(m, tq.FakeQuantizeBase) for m in model.modules())
+    if key.startswith("brevitas"):
+        import brevitas.nn as qnn
+
+        convs = sum(isinstance(m, qnn.QuantConv2d) for m in model.modules())
+        return convs + sum(isinstance(m, (qnn.QuantIdentity, qnn.QuantReLU)) for m in model.modules())
+    return 0
+
+
+def make_step(model, imgs, targets):
+    loss_fn = ComputeLoss(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, nesterov=True)
+    x = imgs.float() / 255
 
     def step():
-        out = model(x)
-        loss = sum(o.float().mean() for o in (out if isinstance(out, (list, tuple)) else [out]))
-        opt.zero_grad(set_to_none=True)
+        loss, _ = loss_fn(model(x), targets)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)
         if x.is_cuda:
             torch.cuda.synchronize()
     return step
+
+
+def build(key, base, imgs, targets, opt, tmp):
+    if key == "fp32":
+        return copy.deepcopy(base)
+    if key == "qat default":
+        return qat_model(base, imgs)
+    if key == "qat default, search":
+        return qat_model(base, imgs, recipe=search_recipe(tmp))
+    if key == "qat observers off":
+        return qat_model(base, imgs, disable_observer_epoch=0)
+    if key == "qat original flags":
+        return qat_model(base, imgs, bn_folding=True, freeze_bn_epoch=0, disable_observer_epoch=0)
+    if key == "torch.ao convs only":
+        return torch_ao_model(base)
+    if key == "brevitas pow2":
+        return brevitas_model(base, (imgs, targets), opt.brevitas_warmup)
+    raise ValueError(key)
+
+
+def available(key):
+    if key == "brevitas pow2":
+        try:
+            import brevitas  # noqa: F401
+        except ImportError:
+            print("brevitas is not installed (pip install brevitas): its row is skipped")
+            return False
+    return True
+
+
+def rss_kib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+
+
+def probe_memory(opt):
+    """Child process: build one variant, run its steps, print the peak resident memory they added (KiB)."""
+    import tempfile
+
+    device = torch.device(opt.device)
+    base = float_model(device)
+    imgs, targets = inputs(opt.batch, opt.img, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build(opt.probe_memory, base, imgs, targets, opt, tmp).to(device)
+    step = make_step(model, imgs, targets)
+    before = rss_kib()
+    for _ in range(3):
+        step()
+    print(f"PEAK_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}")
+
+
+def child_peak_mib(key, opt):
+    cmd = [sys.executable, __file__, "--probe-memory", key, "--batch", str(opt.batch), "--img", str(opt.img),
+           "--threads", str(opt.threads), "--brevitas-warmup", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    found = re.search(r"PEAK_KIB (-?\d+)", out.stdout)
+    if not found:
+        print(f"{key}: memory probe failed:\n{out.stderr[-2000:]}")
+        return None
+    return int(found.group(1)) / 1024
+
+
+def epoch_seconds(qat, opt):
+    """train.py's time for one epoch on shapes: (2 epochs) - (1 epoch), so start-up and calibration cancel."""
+    times = []
+    for epochs in (1, 2):
+        cmd = [sys.executable, "train.py", "--data", "shapes.yaml", "--cfg", "yolov5n.yaml", "--weights", "",
+               "--act", "relu", "--img", str(opt.img), "--batch-size", "16", "--epochs", str(epochs), "--noval",
+               "--nosave", "--noplots", "--workers", "2", "--project", str(Path(opt.tmp) / "runs"), "--name", "e",
+               "--device", opt.device] + (["--qat", "--pow2-scale"] if qat else [])
+        t = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            raise SystemExit(f"train.py failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+        times.append(time.perf_counter() - t)
+    return times[1] - times[0]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img", type=int, default=320)
-    p.add_argument("--rounds", type=int, default=5, help="timed steps per variant (interleaved)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=9, help="timed steps per variant (interleaved)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--brevitas-warmup", type=int, default=300, help="brevitas steps before timing (its statistics phase)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
-    p.add_argument("--skip", nargs="*", default=[], help="variant names to leave out")
+    p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    p.add_argument("--skip", nargs="*", default=[], choices=VARIANTS, metavar="NAME", help="variants to leave out")
+    p.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
+    p.add_argument("--epoch-time", action="store_true", help="also time one train.py epoch on shapes, FP32 vs --qat")
+    p.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     opt = p.parse_args(argv)
-    if opt.threads:
-        torch.set_num_threads(opt.threads)
+    opt.device = f"cuda:{opt.device}" if opt.device.isdigit() else opt.device
+    torch.set_num_threads(opt.threads)
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
+    LOGGER.setLevel("WARNING")
+    if opt.probe_memory:
+        return probe_memory(opt)
+    import tempfile
+
     device = torch.device(opt.device)
-    base, name, types = build_network()
-    base = base.to(device).train()
-    x = torch.randn(opt.batch, 3, opt.img, opt.img, device=device)
+    base = float_model(device)
+    imgs, targets = inputs(opt.batch, opt.img, device)
+    keys = [k for k in VARIANTS if k not in opt.skip and available(k)]
+    steps, counts = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        opt.tmp = tmp
+        for key in keys:
+            model = build(key, base, imgs, targets, opt, tmp).to(device)
+            counts[key] = count_quantizers(key, model)
+            steps[key] = make_step(model, imgs, targets)
+            for _ in range(opt.warmup):
+                steps[key]()
+        times, peaks = {k: [] for k in keys}, {}
+        for _ in range(opt.rounds):
+            for key in keys:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t = time.perf_counter()
+                steps[key]()
+                times[key].append(time.perf_counter() - t)
+                if device.type == "cuda":
+                    peaks[key] = max(peaks.get(key, 0), torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        if not opt.no_memory and device.type == "cpu":
+            peaks = {key: child_peak_mib(key, opt) for key in keys}
+        epochs = {q: epoch_seconds(q, opt) for q in (False, True)} if opt.epoch_time else {}
 
-    variants = {"fp32": lambda: copy.deepcopy(base)}
-    variants["bst linear"] = lambda: bst_qat(base, types, bq.get_default_qat_qconfig())
-    variants["bst pow2"] = lambda: bst_qat(base, types, bq.get_default_qat_qconfig(pow2=True))
-
-    def frozen():
-        model = bst_qat(base, types, bq.get_default_qat_qconfig(pow2=True))
-        make_step(model, x)()  # calibrate once, then freeze
-        model.apply(bq.disable_observer)
-        return model
-    variants["bst pow2 frozen"] = frozen
-    variants["bst fused linear"] = lambda: bst_qat(base, types, bq.get_default_qat_qconfig(fused=True))
-    variants["bst pow2 convs only"] = lambda: bst_qat(base, types, bq.get_default_qat_qconfig(pow2=True), False)
-    if importlib.util.find_spec("torch.ao.quantization") is not None:
-        variants["torch.ao convs only"] = lambda: torch_ao_qat(base, types)
-    else:
-        print("torch.ao.quantization is not available: its row is skipped")
-    variants = {k: v for k, v in variants.items() if k not in opt.skip}
-
-    steps = {}
-    for key, build in variants.items():
-        model = build().to(device)
-        steps[key] = make_step(model, x)
-        for _ in range(opt.warmup):
-            steps[key]()
-    wall = {key: [] for key in steps}
-    cpu = {key: [] for key in steps}
-    for _ in range(opt.rounds):
-        for key, step in steps.items():
-            t, c = time.perf_counter(), time.process_time()
-            step()
-            wall[key].append(time.perf_counter() - t)
-            cpu[key].append(time.process_time() - c)
-
-    print(f"\n{name}, batch {opt.batch}, {opt.img} px, {device}, {torch.get_num_threads()} threads, "
-          f"{opt.rounds} interleaved rounds")
-    # on a shared machine other processes slow every variant alike only on average: the best (minimum)
-    # round and the process CPU time are shown next to the median wall time
-    columns = {"wall": (wall, statistics.median), "best": (wall, min), "cpu": (cpu, statistics.median)}
-    print(f"{'variant':<22}" + "".join(f"{c + ' ms':>10}{'x FP32':>8}" for c in columns))
-    for key in steps:
-        row = f"{key:<22}"
-        for times, reduce in columns.values():
-            value = reduce(times[key])
-            base = reduce(times["fp32"]) if "fp32" in times else None
-            row += f"{value * 1e3:>10.1f}" + (f"{value / base:>8.2f}" if base else f"{'-':>8}")
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"\nyolov5n ReLU, batch {opt.batch}, {opt.img} px, {device}{threads}, {opt.rounds} interleaved rounds "
+          f"(forward + loss + backward + SGD step)")
+    print(f"{'variant':<22}{'quantizers':>11}{'ms/step':>10}{'spread':>8}{'x FP32':>8}{'peak MiB':>10}{'x FP32':>8}")
+    fp32 = statistics.median(times["fp32"]) if "fp32" in times else None
+    for key in keys:
+        t = sorted(times[key])
+        med = statistics.median(t)
+        q1, q3 = statistics.quantiles(t, n=4)[0], statistics.quantiles(t, n=4)[2]
+        peak, base_peak = peaks.get(key), peaks.get("fp32")
+        row = f"{key:<22}{counts[key]:>11}{med * 1e3:>10.1f}{100 * (q3 - q1) / med:>7.0f}%"
+        row += f"{med / fp32:>8.2f}" if fp32 else f"{'-':>8}"
+        row += f"{peak:>10.0f}" if peak else f"{'-':>10}"
+        row += f"{peak / base_peak:>8.2f}" if peak and base_peak else f"{'-':>8}"
         print(row)
+    if epochs:
+        print(f"\ntrain.py, one epoch on shapes (600 images, {opt.img} px, batch 16, data loading included): "
+              f"FP32 {epochs[False]:.1f} s, --qat --pow2-scale {epochs[True]:.1f} s, x{epochs[True] / epochs[False]:.2f}")
+
 
 if __name__ == "__main__":
     main()
