@@ -3,6 +3,7 @@
     python benchmarks/qat_overhead.py                      # yolov5n ReLU, batch 8, 320 px, CPU, 2 threads
     python benchmarks/qat_overhead.py --device 0 --batch 32 --img 640
     python benchmarks/qat_overhead.py --epoch-time         # also train.py's whole epoch on shapes, FP32 vs --qat
+    python benchmarks/qat_overhead.py --profile "qat default" --skip "brevitas pow2"   # where a step's time goes
 
 Every variant is yolov5n (act=relu, 80 classes) and trains one step at a time as train.py does: forward,
 ComputeLoss on fixed targets, backward, SGD step. The variants take turns step by step (interleaved rounds), so
@@ -237,6 +238,18 @@ def available(key):
     return True
 
 
+def profile_steps(step, key, device):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n{key}: time per op type over 3 steps (torch.profiler)")
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+
+
 def rss_kib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() // 1024
@@ -297,6 +310,8 @@ def main(argv=None):
     p.add_argument("--skip", nargs="*", default=[], choices=VARIANTS, metavar="NAME", help="variants to leave out")
     p.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
     p.add_argument("--epoch-time", action="store_true", help="also time one train.py epoch on shapes, FP32 vs --qat")
+    p.add_argument("--profile", default="", choices=("",) + VARIANTS, metavar="NAME",
+                   help="also print torch.profiler's time per op type over 3 steps of this variant")
     p.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     opt = p.parse_args(argv)
     opt.device = f"cuda:{opt.device}" if opt.device.isdigit() else opt.device
@@ -330,6 +345,8 @@ def main(argv=None):
                 times[key].append(time.perf_counter() - t)
                 if device.type == "cuda":
                     peaks[key] = max(peaks.get(key, 0), torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        if opt.profile in steps:
+            profile_steps(steps[opt.profile], opt.profile, device)
         if not opt.no_memory and device.type == "cpu":
             peaks = {key: child_peak_mib(key, opt) for key in keys}
         epochs = {q: epoch_seconds(q, opt) for q in (False, True)} if opt.epoch_time else {}
