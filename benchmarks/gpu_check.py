@@ -121,10 +121,11 @@ def tools(opt, device_arg):
         rows.append(("train.py --qat, whole run", f"{seconds:.1f} s", "", ""))
         best = Path(tmp) / "qat/weights/best.pt"
         dev = val_map(best, device_arg, opt)
-        cpu = val_map(best, "cpu", opt)
         rows.append((f"val.py QAT best.pt, {device_arg}", f"{dev[2]:.1f} s", f"mAP50 {dev[0]:.4f}",
                      f"mAP50-95 {dev[1]:.4f}"))
-        rows.append(("val.py QAT best.pt, cpu", f"{cpu[2]:.1f} s", f"mAP50 {cpu[0]:.4f}", f"mAP50-95 {cpu[1]:.4f}"))
+        cpu = val_map(best, "cpu", opt) if device_arg != "cpu" else dev
+        if device_arg != "cpu":
+            rows.append(("val.py QAT best.pt, cpu", f"{cpu[2]:.1f} s", f"mAP50 {cpu[0]:.4f}", f"mAP50-95 {cpu[1]:.4f}"))
         # --dynamic: val.py then runs the .onnx with the same rectangular batches as the .pt
         text, seconds = run(["export.py", "--weights", str(best), "--include", "onnx", "--img", str(opt.tool_img),
                              "--dynamic", "--device", device_arg], "export.py")

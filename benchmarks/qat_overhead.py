@@ -22,7 +22,8 @@ in percent of the median), the ratio to FP32's median, and the peak memory of a 
                          `qat default`: input, every conv's per-channel int8 weights and its output, each skip-add
                          and concat, the Detect outputs. Skipped with a message when brevitas is not installed
                          (pip install brevitas). Its activation scales are statistics, not powers of two, during
-                         its first 300 steps; this benchmark times steps after those (--brevitas-warmup).
+                         its first 300 steps; this benchmark runs those on a small input first and times the steps
+                         after them (--brevitas-warmup).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over the timed steps; on CPU, each variant runs a few steps
 in a child process and reports its peak resident memory above the memory it had before the first step.
@@ -172,9 +173,12 @@ def brevitas_model(base, warmup_batch, warmup_steps):
     model.model[0] = QuantInput(first)
     for attr in ("f", "i", "type", "np"):
         setattr(model.model[0], attr, getattr(first, attr))
-    model.to(warmup_batch[0].device)
-    step = make_step(model, *warmup_batch)
-    for _ in range(warmup_steps):  # its statistics phase: activation scales are not yet powers of two
+    imgs, targets = warmup_batch
+    model.to(imgs.device)
+    # its statistics phase (activation scales are not yet powers of two) is passed on a small input: only the
+    # step count matters, and the timed steps come after it
+    step = make_step(model, imgs[:1, :, :64, :64], targets[targets[:, 0] == 0])
+    for _ in range(warmup_steps):
         step()
     return model
 
@@ -283,19 +287,18 @@ def child_peak_mib(key, opt):
 
 
 def epoch_seconds(qat, opt):
-    """train.py's time for one epoch on shapes: (2 epochs) - (1 epoch), so start-up and calibration cancel."""
-    times = []
-    for epochs in (1, 2):
-        cmd = [sys.executable, "train.py", "--data", "shapes.yaml", "--cfg", "yolov5n.yaml", "--weights", "",
-               "--act", "relu", "--img", str(opt.img), "--batch-size", "16", "--epochs", str(epochs), "--noval",
-               "--nosave", "--noplots", "--workers", "2", "--project", str(Path(opt.tmp) / "runs"), "--name", "e",
-               "--device", opt.device] + (["--qat", "--pow2-scale"] if qat else [])
-        t = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            raise SystemExit(f"train.py failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
-        times.append(time.perf_counter() - t)
-    return times[1] - times[0]
+    """train.py's first epoch on shapes, data loading included: the elapsed time of its progress bar (validation,
+    calibration and start-up are outside it)."""
+    cmd = [sys.executable, "train.py", "--data", "shapes.yaml", "--cfg", "yolov5n.yaml", "--weights", "", "--act", "relu",
+           "--img", str(opt.img), "--batch-size", "16", "--epochs", "1", "--noval", "--nosave", "--noplots",
+           "--workers", "2", "--project", str(Path(opt.tmp) / "runs"), "--name", "e", "--device", opt.device.split(":")[-1]]
+    out = subprocess.run(cmd + (["--qat", "--pow2-scale"] if qat else []), capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise SystemExit(f"train.py failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+    bars = re.findall(rf"{opt.img}: 100%.*? (\d+)/\1 \[(\d+):(\d+)<", out.stdout + out.stderr)
+    if not bars:
+        raise SystemExit("train.py printed no finished epoch progress bar")
+    return int(bars[-1][1]) * 60 + int(bars[-1][2])
 
 
 def main(argv=None):
@@ -367,8 +370,8 @@ def main(argv=None):
         row += f"{peak / base_peak:>8.2f}" if peak and base_peak else f"{'-':>8}"
         print(row)
     if epochs:
-        print(f"\ntrain.py, one epoch on shapes (600 images, {opt.img} px, batch 16, data loading included): "
-              f"FP32 {epochs[False]:.1f} s, --qat --pow2-scale {epochs[True]:.1f} s, x{epochs[True] / epochs[False]:.2f}")
+        print(f"\ntrain.py, epoch 0 on shapes (600 images, {opt.img} px, batch 16, 2 workers, data loading included): "
+              f"FP32 {epochs[False]} s, --qat --pow2-scale {epochs[True]} s, x{epochs[True] / epochs[False]:.2f}")
 
 
 if __name__ == "__main__":
