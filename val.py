@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 from models.backend import DetectMultiBackend  # noqa: E402
 from models.experimental import is_quantized  # noqa: E402
-from models.quant import observers_frozen  # noqa: E402
+from models.quant import load_recipe, observers_frozen  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.dataset_yaml import check_dataset  # noqa: E402
 from utils.general import (LOGGER, UserError, check_file, check_img_size, coco80_to_coco91_class, colorstr,  # noqa: E402
@@ -356,6 +356,8 @@ def main(opt):
     opt.data = check_file(opt.data)
     if not opt.ptq and (opt.pow2_scale or opt.bn_folding or opt.qat_recipe or opt.ptq_save):
         raise UserError("--pow2-scale, --bn-folding, --qat-recipe and --ptq-save apply to --ptq only; add --ptq")
+    if opt.qat_recipe:
+        load_recipe(opt.qat_recipe)  # the schema check, before any data or model is loaded
     for name, v in (("--conf-thres", opt.conf_thres), ("--iou-thres", opt.iou_thres)):
         if not 0 <= v <= 1:
             raise UserError(f"{name} {v}: must be between 0.0 and 1.0")

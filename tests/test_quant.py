@@ -105,6 +105,46 @@ def test_recipes_exclude_and_fix_the_detect_convs():
             load_recipe({"default": {"activation": bad}})
 
 
+BAD_RECIPES = [  # (recipe, the message must say)
+    ([{"match": "0"}], "recipe: must be a mapping .* got a list"),
+    ({"default": {"activation": {"fixed": {"scale": "abc", "zero_point": 0}}}}, "fixed scale 'abc' must be a positive"),
+    ({"default": {"activation": {"fixed": {"scale": 0, "zero_point": 0}}}}, "fixed scale 0 must be a positive"),
+    ({"default": {"activation": {"fixed": {"scale": -1, "zero_point": 0}}}}, "fixed scale -1 must be a positive"),
+    ({"default": {"activation": {"fixed": {"scale": "1/0", "zero_point": 0}}}}, "fixed scale '1/0' must be"),
+    ({"default": {"activation": {"fixed": {"scale": "nan", "zero_point": 0}}}}, "fixed scale 'nan' must be"),
+    ({"default": {"activation": {"fixed": {"scale": 0.0625, "zero_point": "abc"}}}}, "zero_point 'abc' must be an int"),
+    ({"default": {"activation": {"fixed": {"scale": 0.0625, "zero_point": 500}}}}, "zero_point 500 must be an integer"),
+    ({"default": {"activation": {"fixed": {"scale": 0.0625}}}}, "fixed activation needs scale and zero_point"),
+    ({"default": {"activation": {"observer": "percentile", "percentile": 150}}}, r"percentile observer: percentile=150 must be in \(50, 100\]"),
+    ({"default": {"activation": {"observer": "percentile", "percentile": "high"}}}, "option percentile 'high' must be a number"),
+    ({"default": {"activation": {"observer": "mse", "bins": 3}}}, r"unknown key\(s\) \['bins'\]; allowed: .*num_samples"),
+    ({"default": {"activation": {"observer": "minmax", "pow2": True}}}, r"unknown key\(s\) \['pow2'\]"),
+    ({"default": {"activation": {"observer": "mse", "fixed": {"scale": 1, "zero_point": 0}}}}, "activation must be"),
+    ({"default": {"learnable": "yes"}}, "learnable 'yes' must be true or false"),
+    ({"default": [1]}, "default must be a mapping"),
+    ({"rules": {"match": "0"}}, "rules must be a list"),
+    ({"rules": [{"match": "0", "color": "red"}]}, r"rule 0: unknown key\(s\) \['color'\]"),
+    ({"rules": [{"match": ["0"]}]}, "match .* must be a model index"),
+    ({"concat": {"share_input_scales": "sometimes"}}, "share_input_scales 'sometimes' must be true or false"),
+    ({"concat": ["share_input_scales"]}, "concat must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("recipe,message", BAD_RECIPES)
+def test_bad_recipe_values_are_one_line_before_any_model_is_touched(recipe, message):
+    with pytest.raises(UserError, match=message) as e:
+        load_recipe(recipe)
+    assert "\n" not in str(e.value)
+
+
+def test_fixed_scale_must_be_a_power_of_two_with_pow2(tmp_path):
+    path = tmp_path / "tenth.yaml"
+    path.write_text("rules:\n  - match: model.24.m.*\n    activation: {fixed: {scale: 0.1, zero_point: 0}}\n")
+    prepare_yolo_qat(small_model(), pow2=False, recipe=str(path))  # linear scales: fine
+    with pytest.raises(UserError, match="tenth.yaml: rule 0: fixed scale 0.1 is not a power of two"):
+        prepare_yolo_qat(small_model(), pow2=True, recipe=str(path))
+
+
 @pytest.mark.parametrize("update", ["track", "search"])
 def test_default_recipe_observers_on_track_or_search_as_the_recipe_says(update):
     """--qat without --disable-observer-epoch trains with observers on: the MSE calibrators keep the calibrated

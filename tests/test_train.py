@@ -330,6 +330,11 @@ def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys)
     bad_hyp.write_text("lr0: 0.01\n")
     assert "missing lrf" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--hyp", bad_hyp,
                                        "--project", tmp_path, "--name", "badhyp")
+    bad_recipe = tmp_path / "recipe.yaml"
+    bad_recipe.write_text("default:\n  activation: {observer: percentile, percentile: 150}\n")
+    assert "recipe.yaml: default: percentile observer: percentile=150 must be in (50, 100]" in in_process(
+        "--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--act", "relu", "--qat", "--qat-recipe", bad_recipe,
+        "--project", tmp_path, "--name", "badrecipe")
     monkeypatch.setattr(train, "LOCAL_RANK", 0)  # as under torchrun with 2 processes, checked before any DDP setup
     monkeypatch.setattr(train, "WORLD_SIZE", 2)
     assert "multiple of WORLD_SIZE 2" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml",

@@ -24,6 +24,10 @@ def check_qat_flags(opt):
         return
     if opt.calib_batches < 1:
         raise UserError(f"--calib-batches {opt.calib_batches}: calibrate on at least one batch")
+    if getattr(opt, "qat_recipe", ""):
+        from models.quant import load_recipe
+
+        load_recipe(opt.qat_recipe)  # the schema check, before any data or model is loaded
     if opt.act == "silu":
         LOGGER.warning(f"{PREFIX}WARNING: --act silu: shift-only int8 hardware has no SiLU; it is quantized here as "
                        f"a lookup table on its int8 output. Retrain with --act relu (or relu6) for such hardware")
