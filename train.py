@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from copy import deepcopy
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -40,8 +41,8 @@ from utils.checkpoint import attempt_download, load_checkpoint, save_checkpoint 
 from utils.class_weights import labels_to_class_weights, labels_to_image_weights  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.dataset_yaml import check_dataset  # noqa: E402
-from utils.general import (LOGGER, UserError, check_file, check_img_size, colorstr, increment_path,  # noqa: E402
-                           intersect_dicts, print_args, run_cli, yaml_load, yaml_save)
+from utils.general import (LOGGER, UserError, check_file, check_img_size, claim_run_folder, colorstr,  # noqa: E402
+                           increment_path, intersect_dicts, print_args, run_cli, yaml_load, yaml_save)
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
@@ -126,6 +127,12 @@ def pick_activation(opt, src=None) -> str:
 
 
 def train(hyp, opt, device):
+    """One training run in opt.save_dir, which it holds for itself (`claim_run_folder`; rank 0 under DDP)."""
+    with claim_run_folder(opt.save_dir) if RANK in (-1, 0) else nullcontext():
+        return _train(hyp, opt, device)
+
+
+def _train(hyp, opt, device):
     save_dir, epochs, batch_size, weights, single_cls, noval, nosave, workers, freeze = (
         Path(opt.save_dir), opt.epochs, opt.batch_size, opt.weights, opt.single_cls, opt.noval, opt.nosave,
         opt.workers, opt.freeze)
@@ -582,10 +589,7 @@ def resume_options(opt):
     if ckpt["epoch"] == -1 or ckpt.get("optimizer") is None or ckpt["epoch"] + 1 >= d["epochs"]:
         raise UserError(f"--resume {last}: training to {d['epochs']} epochs is finished, nothing to resume; "
                         f"start a new run with --weights {last}")
-    del ckpt
-    if RANK in (-1, 0):  # temporary files of a save that a kill interrupted
-        for f in last.parent.glob(".*.tmp"):
-            f.unlink(missing_ok=True)
+    del ckpt  # (temporary files of a save that a kill interrupted go when the run claims its folder)
     keep = {"device": opt.device, "workers": opt.workers}
     opt = argparse.Namespace(**{**vars(opt), **d})
     opt.device, opt.workers = keep["device"], keep["workers"]

@@ -275,3 +275,32 @@ def test_intersect_dicts():
     assert list(out) == ["a.weight"]
     assert out["a.weight"] is da["a.weight"]  # values come from the first dict
     assert set(intersect_dicts(da, db)) == {"a.weight", "c.anchors"}
+
+
+def test_one_run_per_run_folder_and_orphan_temporaries_go(tmp_path):
+    import os
+
+    from utils.general import UserError, claim_run_folder
+
+    run = tmp_path / "exp"
+    (run / "weights").mkdir(parents=True)
+    orphans = [run / "weights" / ".last.pt.k3j2.tmp", run / "results.csv.tmp"]
+    kept = [run / "weights" / "last.pt", run / "results.csv", run / "weights" / "notes.tmp.txt"]
+    for f in orphans + kept:
+        f.write_bytes(b"x" * 10)
+    with claim_run_folder(run):
+        assert not any(f.exists() for f in orphans) and all(f.exists() for f in kept)
+        assert (run / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(UserError, match=rf"exp: another training run \(pid {os.getpid()}\) is using this run "
+                                            "folder; wait for it to finish, or give this run another --name"):
+            with claim_run_folder(run):
+                pass
+        (run / "weights" / ".best.pt.x.tmp").write_bytes(b"x")  # the holder's own save in progress: kept
+    assert (run / "weights" / ".best.pt.x.tmp").exists()
+    with claim_run_folder(run):  # released when the first run ended
+        assert not (run / "weights" / ".best.pt.x.tmp").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot create the run folder .*; choose a writable --project"):
+        with claim_run_folder(blocker / "exp"):
+            pass

@@ -335,6 +335,12 @@ def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys)
     assert "recipe.yaml: default: percentile observer: percentile=150 must be in (50, 100]" in in_process(
         "--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--act", "relu", "--qat", "--qat-recipe", bad_recipe,
         "--project", tmp_path, "--name", "badrecipe")
+    from utils.general import claim_run_folder
+
+    with claim_run_folder(tmp_path / "busy"):  # another run holds the folder: this one stops before any work
+        assert "busy: another training run" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml",
+                                                          "--project", tmp_path, "--name", "busy", "--exist-ok")
+    assert not (tmp_path / "busy" / "weights").exists()
     monkeypatch.setattr(train, "LOCAL_RANK", 0)  # as under torchrun with 2 processes, checked before any DDP setup
     monkeypatch.setattr(train, "WORLD_SIZE", 2)
     assert "multiple of WORLD_SIZE 2" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml",

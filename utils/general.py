@@ -10,7 +10,13 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl  # POSIX; elsewhere run folders are not locked
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -70,6 +76,38 @@ def increment_path(path, exist_ok=False, sep="", mkdir=False):
     if mkdir:
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def claim_run_folder(folder):
+    """``with claim_run_folder(save_dir):`` one training run per run folder. Creates the folder, takes an exclusive
+    lock on its ``.lock`` file (released when the run ends, also when it is killed) and then removes the temporary
+    files that killed saves left behind (``weights/.*.tmp``, ``*.tmp``): while the lock is held no other run can be
+    writing them. A folder that another live run holds, or that cannot be written, is one UserError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"{folder}: cannot create the run folder ({e.strerror}); choose a writable --project") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                pid = f.read().strip() or "?"
+                raise UserError(f"{folder}: another training run (pid {pid}) is using this run folder; wait for it to "
+                                f"finish, or give this run another --name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        for orphan in [*(folder / "weights").glob(".*.tmp"), *folder.glob("*.tmp")]:
+            orphan.unlink(missing_ok=True)
+        yield folder
+    finally:
+        f.close()  # closing the file releases the lock
 
 
 def make_divisible(x, divisor):
