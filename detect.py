@@ -164,6 +164,13 @@ def parse_opt(argv=None):
 
 
 def main(opt):
+    if len(opt.imgsz) > 2 or min(opt.imgsz) < 1:
+        given = opt.imgsz[:1] if len(set(opt.imgsz)) == 1 else opt.imgsz  # parse_opt doubled a single size
+        raise UserError(f"--imgsz {' '.join(map(str, given))}: give one size or height and width, each >= 1")
+    for flag, value in (("--max-det", opt.max_det), ("--vid-stride", opt.vid_stride), ("--line-thickness",
+                                                                                          opt.line_thickness)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be an integer >= 1")
     if opt.data:
         opt.data = check_file(opt.data)
     return run(**vars(opt))

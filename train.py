@@ -181,8 +181,6 @@ def _train(hyp, opt, device):
 
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
-    if batch_size == -1:
-        raise UserError("--batch-size -1 (AutoBatch) needs CUDA memory probing and is not supported; give a batch size")
 
     nbs = 64  # nominal batch size
     accumulate = max(round(nbs / batch_size), 1)
@@ -598,6 +596,16 @@ def resume_options(opt):
     return opt
 
 
+def check_train_flags(opt):
+    """Numbers that cannot train: one line each, before any data or model is loaded."""
+    if opt.batch_size == -1:
+        raise UserError("--batch-size -1 (AutoBatch) needs CUDA memory probing and is not supported; give a batch size")
+    for flag, value, least in (("--batch-size", opt.batch_size, 1), ("--epochs", opt.epochs, 1),
+                               ("--imgsz", opt.imgsz, 1), ("--workers", opt.workers, 0)):
+        if value < least:
+            raise UserError(f"{flag} {value}: must be an integer >= {least}")
+
+
 def main(opt):
     if RANK in (-1, 0):
         print_args(vars(opt), "train")
@@ -607,6 +615,7 @@ def main(opt):
         raise UserError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
     if opt.resume:
         opt = resume_options(opt)
+    check_train_flags(opt)
     check_qat_flags(opt)
     if opt.resume:
         pass

@@ -68,3 +68,23 @@ def test_detect_bad_input_one_line(args, message, tmp_path):
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ERROR:") and message in err[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--imgsz", "0"], "--imgsz 0: give one size or height and width, each >= 1"),
+    (["--imgsz", "-5"], "--imgsz -5: give one size"),
+    (["--imgsz", "320", "240", "160"], "--imgsz 320 240 160: give one size or height and width"),
+    (["--max-det", "0"], "--max-det 0: must be an integer >= 1"),
+    (["--vid-stride", "0"], "--vid-stride 0: must be an integer >= 1"),
+])
+def test_detect_bad_numbers_one_line_before_any_work(flags, message, tmp_path, capsys):
+    import detect
+    from utils.general import run_cli
+
+    opt = detect.parse_opt(["--weights", str(reference("yolov5n_silu.pt")), "--source", "data", *flags,
+                            "--project", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        run_cli(detect.main, opt)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ERROR:") and message in err[0], err
+    assert not list(tmp_path.iterdir())

@@ -330,6 +330,16 @@ def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys)
     bad_hyp.write_text("lr0: 0.01\n")
     assert "missing lrf" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--hyp", bad_hyp,
                                        "--project", tmp_path, "--name", "badhyp")
+    for flags, message in ((["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+                           (["--batch-size", "-3"], "--batch-size -3: must be an integer >= 1"),
+                           (["--epochs", "0"], "--epochs 0: must be an integer >= 1"),
+                           (["--imgsz", "0"], "--imgsz 0: must be an integer >= 1"),
+                           (["--imgsz", "-32"], "--imgsz -32: must be an integer >= 1"),
+                           (["--qat", "--freeze-bn-epoch", "-5"], "--freeze-bn-epoch -5: must be an epoch index >= 0"),
+                           (["--disable-observer-epoch", "-2"], "--disable-observer-epoch -2: must be an epoch")):
+        assert message in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--act", "relu",
+                                     *flags, "--project", tmp_path, "--name", "badflag")
+    assert not (tmp_path / "badflag").exists()
     bad_recipe = tmp_path / "recipe.yaml"
     bad_recipe.write_text("default:\n  activation: {observer: percentile, percentile: 150}\n")
     assert "recipe.yaml: default: percentile observer: percentile=150 must be in (50, 100]" in in_process(

@@ -25,8 +25,23 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]  # repository root
 LOGGER = logging.getLogger("yolov5")
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record is logged (a redirect_stdout, a capture), not to the stream
+    that was current at import."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 if not LOGGER.handlers:
-    _h = logging.StreamHandler(sys.stdout)
+    _h = _StdoutHandler()
     _h.setFormatter(logging.Formatter("%(message)s"))
     LOGGER.addHandler(_h)
     LOGGER.setLevel(logging.INFO if int(os.getenv("RANK", -1)) in (-1, 0) else logging.WARNING)

@@ -15,6 +15,9 @@ PREFIX = colorstr("QAT: ")
 
 def check_qat_flags(opt):
     """Bad combinations end in one line; SiLU is allowed with a warning."""
+    for f in ("freeze_bn_epoch", "disable_observer_epoch"):
+        if getattr(opt, f, -1) < -1:
+            raise UserError(f"--{f.replace('_', '-')} {getattr(opt, f)}: must be an epoch index >= 0, or -1 for never")
     if not getattr(opt, "qat", False):
         used = [f"--{f.replace('_', '-')}" for f in QAT_ONLY_FLAGS if getattr(opt, f, None)]
         used += [f"--{f.replace('_', '-')} {getattr(opt, f)}" for f in ("freeze_bn_epoch", "disable_observer_epoch")
