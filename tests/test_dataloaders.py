@@ -463,6 +463,7 @@ def test_check_dataset_resolves_and_normalises(tmp_path):
     ("train: a\nnames: [x]\n", "missing key 'val'"),
     ("val: a\nnames: [x]\n", "missing key 'train'"),
     ("train: a\nval: b\nnames: [x, y]\nnc: 3\n", "nc=3"),
+    ("train: a\nval: b\nnames: [x, y]\nnc: ten\n", "nc 'ten' must be an integer"),
     ("train: a\nval: b\nnames: {0: x, 2: y}\n", "without gaps"),
     ("- just a list\n", "mapping"),
     ("train: a\nval: [b\n", "not valid YAML"),

@@ -85,6 +85,8 @@ def check_dataset(data, autodownload=True) -> dict:
             raise UserError(f"{where}: missing key '{k}', a dataset yaml needs {', '.join(REQUIRED_KEYS)}")
     data["names"] = _names_dict(data["names"], where)
     nc = len(data["names"])
+    if data.get("nc") is not None and (isinstance(data["nc"], bool) or not isinstance(data["nc"], int)):
+        raise UserError(f"{where}: nc {data['nc']!r} must be an integer (the number of classes in 'names')")
     if data.get("nc") is not None and int(data["nc"]) != nc:
         raise UserError(f"{where}: nc={data['nc']} but 'names' lists {nc} classes; fix one of them or drop nc")
     data["nc"] = nc
