@@ -126,6 +126,14 @@ def pick_activation(opt, src=None) -> str:
         raise UserError(f"{opt.cfg or opt.weights}: {e}") from None
 
 
+def diverged_advice(last: Path) -> str:
+    """What to do after training diverged: --resume would keep the run's hyperparameters, so it cannot lower lr0."""
+    if not last.exists():
+        return "The last good checkpoint is not written yet; lower lr0 in --hyp and start again"
+    return (f"The last good checkpoint is {last}; lower lr0 in --hyp and continue from it with --weights {last} "
+            f"(--resume keeps the run's hyperparameters)")
+
+
 def train(hyp, opt, device):
     """One training run in opt.save_dir, which it holds for itself (`claim_run_folder`; rank 0 under DDP)."""
     with claim_run_folder(opt.save_dir) if RANK in (-1, 0) else nullcontext():
@@ -321,8 +329,7 @@ def _train(hyp, opt, device):
                     loss *= 4.0
             if not torch.isfinite(loss).all():
                 raise UserError(f"non-finite loss ({loss_items.tolist()}) at epoch {epoch} batch {i}; stopped. "
-                                f"The last good checkpoint is {last if last.exists() else 'not written yet'}; "
-                                f"lower lr0 in --hyp or check the data")
+                                f"{diverged_advice(last)}, or check the data")
 
             scaler.scale(loss).backward()
             if ni - last_opt_step >= accumulate:
@@ -330,8 +337,7 @@ def _train(hyp, opt, device):
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
                 if not amp and not torch.isfinite(norm):  # (under AMP the scaler skips such steps itself)
                     raise UserError(f"non-finite gradient at epoch {epoch} batch {i}; stopped before the update. "
-                                    f"The last good checkpoint is {last if last.exists() else 'not written yet'}; "
-                                    f"lower lr0 in --hyp or check the data")
+                                    f"{diverged_advice(last)}, or check the data")
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad()
@@ -375,8 +381,7 @@ def _train(hyp, opt, device):
                         "qat": qat.meta() if qat.enabled else None}
                 if not (all_finite(ckpt["model"]) and all_finite(ckpt["ema"])):  # never replace a good last.pt
                     raise UserError(f"non-finite weights after epoch {epoch} (as saved, in float16); stopped without "
-                                    f"saving. The last good checkpoint is "
-                                    f"{last if last.exists() else 'not written yet'}; lower lr0 in --hyp")
+                                    f"saving. {diverged_advice(last)}")
                 save_checkpoint(ckpt, last)
                 if best_fitness == fi:
                     save_checkpoint(ckpt, best)
