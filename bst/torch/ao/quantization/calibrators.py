@@ -50,8 +50,8 @@ TRAINING_UPDATES = ("track", "search")
 
 class _TrackedCalibrator(ObserverBase):
     """Shared by the calibrators: the average batch range, and tracking of the calibrated qparams after
-    calibration (see the module docstring). Subclasses implement ``_observe(values)`` (the calibration
-    statistics of a float32 tensor) and ``_search_qparams()``."""
+    calibration (see the module docstring). Subclasses implement ``_search_qparams()`` and
+    ``_observe(values, low, high)``: the calibration statistics of the finite float32 values and their extremes."""
 
     _TRACK_BUFFERS = ("batch_range", "batch_count", "reference")
 
@@ -121,8 +121,9 @@ class _TrackedCalibrator(ObserverBase):
         values = x.detach().reshape(-1).to(torch.float32)
         values = values[torch.isfinite(values)]
         if values.numel():
-            self._update_batch_range(*torch.aminmax(values))
-            self._observe(values)
+            low, high = torch.aminmax(values)
+            self._update_batch_range(low, high)
+            self._observe(values, low, high)
         return x
 
     @torch.no_grad()
@@ -228,7 +229,7 @@ class PercentileObserver(_TrackedCalibrator):
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.int64))
 
-    def _observe(self, values):
+    def _observe(self, values, low, high):
         values = _thinned(values, self.max_samples)
         p = self.percentile / 100
         if self.symmetric:
@@ -301,8 +302,7 @@ class MSEObserver(_TrackedCalibrator):
         weights = torch.cat([torch.ones_like(extremes), torch.full_like(sample, weight)])
         return entries, weights
 
-    def _observe(self, values):
-        low, high = torch.aminmax(values)
+    def _observe(self, values, low, high):
         self.min_val.copy_(torch.minimum(self.min_val, low))
         self.max_val.copy_(torch.maximum(self.max_val, high))
         entries, weights = self._summarise(values)
