@@ -39,7 +39,7 @@ from models.yolo import DetectionModel  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import attempt_download, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.class_weights import labels_to_class_weights, labels_to_image_weights  # noqa: E402
-from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.dataloaders import create_dataloader, sample_seed  # noqa: E402
 from utils.dataset_yaml import check_dataset  # noqa: E402
 from utils.general import (LOGGER, UserError, check_file, check_img_size, claim_run_folder, colorstr,  # noqa: E402
                            increment_path, intersect_dicts, print_args, run_cli, yaml_load, yaml_save)
@@ -200,9 +200,10 @@ def _train(hyp, opt, device):
 
     ema = ModelEMA(model) if RANK in (-1, 0) else None
 
-    best_fitness, start_epoch = 0.0, 0
+    best_fitness, start_epoch, last_opt_step = 0.0, 0, -1
     if opt.resume and ckpt is not None:
         best_fitness, start_epoch, epochs = resume_state(ckpt, optimizer, ema, weights, epochs)
+        last_opt_step = int(ckpt.get("last_opt_step", -1))  # where gradient accumulation stands
         if RANK in (-1, 0):
             trim_results(save_dir / "results.csv", start_epoch)
     del ckpt
@@ -273,7 +274,6 @@ def _train(hyp, opt, device):
     t0 = time.time()
     nb = len(train_loader)
     nw = max(round(hyp["warmup_epochs"] * nb), 100)
-    last_opt_step = -1
     maps = np.zeros(nc)
     results = (0, 0, 0, 0, 0, 0, 0)
     scheduler.last_epoch = start_epoch - 1
@@ -287,6 +287,9 @@ def _train(hyp, opt, device):
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
         model.train()
+        # every random draw of an epoch depends on (seed, epoch) only, so a resumed run repeats the epochs it
+        # continues exactly: the loop's own draws here, the order and augmentations in EpochSampler
+        init_seeds(sample_seed(opt.seed, epoch, 1 + RANK))
         if qat.enabled:
             qat.start_epoch(de_parallel(model), epoch)
         if opt.image_weights:
@@ -294,7 +297,7 @@ def _train(hyp, opt, device):
             iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
             dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
         mloss = torch.zeros(3, device=device)
-        if RANK != -1:
+        if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         pbar = enumerate(train_loader)
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
@@ -377,6 +380,7 @@ def _train(hyp, opt, device):
             if (not nosave) or final_epoch:
                 ckpt = {"epoch": epoch, "best_fitness": best_fitness, "model": checkpoint_copy(de_parallel(model)),
                         "ema": checkpoint_copy(ema.ema), "updates": ema.updates, "optimizer": optimizer.state_dict(),
+                        "last_opt_step": last_opt_step,
                         "opt": _plain(vars(opt)), "git": None, "date": datetime.now().isoformat(),
                         "qat": qat.meta() if qat.enabled else None}
                 if not (all_finite(ckpt["model"]) and all_finite(ckpt["ema"])):  # never replace a good last.pt

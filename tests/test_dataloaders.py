@@ -384,6 +384,37 @@ def test_infinite_loader_keeps_workers(tmp_path):
     assert loader.num_workers == 0  # batch size 1 loads in the main process
 
 
+
+def test_training_batches_depend_on_seed_and_epoch_only(tmp_path):
+    """EpochSampler: the batches of an epoch (order and augmentations) are the same with 0 or 2 workers and when the
+    epoch is reached by set_epoch instead of by iterating; other epochs and other seeds differ; the caller's own
+    random streams are left as they were."""
+    images = make_dataset(tmp_path, {f"{i}": "0 0.5 0.5 0.2 0.2\n1 0.3 0.3 0.1 0.2\n" for i in range(6)})
+
+    def epoch(workers, e, seed=3, iterate=False):
+        loader, _ = create_dataloader(str(images), 64, 2, 32, hyp=HYP, augment=True, workers=workers, shuffle=True,
+                                      seed=seed)
+        if iterate:
+            for _ in range(e):
+                list(loader)
+        else:
+            loader.sampler.set_epoch(e)
+        return [(im.clone(), t.clone(), p) for im, t, p, _ in loader]
+
+    def same(a, b):
+        return all(p1 == p2 and torch.equal(i1, i2) and torch.equal(t1, t2) for (i1, t1, p1), (i2, t2, p2) in zip(a, b))
+
+    random.seed(11)
+    np.random.seed(11)
+    state, np_state = random.random(), np.random.random()
+    random.seed(11)
+    np.random.seed(11)
+    e2 = epoch(0, 2)
+    assert (random.random(), np.random.random()) == (state, np_state)  # loading drew nothing from them
+    assert same(e2, epoch(2, 2)) and same(e2, epoch(0, 2, iterate=True))
+    assert not same(e2, epoch(0, 1)) and not same(e2, epoch(0, 2, seed=4))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # LoadImages
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 reproducing the training mAP, kill + resume, and one-line errors for bad flag combinations."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,25 +105,6 @@ def test_without_bn_folding_there_is_no_bn(tiny, tmp_path):
     assert any(isinstance(m, FakeQuantizeBase) for m in model.modules())
 
 
-def test_qat_run_killed_mid_epoch_resumes_with_state_intact(tiny, tmp_path):
-    save, log = tmp_path / "kill", tmp_path / "kill.log"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(tiny), "--weights", str(reference("yolov5n_relu.pt")),
-           "--cfg", "yolov5n.yaml", *FAST, "--batch-size", "4", "--epochs", "3", *SEED_FLAGS,
-           "--project", str(tmp_path), "--name", "kill"]
-    start_and_kill_when(cmd, log, lambda text: (save / "weights" / "last.pt").exists()
-                        and re.search(r"\s1/2\s+[\d.]+G\s", text) is not None, ENV)
-    before = load_checkpoint(save / "weights" / "last.pt")
-    scales = {k: v for k, v in before["model"].state_dict().items() if k.endswith(".scale")}
-    out = _ok(_train("--resume", save / "weights" / "last.pt", "--workers", "0"))
-    assert "Continuing the QAT model" in out and "observers off (scales frozen)" in out
-    assert "PTQ" not in out  # a resumed run is not calibrated again
-    after = load_checkpoint(save / "weights" / "last.pt")
-    assert [row[0] for row in _rows(save)] == [0, 1, 2]
-    state = after["model"].state_dict()
-    assert all(torch.equal(v, state[k]) for k, v in scales.items())  # observers were off: scales kept exactly
-    assert all_scales_pow2(after["model"]) and after["qat"]["disable_observer_epoch"] == 0
-
-
 @pytest.mark.parametrize("args, fragments", [
     (["--bn-folding"], ["--bn-folding", "add --qat"]),
     (["--pow2-scale", "--freeze-bn-epoch", "0"], ["--pow2-scale", "--freeze-bn-epoch 0", "add --qat"]),
@@ -215,17 +197,70 @@ def _unshared_concats(model):
     return bad
 
 
-def test_resumed_run_keeps_concat_scales_shared(tiny, tmp_path):
-    """shared_concat.yaml: killed in epoch 1 (where the observers stop) and resumed, the concats still share scales;
-    the sharing needs no calibration batch, which a resumed run does not have."""
-    save, log = tmp_path / "share", tmp_path / "share.log"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(tiny), "--weights", str(reference("yolov5n_relu.pt")),
-           "--cfg", "yolov5n.yaml", *FAST, "--batch-size", "4", "--epochs", "3", "--qat", "--pow2-scale",
-           "--qat-recipe", "data/quant/shared_concat.yaml", "--disable-observer-epoch", "1",
-           "--project", str(tmp_path), "--name", "share"]
-    start_and_kill_when(cmd, log, lambda text: (save / "weights" / "last.pt").exists()
-                        and re.search(r"\s1/2\s+[\d.]+G\s", text) is not None, ENV)
-    out = _ok(_train("--resume", save / "weights" / "last.pt", "--workers", "0"))
-    assert "Continuing the QAT model" in out and re.search(r"share one scale in [1-9]\d* groups", out)
-    model = load_checkpoint(save / "weights" / "last.pt")["model"]
-    assert _unshared_concats(model) == []
+def _carried_state(path):
+    """What a run carries from one epoch into the next: weights with every quantizer buffer (scales, observer and
+    tracking state, BN statistics), the EMA and its update count, the optimizer and gradient accumulation."""
+    ckpt = load_checkpoint(path)
+    return {"model": ckpt["model"].state_dict(), "ema": ckpt["ema"].state_dict(), "updates": ckpt["updates"],
+            "optimizer": ckpt["optimizer"], "last_opt_step": ckpt["last_opt_step"]}
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("recipe", ["default", "shared_concat"])
+def test_resumed_run_equals_the_uninterrupted_run(tiny, tmp_path, recipe):
+    """Killed in the middle of epoch 1 (where the observers stop), or stopped at the boundary after epoch 0, and
+    resumed (with another number of dataloader workers), a QAT run ends with exactly the state of the run that was
+    never interrupted: model, quantizer buffers, EMA, optimizer. With shared concat scales the sharing, which needs
+    no calibration batch, holds after the resume."""
+    args = ["--data", tiny, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
+            "--batch-size", "4", "--epochs", "2", "--qat", "--pow2-scale", "--disable-observer-epoch", "1",
+            "--save-period", "1", "--project", tmp_path]
+    if recipe == "shared_concat":
+        args += ["--qat-recipe", "data/quant/shared_concat.yaml"]
+    whole = tmp_path / "whole"
+    _ok(_train(*args, "--name", "whole", "--workers", "2"))
+
+    boundary = tmp_path / "boundary"  # the run as it stood when epoch 0 had been saved
+    shutil.copytree(whole, boundary)
+    for f in (boundary / "weights").glob("*.pt"):
+        f.unlink()
+    shutil.copy(whole / "weights" / "epoch0.pt", boundary / "weights" / "last.pt")
+    _ok(_train("--resume", boundary / "weights" / "last.pt", "--workers", "0"))
+
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"
+    start_and_kill_when([sys.executable, str(ROOT / "train.py"), *map(str, args), "--name", "killed"], log,
+                        lambda text: (killed / "weights" / "last.pt").exists()
+                        and re.search(r"\s1/1\s+[\d.]+G\s", text) is not None, ENV)
+    before = load_checkpoint(killed / "weights" / "last.pt")
+    out = _ok(_train("--resume", killed / "weights" / "last.pt", "--workers", "0"))
+    assert "Continuing the QAT model" in out and "observers off (scales frozen)" in out
+    assert "PTQ" not in out  # a resumed run is not calibrated again
+
+    expected = _carried_state(whole / "weights" / "epoch1.pt")
+    for run in (boundary, killed):
+        assert [row[0] for row in _rows(run)] == [0, 1]
+        _assert_same(_carried_state(run / "weights" / "epoch1.pt"), expected, run.name)
+    np.testing.assert_array_equal(_rows(killed), _rows(whole))  # the same losses and mAPs, epoch by epoch
+
+    model = load_checkpoint(killed / "weights" / "last.pt")["model"]
+    assert all_scales_pow2(model) and load_checkpoint(killed / "weights" / "last.pt")["qat"]["disable_observer_epoch"] == 1
+    scales = {k: v for k, v in before["model"].state_dict().items() if k.endswith(".scale")}
+    if recipe == "default":  # observers off from epoch 1: the scales of epoch 0 are kept exactly
+        assert all(torch.equal(v, expected["model"][k]) for k, v in scales.items())
+    else:
+        assert re.search(r"share one scale in [1-9]\d* groups", out)
+        assert _unshared_concats(model) == []

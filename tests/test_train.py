@@ -26,7 +26,10 @@ from utils.general import UserError, run_cli, yaml_load, yaml_save
 import train
 
 UPSTREAM_CKPT_KEYS = {"epoch", "best_fitness", "model", "ema", "updates", "optimizer", "opt", "git", "date"}
-PROJECT_CKPT_KEYS = {"qat"}  # this project's one addition: QAT settings, None for a float model
+# this project's additions: QAT settings (None for a float model), and in a checkpoint a run can be resumed from,
+# where gradient accumulation stood (a resumed run steps the optimizer on the same batches as an uninterrupted one)
+PROJECT_CKPT_KEYS = {"qat"}
+RESUME_CKPT_KEYS = {"last_opt_step"}
 UPSTREAM_COLUMNS = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision",
                     "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss",
                     "val/cls_loss", "x/lr0", "x/lr1", "x/lr2"]
@@ -87,7 +90,8 @@ def test_one_epoch_run_folder_and_checkpoints(shapes_subset, tmp_path, yolo_log)
 
     # the unstripped per-epoch checkpoint carries every upstream key with real content
     ck = load_checkpoint(save / "weights" / "epoch0.pt")
-    assert set(ck) == UPSTREAM_CKPT_KEYS | PROJECT_CKPT_KEYS and ck["qat"] is None
+    assert set(ck) == UPSTREAM_CKPT_KEYS | PROJECT_CKPT_KEYS | RESUME_CKPT_KEYS and ck["qat"] is None
+    assert ck["last_opt_step"] == 1
     assert ck["epoch"] == 0 and isinstance(ck["best_fitness"], float)
     assert isinstance(ck["model"], nn.Module) and isinstance(ck["ema"], nn.Module)
     assert next(ck["model"].parameters()).dtype == torch.float16

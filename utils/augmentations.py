@@ -1,7 +1,8 @@
 """Image augmentations for detection (numpy / OpenCV), with YOLOv5 v7.0 semantics.
 
 Images are HWC BGR uint8. Box targets are (n, 5) float arrays [cls, x1, y1, x2, y2] in pixels.
-Random draws use the global `random` / `np.random` streams, which the dataloader seeds per worker (seed_worker).
+Random draws use the global `random` / `np.random` streams, which the training loader seeds per sample from
+(seed, epoch, index) (utils.dataloaders.EpochSampler).
 """
 from __future__ import annotations
 

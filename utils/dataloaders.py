@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import random
+from contextlib import contextmanager
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, distributed
+from torch.utils.data import DataLoader, Dataset, Sampler, distributed
 from tqdm import tqdm
 
 from utils.augmentations import PAD_VALUE, augment_hsv, letterbox, mixup, random_perspective
@@ -591,6 +592,13 @@ class LoadImagesAndLabels(Dataset):
         return len(self.im_files)
 
     def __getitem__(self, index):
+        if isinstance(index, tuple):  # (index, seed) from EpochSampler: this sample's augmentation draws are fixed
+            index, seed = index
+            with seeded_random(seed):
+                return self._get(index)
+        return self._get(index)
+
+    def _get(self, index):
         index = self.indices[index]  # identity, or a draw by image weights
         hyp = self.hyp
         if self.mosaic and random.random() < hyp["mosaic"]:
@@ -685,6 +693,60 @@ class InfiniteDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
 
 
+def sample_seed(*keys: int) -> int:
+    """A 32-bit seed that depends on every key (seed, epoch, index), and on nothing else."""
+    return int(np.random.SeedSequence([int(k) % 2 ** 32 for k in keys]).generate_state(1)[0])
+
+
+@contextmanager
+def seeded_random(seed: int):
+    """`random` and `np.random` seeded with `seed` inside the block, and as they were afterwards (in the main
+    process, with --workers 0, the training loop's own draws must not depend on the samples loaded)."""
+    state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
+
+
+class EpochSampler(Sampler):
+    """The training sampler: the order of an epoch and every sample's augmentation draws are functions of
+    (seed, epoch, index) alone. It yields (index, seed) pairs that LoadImagesAndLabels understands.
+
+    So an epoch sees the same images with the same augmentations whatever the number of workers, and a run resumed
+    at epoch k (set_epoch(k)) trains on exactly the batches an uninterrupted run would have. Each iteration moves on
+    to the next epoch by itself; train.py also sets it. Under DDP the order is DistributedSampler's share of it.
+    """
+
+    def __init__(self, dataset, shuffle=True, seed=0, distributed_sampler=None):
+        self.n, self.shuffle, self.seed, self.epoch = len(dataset), shuffle, seed, 0
+        self.inner = distributed_sampler
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.inner) if self.inner is not None else self.n
+
+    def __iter__(self):
+        epoch = self.epoch
+        self.epoch += 1
+        if self.inner is not None:
+            self.inner.set_epoch(epoch)
+            order = list(self.inner)
+        elif self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(sample_seed(self.seed, epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = range(self.n)
+        for i in order:
+            yield i, sample_seed(self.seed, epoch, i)
+
+
 def seed_worker(worker_id):
     """Seed `random` and numpy in each worker from torch's per-worker seed (augmentations draw from them)."""
     seed = torch.initial_seed() % 2 ** 32
@@ -706,6 +768,8 @@ def create_dataloader(path, imgsz, batch_size, stride, single_cls=False, hyp=Non
     batch_size = min(batch_size, len(dataset))
     nw = min((os.cpu_count() or 1) // max(WORLD_SIZE, 1), batch_size if batch_size > 1 else 0, workers)
     sampler = None if rank == -1 else distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    if augment:  # training: order and augmentations by (seed, epoch, index), see EpochSampler
+        sampler = EpochSampler(dataset, shuffle=shuffle, seed=seed, distributed_sampler=sampler)
     # image weights change dataset.indices between epochs: workers must be re-created to see them
     loader_cls = DataLoader if image_weights else InfiniteDataLoader
     generator = torch.Generator()

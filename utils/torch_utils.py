@@ -301,6 +301,7 @@ def strip_optimizer(f="best.pt", s=""):
         x["model"] = x["ema"]
     for k in "optimizer", "best_fitness", "ema", "updates":
         x[k] = None
+    x.pop("last_opt_step", None)  # resume state, meaningless without the optimizer
     x["epoch"] = -1
     if not is_quantized(x["model"]):
         x["model"].half()
