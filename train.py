@@ -218,18 +218,16 @@ def _train(hyp, opt, device):
                                               augment=True, cache=None if opt.cache == "val" else opt.cache,
                                               rect=opt.rect, rank=LOCAL_RANK, workers=workers,
                                               image_weights=opt.image_weights, quad=opt.quad,
-                                              prefix=colorstr("train: "), shuffle=True, seed=opt.seed)
+                                              prefix=colorstr("train: "), shuffle=True, seed=opt.seed,
+                                              nc=None if single_cls else nc)
     labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
-    mlc = int(labels[:, 0].max()) if len(labels) else 0
-    if mlc >= nc:
-        raise UserError(f"{opt.data}: label class {mlc} exceeds nc={nc}; possible class labels are 0-{nc - 1}")
 
     val_loader = None
     if RANK in (-1, 0):
         val_loader = create_dataloader(val_path, imgsz, batch_size // WORLD_SIZE * 2, gs, single_cls, hyp=hyp,
                                        cache=None if noval else ("ram" if opt.cache == "val" else opt.cache),
                                        rect=True, rank=-1, workers=workers * 2,
-                                       pad=0.5, prefix=colorstr("val: "))[0]
+                                       pad=0.5, prefix=colorstr("val: "), nc=None if single_cls else nc)[0]
         if not opt.resume:
             if not opt.noautoanchor:
                 check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
@@ -243,7 +241,7 @@ def _train(hyp, opt, device):
         # DDP then broadcasts rank 0's quantizer buffers
         calib_loader = create_dataloader(train_path, imgsz, batch_size // WORLD_SIZE, gs, single_cls, hyp=hyp,
                                          augment=False, rect=False, rank=-1, workers=workers, shuffle=True,
-                                         seed=opt.seed, prefix=colorstr("calib: "))[0]
+                                         seed=opt.seed, prefix=colorstr("calib: "), nc=None if single_cls else nc)[0]
         qat.calibrate(model, calib_loader, device)
         del calib_loader
         if RANK in (-1, 0):

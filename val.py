@@ -171,7 +171,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         if not data.get(task):
             raise UserError(f"--task {task}: the dataset yaml has no '{task}' split")
         dataloader = create_dataloader(data[task], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
-                                       workers=workers, prefix=colorstr(f"{task}: "))[0]
+                                       workers=workers, prefix=colorstr(f"{task}: "), nc=None if single_cls else nc)[0]
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # once the inputs load: no empty runs
         save_dir.mkdir(parents=True, exist_ok=True)
     save_dir = Path(save_dir)

@@ -156,6 +156,19 @@ def test_training_needs_labels(tmp_path):
         LoadImagesAndLabels(images, img_size=64, augment=True, hyp={"hsv_h": 0.1})
 
 
+def test_label_class_outside_nc_is_left_out_and_counted(tmp_path, logs):
+    images = make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "3 0.5 0.5 0.2 0.2\n0 0.2 0.2 0.1 0.1\n",
+                                     "c": "2 0.5 0.5 0.2 0.2\n"})
+    ds = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=HYP, nc=3, prefix="train: ")
+    assert [Path(f).name for f in ds.im_files] == ["a.jpg", "c.jpg"] and summary(logs) == (2, 0, 1)
+    assert any("ignoring" in m and "b.jpg: label class 3 is not one of the dataset's classes 0-2 (nc=3)" in m
+               for m in logs)
+    ds = LoadImagesAndLabels(images, img_size=64, nc=4)  # the cache holds every image; nc applies afterwards
+    assert len(ds) == 3 and summary(logs) == (3, 0, 0)
+    with pytest.raises(UserError, match=r"no usable images \(3 corrupt"):
+        LoadImagesAndLabels(images, img_size=64, nc=0)
+
+
 def test_txt_list_and_list_of_sources(tmp_path, logs):
     images = make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "1 0.5 0.5 0.2 0.2\n", "c": None})
     lst = tmp_path / "val.txt"

@@ -409,6 +409,19 @@ def test_bad_input_from_the_command_line(tmp_path):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("ERROR: ") and message in r.stderr, r.stderr
 
 
+def test_label_of_an_unknown_class_leaves_its_image_out(tmp_path, yolo_log):
+    """A val label with class 7 in a 3-class dataset: that image is left out with a warning and counted as corrupt
+    (the metrics cannot index a class the dataset does not have); the rest is evaluated."""
+    data = write_dataset(tmp_path / "d")
+    (tmp_path / "d" / "labels" / "val" / "000002.txt").write_text("7 0.5 0.5 0.2 0.2\n")
+    (mp, mr, map50, map5095, *_), maps, _ = val.run(data, weights=reference_weights(), imgsz=160, batch_size=2,
+                                                     workers=0, project=str(tmp_path / "runs"), plots=False)
+    assert len(maps) == 3 and all(math.isfinite(x) for x in (mp, mr, map50, map5095))
+    assert any("ignoring" in m and "000002.jpg: label class 7 is not one of the dataset's classes 0-2 (nc=3)" in m
+               for m in yolo_log), yolo_log
+    assert any(re.search(r"Scanning .*\.\.\. 3 images, 1 backgrounds, 1 corrupt", m) for m in yolo_log), yolo_log
+
+
 def test_model_with_fewer_classes_than_the_dataset_is_refused(dataset, tmp_path, capsys):
     from utils.general import run_cli
 

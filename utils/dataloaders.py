@@ -324,11 +324,12 @@ class LoadImagesAndLabels(Dataset):
 
     __getitem__ returns (image CHW RGB uint8 tensor, labels (n, 6) [0, cls, xc, yc, w, h] normalised to the output
     image, image path, shapes) with shapes = None for a mosaic, else ((h0, w0), ((h / h0, w / w0), (pad_w, pad_h)))
-    to map boxes back to the original image.
+    to map boxes back to the original image. With `nc`, images with a label class outside 0..nc-1 are left out
+    and counted as corrupt, like any other bad label.
     """
 
     def __init__(self, path, img_size=640, batch_size=16, augment=False, hyp=None, rect=False, image_weights=False,
-                 cache_images=False, single_cls=False, stride=32, pad=0.0, min_items=0, prefix=""):
+                 cache_images=False, single_cls=False, stride=32, pad=0.0, min_items=0, prefix="", nc=None):
         if cache_images not in (False, None, True, "ram", "disk"):
             raise UserError(f"--cache {cache_images}: expected ram or disk")
         if augment:
@@ -361,11 +362,13 @@ class LoadImagesAndLabels(Dataset):
             scan = self._scan()
             scan["hash"] = files_hash
             self._save_cache(self.cache_path, scan)
+        if nc is not None:
+            scan = self._drop_unknown_classes(scan, int(nc))
         self._report(scan, from_cache)
 
-        nf, nb, nc = scan["found"], scan["backgrounds"], scan["corrupt"]
+        nf, nb, ncorrupt = scan["found"], scan["backgrounds"], scan["corrupt"]
         if nf + nb == 0:
-            raise UserError(f"{prefix}{path}: no usable images ({nc} corrupt, see the warnings above); "
+            raise UserError(f"{prefix}{path}: no usable images ({ncorrupt} corrupt, see the warnings above); "
                             f"fix or remove the bad files")
         if augment and nf == 0:
             raise UserError(f"{prefix}{path}: no labels found (looked in {Path(self.label_files[0]).parent}); "
@@ -426,6 +429,24 @@ class LoadImagesAndLabels(Dataset):
                 shapes.append(shape)
         return {"im_files": im_files, "labels": labels, "shapes": shapes, "msgs": msgs, "found": found,
                 "backgrounds": missing + empty, "corrupt": corrupt}
+
+    def _drop_unknown_classes(self, scan, nc):
+        """Images with a label class outside 0..nc-1 are corrupt for this dataset (the cache does not know nc):
+        left out, each with a warning, and counted."""
+        keep, msgs = [], []
+        for i, (f, lb) in enumerate(zip(scan["im_files"], scan["labels"])):
+            bad = lb[(lb[:, 0] >= nc) | (lb[:, 0] < 0), 0] if len(lb) else ()
+            if len(bad):
+                msgs.append(f"{self.prefix}WARNING: ignoring {f}: label class {int(bad[0])} is not one of the "
+                            f"dataset's classes 0-{nc - 1} (nc={nc})")
+            else:
+                keep.append(i)
+        if not msgs:
+            return scan
+        dropped = len(msgs)
+        return {**scan, "im_files": [scan["im_files"][i] for i in keep], "labels": [scan["labels"][i] for i in keep],
+                "shapes": [scan["shapes"][i] for i in keep], "msgs": scan["msgs"] + msgs,
+                "found": scan["found"] - dropped, "corrupt": scan["corrupt"] + dropped}
 
     def _save_cache(self, path, scan):
         counts = np.array([len(lb) for lb in scan["labels"]], dtype=np.int64)
@@ -756,7 +777,7 @@ def seed_worker(worker_id):
 
 def create_dataloader(path, imgsz, batch_size, stride, single_cls=False, hyp=None, augment=False, cache=False,
                       pad=0.0, rect=False, rank=-1, workers=8, image_weights=False, quad=False, prefix="",
-                      shuffle=False, seed=0, min_items=0):
+                      shuffle=False, seed=0, min_items=0, nc=None):
     """Build (loader, dataset). Rank 0 scans the labels (and writes the cache) before the other DDP ranks."""
     if rect and shuffle:
         LOGGER.warning("WARNING: --rect is incompatible with DataLoader shuffle, setting shuffle=False")
@@ -764,7 +785,7 @@ def create_dataloader(path, imgsz, batch_size, stride, single_cls=False, hyp=Non
     with torch_distributed_zero_first(rank):
         dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
                                       image_weights=image_weights, cache_images=cache, single_cls=single_cls,
-                                      stride=int(stride), pad=pad, min_items=min_items, prefix=prefix)
+                                      stride=int(stride), pad=pad, min_items=min_items, prefix=prefix, nc=nc)
     batch_size = min(batch_size, len(dataset))
     nw = min((os.cpu_count() or 1) // max(WORLD_SIZE, 1), batch_size if batch_size > 1 else 0, workers)
     sampler = None if rank == -1 else distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
