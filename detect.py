@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 from models.backend import DetectMultiBackend  # noqa: E402
 from utils.dataloaders import VID_FORMATS, LoadImages  # noqa: E402
 from utils.general import (LOGGER, UserError, check_file, check_img_size, colorstr, increment_path,  # noqa: E402
-                           non_max_suppression, print_args, run_cli, scale_boxes, xyxy2xywh)
+                           make_run_folder, non_max_suppression, print_args, run_cli, scale_boxes, xyxy2xywh)
 from utils.plots import Annotator, colors, save_one_box  # noqa: E402
 from utils.torch_utils import select_device, time_sync  # noqa: E402
 
@@ -36,7 +36,7 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
         raise UserError(f"--source {source}: path does not exist; give an image, video, folder, glob or .txt list")
     save_img = not nosave and not source.endswith(".txt")
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
-    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    make_run_folder(save_dir / "labels" if save_txt else save_dir)
 
     device = select_device(device)
     model = DetectMultiBackend(weights, device=device, dnn=dnn, data=data, fp16=half)

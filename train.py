@@ -37,12 +37,13 @@ from models.common import activation_name  # noqa: E402
 from models.experimental import attempt_load, is_quantized, model_activation  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
-from utils.checkpoint import attempt_download, load_checkpoint, save_checkpoint  # noqa: E402
+from utils.checkpoint import attempt_download, check_checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
 from utils.class_weights import labels_to_class_weights, labels_to_image_weights  # noqa: E402
 from utils.dataloaders import create_dataloader, sample_seed  # noqa: E402
 from utils.dataset_yaml import check_dataset  # noqa: E402
 from utils.general import (LOGGER, UserError, check_file, check_img_size, claim_run_folder, colorstr,  # noqa: E402
-                           increment_path, intersect_dicts, print_args, run_cli, yaml_load, yaml_save)
+                           increment_path, intersect_dicts, make_run_folder, print_args, run_cli, yaml_load,
+                           yaml_save)
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
@@ -145,8 +146,10 @@ def _train(hyp, opt, device):
         Path(opt.save_dir), opt.epochs, opt.batch_size, opt.weights, opt.single_cls, opt.noval, opt.nosave,
         opt.workers, opt.freeze)
     w = save_dir / "weights"
-    w.mkdir(parents=True, exist_ok=True)
+    make_run_folder(w)
     last, best = w / "last.pt", w / "best.pt"
+    for f in last, best:  # before any work, not after the first epoch
+        check_checkpoint_path(f)
 
     where = str(hyp) if isinstance(hyp, (str, Path)) else "hyp"
     hyp = check_hyp(yaml_load(hyp) if isinstance(hyp, (str, Path)) else hyp, where)

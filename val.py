@@ -29,8 +29,8 @@ from models.quant import load_recipe, observers_frozen  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.dataset_yaml import check_dataset  # noqa: E402
 from utils.general import (LOGGER, UserError, check_file, check_img_size, coco80_to_coco91_class, colorstr,  # noqa: E402
-                           increment_path, non_max_suppression, print_args, run_cli, scale_boxes, xywh2xyxy,
-                           xyxy2xywh)
+                           increment_path, make_run_folder, non_max_suppression, print_args, run_cli, scale_boxes,
+                           xywh2xyxy, xyxy2xywh)
 from utils.metrics import ConfusionMatrix, ap_per_class, process_batch  # noqa: E402
 from utils.plots import output_to_target, plot_images  # noqa: E402
 from utils.torch_utils import select_device, time_sync  # noqa: E402
@@ -173,10 +173,9 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         dataloader = create_dataloader(data[task], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
                                        workers=workers, prefix=colorstr(f"{task}: "), nc=None if single_cls else nc)[0]
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # once the inputs load: no empty runs
-        save_dir.mkdir(parents=True, exist_ok=True)
     save_dir = Path(save_dir)
-    if plots or save_json or save_txt:  # train.py's folder exists; an in-process caller's may not yet
-        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    if not training or plots or save_json or save_txt:  # train.py's folder exists; a caller's may not yet
+        make_run_folder(save_dir / "labels" if save_txt else save_dir)
 
     seen = 0
     confusion_matrix = ConfusionMatrix(nc=nc)

@@ -151,7 +151,12 @@ class DetectionModel(BaseModel):
             self.yaml["activation"] = activation_name(act)
         elif "activation" in self.yaml:
             self.yaml["activation"] = activation_name(self.yaml["activation"])
-        self.model, self.save = parse_model(deepcopy(self.yaml), ch=[ch])
+        try:
+            self.model, self.save = parse_model(deepcopy(self.yaml), ch=[ch])
+        except UserError as e:  # name the file the bad row is in
+            if isinstance(cfg, dict):
+                raise
+            raise UserError(str(e).replace("model yaml:", f"{path}:", 1)) from None
         self.names = {i: str(i) for i in range(self.yaml["nc"])}
         self.inplace = self.yaml.get("inplace", True)
 
@@ -246,6 +251,19 @@ def _resolve_arg(a, names):
     return a
 
 
+def _check_row(i, f, n, args, built):
+    """`from` must name layers before row i (-1 the previous, -k k back, or an absolute index), `number` must be a
+    positive integer, `args` a list."""
+    for x in [f] if isinstance(f, int) and not isinstance(f, bool) else (f if isinstance(f, list) and f else [None]):
+        if not isinstance(x, int) or isinstance(x, bool) or not -built <= x < max(i, 1) or (i == 0 and x != -1):
+            raise UserError(f"model yaml: layer {i} has from={f!r}; 'from' is -1 (the previous layer), a negative "
+                            f"offset or the index of an earlier layer (0-{i - 1}), or a list of those")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise UserError(f"model yaml: layer {i} has number={n!r}; it must be an integer >= 1")
+    if args is not None and not isinstance(args, list):
+        raise UserError(f"model yaml: layer {i} has args={args!r}; it must be a list")
+
+
 def parse_model(d, ch):
     """Build the layers from a model dict; returns (nn.Sequential, sorted list of saved layer indices)."""
     try:
@@ -267,29 +285,33 @@ def parse_model(d, ch):
         if name not in MODULES:
             raise UserError(f"model yaml: layer {i} uses unknown module {name!r}; known modules: {', '.join(MODULES)}")
         m = MODULES[name]
-        args = [_resolve_arg(a, names) for a in (args or [])]
-        n = n_ = max(round(n * gd), 1) if n > 1 else n
-        kwargs = {}
-        if m in WITH_CHANNELS:
-            c1, c2 = ch[f], args[0]
-            if c2 != no:
-                c2 = make_divisible(c2 * gw, 8)
-            args = [c1, c2, *args[1:]]
-            if m in WITH_REPEATS:
-                args.insert(2, n)
-                n = 1
-            kwargs["act"] = act
-        elif m is nn.BatchNorm2d:
-            args = [ch[f]]
-        elif m is Concat:
-            c2 = sum(ch[x] for x in f)
-        elif m is Detect:
-            args.append([ch[x] for x in f])
-            if isinstance(args[1], int):
-                args[1] = [list(range(args[1] * 2))] * len(f)
-        else:
-            c2 = ch[f]
-        m_ = nn.Sequential(*(m(*args, **kwargs) for _ in range(n))) if n > 1 else m(*args, **kwargs)
+        _check_row(i, f, n, args, len(ch) if i else 1)
+        try:
+            args = [_resolve_arg(a, names) for a in (args or [])]
+            n = n_ = max(round(n * gd), 1) if n > 1 else n
+            kwargs = {}
+            if m in WITH_CHANNELS:
+                c1, c2 = ch[f], args[0]
+                if c2 != no:
+                    c2 = make_divisible(c2 * gw, 8)
+                args = [c1, c2, *args[1:]]
+                if m in WITH_REPEATS:
+                    args.insert(2, n)
+                    n = 1
+                kwargs["act"] = act
+            elif m is nn.BatchNorm2d:
+                args = [ch[f]]
+            elif m is Concat:
+                c2 = sum(ch[x] for x in f)
+            elif m is Detect:
+                args.append([ch[x] for x in f])
+                if isinstance(args[1], int):
+                    args[1] = [list(range(args[1] * 2))] * len(f)
+            else:
+                c2 = ch[f]
+            m_ = nn.Sequential(*(m(*args, **kwargs) for _ in range(n))) if n > 1 else m(*args, **kwargs)
+        except (TypeError, ValueError, RuntimeError, IndexError, KeyError, ZeroDivisionError) as e:
+            raise UserError(f"model yaml: layer {i} {row!r} cannot be built: {e}") from None
         t = f"{m.__module__}.{m.__name__}".replace("__main__.", "")
         n_params = sum(x.numel() for x in m_.parameters())
         m_.i, m_.f, m_.type, m_.np = i, f, t, n_params

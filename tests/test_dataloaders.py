@@ -169,6 +169,14 @@ def test_label_class_outside_nc_is_left_out_and_counted(tmp_path, logs):
         LoadImagesAndLabels(images, img_size=64, nc=0)
 
 
+def test_binary_txt_list_is_one_line(tmp_path):
+    lst = tmp_path / "train.txt"
+    lst.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError, match=r"train.txt: cannot read this image list \(not a text file\); a .txt list "
+                                        r"holds one image path per line"):
+        LoadImagesAndLabels(str(lst), img_size=64)
+
+
 def test_txt_list_and_list_of_sources(tmp_path, logs):
     images = make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "1 0.5 0.5 0.2 0.2\n", "c": None})
     lst = tmp_path / "val.txt"

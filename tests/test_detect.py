@@ -88,3 +88,19 @@ def test_detect_bad_numbers_one_line_before_any_work(flags, message, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ERROR:") and message in err[0], err
     assert not list(tmp_path.iterdir())
+
+
+def test_detect_unwritable_project_one_line(tmp_path, capsys):
+    import detect
+    from utils.general import run_cli
+
+    src = _images(tmp_path / "src", n=1)
+    (tmp_path / "a_file").write_text("")
+    opt = detect.parse_opt(["--weights", str(reference("yolov5n_silu.pt")), "--source", str(src / "im0.jpg"),
+                            "--project", str(tmp_path / "a_file" / "runs")])
+    with pytest.raises(SystemExit) as e:
+        run_cli(detect.main, opt)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("ERROR: ") and "a_file/runs/exp: cannot write the run folder (Not a directory); choose a " \
+                                             "writable --project" in err[0], err

@@ -11,7 +11,7 @@ from models.common import C3, Bottleneck, Conv, make_activation
 from models.experimental import attempt_load, model_activation
 from models.yolo import Detect, DetectionModel, Model, parse_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.general import UserError, yaml_load
+from utils.general import UserError, yaml_load, yaml_save
 from utils.torch_utils import fuse_conv_and_bn, select_device
 
 UPSTREAM_PARAMS = {"n": 1872157, "s": 7235389, "m": 21190557, "l": 46563709, "x": 86749405}
@@ -58,6 +58,27 @@ def test_unknown_module_and_malformed_yaml():
     del cfg["anchors"]
     with pytest.raises(UserError, match="missing key 'anchors'"):
         parse_model(cfg, ch=[3])
+
+
+@pytest.mark.parametrize("row, edit, message", [
+    (0, lambda r: r[3].__setitem__(1, "abc"), "layer 0 [-1, 1, 'Conv', [64, 'abc', 2, 2]] cannot be built"),
+    (0, lambda r: r[3].extend([1, 1, 1, 1, 1]), "cannot be built: Conv.__init__() got multiple values"),
+    (0, lambda r: r[3].__setitem__(0, -64), "cannot be built: Trying to create tensor with negative dimension"),
+    (12, lambda r: r.__setitem__(0, [-1, 66]), "layer 12 has from=[-1, 66]; 'from' is -1 (the previous layer)"),
+    (12, lambda r: r.__setitem__(0, [-1, -13]), "layer 12 has from=[-1, -13]"),
+    (0, lambda r: r.__setitem__(0, 0), "layer 0 has from=0"),
+    (2, lambda r: r.__setitem__(1, 0), "layer 2 has number=0; it must be an integer >= 1"),
+    (2, lambda r: r.__setitem__(3, "c3"), "layer 2 has args='c3'; it must be a list"),
+])
+def test_bad_layer_rows_are_one_line_naming_the_file(tmp_path, row, edit, message):
+    cfg = yaml_load(ROOT / "models/yolov5n.yaml")
+    rows = cfg["backbone"] + cfg["head"]
+    edit(rows[row])
+    yaml_save(tmp_path / "bad.yaml", cfg)
+    with pytest.raises(UserError) as e:
+        DetectionModel(tmp_path / "bad.yaml")
+    assert str(e.value).startswith(f"{tmp_path / 'bad.yaml'}: ") and message in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_skip_add_only_when_shapes_allow():
@@ -166,6 +187,23 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         save_checkpoint({"epoch": 2, "x": Unpicklable()}, path)
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_save_that_cannot_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    (tmp_path / "dir.pt").mkdir()
+    with pytest.raises(UserError, match="dir.pt: is a folder, but a checkpoint file is written there"):
+        save_checkpoint({"epoch": 1}, tmp_path / "dir.pt")
+    path = save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match=r"last.pt: cannot write the checkpoint \(No space left on device\); the "
+                                        r"previous one is kept"):
+        save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["dir.pt", "last.pt"]
 
 
 def test_select_device():

@@ -355,6 +355,13 @@ def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys)
         assert "busy: another training run" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml",
                                                           "--project", tmp_path, "--name", "busy", "--exist-ok")
     assert not (tmp_path / "busy" / "weights").exists()
+    (tmp_path / "dirlast" / "weights" / "last.pt").mkdir(parents=True)  # refused before the first epoch
+    assert "last.pt: is a folder, but a checkpoint file is written there; remove or rename it" in in_process(
+        "--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--project", tmp_path, "--name", "dirlast",
+        "--exist-ok")
+    (tmp_path / "a_file").write_text("")
+    assert "cannot write the run folder (Not a directory); choose a writable --project" in in_process(
+        "--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--project", tmp_path / "a_file" / "runs")
     monkeypatch.setattr(train, "LOCAL_RANK", 0)  # as under torchrun with 2 processes, checked before any DDP setup
     monkeypatch.setattr(train, "WORLD_SIZE", 2)
     assert "multiple of WORLD_SIZE 2" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml",

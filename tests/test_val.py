@@ -402,6 +402,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert not list(tmp_path.iterdir())  # no empty run folder left behind
 
 
+def test_unwritable_project_one_line(tmp_path, capsys):
+    from utils.general import run_cli
+
+    (tmp_path / "a_file").write_text("")
+    opt = val.parse_opt(["--weights", str(reference_weights()), "--data", "shapes.yaml", "--img", "64",
+                         "--project", str(tmp_path / "a_file" / "runs")])
+    with pytest.raises(SystemExit) as e:
+        run_cli(val.main, opt)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "a_file/runs/exp: cannot write the run folder (Not a directory); choose a writable --project" in err
+
+
 def test_bad_input_from_the_command_line(tmp_path):
     args, message = BAD_INPUTS[0]
     r = run_val_cli(*args, "--project", tmp_path)

@@ -148,8 +148,12 @@ def _umask() -> int:
 def save_checkpoint(obj, path):
     """torch.save to a temporary file beside `path`, fsync, then atomically rename over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_checkpoint_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -157,8 +161,24 @@ def save_checkpoint(obj, path):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the mode of every other run file
         os.replace(tmp, path)
+    except OSError as e:  # disk full, a folder in the way...: the previous file, if any, is untouched
+        _unlink_quietly(tmp)
+        kept = "; the previous one is kept" if path.is_file() else ""
+        raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}){kept}") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
     return path
+
+
+def check_checkpoint_path(path):
+    """A folder where a checkpoint file is to be written is a UserError (train.py checks before the first epoch)."""
+    if Path(path).is_dir():
+        raise UserError(f"{path}: is a folder, but a checkpoint file is written there; remove or rename it")
+
+
+def _unlink_quietly(tmp):
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass

@@ -287,7 +287,13 @@ def _list_image_files(path, prefix):
             files += [os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs]
         elif p.is_file() and p.suffix.lower() == ".txt":
             parent = p.resolve().parent
-            for line in p.read_text().splitlines():
+            try:
+                text = p.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as e:
+                why = "not a text file" if isinstance(e, UnicodeDecodeError) else e.strerror or str(e)
+                raise UserError(f"{prefix}{p}: cannot read this image list ({why}); a .txt list holds one image "
+                                f"path per line") from None
+            for line in text.splitlines():
                 line = line.strip()
                 if line:  # relative entries (upstream writes './images/...') are relative to the list's folder
                     files.append(line if os.path.isabs(line) else os.path.normpath(parent / line))

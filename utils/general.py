@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,18 +94,30 @@ def increment_path(path, exist_ok=False, sep="", mkdir=False):
     return path
 
 
+def make_run_folder(folder) -> Path:
+    """Create a run folder (and parents) and make sure files can be written in it, before any work is done; a
+    folder that cannot be created or written is one UserError naming it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write the run folder ({e.strerror or e}); choose a writable --project") \
+            from None
+    return folder
+
+
 @contextmanager
 def claim_run_folder(folder):
     """``with claim_run_folder(save_dir):`` one training run per run folder. Creates the folder, takes an exclusive
     lock on its ``.lock`` file (released when the run ends, also when it is killed) and then removes the temporary
     files that killed saves left behind (``weights/.*.tmp``, ``*.tmp``): while the lock is held no other run can be
     writing them. A folder that another live run holds, or that cannot be written, is one UserError."""
-    folder = Path(folder)
+    folder = make_run_folder(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         f = open(folder / ".lock", "a+")
     except OSError as e:
-        raise UserError(f"{folder}: cannot create the run folder ({e.strerror}); choose a writable --project") from None
+        raise UserError(f"{folder}: cannot write the run folder ({e.strerror}); choose a writable --project") from None
     try:
         if fcntl is not None:
             try:
