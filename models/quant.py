@@ -154,7 +154,7 @@ def _activation_spec(spec, where):
         _fixed_qparams(spec["fixed"], where)
         return
     name = spec["observer"]
-    if name not in OBSERVERS:
+    if not isinstance(name, str) or name not in OBSERVERS:
         raise UserError(f"{where}: observer {name!r} unknown; choose one of {', '.join(OBSERVERS)}")
     update = spec.get("training_update")
     if update is not None and (name not in CALIBRATORS or update not in bq.TRAINING_UPDATES):

@@ -549,6 +549,16 @@ def test_check_dataset_never_executes_download_code(tmp_path):
         check_dataset(f)
 
 
+def test_download_list_is_checked_before_any_entry_runs(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setitem(dataset_yaml.GENERATORS, "shapes", lambda root: ran.append(root))
+    f = write_yaml(tmp_path / "l.yaml", f"path: {tmp_path}\ntrain: t\nval: v\nnames: [a]\n"
+                                       f"download: ['generate:shapes', 'rm -rf x']\n")
+    with pytest.raises(UserError, match="download entry 'rm -rf x' is not supported"):
+        check_dataset(f)
+    assert ran == []  # the good first entry did not run either
+
+
 def test_check_dataset_generates_shapes(tmp_path, monkeypatch):
     from utils.shapes import generate
     monkeypatch.setitem(dataset_yaml.GENERATORS, "shapes", lambda root: generate(root, n_train=2, n_val=3))

@@ -81,8 +81,13 @@ def check_dataset(data, autodownload=True) -> dict:
         raise UserError(f"data={data!r}: expected a dataset yaml file or dict")
 
     for k in REQUIRED_KEYS:
-        if data.get(k) in (None, "", []):
+        if not data.get(k):
             raise UserError(f"{where}: missing key '{k}', a dataset yaml needs {', '.join(REQUIRED_KEYS)}")
+    for k in SPLIT_KEYS:
+        v = data.get(k)
+        if v and not (isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) and x for x in v)):
+            raise UserError(f"{where}: {k} {v!r} must be a folder, a .txt list or an image (relative to 'path'), or "
+                            f"a list of those")
     data["names"] = _names_dict(data["names"], where)
     nc = len(data["names"])
     if data.get("nc") is not None and (isinstance(data["nc"], bool) or not isinstance(data["nc"], int)):
@@ -92,9 +97,10 @@ def check_dataset(data, autodownload=True) -> dict:
     data["nc"] = nc
     if data.get("category_ids") is not None:
         ids = data["category_ids"]
-        if not isinstance(ids, (list, tuple)) or len(ids) != nc:
-            raise UserError(f"{where}: 'category_ids' must be a list of {nc} ids (one per class)")
-        data["category_ids"] = [int(i) for i in ids]
+        if (not isinstance(ids, (list, tuple)) or len(ids) != nc
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            raise UserError(f"{where}: 'category_ids' must be a list of {nc} integer ids (one per class)")
+        data["category_ids"] = list(ids)
 
     path = Path(str(data.get("path") or ""))
     if not path.is_absolute():
@@ -125,24 +131,30 @@ def check_dataset(data, autodownload=True) -> dict:
 
 
 def run_download(spec, root: Path, where="dataset yaml"):
-    """Carry out a `download` entry (see the module docstring) for the dataset rooted at `root`."""
+    """Carry out a `download` entry (see the module docstring) for the dataset rooted at `root`. Every entry of a
+    list is checked before the first one runs, so a bad entry never leaves half a dataset behind."""
     items = spec if isinstance(spec, list) else [spec]
-    for item in items:
-        if isinstance(item, dict):
-            if "url" not in item:
-                raise UserError(f"{where}: a 'download' mapping needs 'url' (and optionally 'dir'), got {item}")
-            _fetch_and_unpack(str(item["url"]), root / str(item.get("dir", "")), where)
-        elif isinstance(item, str) and item.startswith("generate:"):
-            name = item.split(":", 1)[1].strip()
-            if name not in GENERATORS:
-                raise UserError(f"{where}: download '{item}': no generator named '{name}', "
-                                f"known: {', '.join(sorted(GENERATORS))}")
-            GENERATORS[name](root)
-        elif isinstance(item, str) and urlparse(item).scheme in ("http", "https", "file"):
-            _fetch_and_unpack(item, root.parent, where)
-        else:
-            raise UserError(f"{where}: download entry {item!r} is not supported; use a URL, {{url, dir}} or "
-                            f"'generate:NAME' (code in a yaml is never run)")
+    steps = [_download_step(item, root, where) for item in items]
+    for step in steps:
+        step()
+
+
+def _download_step(item, root: Path, where):
+    """The action for one `download` entry, or a UserError saying why the entry is not supported."""
+    if isinstance(item, dict):
+        if "url" not in item:
+            raise UserError(f"{where}: a 'download' mapping needs 'url' (and optionally 'dir'), got {item}")
+        return lambda: _fetch_and_unpack(str(item["url"]), root / str(item.get("dir", "")), where)
+    if isinstance(item, str) and item.startswith("generate:"):
+        name = item.split(":", 1)[1].strip()
+        if name not in GENERATORS:
+            raise UserError(f"{where}: download '{item}': no generator named '{name}', "
+                            f"known: {', '.join(sorted(GENERATORS))}")
+        return lambda: GENERATORS[name](root)
+    if isinstance(item, str) and urlparse(item).scheme in ("http", "https", "file"):
+        return lambda: _fetch_and_unpack(item, root.parent, where)
+    raise UserError(f"{where}: download entry {item!r} is not supported; use a URL, {{url, dir}} or "
+                    f"'generate:NAME' (code in a yaml is never run)")
 
 
 def _fetch_and_unpack(url: str, dest: Path, where: str):
