@@ -1,36 +1,67 @@
-"""QAT accuracy on shapes, side by side: PTQ, QAT (linear and power-of-two scales), and the same parent fine-tuned
-in FP32 for the same epochs as the reference.
+"""QAT accuracy on shapes with error bars: the experiments 1-11 of cshbli/yolov5_qat, this project's own options and
+PTQ, side by side from one FP32 ReLU parent, each trained row over several seeds.
 
-    python benchmarks/qat_accuracy.py [--parent runs/demo/relu/weights/best.pt] [--epochs 3] [--img 256]
+    python benchmarks/qat_accuracy.py [--parent weights/shapes_yolov5n_relu.pt] [--epochs 3] [--seeds 0 1 2]
+    python benchmarks/qat_accuracy.py --summary        # the table, CSV and chart from the rows measured so far
 
-The parent is an FP32 ReLU yolov5n trained on shapes (default: the demo's ReLU stage; if it is missing it is made
-from weights/shapes_yolov5n_silu.pt the way `make demo` makes it). Every QAT variant uses the seed's flags
-(--bn-folding --disable-observer-epoch 0 --freeze-bn-epoch 0) and hyp.qat.yaml. Retention = quantized mAP50-95 /
-FP32 mAP50-95, where the FP32 side is the parent fine-tuned for the same epochs with the same hyp (extra epochs
-alone raise the mAP of a parent that is not fully converged); PTQ is compared with the parent itself.
-Finished runs under --out are reused. All numbers come from val.run on each run's best.pt with the same settings.
+Every finished run is appended to --csv (default notes/qat_accuracy/runs.csv) as soon as it is validated; a run
+already in it (same variant, seed, epochs, image size and parent) is not run again, so a long benchmark can be
+completed in pieces, on several machines. Runs go seed by seed (all variants at seed 0, then seed 1, ...), so a
+partial run still gives every row.
+
+- FP32 fine-tune (the reference): the parent trained for the same epochs with the same hyp (hyp.qat.yaml) and
+  seed; extra epochs alone move a parent's mAP, so QAT is compared with this, seed by seed. Its per-epoch mAPs are
+  recorded to show whether it still moves.
+- QAT rows: train.py --qat with the flags of the original experiment (--disable-observer-epoch 0 --freeze-bn-epoch
+  0, plus --bn-folding / --pow2-scale as the experiment says) and its recipe from data/quant/. Experiment 5 needs a
+  ReLU6 parent and is left out. This project's own rows use its defaults: the MSE observers (default.yaml), learnable
+  power-of-two scales (learnable.yaml) and shared concat scales (shared_concat.yaml).
+- PTQ rows: val.py --ptq of the parent with minmax, percentile and MSE observers, linear and pow2, BN folded; they
+  have no training and no seed (one row each), and retention is against the parent itself.
+
+Retention of a QAT row = mean over seeds of (QAT mAP50-95 / FP32 fine-tune mAP50-95 at the same seed); its spread is
+the standard deviation over seeds. All numbers come from val.run on each run's best.pt with the same settings.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SEED_QAT = ["--qat", "--bn-folding", "--disable-observer-epoch", "0", "--freeze-bn-epoch", "0"]
-VARIANTS = [  # name, extra train.py flags (None: no training, PTQ), val.py PTQ flags
-    ("FP32 fine-tune (reference)", [], None),
-    ("PTQ linear", None, []),
-    ("PTQ pow2", None, ["--pow2-scale"]),
-    ("QAT linear, all layers", SEED_QAT, None),
-    ("QAT pow2, all layers, seed observers", SEED_QAT + ["--pow2-scale", "--qat-recipe", "data/quant/exp04_pow2_all_bnfold.yaml"], None),
-    ("QAT pow2, all layers (default: MSE)", SEED_QAT + ["--pow2-scale"], None),
-    ("QAT pow2, Detect convs float", SEED_QAT + ["--pow2-scale", "--qat-recipe", "data/quant/exp07_pow2_last_float_bnfold.yaml"], None),
-]
+SCHEDULE = ["--disable-observer-epoch", "0", "--freeze-bn-epoch", "0"]  # the original experiments' schedule
+BN, POW2 = ["--bn-folding"], ["--pow2-scale"]
+
+
+def _exp(n, name, flags):
+    return f"exp{n:02d} " + name, ["--qat", *SCHEDULE, *flags, "--qat-recipe", f"data/quant/exp{n:02d}_{name}.yaml"]
+
+
+# name -> train.py flags ([] = FP32 fine-tune); order = the order of the table
+TRAINED = dict([
+    ("FP32 fine-tune (reference)", []),
+    _exp(1, "nonpow2_all", []), _exp(2, "nonpow2_all_bnfold", BN),
+    _exp(3, "pow2_all", POW2), _exp(4, "pow2_all_bnfold", BN + POW2),
+    _exp(6, "pow2_last_float", POW2), _exp(7, "pow2_last_float_bnfold", BN + POW2),
+    _exp(8, "pow2_first_only", POW2), _exp(9, "pow2_first_only_bnfold", BN + POW2),
+    _exp(10, "pow2_last_fixed", POW2), _exp(11, "pow2_last_fixed_bnfold", BN + POW2),
+    ("pow2 all, MSE observers (default.yaml)", ["--qat", *SCHEDULE, *BN, *POW2]),
+    ("pow2 all, learnable scales (learnable.yaml)", ["--qat", *SCHEDULE, *BN, *POW2, "--qat-recipe",
+                                                     "data/quant/learnable.yaml"]),
+    ("pow2 all, shared concat (shared_concat.yaml)", ["--qat", *SCHEDULE, *BN, *POW2, "--qat-recipe",
+                                                      "data/quant/shared_concat.yaml"]),
+])
+PTQ = {f"PTQ {obs} {kind}": (obs, kind == "pow2") for kind in ("linear", "pow2")
+       for obs in ("minmax", "percentile", "mse")}
+FIELDS = ["variant", "seed", "epochs", "img", "parent", "mAP50", "mAP50-95", "per_epoch_mAP50-95", "seconds"]
 
 
 def sh(args):
@@ -40,63 +71,175 @@ def sh(args):
         raise SystemExit(f"ERROR: {args[0]} exited with {r.returncode}")
 
 
-def make_parent(opt):
-    parent = Path(opt.parent)
-    if parent.exists():
-        return parent
-    shipped = ROOT / "weights" / "shapes_yolov5n_silu.pt"
-    if not shipped.exists():
-        raise SystemExit(f"ERROR: {parent} and {shipped} are missing; run `make demo` first or pass --parent")
-    sh(["train.py", "--data", "shapes.yaml", "--weights", shipped, "--act", "relu", "--hyp",
-        "data/hyps/hyp.m-relu-tune.yaml", "--img", opt.img, "--batch-size", opt.batch, "--epochs", 3, "--workers", 2,
-        "--noplots", "--project", opt.out, "--name", "parent", "--exist-ok"])
-    return Path(opt.out) / "parent" / "weights" / "best.pt"
+def file_id(path: Path) -> str:
+    """The parent as the CSV knows it: file name and the start of its SHA-256."""
+    return f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
 
 
-def main(opt):
+def read_rows(csv_file: Path) -> list[dict]:
+    if not csv_file.exists():
+        return []
+    with open(csv_file, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(csv_file: Path, row: dict):
+    csv_file.parent.mkdir(parents=True, exist_ok=True)
+    new = not csv_file.exists()
+    with open(csv_file, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        f.flush()
+
+
+def per_epoch_map(run_dir: Path) -> str:
+    import pandas as pd
+
+    df = pd.read_csv(run_dir / "results.csv")
+    df.columns = [c.strip() for c in df.columns]
+    return " ".join(f"{x:.4f}" for x in df["metrics/mAP_0.5:0.95"])
+
+
+def ptq_recipe(out: Path, observer: str) -> Path:
+    f = out / f"ptq_{observer}.yaml"
+    if not f.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"description: PTQ with {observer} activation observers\n"
+                     f"default:\n  activation: {{observer: {observer}}}\nrules: []\n")
+    return f
+
+
+def measure(opt):
     import val
 
-    out = Path(opt.out)
-    parent = make_parent(opt)
+    out, csv_file, parent = Path(opt.out), Path(opt.csv), Path(opt.parent)
+    if not parent.is_file():
+        raise SystemExit(f"ERROR: {parent}: no such parent checkpoint; pass --parent (an FP32 ReLU shapes model)")
+    pid = file_id(parent)
+    done = {(r["variant"], r["seed"], r["epochs"], r["img"], r["parent"]) for r in read_rows(csv_file)}
     evaluate = dict(data="data/shapes.yaml", imgsz=opt.img, batch_size=32, workers=2, device="cpu", plots=False,
                     project=str(out / "val"), exist_ok=True)
-    rows = []
-    r, _, _ = val.run(weights=str(parent), name="parent", **evaluate)
-    rows.append(("FP32 parent", r[2], r[3], None))
-    for i, (name, train_flags, ptq_flags) in enumerate(VARIANTS):
-        if train_flags is None:  # PTQ of the parent
-            flags = {"ptq": True, "pow2_scale": "--pow2-scale" in ptq_flags, "bn_folding": True,
-                     "calib_batches": opt.calib_batches}
-            r, _, _ = val.run(weights=str(parent), name=f"v{i}", **evaluate, **flags)
-            rows.append((name, r[2], r[3], "parent"))
-            continue
-        run_dir = out / f"v{i}"
-        best = run_dir / "weights" / "best.pt"
-        if not best.exists():
-            sh(["train.py", "--data", "shapes.yaml", "--weights", parent, "--hyp", "data/hyps/hyp.qat.yaml", "--img",
-                opt.img, "--batch-size", opt.batch, "--epochs", opt.epochs, "--workers", 2, "--noplots",
-                "--calib-batches", opt.calib_batches, *train_flags, "--project", out, "--name", f"v{i}",
-                "--exist-ok"])
-        r, _, _ = val.run(weights=str(best), name=f"v{i}", **evaluate)
-        rows.append((name, r[2], r[3], "fine-tune" if train_flags else None))
 
-    parent_map = rows[0][2]
-    ft_map = rows[1][2]
-    print(f"\nQAT accuracy on shapes (yolov5n ReLU parent {parent}, {opt.epochs} epochs, img {opt.img})")
-    print(f"{'variant':<42}{'mAP50':>8}{'mAP50-95':>10}{'retention':>11}")
-    for name, m50, m, ref in rows:
-        base = parent_map if ref == "parent" else ft_map if ref == "fine-tune" else None
-        ret = f"{m / base * 100:.1f}%" if base else "-"
-        print(f"{name:<42}{m50:>8.4f}{m:>10.4f}{ret:>11}")
-    print("retention: PTQ vs the FP32 parent; QAT vs 'FP32 fine-tune (reference)'")
+    def record(variant, seed, r, per_epoch, t0):
+        row = {"variant": variant, "seed": seed, "epochs": opt.epochs if seed != "-" else "-", "img": opt.img,
+               "parent": pid, "mAP50": f"{r[2]:.5f}", "mAP50-95": f"{r[3]:.5f}", "per_epoch_mAP50-95": per_epoch,
+               "seconds": f"{time.time() - t0:.0f}"}
+        append_row(csv_file, row)
+        print(f"{variant} seed {seed}: mAP50 {r[2]:.4f} mAP50-95 {r[3]:.4f}", flush=True)
+
+    selected = [v for v in [*TRAINED, *PTQ, "FP32 parent"] if not opt.variants or any(s in v for s in opt.variants)]
+    if "FP32 parent" in selected and ("FP32 parent", "-", "-", str(opt.img), pid) not in done:
+        t0 = time.time()
+        record("FP32 parent", "-", val.run(weights=str(parent), name="parent", **evaluate)[0], "", t0)
+    for name, (observer, pow2) in PTQ.items():
+        if name in selected and (name, "-", "-", str(opt.img), pid) not in done:
+            t0 = time.time()
+            r = val.run(weights=str(parent), name="ptq", ptq=True, pow2_scale=pow2, bn_folding=True,
+                        qat_recipe=str(ptq_recipe(out, observer)), calib_batches=opt.calib_batches, **evaluate)[0]
+            record(name, "-", r, "", t0)
+    for seed in opt.seeds:
+        for name, flags in TRAINED.items():
+            if name not in selected or (name, str(seed), str(opt.epochs), str(opt.img), pid) in done:
+                continue
+            t0 = time.time()
+            run = f"v{list(TRAINED).index(name):02d}_s{seed}"
+            run_dir = out / run
+            shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted benchmark left: start that run afresh
+            sh(["train.py", "--data", "shapes.yaml", "--weights", parent, "--hyp", "data/hyps/hyp.qat.yaml", "--img",
+                opt.img, "--batch-size", opt.batch, "--epochs", opt.epochs, "--workers", 2, "--noplots", "--seed",
+                seed, "--calib-batches", opt.calib_batches, *flags, "--project", out, "--name", run, "--exist-ok"])
+            r = val.run(weights=str(run_dir / "weights" / "best.pt"), name=run, **evaluate)[0]
+            record(name, seed, r, per_epoch_map(run_dir), t0)
+
+
+def summarize(opt):
+    import numpy as np
+
+    csv_file, pid = Path(opt.csv), file_id(Path(opt.parent))
+    rows = [r for r in read_rows(csv_file) if r["parent"] == pid and r["img"] == str(opt.img)
+            and r["epochs"] in (str(opt.epochs), "-")]
+    if not rows:
+        raise SystemExit(f"ERROR: {csv_file} has no rows for this parent, --epochs {opt.epochs}, --img {opt.img}")
+    by = {}
+    for r in rows:
+        by.setdefault(r["variant"], {})[r["seed"]] = (float(r["mAP50"]), float(r["mAP50-95"]), r["per_epoch_mAP50-95"])
+    ref = by.get("FP32 fine-tune (reference)", {})
+    parent = by.get("FP32 parent", {}).get("-")
+    table = []
+    for name in ["FP32 parent", *TRAINED, *PTQ]:
+        if name not in by:
+            continue
+        seeds = sorted(by[name])
+        m50 = np.array([by[name][s][0] for s in seeds])
+        m = np.array([by[name][s][1] for s in seeds])
+        if name in PTQ:
+            ret = m / parent[1] * 100 if parent else np.array([])
+        elif name in TRAINED and name != "FP32 fine-tune (reference)":
+            ret = np.array([by[name][s][1] / ref[s][1] * 100 for s in seeds if s in ref])
+        else:
+            ret = np.array([])
+        table.append((name, len(seeds), m50.mean(), m.mean(), m.std(ddof=1) if len(m) > 1 else float("nan"),
+                      ret.mean() if len(ret) else float("nan"), ret.std(ddof=1) if len(ret) > 1 else float("nan")))
+
+    print(f"\nQAT accuracy on shapes (yolov5n ReLU parent {opt.parent}, {opt.epochs} epochs, img {opt.img}; "
+          f"mean and standard deviation over seeds)")
+    print(f"{'variant':<46}{'n':>3}{'mAP50':>8}{'mAP50-95':>10}{'sd':>8}{'retention':>11}{'sd':>7}")
+    def fmt(x, spec, unit=""):
+        return "-" if np.isnan(x) else format(x, spec) + unit
+
+    for name, n, m50, m, sd, ret, rsd in table:
+        print(f"{name:<46}{n:>3}{m50:>8.4f}{m:>10.4f}{fmt(sd, '.4f'):>8}{fmt(ret, '.1f', '%'):>11}{fmt(rsd, '.1f'):>7}")
+    print("retention: QAT vs the FP32 fine-tune at the same seed; PTQ vs the FP32 parent")
+    for s in sorted(ref):
+        print(f"FP32 fine-tune seed {s} mAP50-95 per epoch: {ref[s][2]}")
+
+    out = Path(opt.csv).parent
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "n", "mAP50", "mAP50-95", "mAP50-95 sd", "retention %", "retention sd"])
+        for row in table:
+            w.writerow([row[0], row[1], *(f"{x:.5f}" for x in row[2:])])
+    plot(table, out / "qat_accuracy.png", opt)
+    print(f"saved {out / 'summary.csv'} and {out / 'qat_accuracy.png'}")
+
+
+def plot(table, file, opt):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [t[0] for t in table]
+    means = np.array([t[3] for t in table])
+    sds = np.nan_to_num(np.array([t[4] for t in table]))
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(names) + 1.5), tight_layout=True)
+    y = np.arange(len(names))[::-1]
+    ax.barh(y, means, xerr=sds, capsize=3, color=["tab:grey" if n.startswith(("FP32", "PTQ")) else "tab:blue"
+                                                    for n in names])
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel("mAP50-95 (mean over seeds, error bar: standard deviation)")
+    ax.set_title(f"QAT accuracy on shapes: {Path(opt.parent).name}, {opt.epochs} epochs, img {opt.img}")
+    ax.set_xlim(min(means) * 0.9, max(means + sds) * 1.02)
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(file, dpi=150)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parent", default=str(ROOT / "runs/demo/relu/weights/best.pt"), help="FP32 ReLU checkpoint")
+    ap.add_argument("--parent", default=str(ROOT / "weights/shapes_yolov5n_relu.pt"), help="FP32 ReLU checkpoint")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--img", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--calib-batches", type=int, default=32)
-    ap.add_argument("--out", default=str(ROOT / "runs/qat_accuracy"))
-    main(ap.parse_args())
+    ap.add_argument("--variants", nargs="*", default=[], help="only variants whose name contains one of these")
+    ap.add_argument("--out", default=str(ROOT / "runs/qat_accuracy"), help="run folders")
+    ap.add_argument("--csv", default=str(ROOT / "notes/qat_accuracy/runs.csv"), help="measured rows (resumable)")
+    ap.add_argument("--summary", action="store_true", help="only print the table from --csv and draw the chart")
+    opt = ap.parse_args()
+    if not opt.summary:
+        measure(opt)
+    summarize(opt)
