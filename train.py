@@ -209,6 +209,9 @@ def _train(hyp, opt, device):
         last_opt_step = int(ckpt.get("last_opt_step", -1))  # where gradient accumulation stands
         if RANK in (-1, 0):
             trim_results(save_dir / "results.csv", start_epoch)
+    elif RANK in (-1, 0) and (save_dir / "results.csv").exists():  # a new run in a reused folder (--exist-ok)
+        os.replace(save_dir / "results.csv", save_dir / "results.previous.csv")
+        LOGGER.info(f"{save_dir / 'results.csv'} of the run that used this folder before is now results.previous.csv")
     del ckpt
 
     if cuda and RANK != -1 and opt.sync_bn:

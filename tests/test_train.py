@@ -126,6 +126,13 @@ def test_one_epoch_run_folder_and_checkpoints(shapes_subset, tmp_path, yolo_log)
     log = "\n".join(yolo_log)
     assert "Starting training for 1 epochs..." in log and "Optimizer stripped from" in log
 
+    # a new run in the same folder (--exist-ok) starts its own results.csv; the previous one is kept beside it
+    before = (save / "results.csv").read_text()
+    train.run(data=str(shapes_subset["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=128, batch_size=8, workers=0,
+              epochs=1, noplots=True, project=str(tmp_path), name="one", exist_ok=True)
+    assert [r[0] for r in _results(save)[1]] == [0]
+    assert (save / "results.previous.csv").read_text() == before
+
 
 def test_retrain_silu_checkpoint_with_relu(shapes_subset, tmp_path, yolo_log):
     from models.backend import DetectMultiBackend
