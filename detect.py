@@ -1,16 +1,25 @@
-"""Run YOLOv5 detection on images, folders, globs, .txt lists and videos.
+"""Run YOLOv5 detection on images, folders, globs, .txt lists, videos, URLs, webcams, streams and the screen.
 
 Usage:
     python detect.py --weights yolov5s.pt --source data/images/   # folder, file, glob, list.txt, video.mp4
+                                                   --source 0                               # webcam
+                                                   --source 'https://example.com/img.jpg'   # image or video URL
+                                                   --source 'rtsp://example.com/media.mp4'  # RTSP/RTMP/HTTP stream
+                                                   --source list.streams                    # several streams
+                                                   --source screen                          # screenshots (mss)
     python detect.py --weights runs/train/exp/weights/best.pt --source img.jpg --save-txt --save-conf
 Results go to runs/detect/exp*: annotated images/videos, labels/*.txt with --save-txt, crops with --save-crop.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent
@@ -18,11 +27,12 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from models.backend import DetectMultiBackend  # noqa: E402
-from utils.dataloaders import VID_FORMATS, LoadImages  # noqa: E402
+from utils.dataloaders import (IMG_FORMATS, VID_FORMATS, LoadImages, LoadScreenshots, LoadStreams,  # noqa: E402
+                               download_source, is_url)
 from utils.general import (LOGGER, UserError, check_file, check_img_size, colorstr, increment_path,  # noqa: E402
                            make_run_folder, non_max_suppression, print_args, run_cli, scale_boxes, xyxy2xywh)
 from utils.plots import Annotator, colors, save_one_box  # noqa: E402
-from utils.torch_utils import select_device, time_sync  # noqa: E402
+from utils.torch_utils import select_device, strip_optimizer, time_sync  # noqa: E402
 
 
 @torch.no_grad()
@@ -32,9 +42,14 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
         project=ROOT / "runs/detect", name="exp", exist_ok=False, line_thickness=3, hide_labels=False,
         hide_conf=False, half=False, dnn=False, vid_stride=1, nms_time_limit=0.0):
     source = str(source)
-    if not Path(source).exists() and not any(c in source for c in "*?"):
-        raise UserError(f"--source {source}: path does not exist; give an image, video, folder, glob or .txt list")
-    save_img = not nosave and not source.endswith(".txt")
+    is_file = Path(source).suffix[1:].lower() in IMG_FORMATS + VID_FORMATS
+    url = is_url(source)
+    webcam = source.isnumeric() or source.endswith(".streams") or (url and not is_file)
+    screenshot = source.lower().startswith("screen")
+    if not (url or webcam or screenshot) and not Path(source).exists() and not any(c in source for c in "*?"):
+        raise UserError(f"--source {source}: path does not exist; give an image, video, folder, glob, .txt list, "
+                        f"URL, webcam index, .streams list or 'screen'")
+    save_img = not nosave
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     make_run_folder(save_dir / "labels" if save_txt else save_dir)
 
@@ -42,11 +57,20 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
     model = DetectMultiBackend(weights, device=device, dnn=dnn, data=data, fp16=half)
     stride, names = model.stride, model.names or {}
     imgsz = check_img_size(imgsz, s=stride)
-    dataset = LoadImages(source, img_size=imgsz, stride=stride, auto=model.pt, vid_stride=vid_stride)
-    if view_img:
-        LOGGER.warning("WARNING: --view-img needs a display; images are saved instead when none is available")
-    vid_path, vid_writer = [None] * 1, [None] * 1
-    model.warmup(imgsz=(1, 3, *imgsz))
+    downloads = tempfile.TemporaryDirectory() if url and is_file else None  # an image or video file at a URL
+    if downloads:
+        source = download_source(source, Path(downloads.name))
+    if view_img or webcam:
+        view_img = check_imshow(warn=view_img)
+    if webcam:
+        dataset = LoadStreams(source, img_size=imgsz, stride=stride, auto=model.pt, vid_stride=vid_stride)
+    elif screenshot:
+        dataset = LoadScreenshots(source, img_size=imgsz, stride=stride, auto=model.pt)
+    else:
+        dataset = LoadImages(source, img_size=imgsz, stride=stride, auto=model.pt, vid_stride=vid_stride)
+    bs = len(dataset) if webcam else 1
+    vid_path, vid_writer = [None] * bs, [None] * bs
+    model.warmup(imgsz=(1 if model.pt else bs, 3, *imgsz))
     seen, dt = 0, [0.0, 0.0, 0.0]
     for path, im, im0s, vid_cap, s in dataset:
         t1 = time_sync()
@@ -64,9 +88,13 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
                                    time_limit=nms_time_limit if nms_time_limit > 0 else None)
         dt[2] += time_sync() - t3
 
-        for det in pred:
+        for i, det in enumerate(pred):
             seen += 1
-            p, im0, frame = Path(path), im0s.copy(), getattr(dataset, "frame", 0)
+            if webcam:  # a batch: one frame of every stream
+                p, im0, frame = Path(path[i]), im0s[i].copy(), dataset.count
+                s += f"{i}: "
+            else:
+                p, im0, frame = Path(path), im0s.copy(), getattr(dataset, "frame", 0)
             save_path = str(save_dir / p.name)
             txt_path = str(save_dir / "labels" / p.stem) + ("" if dataset.mode == "image" else f"_{frame}")
             s += "%gx%g " % im.shape[2:]
@@ -91,36 +119,65 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
                     if save_crop:
                         save_one_box(xyxy, imc, file=save_dir / "crops" / str(names.get(c, c)) / f"{p.stem}.jpg", BGR=True)
             im0 = annotator.result()
+            if view_img:
+                show_window(str(p), im0)
             if save_img:
                 if dataset.mode == "image":
-                    import cv2
-
                     cv2.imwrite(save_path, im0)
                 else:
-                    vid_path[0], vid_writer[0] = _write_video_frame(save_path, vid_path[0], vid_writer[0], vid_cap, im0)
+                    vid_path[i], vid_writer[i] = _write_video_frame(save_path, vid_path[i], vid_writer[i], vid_cap, im0)
         LOGGER.info(f"{s}{'' if len(det) else '(no detections), '}{(t3 - t2) * 1e3:.1f}ms")
 
     for w in vid_writer:
         if w is not None:
             w.release()
+    if downloads:
+        downloads.cleanup()
     t = tuple(x / max(seen, 1) * 1e3 for x in dt)
     LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(1, 3, *imgsz)}" % t)
     if save_txt or save_img:
         n = len(list(save_dir.glob("labels/*.txt")))
         extra = f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}{extra}")
+    if update:  # as upstream: strip the optimizer from the weights file (kept FP16, EMA as the model)
+        for w in weights if isinstance(weights, (list, tuple)) else [weights]:
+            if str(w).endswith(".pt"):
+                strip_optimizer(w)
     return save_dir
 
 
-def _write_video_frame(save_path, vid_path, vid_writer, vid_cap, im0):
-    import cv2
+def check_imshow(warn=True) -> bool:
+    """Whether result windows can be shown here; if not, and `warn`, say why in one line."""
+    why = None
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        why = "there is no display ($DISPLAY is not set)"
+    else:
+        try:
+            cv2.imshow("yolov5", np.zeros((8, 8, 3), np.uint8))
+            cv2.waitKey(1)
+            cv2.destroyAllWindows()
+        except cv2.error:
+            why = "this OpenCV has no GUI support (opencv-python-headless)"
+    if why and warn:
+        LOGGER.warning(f"WARNING: --view-img: cannot show windows, {why}; results are saved to the run folder instead")
+    return why is None
 
+
+def show_window(name, im):
+    if sys.platform.startswith("linux"):
+        cv2.namedWindow(name, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO)
+    cv2.imshow(name, im)
+    cv2.waitKey(1)
+
+
+def _write_video_frame(save_path, vid_path, vid_writer, vid_cap, im0):
+    """Append a frame to the .mp4 beside save_path, opening a new writer when the video changes."""
+    save_path = str(Path(save_path).with_suffix(".mp4"))
     if vid_path != save_path:
         if vid_writer is not None:
             vid_writer.release()
         fps = vid_cap.get(cv2.CAP_PROP_FPS) if vid_cap else 30
         h, w = im0.shape[:2]
-        save_path = str(Path(save_path).with_suffix(".mp4"))
         vid_writer = cv2.VideoWriter(save_path, cv2.VideoWriter_fourcc(*"mp4v"), fps or 30, (w, h))
         vid_path = save_path
     vid_writer.write(im0)
@@ -130,7 +187,8 @@ def _write_video_frame(save_path, vid_path, vid_writer, vid_cap, im0):
 def parse_opt(argv=None):
     parser = argparse.ArgumentParser(description="YOLOv5 detection")
     parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "yolov5s.pt", help="model path(s): .pt, .torchscript, .onnx")
-    parser.add_argument("--source", type=str, default=ROOT / "data/images", help="file/dir/glob/.txt list/video")
+    parser.add_argument("--source", type=str, default=ROOT / "data/images",
+                        help="file/dir/glob/.txt list/video/URL/webcam index (0)/.streams list/screen")
     parser.add_argument("--data", type=str, default=None, help="(optional) dataset.yaml for class names")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="inference size h,w")
     parser.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
@@ -138,6 +196,7 @@ def parse_opt(argv=None):
     parser.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     parser.add_argument("--view-img", action="store_true", help="show results")
+    parser.add_argument("--update", action="store_true", help="strip the optimizer from the weights file(s) afterwards")
     parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
     parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
     parser.add_argument("--save-crop", action="store_true", help="save cropped prediction boxes")

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -104,3 +105,75 @@ def test_detect_unwritable_project_one_line(tmp_path, capsys):
     assert e.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("ERROR: ") and "a_file/runs/exp: cannot write the run folder (Not a directory); choose a " \
                                              "writable --project" in err[0], err
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A local HTTP server (no internet) over a folder with an image, a 12-frame video, and the same video under a
+    name without a suffix (an http stream to OpenCV)."""
+    import functools
+    import http.server
+    import threading
+
+    root = _images(tmp_path / "www", n=1)
+    w = cv2.VideoWriter(str(root / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (128, 96))
+    for i in range(12):
+        im = np.full((96, 128, 3), 40, np.uint8)
+        cv2.rectangle(im, (10 + 4 * i, 20), (60 + 4 * i, 70), (255, 255, 255), -1)
+        w.write(im)
+    w.release()
+    (root / "live").write_bytes((root / "clip.mp4").read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_detect_image_and_video_urls_and_a_stream(served, tmp_path):
+    w = reference("yolov5n_silu.pt")
+    r = _run("--weights", w, "--source", f"{served}/im0.jpg", "--imgsz", 128, "--conf-thres", 0.05, "--save-txt",
+             "--project", tmp_path, "--name", "img")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "img" / "im0.jpg").is_file() and "image 1/1" in r.stdout + r.stderr
+
+    r = _run("--weights", w, "--source", f"{served}/clip.mp4", "--imgsz", 128, "--vid-stride", 2, "--save-txt",
+             "--conf-thres", 0.05, "--project", tmp_path, "--name", "vid")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-2000:]
+    assert "video 1/1 (6/6)" in out  # every second frame of 12, all of them: the file was downloaded first
+    cap = cv2.VideoCapture(str(tmp_path / "vid" / "clip.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
+
+    r = _run("--weights", w, "--source", f"{served}/live", "--imgsz", 128, "--project", tmp_path, "--name", "live")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-2000:]
+    assert "1/1: " in out and "Success (12 frames 128x96" in out and re.search(r"\n0: \d+x\d+ ", out)
+    assert (tmp_path / "live" / "live.mp4").stat().st_size > 0
+
+
+@pytest.mark.parametrize("source, message", [
+    ("7", "--source 7: cannot open webcam 7 (no such device, or OpenCV cannot read it)"),
+    ("screen", "--source screen: screen capture needs the mss package (pip install mss)"),
+    ("none.streams", "--source none.streams: file not found; a .streams file lists one source per line"),
+])
+def test_detect_live_sources_that_cannot_open_are_one_line(source, message, tmp_path):
+    r = _run("--weights", reference("yolov5n_silu.pt"), "--source", source, "--project", tmp_path)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("ERROR:") and message in err[0], r.stderr
+
+
+def test_detect_view_img_says_why_no_window_and_update_strips(tmp_path):
+    import shutil
+
+    from utils.checkpoint import load_checkpoint
+
+    w = tmp_path / "w.pt"
+    shutil.copy(reference("yolov5n_silu.pt"), w)
+    r = _run("--weights", w, "--source", ROOT / "data/images", "--imgsz", 128, "--view-img", "--update",
+             "--project", tmp_path, "--name", "exp")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-2000:]
+    assert "--view-img: cannot show windows" in out and "results are saved to the run folder instead" in out
+    assert sorted(p.name for p in (tmp_path / "exp").glob("*.jpg")) == ["shapes1.jpg", "shapes2.jpg"]
+    assert "Optimizer stripped from" in out and load_checkpoint(w).get("optimizer") is None

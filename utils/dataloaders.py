@@ -156,6 +156,158 @@ class LoadImages:
         return self.nf
 
 
+STREAM_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://")
+
+
+def is_url(source) -> bool:
+    return str(source).lower().startswith(STREAM_SCHEMES)
+
+
+def download_source(url: str, folder: Path) -> str:
+    """An image or video file given as an http(s) URL, downloaded into `folder` under its own name; one line when
+    it cannot be fetched."""
+    import urllib.parse
+    import urllib.request
+
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "download"
+    file = Path(folder) / name
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(file, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--source {url}: could not download it ({type(e).__name__}: {e})") from None
+    return str(file)
+
+
+class LoadStreams:
+    """Live sources for detect.py: webcam indices ('0'), rtsp/rtmp/http(s) video streams, or a `.streams` file with
+    one of those per line. One reader thread per source keeps the newest frame (every vid_stride-th); iterating
+    yields the newest frame of every source as one batch, (sources, im, im0s, None, s) with `im` (n, 3, h, w) RGB
+    uint8 and `im0s` the BGR frames. Iteration ends when a source ends (a finite video over http, a camera that is
+    unplugged)."""
+
+    def __init__(self, sources="0", img_size=640, stride=32, auto=True, vid_stride=1):
+        import threading
+
+        src = Path(str(sources))
+        if str(sources).endswith(".streams"):
+            if not src.is_file():
+                raise UserError(f"--source {sources}: file not found; a .streams file lists one source per line")
+            sources = [ln.strip() for ln in src.read_text().splitlines() if ln.strip()]
+        else:
+            sources = [str(sources)]
+        if not sources:
+            raise UserError(f"--source {src}: lists no source")
+        self.mode = "stream"
+        self.img_size, self.stride, self.auto, self.vid_stride = img_size, stride, auto, max(1, int(vid_stride))
+        self.sources = sources
+        self.imgs, self.fps, self.frames, self.caps, self.threads = [], [], [], [], []
+        for i, s in enumerate(sources):
+            target = int(s) if s.isnumeric() else s
+            level = cv2.utils.logging.getLogLevel()
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # OpenCV's warnings about a missing
+            try:  # device would precede the one line below
+                cap = cv2.VideoCapture(target)
+                ok, im = cap.read() if cap.isOpened() else (False, None)
+            finally:
+                cv2.utils.logging.setLogLevel(level)
+            if not ok:
+                cap.release()
+                what = f"webcam {target}" if isinstance(target, int) else f"stream {s}"
+                raise UserError(f"--source {s}: cannot open {what} (no such device, or OpenCV cannot read it); "
+                                f"give a webcam index that exists, a reachable rtsp/rtmp/http stream, or a file")
+            frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            self.frames.append(frames if frames > 0 else float("inf"))  # a live stream has no end
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            self.fps.append(fps if math.isfinite(fps) and 0 < fps < 1000 else 30.0)
+            self.imgs.append(im)
+            self.caps.append(cap)
+            LOGGER.info(f"{i + 1}/{len(sources)}: {s}... Success ({self.frames[-1]} frames {im.shape[1]}x"
+                        f"{im.shape[0]} at {self.fps[-1]:.2f} FPS)")
+            t = threading.Thread(target=self._read, args=(i, cap, s), daemon=True)
+            self.threads.append(t)
+        for t in self.threads:
+            t.start()
+        shapes = {letterbox(im, img_size, stride=stride, auto=auto)[0].shape for im in self.imgs}
+        self.rect = len(shapes) == 1  # one letterbox shape for all sources: keep their aspect ratio
+        if not self.rect:
+            LOGGER.warning("WARNING: the sources differ in shape; frames are letterboxed to a square for one batch")
+        self.count = 0
+
+    def _read(self, i, cap, source):
+        n, last = 0, self.frames[i]
+        while cap.isOpened() and n < last:
+            n += 1
+            if not cap.grab():
+                break  # the stream ended or dropped
+            if n % self.vid_stride == 0:
+                ok, im = cap.retrieve()
+                if not ok:
+                    LOGGER.warning(f"WARNING: {source}: a frame could not be decoded, skipped")
+                    continue
+                self.imgs[i] = im
+        cap.release()
+
+    def __iter__(self):
+        self.count = -1
+        return self
+
+    def __next__(self):
+        self.count += 1
+        if self.count and not all(t.is_alive() for t in self.threads):
+            raise StopIteration
+        im0 = [x.copy() for x in self.imgs]
+        im = np.stack([letterbox(x, self.img_size, stride=self.stride, auto=self.rect and self.auto)[0] for x in im0])
+        im = np.ascontiguousarray(im[..., ::-1].transpose((0, 3, 1, 2)))  # BGR HWC -> RGB CHW
+        return self.sources, im, im0, None, ""
+
+    def __len__(self):
+        return len(self.sources)
+
+
+class LoadScreenshots:
+    """`--source screen` as upstream: `screen [number] [left top width height]`, grabbed with the mss package.
+    Yields (source, im, im0, None, s) like LoadImages, one screenshot per iteration, without end."""
+
+    def __init__(self, source, img_size=640, stride=32, auto=True):
+        try:
+            import mss
+        except ImportError:
+            raise UserError(f"--source {source}: screen capture needs the mss package (pip install mss)") from None
+        parts = str(source).split()[1:]
+        try:
+            numbers = [int(x) for x in parts]
+        except ValueError:
+            raise UserError(f"--source {source}: expected 'screen [number] [left top width height]'") from None
+        if len(numbers) not in (0, 1, 5):
+            raise UserError(f"--source {source}: expected 'screen [number] [left top width height]'")
+        screen = numbers[0] if numbers else 0
+        try:
+            self.sct = mss.mss()
+            monitors = self.sct.monitors
+        except Exception as e:  # no display, or no permission to read it
+            raise UserError(f"--source {source}: cannot capture the screen ({type(e).__name__}: {e})") from None
+        if not 0 <= screen < len(monitors):
+            raise UserError(f"--source {source}: no screen {screen}; this display has screens 0-{len(monitors) - 1}")
+        m = monitors[screen]
+        left, top, width, height = numbers[1:] if len(numbers) == 5 else (0, 0, m["width"], m["height"])
+        self.monitor = {"left": m["left"] + left, "top": m["top"] + top, "width": width, "height": height}
+        self.source, self.img_size, self.stride, self.auto = str(source), img_size, stride, auto
+        self.mode, self.frame = "stream", 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        im0 = np.asarray(self.sct.grab(self.monitor))[:, :, :3]  # BGRA -> BGR
+        self.frame += 1
+        im = letterbox(im0, self.img_size, stride=self.stride, auto=self.auto)[0]
+        im = np.ascontiguousarray(im.transpose((2, 0, 1))[::-1])
+        m = self.monitor
+        return self.source, im, im0, None, f"screen {m['left']},{m['top']} {m['width']}x{m['height']}: "
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Verification of one image/label pair
 # ----------------------------------------------------------------------------------------------------------------------
