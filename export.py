@@ -862,8 +862,14 @@ def _second_shape(shape, stride):
 
 def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, device="cpu",
         include=("torchscript", "onnx"), half=False, inplace=False, optimize=False, dynamic=False, simplify=False,
-        opset=DEFAULT_OPSET, verbose=False) -> list:
-    """Export one checkpoint to each format in `include`, verify each file, return the written paths."""
+        opset=DEFAULT_OPSET, verbose=False, **upstream) -> list:
+    """Export one checkpoint to each format in `include`, verify each file, return the written paths. Upstream's
+    options for other formats (keras, int8, workspace, nms, ...) are accepted by name and refused in one line unless
+    left at their defaults."""
+    unknown = sorted(set(upstream) - set(UNSUPPORTED_OPTIONS))
+    if unknown:
+        raise UserError(f"export.run(): unknown option(s) {', '.join(unknown)}")
+    refuse_unsupported(upstream)
     t0 = time.time()
     include = [x.lower() for x in ([include] if isinstance(include, str) else include)]
     bad = [x for x in include if x not in FORMATS]
@@ -998,12 +1004,38 @@ def parse_opt(argv=None):
     parser.add_argument("--verbose", action="store_true", help="ONNX: print the exported graph")
     parser.add_argument("--include", nargs="+", default=["torchscript", "onnx"],
                         help=f"formats to export: {', '.join(FORMATS)}")
+    other = parser.add_argument_group("upstream's TensorFlow / TensorRT options (this export writes TorchScript and "
+                                      "ONNX only; giving one stops with one line)")
+    other.add_argument("--keras", action="store_true", help="TF: use Keras")
+    other.add_argument("--int8", action="store_true", help="CoreML/TF INT8 quantization")
+    other.add_argument("--workspace", type=int, default=4, help="TensorRT: workspace size (GB)")
+    other.add_argument("--nms", action="store_true", help="TF: add NMS to model")
+    other.add_argument("--agnostic-nms", action="store_true", help="TF: add agnostic NMS to model")
+    other.add_argument("--topk-per-class", type=int, default=100, help="TF.js NMS: topk per class to keep")
+    other.add_argument("--topk-all", type=int, default=100, help="TF.js NMS: topk for all classes to keep")
+    other.add_argument("--iou-thres", type=float, default=0.45, help="TF.js NMS: IoU threshold")
+    other.add_argument("--conf-thres", type=float, default=0.25, help="TF.js NMS: confidence threshold")
     opt = parser.parse_args(argv)
     print_args(vars(opt), "export")
     return opt
 
 
+UNSUPPORTED_OPTIONS = {"keras": False, "int8": False, "workspace": 4, "nms": False, "agnostic_nms": False, "topk_per_class": 100,
+                       "topk_all": 100, "iou_thres": 0.45, "conf_thres": 0.25}  # upstream's defaults
+
+
+def refuse_unsupported(options: dict):
+    """Upstream's options for formats this export does not write: one line when any differs from its default."""
+    given = [f"--{k.replace('_', '-')}" for k, default in UNSUPPORTED_OPTIONS.items() if options.get(k, default) != default]
+    if given:
+        hint = ("; for an int8 model train with --qat (or calibrate with val.py --ptq) and export that checkpoint to "
+                "ONNX" if "--int8" in given else "")
+        raise UserError(f"{', '.join(given)}: options of upstream's CoreML/TensorFlow/TensorRT exports; this export "
+                        f"writes {', '.join(FORMATS)} only (--include){hint}")
+
+
 def main(opt):
+    refuse_unsupported(vars(opt))
     if opt.data:
         opt.data = check_file(opt.data)
     weights = opt.weights if isinstance(opt.weights, list) else [opt.weights]

@@ -545,6 +545,13 @@ def parse_opt(argv=None):
     parser.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
     parser.add_argument("--seed", type=int, default=0, help="Global training seed")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
+    logger = parser.add_argument_group("upstream's Weights & Biases / Google Cloud options (not part of yolov5-qat: "
+                                       "results go to results.csv and TensorBoard; giving one stops with one line)")
+    logger.add_argument("--bucket", type=str, default="", help="gsutil bucket")
+    logger.add_argument("--entity", default=None, help="W&B: Entity")
+    logger.add_argument("--upload_dataset", nargs="?", const=True, default=False, help='W&B: Upload data, "val" option')
+    logger.add_argument("--bbox_interval", type=int, default=-1, help="W&B: Set bounding-box image logging interval")
+    logger.add_argument("--artifact_alias", type=str, default="latest", help="W&B: Version of dataset artifact to use")
     parser.add_argument("--act", type=str, choices=["silu", "relu", "relu6"], default=None,
                         help="activation of every Conv block (default: the checkpoint's, else silu)")
     qat = parser.add_argument_group("quantization-aware training (QAT)")
@@ -609,8 +616,17 @@ def resume_options(opt):
     return opt
 
 
+UNSUPPORTED_LOGGER_FLAGS = {"bucket": "", "entity": None, "upload_dataset": False, "bbox_interval": -1,
+                            "artifact_alias": "latest"}  # upstream's defaults
+
+
 def check_train_flags(opt):
-    """Numbers that cannot train: one line each, before any data or model is loaded."""
+    """Numbers that cannot train, and upstream options this project does not have: one line each, before any data
+    or model is loaded."""
+    given = [f"--{k}" for k, default in UNSUPPORTED_LOGGER_FLAGS.items() if getattr(opt, k, default) != default]
+    if given:
+        raise UserError(f"{', '.join(given)}: Weights & Biases and Google Cloud uploads are not part of yolov5-qat; "
+                        f"results go to the run folder (results.csv, TensorBoard events); drop the option")
     if opt.batch_size == -1:
         raise UserError("--batch-size -1 (AutoBatch) needs CUDA memory probing and is not supported; give a batch size")
     for flag, value, least in (("--batch-size", opt.batch_size, 1), ("--epochs", opt.epochs, 1),
