@@ -4,7 +4,7 @@ Usage:
     import torch
     model = torch.hub.load('path/to/yolov5-qat', 'custom', path='runs/train/exp/weights/best.pt', source='local')
     model = torch.hub.load('path/to/yolov5-qat', 'yolov5s', source='local')  # weights/yolov5s.pt (fetched if missing)
-    results = model('img.jpg')  # or a URL, PIL image, RGB numpy array, or a list of those; see models/hub.py
+    results = model('img.jpg')  # or a URL, PIL image, RGB numpy array, or a list of those; see utils/hub.py
     results.print()
     results.pandas().xyxy[0]  # xmin ymin xmax ymax confidence class name
     results.save()  # runs/detect/exp*
@@ -33,7 +33,7 @@ def _create(name, pretrained=True, channels=3, classes=80, autoshape=True, verbo
     import logging
 
     from models.backend import DetectMultiBackend, load_pytorch_model
-    from models.hub import AutoShape
+    from utils.hub import AutoShape
     from models.yolo import DetectionModel
     from utils.general import LOGGER, UserError, intersect_dicts
     from utils.torch_utils import select_device

@@ -512,9 +512,10 @@ def log_results(save_dir, epoch, vals, tb=None):
 
 def parse_opt(argv=None):
     parser = argparse.ArgumentParser(description="Train YOLOv5 (FP32, activation retraining, QAT)")
-    parser.add_argument("--weights", type=str, default="", help="initial weights path ('' to train from scratch)")
+    parser.add_argument("--weights", type=str, default=ROOT / "yolov5s.pt",
+                        help="initial weights path ('' to train from scratch with --cfg)")
     parser.add_argument("--cfg", type=str, default="", help="model.yaml path")
-    parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="dataset.yaml path")
+    parser.add_argument("--data", type=str, default=ROOT / "data/coco128.yaml", help="dataset.yaml path")
     parser.add_argument("--hyp", type=str, default=ROOT / "data/hyps/hyp.scratch-low.yaml", help="hyperparameters path")
     parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
     parser.add_argument("--batch-size", "--batch", type=int, default=16, help="total batch size for all GPUs")
@@ -635,6 +636,24 @@ def check_train_flags(opt):
             raise UserError(f"{flag} {value}: must be an integer >= {least}")
 
 
+def check_inputs_exist(opt):
+    """The weights and the dataset, fetched if they can be (release files, the dataset yaml's download), before any
+    work: when neither is there (upstream's defaults yolov5s.pt and coco128.yaml without network) one line says
+    where to put both."""
+    problems = []
+    if opt.weights:
+        try:
+            attempt_download(opt.weights)
+        except UserError as e:
+            problems.append(str(e))
+    try:
+        check_dataset(opt.data)
+    except UserError as e:
+        problems.append(str(e))
+    if problems:
+        raise UserError("; and ".join(problems))
+
+
 def main(opt):
     if RANK in (-1, 0):
         print_args(vars(opt), "train")
@@ -646,15 +665,15 @@ def main(opt):
         opt = resume_options(opt)
     check_train_flags(opt)
     check_qat_flags(opt)
-    if opt.resume:
-        pass
-    else:
+    if not opt.resume:
         opt.data = check_file(opt.data)
         opt.hyp = opt.hyp if isinstance(opt.hyp, dict) else check_file(opt.hyp)
         opt.cfg = check_file(opt.cfg, search_dirs=("models",)) if opt.cfg else ""
         opt.weights = str(opt.weights)
         if not opt.cfg and not opt.weights:
             raise UserError("either --cfg or --weights must be specified")
+        if LOCAL_RANK in (-1, 0):
+            check_inputs_exist(opt)
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
 
     device = select_device(opt.device, batch_size=opt.batch_size)

@@ -1,10 +1,11 @@
-"""torch.hub.load(repo, ..., source='local'): hubconf.py's entry points and models/hub.py's AutoShape / Detections.
+"""torch.hub.load(repo, ..., source='local'): hubconf.py's entry points and utils/hub.py's AutoShape / Detections.
 
 The boxes AutoShape returns for an image are the ones detect.py writes for it (float and QAT checkpoints, ONNX).
 """
 import functools
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -163,7 +164,7 @@ def test_mixed_batch_and_results(model, server, sources, tmp_path, yolo_log, mon
     text = "\n".join(yolo_log)
     assert text == str(r) and text.startswith("image 1/9: 336x377 ") and "image 7/9: 272x273 " in text
     assert text.splitlines()[-1].startswith("Speed: ") and text.endswith(f"at shape (9, 3, {IMGSZ}, {IMGSZ})")
-    assert repr(r).startswith("YOLOv5 <class 'models.hub.Detections'> instance\nimage 1/9")
+    assert repr(r).startswith("YOLOv5 <class 'utils.hub.Detections'> instance\nimage 1/9")
     parts = r.tolist()
     assert len(parts) == 9 and all(len(p) == 1 for p in parts) and torch.equal(parts[6].pred[0], r.pred[6])
     assert parts[6].files == ["shapes2.jpg"] and str(parts[6]).startswith("image 1/1: 272x273 ")
@@ -204,6 +205,13 @@ def test_mixed_batch_and_results(model, server, sources, tmp_path, yolo_log, mon
     # a BCHW tensor goes to the model as it is: its raw output (bs, N, 5 + nc)
     raw = model(torch.zeros(2, 3, 64, 64))
     assert isinstance(raw, torch.Tensor) and raw.shape[0] == 2 and raw.shape[2] == 5 + len(model.names)
+
+
+def test_profile_logs_each_stage(model, yolo_log):
+    r = model(str(ROOT / "data/images/shapes1.jpg"), size=160, profile=True)
+    assert any(re.search(r"AutoShape: pre-process [\d.]+ms, inference [\d.]+ms, NMS [\d.]+ms for 1 image\(s\) at "
+                         r"shape \(1, 3, \d+, \d+\)", m) for m in yolo_log), yolo_log
+    assert len(r) == 1
 
 
 def test_settings_are_honoured(model):

@@ -324,9 +324,11 @@ def test_ddp_two_cpu_ranks_end_identical(shapes_subset, tmp_path):
 
 
 def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys):
-    _one_line_error(_cli("--data", tmp_path / "missing.yaml", "--cfg", "yolov5n.yaml"), "missing.yaml", "not found")
+    _one_line_error(_cli("--data", tmp_path / "missing.yaml", "--cfg", "yolov5n.yaml", "--weights", ""), "missing.yaml",
+                    "not found")
 
     def in_process(*args):
+        args = args if "--weights" in args or "--resume" in args else ("--weights", "", *args)  # not yolov5s.pt
         with pytest.raises(SystemExit) as e:
             run_cli(train.main, train.parse_opt(list(map(str, args))))
         err = capsys.readouterr().err.strip().splitlines()
@@ -373,6 +375,17 @@ def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(train, "WORLD_SIZE", 2)
     assert "multiple of WORLD_SIZE 2" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml",
                                                     "--batch-size", "5")
+
+
+def test_upstream_quickstart_without_network_says_where_to_put_weights_and_data(tmp_path):
+    """`python train.py --data coco128.yaml --epochs 3` as upstream's README has it: the defaults are yolov5s.pt and
+    coco128.yaml; with no network (a proxy that refuses, so the test never downloads) one line names both."""
+    env = {**ENV, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "coco128.yaml", "--epochs", "3",
+                        "--project", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    _one_line_error(r, "yolov5s.pt: weights not found", f"put it in {ROOT / 'weights'}", "coco128.yaml: could not "
+                    "download https://ultralytics.com/assets/coco128.zip", "fetch it by hand into")
+    assert not list(tmp_path.glob("exp*"))
 
 
 def test_resume_drops_results_rows_of_unsaved_epochs(tmp_path):

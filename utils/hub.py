@@ -12,8 +12,8 @@ file all work the same way. Pre- and post-processing are detect.py's (letterbox,
 image gives the boxes `detect.py --save-txt` writes for it at the same size and thresholds (detect.py rounds them to
 whole pixels, AutoShape does not).
 
-This module sits above utils/ (it letterboxes with utils.augmentations and draws with utils.plots), as the CLIs do;
-nothing in models/ or utils/ imports it.
+Layering: a utils module over models/ (it wraps models.backend.DetectMultiBackend and uses utils.augmentations and
+utils.plots); only hubconf.py imports it.
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ class AutoShape(nn.Module):
     @torch.no_grad()
     def forward(self, ims, size=640, augment=False, profile=False):
         """Detect objects in `ims` (see the class docstring) letterboxed to `size`; returns Detections.
-        augment: test-time augmentation (.pt models). profile: accepted for upstream compatibility, unused."""
+        augment: test-time augmentation (.pt models). profile: log the time of each stage of this call."""
         t0 = time_sync()
         device, dtype = self._device()
         autocast = torch.autocast(device.type, enabled=bool(self.amp) and device.type != "cpu")
@@ -242,6 +242,9 @@ class AutoShape(nn.Module):
         for det, im in zip(pred, images):
             det[:, :4] = scale_boxes(x.shape[2:], det[:, :4].float(), im.shape)
         t3 = time_sync()
+        if profile:
+            LOGGER.info(f"AutoShape: pre-process {(t1 - t0) * 1e3:.1f}ms, inference {(t2 - t1) * 1e3:.1f}ms, NMS "
+                        f"{(t3 - t2) * 1e3:.1f}ms for {len(images)} image(s) at shape {tuple(x.shape)}")
         return Detections(images, pred, files, (t1 - t0, t2 - t1, t3 - t2), self.names, tuple(x.shape))
 
 
