@@ -42,7 +42,7 @@ from utils.class_weights import labels_to_class_weights, labels_to_image_weights
 from utils.dataloaders import create_dataloader, sample_seed  # noqa: E402
 from utils.dataset_yaml import check_dataset  # noqa: E402
 from utils.general import (LOGGER, UserError, check_file, check_img_size, claim_run_folder, colorstr,  # noqa: E402
-                           increment_path, intersect_dicts, make_run_folder, print_args, run_cli, yaml_load,
+                           git_info, increment_path, intersect_dicts, make_run_folder, print_args, run_cli, yaml_load,
                            yaml_save)
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
@@ -275,6 +275,7 @@ def _train(hyp, opt, device):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if cuda else None,
                                                     output_device=LOCAL_RANK if cuda else None)
 
+    git = git_info() if RANK in (-1, 0) else None  # recorded in every checkpoint, as upstream
     t0 = time.time()
     nb = len(train_loader)
     nw = max(round(hyp["warmup_epochs"] * nb), 100)
@@ -385,7 +386,7 @@ def _train(hyp, opt, device):
                 ckpt = {"epoch": epoch, "best_fitness": best_fitness, "model": checkpoint_copy(de_parallel(model)),
                         "ema": checkpoint_copy(ema.ema), "updates": ema.updates, "optimizer": optimizer.state_dict(),
                         "last_opt_step": last_opt_step,
-                        "opt": _plain(vars(opt)), "git": None, "date": datetime.now().isoformat(),
+                        "opt": _plain(vars(opt)), "git": git, "date": datetime.now().isoformat(),
                         "qat": qat.meta() if qat.enabled else None}
                 if not (all_finite(ckpt["model"]) and all_finite(ckpt["ema"])):  # never replace a good last.pt
                     raise UserError(f"non-finite weights after epoch {epoch} (as saved, in float16); stopped without "
@@ -697,11 +698,15 @@ def main(opt):
 
 
 def run(**kwargs):
-    """In-process use: train.run(data='shapes.yaml', cfg='yolov5n.yaml', weights='', imgsz=320, epochs=1)."""
+    """In-process use: opt = train.run(data='shapes.yaml', cfg='yolov5n.yaml', weights='', imgsz=320, epochs=1).
+    Returns the run's options as upstream does, with `opt.metrics` = the final validation's (P, R, mAP50,
+    mAP50-95, box, obj and cls loss) and `opt.save_dir` the run folder."""
     opt = parse_opt([])
     for k, v in kwargs.items():
         setattr(opt, k, v)
-    return main(opt)
+    results = main(opt)
+    opt.metrics = tuple(float(x) for x in results)
+    return opt
 
 
 if __name__ == "__main__":

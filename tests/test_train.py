@@ -83,9 +83,10 @@ def _finite(module):
 
 
 def test_one_epoch_run_folder_and_checkpoints(shapes_subset, tmp_path, yolo_log):
-    results = train.run(data=str(shapes_subset["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=128, batch_size=8,
-                        workers=0, epochs=1, save_period=1, project=str(tmp_path), name="one")
-    save = tmp_path / "one"
+    opt = train.run(data=str(shapes_subset["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=128, batch_size=8,
+                    workers=0, epochs=1, save_period=1, project=str(tmp_path), name="one")
+    results, save = opt.metrics, tmp_path / "one"  # as upstream, run() returns the options; metrics ride along
+    assert opt.save_dir == str(save) and opt.epochs == 1
     assert len(results) == 7 and not any(math.isnan(x) for x in results)  # P, R, mAP50, mAP, 3 val losses
 
     # the unstripped per-epoch checkpoint carries every upstream key with real content
@@ -100,6 +101,7 @@ def test_one_epoch_run_folder_and_checkpoints(shapes_subset, tmp_path, yolo_log)
     assert len(ck["optimizer"]["param_groups"]) == 3 and ck["optimizer"]["state"]
     assert ck["opt"]["epochs"] == 1 and ck["opt"]["imgsz"] == 128 and isinstance(ck["opt"]["hyp"], dict)
     assert isinstance(ck["date"], str)
+    assert set(ck["git"]) == {"remote", "branch", "commit"} and len(ck["git"]["commit"]) == 40  # a git checkout
     assert _finite(ck["model"]) and _finite(ck["ema"])
     assert ck["model"].yaml["activation"] == "silu"  # recorded even when nobody asked for one
 

@@ -94,6 +94,25 @@ def increment_path(path, exist_ok=False, sep="", mkdir=False):
     return path
 
 
+def git_info(path=ROOT) -> dict | None:
+    """{'remote', 'branch', 'commit'} of the git checkout at `path` (what upstream records in checkpoints), or None
+    outside a checkout or without git."""
+    import subprocess
+
+    def git(*args):
+        r = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        if not commit:
+            return None
+        return {"remote": git("config", "--get", "remote.origin.url"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+                "commit": commit}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def make_run_folder(folder) -> Path:
     """Create a run folder (and parents) and make sure files can be written in it, before any work is done; a
     folder that cannot be created or written is one UserError naming it."""
