@@ -12,9 +12,10 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-# tests run on two worker processes (pytest-xdist); each test uses one torch thread (tests/conftest.py)
+# tests run on two worker processes (pytest-xdist; worksteal: an idle worker takes queued tests from the busy one, so
+# the long end-to-end tests do not leave one core idle at the end); each test uses one torch thread (tests/conftest.py)
 test: venv
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 # make demo: FP32 -> ReLU -> pow2 QAT -> val -> ONNX QDQ -> val on shapes (FULL=1 also retrains the FP32 model)
 demo: venv

@@ -301,6 +301,6 @@ def test_one_run_per_run_folder_and_orphan_temporaries_go(tmp_path):
         assert not (run / "weights" / ".best.pt.x.tmp").exists()
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(UserError, match="cannot create the run folder .*; choose a writable --project"):
+    with pytest.raises(UserError, match="cannot write the run folder .*; choose a writable --project"):
         with claim_run_folder(blocker / "exp"):
             pass

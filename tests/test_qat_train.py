@@ -30,6 +30,12 @@ def tiny(tmp_path_factory):
     return shapes_subset(tmp_path_factory.mktemp("qat_shapes"), 16, 8)
 
 
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """Two batches of 4 per epoch: for the tests that run train.py three or four times."""
+    return shapes_subset(tmp_path_factory.mktemp("qat_micro"), 8, 4, name="micro")
+
+
 def _train(*args, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
@@ -161,13 +167,13 @@ def test_ddp_qat_two_cpu_ranks_hold_identical_quantizer_state(tiny, tmp_path):
     assert all_scales_pow2(load_checkpoint(tmp_path / "ddp" / "weights" / "last.pt")["model"])
 
 
-def test_continuing_a_qat_checkpoint_keeps_its_own_quantization(tiny, tmp_path):
+def test_continuing_a_qat_checkpoint_keeps_its_own_quantization(micro, tmp_path):
     """--weights <QAT .pt>: the model keeps how it was quantized and the checkpoint records that; flags that would
     change it are reported; a dataset with another class count is refused in one line (the head is quantized)."""
-    _ok(_train("--data", tiny, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST, "--epochs",
+    _ok(_train("--data", micro, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST, "--epochs",
                "1", *SEED_FLAGS, "--project", tmp_path, "--name", "first"))
     qat_pt = tmp_path / "first" / "weights" / "best.pt"
-    r = _train("--data", tiny, "--weights", qat_pt, *FAST, "--epochs", "1", "--qat", "--project", tmp_path,
+    r = _train("--data", micro, "--weights", qat_pt, *FAST, "--epochs", "1", "--qat", "--project", tmp_path,
                "--name", "again")
     out = _ok(r)
     assert "--pow2-scale False" in out + r.stderr and "--bn-folding False" in out + r.stderr
@@ -175,7 +181,7 @@ def test_continuing_a_qat_checkpoint_keeps_its_own_quantization(tiny, tmp_path):
     assert meta["pow2"] is True and meta["bn_folding"] is True  # the model's, not the command line's
 
     three = tmp_path / "three.yaml"
-    data = yaml_load(tiny)
+    data = yaml_load(micro)
     yaml_save(three, {**data, "names": ["a", "b", "c"]})
     _one_line_error(_train("--data", three, "--weights", qat_pt, *FAST, "--epochs", "1", "--qat", "--project",
                            tmp_path), "10 classes", "3 classes", "start QAT from the float model")
@@ -221,12 +227,12 @@ def _assert_same(a, b, where=""):
 
 
 @pytest.mark.parametrize("recipe", ["default", "shared_concat"])
-def test_resumed_run_equals_the_uninterrupted_run(tiny, tmp_path, recipe):
+def test_resumed_run_equals_the_uninterrupted_run(micro, tmp_path, recipe):
     """Killed in the middle of epoch 1 (where the observers stop), or stopped at the boundary after epoch 0, and
     resumed (with another number of dataloader workers), a QAT run ends with exactly the state of the run that was
     never interrupted: model, quantizer buffers, EMA, optimizer. With shared concat scales the sharing, which needs
     no calibration batch, holds after the resume."""
-    args = ["--data", tiny, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
+    args = ["--data", micro, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
             "--batch-size", "4", "--epochs", "2", "--qat", "--pow2-scale", "--disable-observer-epoch", "1",
             "--save-period", "1", "--project", tmp_path]
     if recipe == "shared_concat":
