@@ -183,7 +183,9 @@ def summarize(opt):
         table.append((name, len(seeds), m50.mean(), m.mean(), m.std(ddof=1) if len(m) > 1 else float("nan"),
                       ret.mean() if len(ret) else float("nan"), ret.std(ddof=1) if len(ret) > 1 else float("nan")))
 
-    print(f"\nQAT accuracy on shapes (yolov5n ReLU parent {opt.parent}, {opt.epochs} epochs, img {opt.img}; "
+    shown = Path(opt.parent).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    print(f"\nQAT accuracy on shapes (yolov5n ReLU parent {shown}, {opt.epochs} epochs, img {opt.img}; "
           f"mean and standard deviation over seeds)")
     print(f"{'variant':<46}{'n':>3}{'mAP50':>8}{'mAP50-95':>10}{'sd':>8}{'retention':>11}{'sd':>7}")
     def fmt(x, spec, unit=""):
