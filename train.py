@@ -41,6 +41,7 @@ from utils.checkpoint import attempt_download, check_checkpoint_path, load_check
 from utils.class_weights import labels_to_class_weights, labels_to_image_weights  # noqa: E402
 from utils.dataloaders import create_dataloader, sample_seed  # noqa: E402
 from utils.dataset_yaml import check_dataset  # noqa: E402
+from utils.evolve import evolve  # noqa: E402
 from utils.general import (LOGGER, UserError, check_file, check_img_size, claim_run_folder, colorstr,  # noqa: E402
                            git_info, increment_path, intersect_dicts, make_run_folder, print_args, run_cli, yaml_load,
                            yaml_save)
@@ -527,7 +528,8 @@ def parse_opt(argv=None):
     parser.add_argument("--noval", action="store_true", help="only validate final epoch")
     parser.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
     parser.add_argument("--noplots", action="store_true", help="save no plot files")
-    parser.add_argument("--evolve", type=int, nargs="?", const=300, help="not supported in yolov5-qat")
+    parser.add_argument("--evolve", type=int, nargs="?", const=300,
+                        help="evolve the --hyp hyperparameters for x generations (runs/evolve/, see utils/evolve.py)")
     parser.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
     parser.add_argument("--image-weights", action="store_true", help="use weighted image selection for training")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
@@ -659,7 +661,13 @@ def main(opt):
     if RANK in (-1, 0):
         print_args(vars(opt), "train")
     if opt.evolve is not None:
-        raise UserError("--evolve (hyperparameter evolution) is not supported in yolov5-qat; tune a --hyp yaml instead")
+        if opt.evolve < 1:
+            raise UserError(f"--evolve {opt.evolve}: the number of generations must be >= 1")
+        if opt.resume:
+            raise UserError("--resume and --evolve: a search continues from its evolve.csv; run --evolve again with "
+                            "the same --name and --exist-ok")
+        if LOCAL_RANK != -1:
+            raise UserError("--evolve runs one process; start it without torchrun")
     if LOCAL_RANK != -1 and opt.batch_size % WORLD_SIZE:
         raise UserError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
     if opt.resume:
@@ -675,6 +683,8 @@ def main(opt):
             raise UserError("either --cfg or --weights must be specified")
         if LOCAL_RANK in (-1, 0):
             check_inputs_exist(opt)
+        if opt.evolve is not None and Path(opt.project) == ROOT / "runs/train":  # as upstream
+            opt.project = ROOT / "runs/evolve"
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
 
     device = select_device(opt.device, batch_size=opt.batch_size)
@@ -689,6 +699,10 @@ def main(opt):
             name = [opt.save_dir]
             dist.broadcast_object_list(name, 0)
             opt.save_dir = name[0]
+        if opt.evolve is not None:  # every generation a whole run, validated after its last epoch
+            opt.noval, opt.nosave = True, True
+            base = check_hyp(opt.hyp if isinstance(opt.hyp, dict) else yaml_load(opt.hyp), str(opt.hyp))
+            return evolve(opt, device, train, base)[1]
         return train(opt.hyp, opt, device)
     finally:
         if WORLD_SIZE > 1 and RANK == 0 and dist.is_initialized():

@@ -340,7 +340,9 @@ def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys)
     assert "missing.pt: weights file not found" in in_process("--data", shapes_subset["tiny"], "--weights",
                                                               tmp_path / "missing.pt", "--project", tmp_path)
     assert "no last.pt found" in in_process("--resume", "--project", tmp_path / "no_runs_here")
-    assert "--evolve" in in_process("--evolve", "--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml")
+    assert "--evolve 0: the number of generations must be >= 1" in in_process("--evolve", "0", "--data",
+                                                                               shapes_subset["tiny"], "--cfg",
+                                                                               "yolov5n.yaml")
     bad_hyp = tmp_path / "hyp.yaml"
     bad_hyp.write_text("lr0: 0.01\n")
     assert "missing lrf" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--hyp", bad_hyp,
@@ -388,6 +390,32 @@ def test_upstream_quickstart_without_network_says_where_to_put_weights_and_data(
     _one_line_error(r, "yolov5s.pt: weights not found", f"put it in {ROOT / 'weights'}", "coco128.yaml: could not "
                     "download https://ultralytics.com/assets/coco128.zip", "fetch it by hand into")
     assert not list(tmp_path.glob("exp*"))
+
+
+def test_evolve_mutates_records_and_continues(shapes_subset, tmp_path):
+    """--evolve 2: two whole runs, the first with the --hyp yaml as given, the second mutated from it; evolve.csv
+    holds both, hyp_evolve.yaml the better one; started again with --exist-ok the search continues."""
+    from utils.evolve import METRICS, read_history
+
+    kw = dict(data=str(shapes_subset["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=64, batch_size=8, workers=0,
+              epochs=1, project=str(tmp_path), name="ev", hyp="data/hyps/hyp.scratch-low.yaml")
+    opt = train.run(**kw, evolve=2)
+    save = tmp_path / "ev"
+    base = yaml_load(ROOT / "data/hyps/hyp.scratch-low.yaml")
+    keys = [k for k, v in base.items() if isinstance(v, (int, float))]
+    history = read_history(save / "evolve.csv", keys)
+    assert history.shape == (2, len(METRICS) + len(keys))
+    first, second = (dict(zip(keys, row[len(METRICS):])) for row in history)
+    assert first == pytest.approx({k: base[k] for k in keys}, rel=1e-4)
+    changed = [k for k in keys if second[k] != pytest.approx(first[k], rel=1e-4)]
+    assert changed and "fliplr" not in changed and second["copy_paste"] == 0  # gain-0 genes never move
+    best = yaml_load(save / "hyp_evolve.yaml")
+    assert set(best) == set(base) and (save / "evolve.png").stat().st_size > 1000
+    from utils.metrics import fitness
+
+    assert opt.metrics == pytest.approx(tuple(history[int(fitness(history).argmax()), :7]))  # the best generation's
+    train.run(**kw, evolve=1, exist_ok=True)
+    assert len(read_history(save / "evolve.csv", keys)) == 3
 
 
 def test_resume_drops_results_rows_of_unsaved_epochs(tmp_path):
