@@ -41,6 +41,7 @@ from utils.checkpoint import attempt_download, check_checkpoint_path, load_check
 from utils.class_weights import labels_to_class_weights, labels_to_image_weights  # noqa: E402
 from utils.dataloaders import create_dataloader, sample_seed  # noqa: E402
 from utils.dataset_yaml import check_dataset  # noqa: E402
+from utils.autobatch import autobatch  # noqa: E402
 from utils.evolve import evolve  # noqa: E402
 from utils.general import (LOGGER, UserError, check_file, check_img_size, claim_run_folder, colorstr,  # noqa: E402
                            git_info, increment_path, intersect_dicts, make_run_folder, print_args, run_cli, yaml_load,
@@ -193,6 +194,8 @@ def _train(hyp, opt, device):
 
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
+    if batch_size == -1:  # AutoBatch: one CUDA device (main checked)
+        batch_size = opt.batch_size = autobatch(model, imgsz, device, amp)
 
     nbs = 64  # nominal batch size
     accumulate = max(round(nbs / batch_size), 1)
@@ -520,7 +523,8 @@ def parse_opt(argv=None):
     parser.add_argument("--data", type=str, default=ROOT / "data/coco128.yaml", help="dataset.yaml path")
     parser.add_argument("--hyp", type=str, default=ROOT / "data/hyps/hyp.scratch-low.yaml", help="hyperparameters path")
     parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
-    parser.add_argument("--batch-size", "--batch", type=int, default=16, help="total batch size for all GPUs")
+    parser.add_argument("--batch-size", "--batch", type=int, default=16,
+                        help="total batch size for all GPUs, -1 for AutoBatch (one CUDA device)")
     parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
     parser.add_argument("--rect", action="store_true", help="rectangular training")
     parser.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent training")
@@ -631,9 +635,11 @@ def check_train_flags(opt):
     if given:
         raise UserError(f"{', '.join(given)}: Weights & Biases and Google Cloud uploads are not part of yolov5-qat; "
                         f"results go to the run folder (results.csv, TensorBoard events); drop the option")
-    if opt.batch_size == -1:
-        raise UserError("--batch-size -1 (AutoBatch) needs CUDA memory probing and is not supported; give a batch size")
-    for flag, value, least in (("--batch-size", opt.batch_size, 1), ("--epochs", opt.epochs, 1),
+    if opt.batch_size == -1 and LOCAL_RANK != -1:
+        raise UserError("--batch-size -1 (AutoBatch) sizes the batch for one CUDA device; under torchrun give a "
+                        "batch size")
+    for flag, value, least in (("--batch-size", 1 if opt.batch_size == -1 else opt.batch_size, 1),  # -1: AutoBatch
+                               ("--epochs", opt.epochs, 1),
                                ("--imgsz", opt.imgsz, 1), ("--workers", opt.workers, 0)):
         if value < least:
             raise UserError(f"{flag} {value}: must be an integer >= {least}")
@@ -688,6 +694,9 @@ def main(opt):
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
 
     device = select_device(opt.device, batch_size=opt.batch_size)
+    if opt.batch_size == -1 and device.type != "cuda":
+        raise UserError("--batch-size -1 (AutoBatch) measures CUDA memory and needs a CUDA --device; on the CPU give "
+                        "a batch size")
     if LOCAL_RANK != -1:
         if device.type == "cuda":
             torch.cuda.set_device(LOCAL_RANK)

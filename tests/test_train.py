@@ -350,6 +350,8 @@ def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys)
     for flags, message in ((["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
                            (["--batch-size", "-3"], "--batch-size -3: must be an integer >= 1"),
                            (["--epochs", "0"], "--epochs 0: must be an integer >= 1"),
+                           (["--batch-size", "-1", "--device", "cpu"], "--batch-size -1 (AutoBatch) measures CUDA "
+                                                                       "memory and needs a CUDA --device"),
                            (["--imgsz", "0"], "--imgsz 0: must be an integer >= 1"),
                            (["--imgsz", "-32"], "--imgsz -32: must be an integer >= 1"),
                            (["--qat", "--freeze-bn-epoch", "-5"], "--freeze-bn-epoch -5: must be an epoch index >= 0"),
@@ -416,6 +418,21 @@ def test_evolve_mutates_records_and_continues(shapes_subset, tmp_path):
     assert opt.metrics == pytest.approx(tuple(history[int(fitness(history).argmax()), :7]))  # the best generation's
     train.run(**kw, evolve=1, exist_ok=True)
     assert len(read_history(save / "evolve.csv", keys)) == 3
+
+
+def test_autobatch_fits_the_probed_memory():
+    """Memory 0.5 GB + 0.25 GB per image on a 16 GB device: 60% of it (9.6 GB) holds 36 images; a probe that ran out
+    of memory (nan) is left out of the fit; what was reserved before counts against the budget."""
+    from utils.autobatch import batch_for_memory
+
+    sizes = [1, 2, 4, 8, 16]
+    used = [0.5 + 0.25 * n for n in sizes]
+    assert batch_for_memory(sizes, used, 16, 0) == 36
+    assert batch_for_memory(sizes, used[:4] + [float("nan")], 16, 0) == 36
+    assert batch_for_memory(sizes, used, 16, 1.0) == 32
+    assert batch_for_memory(sizes, used, 1, 0) == 1  # not even one image fits the budget: 1, training will say more
+    with pytest.raises(UserError, match="fewer than two probe batches fit"):
+        batch_for_memory(sizes, [1.0] + [float("nan")] * 4, 16, 0)
 
 
 def test_resume_drops_results_rows_of_unsaved_epochs(tmp_path):
