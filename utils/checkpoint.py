@@ -32,14 +32,6 @@ _NN_CLASSES = (
     nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Sigmoid, nn.Sequential, nn.ModuleList,
     nn.ModuleDict, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Upsample, nn.Flatten,
 )
-_extra_safe: list = []
-
-
-def register_safe_globals(*objs):
-    """Allow more classes in checkpoints (the QAT glue registers the quantization modules)."""
-    for o in objs:
-        if o not in _extra_safe:
-            _extra_safe.append(o)
 
 
 def safe_globals() -> list:
@@ -60,7 +52,7 @@ def safe_globals() -> list:
         pass
     from models.quant import checkpoint_classes
 
-    return project + list(_NN_CLASSES) + extra + checkpoint_classes() + _extra_safe
+    return project + list(_NN_CLASSES) + extra + checkpoint_classes()
 
 
 def attempt_download(file) -> Path:

@@ -224,10 +224,6 @@ class ModelEMA:
     def update_attr(self, model, include=(), exclude=("process_group", "reducer")):
         copy_attr(self.ema, de_parallel(model), include, exclude)
 
-    def refresh_keys(self):
-        """Call after the model's module structure changed (e.g. QAT preparation)."""
-        self._averaged = averaged_state_keys(self.ema)
-
 
 def parameter_groups(model):
     """Upstream's three groups: weights with decay, BN weights (and quantizer parameters) without, biases."""
@@ -250,8 +246,6 @@ def smart_optimizer(model, name="Adam", lr=0.001, momentum=0.9, decay=1e-5):
         optimizer = torch.optim.Adam(g_bias, lr=lr, betas=(momentum, 0.999))
     elif name == "AdamW":
         optimizer = torch.optim.AdamW(g_bias, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
-    elif name == "RMSProp":
-        optimizer = torch.optim.RMSprop(g_bias, lr=lr, momentum=momentum)
     elif name == "SGD":
         optimizer = torch.optim.SGD(g_bias, lr=lr, momentum=momentum, nesterov=True)
     else:

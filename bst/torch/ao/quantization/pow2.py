@@ -56,6 +56,3 @@ def exponent_of_pow2(x: torch.Tensor) -> torch.Tensor:
     return exponent.to(torch.int64) - 1
 
 
-def to_pow2(x: torch.Tensor, rounding: str = "ceil") -> torch.Tensor:
-    """Nearest power of two (float32) to positive finite x, by ``rounding`` of log2."""
-    return exp2_int(log2_exponent(x, rounding))
