@@ -162,6 +162,12 @@ def main(argv=None):
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     rows = time_steps(opt, device)
+    if cuda:  # AutoBatch (train.py --batch-size -1) on this device, for the float yolov5n at --img
+        from utils.autobatch import autobatch
+
+        t = time.perf_counter()
+        batch = autobatch(qo.float_model(device), opt.img, device)
+        rows.append(("AutoBatch (--batch-size -1)", f"{time.perf_counter() - t:.1f} s", f"batch {batch}", ""))
     tool_rows, agree = tools(opt, opt.device)
     print(f"\n{name}, torch {torch.__version__}, yolov5n ReLU, steps at batch {opt.batch}, {opt.img} px; "
           f"tools on shapes at {opt.tool_img} px ({time.perf_counter() - t0:.0f} s in all)")
