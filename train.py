@@ -18,7 +18,6 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from copy import deepcopy
 from datetime import datetime, timedelta
 from pathlib import Path
 

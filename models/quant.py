@@ -39,7 +39,6 @@ from bst.torch.ao import quantization as bq
 from bst.torch.ao.nn.intrinsic import qat as nniqat
 from bst.torch.ao.nn.quantized import FloatFunctional
 from models.common import SPP, SPPF, C3, Bottleneck, Concat, Conv, DWConv, Focus
-from models.yolo import Detect
 from utils.general import LOGGER, ROOT, UserError, check_file, yaml_load
 from utils.torch_utils import fuse_conv_and_bn
 

@@ -1,6 +1,5 @@
 """export.py on QAT checkpoints: ONNX with QuantizeLinear/DequantizeLinear (QDQ), its structure read back with the onnx
 package, the built-in onnxruntime check against the PyTorch fake-quant model, and val.py on the file."""
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import export
 from models.backend import DetectMultiBackend, load_pytorch_model
 from models.common import C3, SPPF, Bottleneck, Concat, Conv
 from models.quant import calibrate, prepare_yolo_qat
-from models.yolo import Detect, DetectionModel
+from models.yolo import DetectionModel
 from utils.checkpoint import save_checkpoint
 from utils.general import UserError, run_cli
 

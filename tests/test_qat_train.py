@@ -3,10 +3,8 @@ reproducing the training mAP, kill + resume, and one-line errors for bad flag co
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from conftest import ROOT
 from bst.torch.ao.nn.quantized import FloatFunctional
-from bst.torch.ao.quantization import FakeQuantizeBase, is_pow2
+from bst.torch.ao.quantization import FakeQuantizeBase
 from models.common import C3, SPPF, Bottleneck, Concat
 from models.quant import (all_scales_pow2, apply_schedule, calibrate, load_recipe, prepare_yolo_qat, set_fake_quant,
                           set_observers)

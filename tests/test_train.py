@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from copy import deepcopy
 
 import pytest

@@ -73,8 +73,9 @@ def _train_both(ours, theirs, steps=3, freeze_after=None):
         assert pa.keys() == pb.keys()
         for name in pa:
             assert torch.allclose(pa[name].grad, pb[name].grad, rtol=1e-5, atol=1e-6), name
-        opt_a.step(); opt_b.step()
-        opt_a.zero_grad(); opt_b.zero_grad()
+        for opt in (opt_a, opt_b):
+            opt.step()
+            opt.zero_grad()
     sa, sb = ours.state_dict(), theirs.state_dict()
     for key in sb:
         if key.endswith(("running_mean", "running_var", "scale", "zero_point")):
