@@ -13,7 +13,6 @@ Results go to runs/detect/exp*: annotated images/videos, labels/*.txt with --sav
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,8 +28,9 @@ if str(ROOT) not in sys.path:
 from models.backend import DetectMultiBackend  # noqa: E402
 from utils.dataloaders import (IMG_FORMATS, VID_FORMATS, LoadImages, LoadScreenshots, LoadStreams,  # noqa: E402
                                download_source, is_url)
-from utils.general import (LOGGER, UserError, check_file, check_img_size, colorstr, increment_path,  # noqa: E402
-                           make_run_folder, non_max_suppression, print_args, run_cli, scale_boxes, xyxy2xywh)
+from utils.general import (LOGGER, UserError, check_file, check_img_size, colorstr, has_display,  # noqa: E402
+                           increment_path, make_run_folder, non_max_suppression, print_args, run_cli, scale_boxes,
+                           xyxy2xywh)
 from utils.plots import Annotator, colors, save_one_box  # noqa: E402
 from utils.torch_utils import select_device, strip_optimizer, time_sync  # noqa: E402
 
@@ -149,7 +149,7 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
 def check_imshow(warn=True) -> bool:
     """Whether result windows can be shown here; if not, and `warn`, say why in one line."""
     why = None
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    if not has_display():
         why = "there is no display ($DISPLAY is not set)"
     else:
         try:

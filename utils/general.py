@@ -113,6 +113,11 @@ def git_info(path=ROOT) -> dict | None:
         return None
 
 
+def has_display() -> bool:
+    """False on Linux without an X11 or Wayland display (a server, a container): no window can open there."""
+    return not sys.platform.startswith("linux") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def make_run_folder(folder) -> Path:
     """Create a run folder (and parents) and make sure files can be written in it, before any work is done; a
     folder that cannot be created or written is one UserError naming it."""

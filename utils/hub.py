@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import numbers
-import os
 import sys
 import urllib.error
 import urllib.parse
@@ -37,7 +36,7 @@ from PIL import Image, ImageOps, ImageShow
 from models.backend import DetectMultiBackend
 from models.yolo import Detect
 from utils.augmentations import letterbox
-from utils.general import (LOGGER, UserError, colorstr, increment_path, make_divisible, make_run_folder,
+from utils.general import (LOGGER, UserError, colorstr, has_display, increment_path, make_divisible, make_run_folder,
                            non_max_suppression, scale_boxes, xyxy2xywh)
 from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import time_sync
@@ -302,8 +301,7 @@ class Detections:
         """Open each annotated image in an image viewer (inline in a Jupyter notebook); without a display, one
         warning and nothing else."""
         notebook = _in_notebook()
-        if not notebook and sys.platform.startswith("linux") and not (os.getenv("DISPLAY") or
-                                                                       os.getenv("WAYLAND_DISPLAY")):
+        if not notebook and not has_display():
             LOGGER.warning("WARNING: Detections.show(): no display (DISPLAY is not set); use .save() or .render()")
             return
         for i in range(self.n):
