@@ -14,7 +14,8 @@ partial run still gives every row.
   recorded to show whether it still moves.
 - QAT rows: train.py --qat with the flags of the original experiment (--disable-observer-epoch 0 --freeze-bn-epoch
   0, plus --bn-folding / --pow2-scale as the experiment says) and its recipe from data/quant/. Experiment 5 needs a
-  ReLU6 parent and is left out. This project's own rows use its defaults: the MSE observers (default.yaml), learnable
+  ReLU6 parent and is left out. This project's own rows: its default recipe (default.yaml: MSE observers, one scale per
+  channel for the Detect outputs), the same with one scale per tensor everywhere (mse_per_tensor.yaml), learnable
   power-of-two scales (learnable.yaml) and shared concat scales (shared_concat.yaml).
 - PTQ rows: val.py --ptq of the parent with minmax, percentile and MSE observers, linear and pow2, BN folded; they
   have no training and no seed (one row each), and retention is against the parent itself.
@@ -53,7 +54,9 @@ TRAINED = dict([
     _exp(6, "pow2_last_float", POW2), _exp(7, "pow2_last_float_bnfold", BN + POW2),
     _exp(8, "pow2_first_only", POW2), _exp(9, "pow2_first_only_bnfold", BN + POW2),
     _exp(10, "pow2_last_fixed", POW2), _exp(11, "pow2_last_fixed_bnfold", BN + POW2),
-    ("pow2 all, MSE observers (default.yaml)", ["--qat", *SCHEDULE, *BN, *POW2]),
+    ("pow2 all, per-channel Detect outputs (default.yaml)", ["--qat", *SCHEDULE, *BN, *POW2]),
+    ("pow2 all, one scale per tensor (mse_per_tensor.yaml)", ["--qat", *SCHEDULE, *BN, *POW2, "--qat-recipe",
+                                                              "data/quant/mse_per_tensor.yaml"]),
     ("pow2 all, learnable scales (learnable.yaml)", ["--qat", *SCHEDULE, *BN, *POW2, "--qat-recipe",
                                                      "data/quant/learnable.yaml"]),
     ("pow2 all, shared concat (shared_concat.yaml)", ["--qat", *SCHEDULE, *BN, *POW2, "--qat-recipe",

@@ -48,6 +48,10 @@ OBSERVERS = {
     "percentile": bq.PercentileObserver,
     "mse": bq.MSEObserver,
 }
+PER_CHANNEL = {  # per_channel: true -> one scale (a shift on shift hardware) per output channel, axis 1 of NCHW
+    "minmax": bq.PerChannelMinMaxObserver,
+    "moving_average": bq.MovingAveragePerChannelMinMaxObserver,
+}
 CALIBRATORS = ("percentile", "mse")  # observers with a calibration search (training_update: track | search)
 MODES = ("quantize", "float", "weight_only")
 DEFAULT_RECIPE = {"default": {"activation": {"observer": "mse"}, "learnable": False}, "rules": []}
@@ -159,7 +163,13 @@ def _activation_spec(spec, where):
     if update is not None and (name not in CALIBRATORS or update not in bq.TRAINING_UPDATES):
         raise UserError(f"{where}: training_update {update!r}: the {' and '.join(CALIBRATORS)} observers take "
                         f"{' or '.join(bq.TRAINING_UPDATES)}")
-    options = {k: v for k, v in spec.items() if k != "observer"}
+    per_channel = spec.get("per_channel", False)
+    if not isinstance(per_channel, bool):
+        raise UserError(f"{where}: per_channel {per_channel!r} must be true or false")
+    if per_channel and name not in PER_CHANNEL:
+        raise UserError(f"{where}: per_channel: true works with the {' and '.join(PER_CHANNEL)} observers, "
+                        f"not {name}")
+    options = {k: v for k, v in spec.items() if k not in ("observer", "per_channel")}
     allowed = set(inspect.signature(OBSERVERS[name]).parameters) - _PROJECT_OBSERVER_ARGS
     _check_keys(options, allowed | {"observer"}, f"{where}: activation observer {name}")
     for k, v in options.items():
@@ -221,11 +231,14 @@ def make_qconfig(pow2: bool, spec: dict | None, learnable: bool, pow2_rounding="
         base = bq.get_default_qat_qconfig(pow2=pow2, pow2_rounding=pow2_rounding, learnable=learnable)
         act = bq.FixedQParamsFakeQuantize.with_args(observer=obs)
         return bq.QConfig(activation=None if weight_only else act, weight=base.weight)
-    observer = OBSERVERS[spec["observer"]]
-    kwargs = {k: v for k, v in spec.items() if k != "observer"}
+    kwargs = {k: v for k, v in spec.items() if k not in ("observer", "per_channel")}
+    if spec.get("per_channel"):
+        observer, kwargs, qscheme = PER_CHANNEL[spec["observer"]], {**kwargs, "ch_axis": 1}, torch.per_channel_affine
+    else:
+        observer, qscheme = OBSERVERS[spec["observer"]], torch.per_tensor_affine
     act_observer = observer.with_args(**kwargs) if kwargs else observer
     qc = bq.get_default_qat_qconfig(pow2=pow2, pow2_rounding=pow2_rounding, learnable=learnable,
-                                    activation_observer=act_observer)
+                                    activation_observer=act_observer, activation_qscheme=qscheme)
     return bq.QConfig(activation=None, weight=qc.weight) if weight_only else qc
 
 
