@@ -304,6 +304,8 @@ def export_onnx(model, im, file, metadata, opset=DEFAULT_OPSET, dynamic=False, s
 # computes the same numbers with modules that the TorchScript-based ONNX exporter writes as QDQ nodes:
 #   * every activation quantizer (input QuantStub, conv outputs, skip-adds, concats, activation outputs, the Detect
 #     convs' outputs) -> QuantizeLinear -> DequantizeLinear, per tensor, scalar float32 scale, uint8/int8 zero point;
+#     a Detect conv with one output scale per channel (default recipe) has them in its weight scales and bias instead
+#     and its QDQ pair has scale 1, followed by a Mul with the per-channel scales (`QDQConv2d._fold_output_scales`);
 #   * every quantized conv weight -> the integers its fake quantizer rounds it to, stored as an int8 initializer ->
 #     DequantizeLinear (per channel on axis 0 with zero point 0, or per tensor, as the model quantized it);
 #   * Conv+BN with simulated folding: in eval mode the QAT module computes conv(x, fq(w * g)) / g followed by BN with
@@ -344,6 +346,24 @@ class _QuantDequant(torch.autograd.Function):
             x = g.op("Clip", x, lo, hi)
         q = g.op("QuantizeLinear", x, scale, zero_point, **kw)
         return g.op("DequantizeLinear", q, scale, zero_point, **kw)
+
+
+class _RoundThenScale(torch.autograd.Function):
+    """Round to integers (scale 1, zero point 0, clamped to the integer type), then multiply by a per-channel scale:
+    written as QuantizeLinear -> DequantizeLinear (both scale 1) -> Mul. See `PerChannelOutput`."""
+
+    @staticmethod
+    def forward(ctx, x, quant_min, quant_max, scale, one, zero):
+        return _round_clamp(x, quant_min, quant_max) * scale
+
+    @staticmethod
+    def symbolic(g, x, quant_min, quant_max, scale, one, zero):
+        q = g.op("QuantizeLinear", x, one, zero)
+        return g.op("Mul", g.op("DequantizeLinear", q, one, zero), scale)
+
+
+def _round_clamp(x, quant_min, quant_max):
+    return torch.clamp(torch.round(x), quant_min, quant_max)
 
 
 def _fake_quant(x, scale, zero_point, quant_min, quant_max, axis):
@@ -441,6 +461,29 @@ class QuantDequant(nn.Module):
                 f"range=[{self.quant_min}, {self.quant_max}], axis={self.axis}")
 
 
+class PerChannelOutput(nn.Module):
+    """Export form of a symmetric per-channel output quantizer (axis 1, zero point 0) whose 1/scale the conv before
+    it has taken into its weight scales and bias (see `QDQConv2d`): round and clamp to the integer type with scale
+    1, then multiply by the per-channel scale. In ONNX: QuantizeLinear -> DequantizeLinear (per tensor, scale 1) ->
+    Mul, the int8 output and the float scales the host applies to it; every activation QDQ pair stays per tensor,
+    which QDQ consumers such as TensorRT require of activations."""
+
+    def __init__(self, scale, quant_min, quant_max):
+        super().__init__()
+        self.register_buffer("scale", scale.float().reshape(1, -1, 1, 1))
+        self.register_buffer("one", torch.tensor(1.0))  # the QDQ pair's scale and zero point (initializers in ONNX)
+        self.register_buffer("zero", torch.tensor(0, dtype=_int_type(quant_min, quant_max, "output quantizer")))
+        self.quant_min, self.quant_max = quant_min, quant_max
+
+    def forward(self, x):
+        if torch.onnx.is_in_onnx_export():
+            return _RoundThenScale.apply(x, self.quant_min, self.quant_max, self.scale, self.one, self.zero)
+        return _round_clamp(x, self.quant_min, self.quant_max) * self.scale
+
+    def extra_repr(self):
+        return f"scale={self.scale.flatten()[:4].tolist()}..., range=[{self.quant_min}, {self.quant_max}], axis=1"
+
+
 class QDQConv2d(nn.Module):
     """Export form of a QAT conv (bst qat Conv2d / ConvReLU2d ..., intrinsic qat ConvBn2d / ConvBnReLU2d ...).
 
@@ -480,6 +523,27 @@ class QDQConv2d(nn.Module):
         out = qat._modules.get("activation_post_process")
         self.activation_post_process = QuantDequant.from_fake_quant(out, f"{name}.activation_post_process") \
             if out is not None else nn.Identity()
+        apq = self.activation_post_process
+        if isinstance(apq, QuantDequant) and apq.axis is not None and self.activation is None and self.weight is None:
+            self._fold_output_scales(apq)
+
+    def _fold_output_scales(self, apq):
+        """One output scale s_c per channel (axis 1, zero point 0): round(y_c / s_c) is computed as round(y'_c) with
+        y' = conv(x, w / s_c) + b / s_c, i.e. weight scales and bias divided by s_c and an output quantizer with
+        scale 1 followed by a per-channel multiplication. This is the arithmetic of shift hardware (one
+        requantizing shift per output channel) and the form onnxruntime's int8 conv kernel takes (it needs one
+        output scale). With power-of-two scales every division is exact, so the numbers are those of the fake-quant
+        model."""
+        if apq.axis % 4 != 1 or bool(apq.zero_point.any()):
+            raise UserError("a per-channel output quantizer needs the channel axis 1 and zero points 0 to be exported")
+        s_out = apq.scale.reshape(-1)
+        n = self.weight_int.shape[0]
+        self.weight_scale = (self.weight_scale.reshape(-1).expand(n) / s_out).contiguous()
+        self.weight_zero_point = self.weight_zero_point.reshape(-1).expand(n).contiguous()
+        self.axis = 0
+        self.bias = nn.Parameter((self.bias.data if self.bias is not None else torch.zeros(n)) / s_out,
+                                 requires_grad=False)
+        self.activation_post_process = PerChannelOutput(s_out, apq.quant_min, apq.quant_max)
 
     def dequantized_weight(self):
         if self.weight is not None:
@@ -544,7 +608,8 @@ def expected_qdq_counts(export_model, im) -> dict:
     def weight(mod, *_):
         counts["weights"] += int(mod.weight is None)
 
-    hooks = [m.register_forward_hook(act) for m in export_model.modules() if isinstance(m, QuantDequant)]
+    hooks = [m.register_forward_hook(act) for m in export_model.modules()
+             if isinstance(m, (QuantDequant, PerChannelOutput))]
     hooks += [m.register_forward_hook(weight) for m in export_model.modules() if isinstance(m, QDQConv2d)]
     try:
         export_model(im)
@@ -663,7 +728,8 @@ def qdq_reference(model, im) -> dict:
     """The fake-quant model's outputs on `im` and the one-step tolerances described above.
 
     Returns {"decoded": array (bs, N, no), "raw": [array (bs, na, ny, nx, no) per level], "raw_tol": [array
-    broadcastable to raw], "decoded_tol": array like decoded, "steps": [Detect output step or None per level]}."""
+    broadcastable to raw], "decoded_tol": array like decoded, "steps": [Detect output step, (smallest, largest)
+    step of a per-channel output quantizer, or None per level]}."""
     from bst.torch.ao.quantization import FakeQuantizeBase
 
     detect = model.model[-1]
@@ -695,8 +761,9 @@ def qdq_reference(model, im) -> dict:
     for i, conv in enumerate(detect.m):
         out_q = conv._modules.get("activation_post_process")
         if _fake_quant_enabled(out_q):
-            step = float(frozen_qparams(out_q)[0].max())
-            tol = np.full((na, no), step * (1 + STEP_SLACK))
+            scale = frozen_qparams(out_q)[0].float().cpu().numpy()
+            tol = np.broadcast_to(scale.reshape(-1), (na * no,)).reshape(na, no) * (1 + STEP_SLACK)
+            step = float(scale) if scale.ndim == 0 else (float(scale.min()), float(scale.max()))
         else:
             step = None
             src = produced.get(id(head_in[i]))
@@ -749,6 +816,8 @@ def _describe_steps(steps):
     def one(s):
         if s is None:
             return "float"
+        if isinstance(s, tuple):  # one step per channel: (smallest, largest)
+            return f"{one(s[0])}..{one(s[1])} per channel"
         k = np.log2(s)
         return f"2^{int(k)}" if k == int(k) else f"{s:.3g}"
     return ", ".join(one(s) for s in steps)

@@ -182,6 +182,9 @@ class DetectMultiBackend(nn.Module):
                                 f"drop --dnn to run it with onnxruntime") from None
             finally:
                 log.setLogLevel(level)
+            if self.net.empty():  # OpenCV 5 returns an empty net (and logs the unsupported ops) instead of raising
+                raise UserError(f"{w}: OpenCV DNN {cv2.__version__} cannot read this graph (it holds operations "
+                                f"OpenCV does not support); drop --dnn to run it with onnxruntime")
         else:
             kind = f" (int8 QDQ{', power-of-two scales' if self.pow2 else ''}, run as written: no int8-kernel " \
                    f"rewrites)" if self.quantized else ""

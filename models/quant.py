@@ -233,12 +233,16 @@ def make_qconfig(pow2: bool, spec: dict | None, learnable: bool, pow2_rounding="
         return bq.QConfig(activation=None if weight_only else act, weight=base.weight)
     kwargs = {k: v for k, v in spec.items() if k not in ("observer", "per_channel")}
     if spec.get("per_channel"):
-        observer, kwargs, qscheme = PER_CHANNEL[spec["observer"]], {**kwargs, "ch_axis": 1}, torch.per_channel_affine
+        # signed, zero point 0: requantization is the per-channel shift alone (a zero point added after rounding
+        # would also make the integer form round ties differently from the shift)
+        observer, kwargs = PER_CHANNEL[spec["observer"]], {**kwargs, "ch_axis": 1}
+        dtype, qscheme = torch.qint8, torch.per_channel_symmetric
     else:
-        observer, qscheme = OBSERVERS[spec["observer"]], torch.per_tensor_affine
+        observer, dtype, qscheme = OBSERVERS[spec["observer"]], torch.quint8, torch.per_tensor_affine
     act_observer = observer.with_args(**kwargs) if kwargs else observer
     qc = bq.get_default_qat_qconfig(pow2=pow2, pow2_rounding=pow2_rounding, learnable=learnable,
-                                    activation_observer=act_observer, activation_qscheme=qscheme)
+                                    activation_observer=act_observer, activation_dtype=dtype,
+                                    activation_qscheme=qscheme)
     return bq.QConfig(activation=None, weight=qc.weight) if weight_only else qc
 
 

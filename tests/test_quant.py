@@ -165,7 +165,7 @@ def test_default_recipe_observers_on_track_or_search_as_the_recipe_says(update):
     first = len(searches)
     model(x)
     calibrators = [m for m in model.modules() if hasattr(m, "training_update")]
-    assert len(calibrators) == 80 and all(m.training_update == update for m in calibrators)  # 141 - 60 weights - input
+    assert len(calibrators) == 77 and all(m.training_update == update for m in calibrators)  # 141 - 60 weights - input - 3 Detect outputs (per channel)
     assert all(m.tracking == (update == "track") for m in calibrators)
     assert len(searches) - first == (0 if update == "track" else len(calibrators))
     if update == "track":  # tracking starts from the calibrated qparams: same batch range, same scales
