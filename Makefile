@@ -17,7 +17,7 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
-# make demo: FP32 -> ReLU -> pow2 QAT -> val -> ONNX QDQ -> val on shapes (FULL=1 also retrains the FP32 model)
+# make demo: ReLU parent -> FP32 fine-tune and pow2 QAT -> val -> ONNX QDQ -> val on shapes (FULL=1 also retrains the parent)
 demo: venv
 	$(PY) demo.py $(if $(FULL),--full,)
 
