@@ -17,8 +17,10 @@ partial run still gives every row.
   ReLU6 parent and is left out. This project's own rows: its default recipe (default.yaml: MSE observers, one scale per
   channel for the Detect outputs), the same with one scale per tensor everywhere (mse_per_tensor.yaml), learnable
   power-of-two scales (learnable.yaml) and shared concat scales (shared_concat.yaml).
-- PTQ rows: val.py --ptq of the parent with minmax, percentile and MSE observers, linear and pow2, BN folded; they
-  have no training and no seed (one row each), and retention is against the parent itself.
+- PTQ rows: val.py --ptq of the parent with minmax, percentile and MSE observers (one scale per tensor everywhere),
+  linear and pow2, and with the default recipe; BN folded. Calibration reads --calib-batches batches of the train split in
+  a shuffled order fixed by the loader's seed 0, without augmentation, so a PTQ row is measured once; retention is
+  against the parent.
 
 Retention of a QAT row = mean over seeds of (QAT mAP50-95 / FP32 fine-tune mAP50-95 at the same seed); its spread is
 the standard deviation over seeds. All numbers come from val.run on each run's best.pt with the same settings.
@@ -62,8 +64,10 @@ TRAINED = dict([
     ("pow2 all, shared concat (shared_concat.yaml)", ["--qat", *SCHEDULE, *BN, *POW2, "--qat-recipe",
                                                       "data/quant/shared_concat.yaml"]),
 ])
+# name -> (activation observer, or a recipe file; pow2)
 PTQ = {f"PTQ {obs} {kind}": (obs, kind == "pow2") for kind in ("linear", "pow2")
        for obs in ("minmax", "percentile", "mse")}
+PTQ["PTQ default recipe pow2 (per-channel Detect outputs)"] = ("data/quant/default.yaml", True)
 FIELDS = ["variant", "seed", "epochs", "img", "parent", "mAP50", "mAP50-95", "per_epoch_mAP50-95", "seconds"]
 
 
@@ -139,8 +143,9 @@ def measure(opt):
     for name, (observer, pow2) in PTQ.items():
         if name in selected and (name, "-", "-", str(opt.img), pid) not in done:
             t0 = time.time()
+            recipe = observer if observer.endswith(".yaml") else ptq_recipe(out, observer)
             r = val.run(weights=str(parent), name="ptq", ptq=True, pow2_scale=pow2, bn_folding=True,
-                        qat_recipe=str(ptq_recipe(out, observer)), calib_batches=opt.calib_batches, **evaluate)[0]
+                        qat_recipe=str(recipe), calib_batches=opt.calib_batches, **evaluate)[0]
             record(name, "-", r, "", t0)
     for seed in opt.seeds:
         for name, flags in TRAINED.items():
@@ -190,12 +195,13 @@ def summarize(opt):
     shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
     print(f"\nQAT accuracy on shapes (yolov5n ReLU parent {shown}, {opt.epochs} epochs, img {opt.img}; "
           f"mean and standard deviation over seeds)")
-    print(f"{'variant':<46}{'n':>3}{'mAP50':>8}{'mAP50-95':>10}{'sd':>8}{'retention':>11}{'sd':>7}")
+    width = max(len(t[0]) for t in table) + 2
+    print(f"{'variant':<{width}}{'n':>3}{'mAP50':>8}{'mAP50-95':>10}{'sd':>8}{'retention':>11}{'sd':>7}")
     def fmt(x, spec, unit=""):
         return "-" if np.isnan(x) else format(x, spec) + unit
 
     for name, n, m50, m, sd, ret, rsd in table:
-        print(f"{name:<46}{n:>3}{m50:>8.4f}{m:>10.4f}{fmt(sd, '.4f'):>8}{fmt(ret, '.1f', '%'):>11}{fmt(rsd, '.1f'):>7}")
+        print(f"{name:<{width}}{n:>3}{m50:>8.4f}{m:>10.4f}{fmt(sd, '.4f'):>8}{fmt(ret, '.1f', '%'):>11}{fmt(rsd, '.1f'):>7}")
     print("retention: QAT vs the FP32 fine-tune at the same seed; PTQ vs the FP32 parent")
     for s in sorted(ref):
         print(f"FP32 fine-tune seed {s} mAP50-95 per epoch: {ref[s][2]}")
