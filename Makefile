@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo lint clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: venv
 # make demo: ReLU parent -> FP32 fine-tune and pow2 QAT -> val -> ONNX QDQ -> val on shapes (FULL=1 also retrains the parent)
 demo: venv
 	$(PY) demo.py $(if $(FULL),--full,)
+
+# make lint: ruff with ruff.toml (line length 120, pycodestyle and pyflakes rules)
+lint: venv
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -26,7 +26,8 @@ IMG = 256
 SHIPPED = ROOT / "weights" / "shapes_yolov5n_relu.pt"
 # --full: the commands that trained the shipped parent (notes/parents/*/README.md), each from the previous best.pt
 PARENT_RUNS = [
-    ("silu", ["--cfg", "yolov5n.yaml", "--weights", "", "--hyp", "data/hyps/hyp.scratch-shapes.yaml", "--epochs", "70"]),
+    ("silu", ["--cfg", "yolov5n.yaml", "--weights", "", "--hyp", "data/hyps/hyp.scratch-shapes.yaml",
+              "--epochs", "70"]),
     ("relu", ["--weights", None, "--act", "relu", "--hyp", "data/hyps/hyp.scratch-shapes.yaml", "--epochs", "50"]),
     ("relu2", ["--weights", None, "--act", "relu", "--hyp", "notes/parents/relu2/hyp.yaml", "--epochs", "40"]),
 ]
@@ -65,7 +66,8 @@ def run(args, log=None):
 
 def val_metrics(text):
     """(mAP50, mAP50-95) from val.py output: pycocotools' numbers when it ran, else the 'all' row."""
-    ap = re.findall(r"Average Precision\s+\(AP\) @\[ IoU=0\.50(:0\.95)?\s+\| area=\s+all \| maxDets=100 \] = ([\d.]+)", text)
+    ap = re.findall(r"Average Precision\s+\(AP\) @\[ IoU=0\.50(:0\.95)?\s+\| area=\s+all \| maxDets=100 \] "
+                    r"= ([\d.]+)", text)
     coco = {k: float(v) for k, v in ap}
     row = re.findall(r"^\s+all\s+\d+\s+\d+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", text, re.M)
     if ":0.95" in coco and "" in coco:

@@ -114,10 +114,12 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
                         with open(f"{txt_path}.txt", "a") as f:
                             f.write(("%g " * len(line)).rstrip() % line + "\n")
                     if save_img or save_crop or view_img:
-                        label = None if hide_labels else (names.get(c, str(c)) if hide_conf else f"{names.get(c, c)} {conf:.2f}")
+                        label = None if hide_labels else (names.get(c, str(c)) if hide_conf
+                                                          else f"{names.get(c, c)} {conf:.2f}")
                         annotator.box_label(xyxy, label, color=colors(c, True))
                     if save_crop:
-                        save_one_box(xyxy, imc, file=save_dir / "crops" / str(names.get(c, c)) / f"{p.stem}.jpg", BGR=True)
+                        save_one_box(xyxy, imc, file=save_dir / "crops" / str(names.get(c, c)) / f"{p.stem}.jpg",
+                                     BGR=True)
             im0 = annotator.result()
             if view_img:
                 show_window(str(p), im0)
@@ -186,7 +188,8 @@ def _write_video_frame(save_path, vid_path, vid_writer, vid_cap, im0):
 
 def parse_opt(argv=None):
     parser = argparse.ArgumentParser(description="YOLOv5 detection")
-    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "yolov5s.pt", help="model path(s): .pt, .torchscript, .onnx")
+    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "yolov5s.pt",
+                        help="model path(s): .pt, .torchscript, .onnx")
     parser.add_argument("--source", type=str, default=ROOT / "data/images",
                         help="file/dir/glob/.txt list/video/URL/webcam index (0)/.streams list/screen")
     parser.add_argument("--data", type=str, default=None, help="(optional) dataset.yaml for class names")

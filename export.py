@@ -713,11 +713,11 @@ def check_qdq_file(proto, expected: dict, pow2: bool, path, simplified=False) ->
 # --- verification of QDQ files ------------------------------------------------------------------------------------
 # The gate is the raw Detect head outputs (the 1x1 convs' outputs before the sigmoid). A model whose every scale is a
 # power of two must be reproduced exactly (0 differing raw outputs, see above). Otherwise each element of
-# onnxruntime's result must be within one step of the output quantizer of that Detect conv (onnxruntime's int8 kernels quantize the
-# float bias to int32 and requantize in their own order, and folded BN rounds differently, so a value on a rounding
-# boundary lands one step apart; a wrong scale, weight or missing node is off by many steps). A Detect conv without
-# an output quantizer (recipe mode float / weight_only) gets the bound one step of its input quantizer implies:
-# step_in * sum |w| per output channel.
+# onnxruntime's result must be within one step of the output quantizer of that Detect conv (onnxruntime's int8
+# kernels quantize the float bias to int32 and requantize in their own order, and folded BN rounds differently, so a
+# value on a rounding boundary lands one step apart; a wrong scale, weight or missing node is off by many steps). A
+# Detect conv without an output quantizer (recipe mode float / weight_only) gets the bound one step of its input
+# quantizer implies: step_in * sum |w| per output channel.
 # The decoded output (xywh in pixels, objectness and class scores) is checked against the bound that one raw step
 # implies through the decoding: sigmoid' <= 1/4, so scores move by <= step/4; xy = (2 sigmoid - 0.5 + grid) * stride
 # by <= stride * step / 2 pixels; wh = (2 sigmoid)^2 * anchor by <= 8 * max(sigmoid^2 (1 - sigmoid)) * anchor * step
@@ -884,8 +884,8 @@ def verify_onnx_qdq(model, onnx_path, im, check=True, prefix=colorstr("ONNX:")) 
         LOGGER.info(f"{prefix} onnxruntime ({how}) vs PyTorch fake-quant on {tuple(im.shape)}: raw head outputs "
                     f"{100 * r['raw_share_differ']:.2f}% of {n_raw} differ [required: {need}], worst "
                     f"{r['raw_worst']:.2f} of one output step (steps {_describe_steps(ref['steps'])}); decoded output "
-                    f"max |diff| {r['decoded']['max_abs_diff']:.3g}, worst {r['decoded']['worst_ratio']:.2f} of the bound one "
-                    f"step implies")
+                    f"max |diff| {r['decoded']['max_abs_diff']:.3g}, worst {r['decoded']['worst_ratio']:.2f} of the "
+                    f"bound one step implies")
     if not runs[False]["ok"] and runs[True]["ok"]:
         LOGGER.warning(f"WARNING: {onnx_path}: onnxruntime's int8 kernels are off by more than one step "
                        f"({max(runs[False]['raw_worst'], runs[False]['decoded']['worst_ratio']):.3g}x the bound) while "
@@ -1089,13 +1089,15 @@ def parse_opt(argv=None):
     return opt
 
 
-UNSUPPORTED_OPTIONS = {"keras": False, "int8": False, "workspace": 4, "nms": False, "agnostic_nms": False, "topk_per_class": 100,
-                       "topk_all": 100, "iou_thres": 0.45, "conf_thres": 0.25}  # upstream's defaults
+# upstream's defaults
+UNSUPPORTED_OPTIONS = {"keras": False, "int8": False, "workspace": 4, "nms": False, "agnostic_nms": False,
+                       "topk_per_class": 100, "topk_all": 100, "iou_thres": 0.45, "conf_thres": 0.25}
 
 
 def refuse_unsupported(options: dict):
     """Upstream's options for formats this export does not write: one line when any differs from its default."""
-    given = [f"--{k.replace('_', '-')}" for k, default in UNSUPPORTED_OPTIONS.items() if options.get(k, default) != default]
+    given = [f"--{k.replace('_', '-')}" for k, default in UNSUPPORTED_OPTIONS.items()
+             if options.get(k, default) != default]
     if given:
         hint = ("; for an int8 model train with --qat (or calibrate with val.py --ptq) and export that checkpoint to "
                 "ONNX" if "--int8" in given else "")

@@ -91,7 +91,8 @@ def build_model(opt, hyp, nc, device):
             raise UserError(f"{path}: not a YOLOv5 checkpoint (no 'model' module inside)")
         if is_quantized(src):  # a QAT checkpoint: keep training it as saved (modules, scales, observer statistics)
             if not (getattr(opt, "qat", False) or opt.resume):
-                raise UserError(f"{path}: is a QAT checkpoint; add --qat to keep training it, or start from a float one")
+                raise UserError(f"{path}: is a QAT checkpoint; add --qat to keep training it, "
+                                "or start from a float one")
             src_nc = int(getattr(src, "nc", 0) or src.yaml.get("nc", 0))
             if src_nc != nc and not opt.resume:
                 raise UserError(f"{path}: a QAT model with {src_nc} classes cannot train on {opt.data} ({nc} classes): "
@@ -201,7 +202,8 @@ def _train(hyp, opt, device):
     hyp["weight_decay"] *= batch_size * accumulate / nbs
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
 
-    lf = one_cycle(1, hyp["lrf"], epochs) if opt.cos_lr else (lambda x: (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"])
+    lf = (one_cycle(1, hyp["lrf"], epochs) if opt.cos_lr
+          else (lambda x: (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
 
     ema = ModelEMA(model) if RANK in (-1, 0) else None
@@ -551,7 +553,8 @@ def parse_opt(argv=None):
     parser.add_argument("--freeze", nargs="+", type=int, default=[0], help="Freeze layers: backbone=10, first3=0 1 2")
     parser.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
     parser.add_argument("--seed", type=int, default=0, help="Global training seed")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                        help="Automatic DDP Multi-GPU argument, do not modify")
     logger = parser.add_argument_group("upstream's Weights & Biases / Google Cloud options (not part of yolov5-qat: "
                                        "results go to results.csv and TensorBoard; giving one stops with one line)")
     logger.add_argument("--bucket", type=str, default="", help="gsutil bucket")

@@ -133,9 +133,9 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         if not pt and not model.dynamic:
             batch_size = 1
             first = weights[0] if isinstance(weights, (list, tuple)) else weights
-            LOGGER.info(f"Forcing --batch-size 1 square inference (1,3,{imgsz},{imgsz}) for {Path(str(first)).name}, an "
-                        f"exported file with fixed shapes; export it with --dynamic to validate it with the rectangular "
-                        f"batches the .pt gets")
+            LOGGER.info(f"Forcing --batch-size 1 square inference (1,3,{imgsz},{imgsz}) for {Path(str(first)).name}, "
+                        f"an exported file with fixed shapes; export it with --dynamic to validate it with the "
+                        f"rectangular batches the .pt gets")
         data = check_dataset(data)
         if ptq:  # post-training quantization: calibrate the float checkpoint, then evaluate it fake-quantized
             if not pt or is_quantized(model.model):

@@ -18,9 +18,9 @@ partial run still gives every row.
   channel for the Detect outputs), the same with one scale per tensor everywhere (mse_per_tensor.yaml), learnable
   power-of-two scales (learnable.yaml) and shared concat scales (shared_concat.yaml).
 - PTQ rows: val.py --ptq of the parent with minmax, percentile and MSE observers (one scale per tensor everywhere),
-  linear and pow2, and with the default recipe; BN folded. Calibration reads --calib-batches batches of the train split in
-  a shuffled order fixed by the loader's seed 0, without augmentation, so a PTQ row is measured once; retention is
-  against the parent.
+  linear and pow2, and with the default recipe; BN folded. Calibration reads --calib-batches batches of the train
+  split in a shuffled order fixed by the loader's seed 0, without augmentation, so a PTQ row is measured once;
+  retention is against the parent.
 
 Retention of a QAT row = mean over seeds of (QAT mAP50-95 / FP32 fine-tune mAP50-95 at the same seed); its spread is
 the standard deviation over seeds. All numbers come from val.run on each run's best.pt with the same settings.
@@ -201,7 +201,8 @@ def summarize(opt):
         return "-" if np.isnan(x) else format(x, spec) + unit
 
     for name, n, m50, m, sd, ret, rsd in table:
-        print(f"{name:<{width}}{n:>3}{m50:>8.4f}{m:>10.4f}{fmt(sd, '.4f'):>8}{fmt(ret, '.1f', '%'):>11}{fmt(rsd, '.1f'):>7}")
+        print(f"{name:<{width}}{n:>3}{m50:>8.4f}{m:>10.4f}{fmt(sd, '.4f'):>8}{fmt(ret, '.1f', '%'):>11}"
+              f"{fmt(rsd, '.1f'):>7}")
     print("retention: QAT vs the FP32 fine-tune at the same seed; PTQ vs the FP32 parent")
     for s in sorted(ref):
         print(f"FP32 fine-tune seed {s} mAP50-95 per epoch: {ref[s][2]}")

@@ -289,9 +289,10 @@ def child_peak_mib(key, opt):
 def epoch_seconds(qat, opt):
     """train.py's first epoch on shapes, data loading included: the elapsed time of its progress bar (validation,
     calibration and start-up are outside it)."""
-    cmd = [sys.executable, "train.py", "--data", "shapes.yaml", "--cfg", "yolov5n.yaml", "--weights", "", "--act", "relu",
-           "--img", str(opt.img), "--batch-size", "16", "--epochs", "1", "--noval", "--nosave", "--noplots",
-           "--workers", "2", "--project", str(Path(opt.tmp) / "runs"), "--name", "e", "--device", opt.device.split(":")[-1]]
+    cmd = [sys.executable, "train.py", "--data", "shapes.yaml", "--cfg", "yolov5n.yaml", "--weights", "",
+           "--act", "relu", "--img", str(opt.img), "--batch-size", "16", "--epochs", "1", "--noval", "--nosave",
+           "--noplots", "--workers", "2", "--project", str(Path(opt.tmp) / "runs"), "--name", "e",
+           "--device", opt.device.split(":")[-1]]
     out = subprocess.run(cmd + (["--qat", "--pow2-scale"] if qat else []), capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise SystemExit(f"train.py failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
@@ -307,7 +308,8 @@ def main(argv=None):
     p.add_argument("--img", type=int, default=320)
     p.add_argument("--rounds", type=int, default=9, help="timed steps per variant (interleaved)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    p.add_argument("--brevitas-warmup", type=int, default=300, help="brevitas steps before timing (its statistics phase)")
+    p.add_argument("--brevitas-warmup", type=int, default=300,
+                   help="brevitas steps before timing (its statistics phase)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     p.add_argument("--skip", nargs="*", default=[], choices=VARIANTS, metavar="NAME", help="variants to leave out")

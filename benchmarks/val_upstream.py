@@ -10,7 +10,8 @@ aspect ratios, a few very small and very large ones), labels unchanged (they are
     python benchmarks/val_upstream.py --upstream ../upstream
 
 Both run in subprocesses with that folder's numpy (< 2): numpy 2 sorts equal aspect ratios in another order, which
-moves images across rectangular-batch boundaries (upstream in a numpy 2 environment differs from itself the same way). Without it the script says so and exits 0.
+moves images across rectangular-batch boundaries (upstream in a numpy 2 environment differs from itself the same way).
+Without it the script says so and exits 0.
 Exit status 1 when the two disagree beyond --tol (metrics) or a prediction differs.
 """
 from __future__ import annotations
@@ -150,7 +151,8 @@ def main(opt):
           f"max |score diff| {pred['max_score_diff']:.6f}")
     agree = worst <= opt.tol and pred["same_images_and_classes"] and pred["max_bbox_diff"] <= 0.0011 \
         and pred["max_score_diff"] <= 1.1e-5
-    print("agree" if agree else f"DIFFER (metrics tolerance {opt.tol}; JSON boxes and scores within one unit of their last decimal)")
+    print("agree" if agree else f"DIFFER (metrics tolerance {opt.tol}; JSON boxes and scores within one unit of their "
+                                "last decimal)")
     return 0 if agree else 1
 
 

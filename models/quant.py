@@ -191,7 +191,8 @@ def _fixed_qparams(fx, where):
     except (ValueError, TypeError, ZeroDivisionError):
         scale = float("nan")
     if not (math.isfinite(scale) and scale > 0):
-        raise UserError(f"{where}: fixed scale {fx['scale']!r} must be a positive finite number or fraction like '8/128'")
+        raise UserError(f"{where}: fixed scale {fx['scale']!r} must be a positive finite number or fraction "
+                        "like '8/128'")
     dtype = fx.get("dtype", "qint8")
     if dtype not in ("qint8", "quint8"):
         raise UserError(f"{where}: fixed dtype {dtype!r} must be qint8 or quint8")
@@ -354,7 +355,8 @@ def share_concat_scales(model, example) -> int:
         if len(usable) < 2:
             continue
         if len({int(q.zero_point) for q in usable}) > 1:
-            LOGGER.warning(f"QAT: concat group of {len(usable)} quantizers has different zero points; scales not shared")
+            LOGGER.warning(f"QAT: concat group of {len(usable)} quantizers has different zero points; "
+                           "scales not shared")
             continue
         scale = max(float(q.scale) for q in usable)
         for q in usable:

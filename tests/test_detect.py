@@ -28,7 +28,8 @@ def _run(*args):
 def test_detect_folder_with_corrupt_image(tmp_path):
     src = _images(tmp_path / "src")
     r = _run("--weights", reference("yolov5n_silu.pt"), "--source", src, "--imgsz", 128, "--conf-thres", 0.05,
-             "--max-det", 4, "--save-txt", "--save-conf", "--save-crop", "--project", tmp_path / "runs", "--name", "exp")
+             "--max-det", 4, "--save-txt", "--save-conf", "--save-crop", "--project", tmp_path / "runs",
+             "--name", "exp")
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout + r.stderr
     assert "corrupt.jpg" in out and "skipped" in out
@@ -103,8 +104,8 @@ def test_detect_unwritable_project_one_line(tmp_path, capsys):
         run_cli(detect.main, opt)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
-    assert err[0].startswith("ERROR: ") and "a_file/runs/exp: cannot write the run folder (Not a directory); choose a " \
-                                             "writable --project" in err[0], err
+    assert err[0].startswith("ERROR: ") and "a_file/runs/exp: cannot write the run folder (Not a directory); " \
+                                             "choose a writable --project" in err[0], err
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from utils.general import UserError
 
 TRAIN = [("--weights", "yolov5s.pt"), ("--cfg", "yolov5s.yaml"), ("--data", "coco128.yaml"),
          ("--hyp", "data/hyps/hyp.scratch-low.yaml"), ("--epochs", "3"), ("--batch-size", "16"), ("--imgsz", "640"),
-         ("--img", "640"), ("--img-size", "640"), ("--rect",), ("--resume",), ("--resume", "runs/train/exp/weights/last.pt"),
+         ("--img", "640"), ("--img-size", "640"), ("--rect",), ("--resume",),
+         ("--resume", "runs/train/exp/weights/last.pt"),
          ("--nosave",), ("--noval",), ("--noautoanchor",), ("--noplots",), ("--evolve",), ("--evolve", "10"),
          ("--bucket", "b"), ("--cache",), ("--cache", "disk"), ("--image-weights",), ("--device", "cpu"),
          ("--multi-scale",), ("--single-cls",), ("--optimizer", "AdamW"), ("--sync-bn",), ("--workers", "2"),

@@ -150,7 +150,8 @@ def test_ddp_qat_two_cpu_ranks_hold_identical_quantizer_state(tiny, tmp_path):
         port = s.getsockname()[1]
     dump = tmp_path / "ranks"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(ROOT / "train.py"), "--device", "cpu", "--data", str(tiny), "--weights", str(reference("yolov5n_relu.pt")),
+           str(ROOT / "train.py"), "--device", "cpu", "--data", str(tiny),
+           "--weights", str(reference("yolov5n_relu.pt")),
            "--cfg", "yolov5n.yaml", *FAST, "--epochs", "1", "--qat", "--bn-folding", "--pow2-scale",
            "--project", str(tmp_path), "--name", "ddp"]
     r = subprocess.run(cmd, cwd=ROOT, env={**ENV, train.DDP_DUMP_ENV: str(dump)}, capture_output=True, text=True,
@@ -261,7 +262,8 @@ def test_resumed_run_equals_the_uninterrupted_run(micro, tmp_path, recipe):
     np.testing.assert_array_equal(_rows(killed), _rows(whole))  # the same losses and mAPs, epoch by epoch
 
     model = load_checkpoint(killed / "weights" / "last.pt")["model"]
-    assert all_scales_pow2(model) and load_checkpoint(killed / "weights" / "last.pt")["qat"]["disable_observer_epoch"] == 1
+    assert all_scales_pow2(model) \
+        and load_checkpoint(killed / "weights" / "last.pt")["qat"]["disable_observer_epoch"] == 1
     scales = {k: v for k, v in before["model"].state_dict().items() if k.endswith(".scale")}
     if recipe == "default":  # observers off from epoch 1: the scales of epoch 0 are kept exactly
         assert all(torch.equal(v, expected["model"][k]) for k, v in scales.items())

@@ -115,9 +115,12 @@ BAD_RECIPES = [  # (recipe, the message must say)
     ({"default": {"activation": {"fixed": {"scale": 0.0625, "zero_point": "abc"}}}}, "zero_point 'abc' must be an int"),
     ({"default": {"activation": {"fixed": {"scale": 0.0625, "zero_point": 500}}}}, "zero_point 500 must be an integer"),
     ({"default": {"activation": {"fixed": {"scale": 0.0625}}}}, "fixed activation needs scale and zero_point"),
-    ({"default": {"activation": {"observer": "percentile", "percentile": 150}}}, r"percentile observer: percentile=150 must be in \(50, 100\]"),
-    ({"default": {"activation": {"observer": "percentile", "percentile": "high"}}}, "option percentile 'high' must be a number"),
-    ({"default": {"activation": {"observer": "mse", "bins": 3}}}, r"unknown key\(s\) \['bins'\]; allowed: .*num_samples"),
+    ({"default": {"activation": {"observer": "percentile", "percentile": 150}}},
+     r"percentile observer: percentile=150 must be in \(50, 100\]"),
+    ({"default": {"activation": {"observer": "percentile", "percentile": "high"}}},
+     "option percentile 'high' must be a number"),
+    ({"default": {"activation": {"observer": "mse", "bins": 3}}},
+     r"unknown key\(s\) \['bins'\]; allowed: .*num_samples"),
     ({"default": {"activation": {"observer": "minmax", "pow2": True}}}, r"unknown key\(s\) \['pow2'\]"),
     ({"default": {"activation": {"observer": "mse", "fixed": {"scale": 1, "zero_point": 0}}}}, "activation must be"),
     ({"default": {"learnable": "yes"}}, "learnable 'yes' must be true or false"),
@@ -165,7 +168,8 @@ def test_default_recipe_observers_on_track_or_search_as_the_recipe_says(update):
     first = len(searches)
     model(x)
     calibrators = [m for m in model.modules() if hasattr(m, "training_update")]
-    assert len(calibrators) == 77 and all(m.training_update == update for m in calibrators)  # 141 - 60 weights - input - 3 Detect outputs (per channel)
+    # 141 - 60 weights - input - 3 Detect outputs (per channel)
+    assert len(calibrators) == 77 and all(m.training_update == update for m in calibrators)
     assert all(m.tracking == (update == "track") for m in calibrators)
     assert len(searches) - first == (0 if update == "track" else len(calibrators))
     if update == "track":  # tracking starts from the calibrated qparams: same batch range, same scales

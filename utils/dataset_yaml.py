@@ -40,7 +40,8 @@ def _names_dict(names, where):
         try:
             out = {int(k): v for k, v in names.items()}
         except (TypeError, ValueError):
-            raise UserError(f"{where}: 'names' keys must be class indices 0, 1, 2, ..., got {list(names)[:5]}") from None
+            raise UserError(f"{where}: 'names' keys must be class indices 0, 1, 2, ..., "
+                            f"got {list(names)[:5]}") from None
     else:
         raise UserError(f"{where}: 'names' must be a list or an {{index: name}} dict, got {type(names).__name__}")
     if not out:

@@ -107,8 +107,8 @@ def git_info(path=ROOT) -> dict | None:
         commit = git("rev-parse", "HEAD")
         if not commit:
             return None
-        return {"remote": git("config", "--get", "remote.origin.url"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
-                "commit": commit}
+        return {"remote": git("config", "--get", "remote.origin.url"),
+                "branch": git("rev-parse", "--abbrev-ref", "HEAD"), "commit": commit}
     except (OSError, subprocess.SubprocessError):
         return None
 

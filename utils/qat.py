@@ -96,7 +96,8 @@ class QATRun:
 
     @staticmethod
     def shares_concat_scales(model):
-        return bool(((getattr(model, "qat", None) or {}).get("recipe") or {}).get("concat", {}).get("share_input_scales"))
+        return bool(((getattr(model, "qat", None) or {}).get("recipe") or {}).get("concat", {})
+                    .get("share_input_scales"))
 
     @staticmethod
     def _share(model):

@@ -33,7 +33,8 @@ def select_device(device="", batch_size=0, newline=True) -> torch.device:
     else:
         ids = [x for x in device.split(",") if x != ""]
         if any(not x.isdigit() for x in ids):
-            raise UserError(f"--device {device!r}: not a device, use 'cpu', a CUDA index such as 0, or a list such as 0,1")
+            raise UserError(f"--device {device!r}: not a device, use 'cpu', a CUDA index such as 0, "
+                            "or a list such as 0,1")
         n_avail = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if ids and (n_avail == 0 or any(int(x) >= n_avail for x in ids)):
             raise UserError(f"--device {device}: CUDA device(s) not available ({n_avail} visible); "
@@ -116,7 +117,8 @@ def model_info(model, verbose=False, imgsz=640, name=None):
     n_p = sum(p.numel() for p in model.parameters())
     n_g = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if verbose:
-        LOGGER.info(f"{'layer':>5} {'name':>40} {'gradient':>9} {'parameters':>12} {'shape':>20} {'mu':>10} {'sigma':>10}")
+        LOGGER.info(f"{'layer':>5} {'name':>40} {'gradient':>9} {'parameters':>12} {'shape':>20} "
+                    f"{'mu':>10} {'sigma':>10}")
         for i, (n, p) in enumerate(model.named_parameters()):
             LOGGER.info(f"{i:5g} {n:>40} {str(p.requires_grad):>9} {p.numel():12g} {str(list(p.shape)):>20} "
                         f"{p.mean():10.3g} {p.std() if p.numel() > 1 else 0:10.3g}")
@@ -172,7 +174,8 @@ def averaged_state_keys(model) -> set:
     keys = {n for n, p in model.named_parameters() if p.dtype.is_floating_point}
     for name, m in model.named_modules():
         if _is_bn(m):
-            keys |= {f"{name}.running_mean" if name else "running_mean", f"{name}.running_var" if name else "running_var"}
+            keys |= {f"{name}.running_mean" if name else "running_mean",
+                     f"{name}.running_var" if name else "running_var"}
     return keys
 
 

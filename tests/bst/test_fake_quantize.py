@@ -286,8 +286,8 @@ def test_vectorized_cpu_fake_quant_is_bit_identical_to_core_op(seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 4, 7, 9, generator=g) * 10 ** float(torch.randint(-3, 4, (1,), generator=g))
     x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.5]) * 0.125  # exact ties for the pow2 scale below
-    for scale, zp, qmin, qmax in ((torch.rand(1, generator=g) * 0.3 + 1e-3, 7, 0, 255), (torch.tensor([0.125]), 0, -128, 127),
-                                  (torch.tensor([3e-5]), -3, -8, 7)):
+    for scale, zp, qmin, qmax in ((torch.rand(1, generator=g) * 0.3 + 1e-3, 7, 0, 255),
+                                  (torch.tensor([0.125]), 0, -128, 127), (torch.tensor([3e-5]), -3, -8, 7)):
         zp_t = torch.tensor([zp], dtype=torch.int32)
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
         ours = fake_quantize_per_tensor(a, scale, zp_t, qmin, qmax)

@@ -18,7 +18,8 @@ CONFIGS = [  # dtype, qscheme (per tensor), extra kwargs
     (torch.qint8, torch.per_tensor_affine, {"quant_min": -15, "quant_max": 15}),
     (torch.quint8, torch.per_tensor_symmetric, {"quant_min": 0, "quant_max": 15}),
 ]
-PER_CHANNEL = {torch.per_tensor_affine: torch.per_channel_affine, torch.per_tensor_symmetric: torch.per_channel_symmetric}
+PER_CHANNEL = {torch.per_tensor_affine: torch.per_channel_affine,
+               torch.per_tensor_symmetric: torch.per_channel_symmetric}
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +296,8 @@ def test_tracking_state_survives_state_dict_and_pickle_and_old_state_loads():
         assert obs.tracking and torch.equal(obs.reference, fq.activation_post_process.reference)
         assert torch.equal(obs.calculate_qparams()[0], fq.activation_post_process.calculate_qparams()[0])
     # state written before tracking existed: loads strictly, and the observer calibrates as it did then
-    old = {k: v for k, v in fq.state_dict().items() if k.split(".")[-1] not in ("batch_range", "batch_count", "reference")}
+    old = {k: v for k, v in fq.state_dict().items()
+           if k.split(".")[-1] not in ("batch_range", "batch_count", "reference")}
     fresh.load_state_dict(old)
     assert not fresh.activation_post_process.tracking
     # a pickle from before tracking existed gets the tracking state back

@@ -70,7 +70,8 @@ def test_pow2_qparams_any_range(a, b, scheme, rounding):
 def test_pow2_observer_on_tensors(values, scheme, rounding):
     dtype, qscheme, qmin, qmax, _ = scheme
     x = torch.tensor(values, dtype=torch.float32)
-    obs = MinMaxObserver(dtype=dtype, qscheme=qscheme, quant_min=qmin, quant_max=qmax, pow2=True, pow2_rounding=rounding)
+    obs = MinMaxObserver(dtype=dtype, qscheme=qscheme, quant_min=qmin, quant_max=qmax, pow2=True,
+                         pow2_rounding=rounding)
     obs(x)
     scale, zp = obs.calculate_qparams()
     _check_grid(scale, zp, float(x.min()), float(x.max()), qmin, qmax, rounding == "ceil")
@@ -87,7 +88,8 @@ def test_pow2_observer_on_tensors(values, scheme, rounding):
 @pytest.mark.parametrize("rounding", ["ceil", "round"])
 def test_pow2_edge_tensors(x, rounding):
     for obs in (MovingAverageMinMaxObserver(pow2=True, pow2_rounding=rounding),
-                MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, pow2=True, pow2_rounding=rounding)):
+                MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, pow2=True,
+                               pow2_rounding=rounding)):
         obs(x)
         obs(x * 0.5)
         scale, zp = obs.calculate_qparams()
@@ -142,13 +144,14 @@ def test_shift_round_is_round_half_even(values, shift):
 
 def test_shift_round_ties_match_fake_quant():
     acc = torch.arange(-40, 41, dtype=torch.int64)
-    fq = torch.fake_quantize_per_tensor_affine(acc.float() * 0.25, torch.tensor([1.0]), torch.tensor([0], dtype=torch.int32),
-                                               -1000, 1000)
+    fq = torch.fake_quantize_per_tensor_affine(acc.float() * 0.25, torch.tensor([1.0]),
+                                               torch.tensor([0], dtype=torch.int32), -1000, 1000)
     assert torch.equal(shift_round(acc, 2), fq.to(torch.int64))  # includes .5 ties both ways
 
 
 @fast
-@given(finite32, finite32, st.sampled_from(SCHEMES), st.sampled_from([(False, "ceil"), (True, "ceil"), (True, "round")]))
+@given(finite32, finite32, st.sampled_from(SCHEMES),
+       st.sampled_from([(False, "ceil"), (True, "ceil"), (True, "round")]))
 def test_scalar_and_tensor_qparams_agree_exactly(a, b, scheme, mode):
     """The CPU shortcut (Python scalars) and the device path (tensor ops) are the same formulas."""
     from bst.torch.ao.quantization.qparams import compute_qparams_scalar

@@ -92,7 +92,8 @@ def test_convert_produces_integer_layers():
     assert torch.equal(conv.input_scale, model.c1[0].activation_post_process.scale)
     assert torch.equal(qmodel.c3[0].input_scale, model.cat.activation_post_process.scale)
     cat_inputs = [float(q[0]) for q in qmodel.cat.input_qparams]  # a, s (add output), d (upsampled conv)
-    assert cat_inputs == [float(model.c1[0].activation_post_process.scale), float(model.add.activation_post_process.scale),
+    assert cat_inputs == [float(model.c1[0].activation_post_process.scale),
+                          float(model.add.activation_post_process.scale),
                           float(model.down[0].activation_post_process.scale)]
     # downsampling conv sees the max-pooled skip-add output: the tag passes through MaxPool2d
     assert torch.equal(qmodel.down[0].input_scale, model.add.activation_post_process.scale)

@@ -179,7 +179,8 @@ class FakeQuantize(FakeQuantizeBase):
         return x
 
     def extra_repr(self):
-        return (f"fake_quant_enabled={int(self.fake_quant_enabled[0])}, observer_enabled={int(self.observer_enabled[0])}, "
+        return (f"fake_quant_enabled={int(self.fake_quant_enabled[0])}, "
+                f"observer_enabled={int(self.observer_enabled[0])}, "
                 f"quant_min={self.quant_min}, quant_max={self.quant_max}, dtype={self.dtype}, qscheme={self.qscheme}, "
                 f"ch_axis={self.ch_axis}, pow2={self.pow2}, scale={self.scale}, zero_point={self.zero_point}")
 

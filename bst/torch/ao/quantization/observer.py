@@ -69,7 +69,8 @@ class ObserverBase(QuantizerModule):
 
     def extra_repr(self):
         mode = f", pow2={self.pow2_rounding}" if self.pow2 else ""
-        return f"dtype={self.dtype}, qscheme={self.qscheme}, quant_min={self.quant_min}, quant_max={self.quant_max}{mode}"
+        return (f"dtype={self.dtype}, qscheme={self.qscheme}, quant_min={self.quant_min}, "
+                f"quant_max={self.quant_max}{mode}")
 
 
 class MinMaxObserver(ObserverBase):
@@ -190,7 +191,8 @@ class PerChannelMinMaxObserver(ObserverBase):
 
     def _axis(self, x):
         if not -x.dim() <= self.ch_axis < x.dim():
-            raise ValueError(f"ch_axis={self.ch_axis} is out of range for a {x.dim()}-d tensor of shape {tuple(x.shape)}")
+            raise ValueError(f"ch_axis={self.ch_axis} is out of range for a {x.dim()}-d tensor "
+                             f"of shape {tuple(x.shape)}")
         return self.ch_axis % x.dim()
 
     def _combine(self, cur_min, cur_max):
@@ -254,7 +256,8 @@ class FixedQParamsObserver(ObserverBase):
             raise ValueError(f"scale={scale} must be a positive finite number")
         if pow2 and not bool(is_pow2(scale_t).all()):
             raise ValueError(f"scale={scale} is not a power of two (2**k) although pow2=True")
-        if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not self.quant_min <= zero_point <= self.quant_max:
+        if (isinstance(zero_point, bool) or not isinstance(zero_point, int)
+                or not self.quant_min <= zero_point <= self.quant_max):
             raise ValueError(f"zero_point={zero_point!r} must be an int in [{self.quant_min}, {self.quant_max}]")
         self.register_buffer("scale", scale_t)
         self.register_buffer("zero_point", torch.tensor([zero_point], dtype=torch.int32))

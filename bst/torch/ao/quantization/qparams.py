@@ -97,7 +97,8 @@ def resolve_quant_range(dtype, quant_min=None, quant_max=None, reduce_range=Fals
         if not quant_min <= 0 <= quant_max:
             raise ValueError(f"quant_min={quant_min}, quant_max={quant_max}: the range must include 0")
         if quant_min < lo or quant_max > hi:
-            raise ValueError(f"quant_min={quant_min}, quant_max={quant_max} exceed the range [{lo}, {hi}] of dtype {dtype}")
+            raise ValueError(f"quant_min={quant_min}, quant_max={quant_max} exceed the range [{lo}, {hi}] "
+                             f"of dtype {dtype}")
         lo, hi = quant_min, quant_max
     if reduce_range:
         lo, hi = lo // 2, hi // 2

@@ -256,7 +256,8 @@ def convert(model: nn.Module, example_inputs=None, mapping: dict | None = None, 
     inputs = {}
     if example_inputs is not None:
         if not isinstance(example_inputs, tuple):
-            raise ValueError(f"example_inputs: a tuple of model inputs is expected, got {type(example_inputs).__name__}")
+            raise ValueError("example_inputs: a tuple of model inputs is expected, "
+                             f"got {type(example_inputs).__name__}")
         conv_types = {t for t, build in mapping.items() if getattr(t, "_quantizes_own_output", False)}
         inputs = _InputTracer(model, conv_types).run(example_inputs)
     _swap_converted(model, mapping, inputs)

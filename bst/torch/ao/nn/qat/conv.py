@@ -78,7 +78,8 @@ class Conv2d(nn.Conv2d):
     def from_float(cls, mod):
         """From an nn.Conv2d (or, for the ReLU subclasses, the fused float container) carrying ``qconfig``."""
         if type(mod) is not cls._float_module:
-            raise ValueError(f"mod: {cls.__name__}.from_float takes a {cls._float_module.__name__}, got {type(mod).__name__}")
+            raise ValueError(f"mod: {cls.__name__}.from_float takes a {cls._float_module.__name__}, "
+                             f"got {type(mod).__name__}")
         qconfig = getattr(mod, "qconfig", None)
         conv = mod[0] if isinstance(mod, nn.Sequential) else mod
         qat = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,

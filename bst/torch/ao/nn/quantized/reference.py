@@ -42,7 +42,8 @@ class _OutputQParams(QuantizerModule):
     def _quantize_output(self, y):
         if self.output_scale is None:
             return y
-        return _fake_quantize(y, self.output_scale, self.output_zero_point, self.output_quant_min, self.output_quant_max)
+        return _fake_quantize(y, self.output_scale, self.output_zero_point, self.output_quant_min,
+                              self.output_quant_max)
 
 
 class Quantize(_OutputQParams):
@@ -120,7 +121,8 @@ class Conv2d(_OutputQParams):
         """round_half_even(bias / (input_scale * weight_scale)) as int32."""
         q = bias_on_grid(self.bias, self.weight_scale, input_scale)
         if bool(((q < INT32_MIN) | (q > INT32_MAX)).any()):
-            raise ValueError(f"bias: does not fit int32 on the grid input_scale * weight_scale (input_scale={input_scale})")
+            raise ValueError("bias: does not fit int32 on the grid input_scale * weight_scale "
+                             f"(input_scale={input_scale})")
         return q.to(torch.int32)
 
     def integer_bias(self, input_scale: float):
@@ -148,7 +150,8 @@ class Conv2d(_OutputQParams):
             bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.padding_mode != "zeros":
             pad = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
-            y = F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, bias, self.stride, 0, self.dilation, self.groups)
+            y = F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, bias, self.stride, 0, self.dilation,
+                         self.groups)
         else:
             y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         act = _ACTIVATIONS[self.activation]

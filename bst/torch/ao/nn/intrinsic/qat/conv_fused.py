@@ -106,7 +106,8 @@ class ConvBn2d(nn.Conv2d):
     def from_float(cls, mod):
         """From the float fused container (conv, bn[, relu]) carrying ``qconfig``; shares its tensors."""
         if type(mod) is not cls._float_module:
-            raise ValueError(f"mod: {cls.__name__}.from_float takes a {cls._float_module.__name__}, got {type(mod).__name__}")
+            raise ValueError(f"mod: {cls.__name__}.from_float takes a {cls._float_module.__name__}, "
+                             f"got {type(mod).__name__}")
         conv, bn = mod[0], mod[1]
         if not (bn.affine and bn.track_running_stats):
             raise ValueError(f"mod: {cls.__name__} needs BatchNorm2d(affine=True, track_running_stats=True)")
