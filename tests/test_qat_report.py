@@ -107,6 +107,28 @@ def test_activation_statistics_are_exact_on_known_data():
     assert m["range_lo"] <= srt[0] and m["range_hi"] >= srt[-1]
 
 
+def test_per_channel_quantizer_saturation_counted_channel_by_channel():
+    """A per-channel output quantizer (axis 1, as the default recipe gives the Detect convs): each channel's values
+    are compared with that channel's own grid; the row gives the coarsest scale, the finest and the channel count."""
+    per_channel = bq.FakeQuantize(observer=bq.PerChannelMinMaxObserver, ch_axis=1, dtype=torch.qint8,
+                                  qscheme=torch.per_channel_symmetric, quant_min=-128, quant_max=127, pow2=True,
+                                  pow2_rounding="round")  # nearest power of two in log2: clips some channels
+    g = torch.Generator().manual_seed(0)
+    spread = torch.tensor([1.0, 7.0, 40.0]).reshape(1, 3, 1, 1)
+    batches = [(torch.randn(2, 3, 30, 20, generator=g) * spread * 255,) for _ in range(3)]
+    rows, _ = qr.activation_report(nn.Sequential(per_channel), batches, "cpu", percentile=99.9, bins=32)
+    (r,) = rows
+    x = torch.cat([b[0] / 255 for b in batches]).double()
+    scale = per_channel.scale.double().reshape(1, 3, 1, 1)
+    below = (x < -128.5 * scale).sum().item() / x.numel()
+    above = (x > 127.5 * scale).sum().item() / x.numel()
+    assert below + above > 0  # round mode clips: the count is not trivially zero
+    assert r["clipped_low"] == pytest.approx(below, abs=1e-12) and r["clipped_high"] == pytest.approx(above, abs=1e-12)
+    assert r["channels"] == 3 and r["scale"] == float(per_channel.scale.max())
+    assert r["scale_min"] == float(per_channel.scale.min()) < r["scale"]
+    assert (r["range_lo"], r["range_hi"]) == (-128 * r["scale"], 127 * r["scale"])
+
+
 def test_activations_cli_uses_the_recipe_and_pow2(tiny, tmp_path, float_model):
     recipe = "exp10_pow2_last_fixed.yaml"  # moving-average observers, Detect convs fixed at 8/128
     csv_file = _main("--task", "activations", "--weights", reference("yolov5n_relu.pt"), "--data", tiny, *FAST,

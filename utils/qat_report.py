@@ -11,7 +11,9 @@ on --calib-batches training batches (observers on, fake quantization off). A sec
 everything off sees the same float activations the observers saw and measures, per activation quantizer: min, max,
 the exact percentiles p(100-P) and pP (nearest rank: the k-th smallest and k-th largest value, k = ceil((1 - P/100) n)),
 the scale and zero point chosen, and the share of values the int8 grid saturates (values more than half a step outside
-[(quant_min - zp) * scale, (quant_max - zp) * scale], where the clamp changes the rounded value). Writes
+[(quant_min - zp) * scale, (quant_max - zp) * scale], where the clamp changes the rounded value). A quantizer with one
+scale per channel (the Detect outputs of the default recipe) is counted channel by channel; its row gives the coarsest
+channel's scale and grid, the finest scale and the number of channels. Writes
 activations.csv, hist/layer_NN.png and last_conv_act.png (the Detect convs, also to --notes).
 
 sensitivity: for each model index i, post-training quantization (same calibration batches for every variant) with
@@ -276,7 +278,11 @@ class _DetailPass:
             if name not in ranges:
                 continue
             r = ranges[name]
-            scale, zp = float(fq.scale.flatten()[0]), int(fq.zero_point.flatten()[0])
+            scale, zp = fq.scale.detach().flatten().double().cpu(), fq.zero_point.detach().flatten().double().cpu()
+            if scale.numel() == 1:
+                scale, zp = float(scale), float(zp)
+            else:  # one scale per channel (axis 1 of an activation): thresholds broadcast over (N, C, H, W)
+                scale, zp = scale.reshape(1, -1, 1, 1), zp.reshape(1, -1, 1, 1)
             self.state[name] = {
                 "k": max(1, min(r["n"], math.ceil((100.0 - percentile) / 100.0 * r["n"]))),
                 "top": None, "bottom": None, "hist": torch.zeros(bins, dtype=torch.float64),
@@ -287,7 +293,8 @@ class _DetailPass:
 
     def _hook(self, name):
         def hook(module, inputs):
-            x = inputs[0].detach().float().flatten()
+            full = inputs[0].detach().float()
+            x = full.flatten()
             s, r = self.state[name], self.ranges[name]
             if r["dirty"]:  # the observers skip non-finite values; so does the report
                 x = x[torch.isfinite(x)]
@@ -297,10 +304,13 @@ class _DetailPass:
             s["bottom"] = _merge_extremes(s["bottom"], x, s["k"], largest=False)
             lo, hi = r["min"], r["max"] if r["max"] > r["min"] else r["min"] + 1e-12
             s["hist"] += torch.histc(x, bins=self.bins, min=lo, max=hi).double().cpu()
-            if r["min"] < s["sat_lo"]:  # no scan where nothing can saturate (e.g. ReLU outputs at the low end)
-                s["below"] += int((x < s["sat_lo"]).sum())
-            if r["max"] > s["sat_hi"]:
-                s["above"] += int((x > s["sat_hi"]).sum())
+            lo_t, hi_t = s["sat_lo"], s["sat_hi"]
+            if isinstance(lo_t, torch.Tensor):  # per channel: compare each channel with its own thresholds
+                x = full.double().cpu()
+            if r["min"] < float(torch.as_tensor(lo_t).max()):  # no scan where nothing can saturate (ReLU outputs)
+                s["below"] += int((x < lo_t).sum())
+            if r["max"] > float(torch.as_tensor(hi_t).min()):
+                s["above"] += int((x > hi_t).sum())
         return hook
 
     def remove(self):
@@ -354,7 +364,10 @@ def activation_report(qmodel, batches, device, percentile=99.99, bins=256):
     rows, hists = [], {}
     for name, fq in sorted(((n, m) for n, m in named if n in first.stats), key=lambda t: first.stats[t[0]]["order"]):
         r, s = first.stats[name], second.state[name]
-        scale, zp = float(fq.scale.flatten()[0]), int(fq.zero_point.flatten()[0])
+        scales = fq.scale.detach().flatten().float().cpu()
+        # one scale per channel: the coarsest channel's scale and grid (zero point 0), and how many there are
+        i_max = int(torch.argmax(scales))
+        scale, zp = float(scales[i_max]), int(fq.zero_point.flatten()[i_max])
         idx = layer_index(name)
         obs = getattr(fq, "activation_post_process", None)
         rows.append({
@@ -369,6 +382,8 @@ def activation_report(qmodel, batches, device, percentile=99.99, bins=256):
             hi_name: float(s["top"][-1]),
             "scale": scale,
             "log2_scale": math.log2(scale),
+            "channels": scales.numel(),
+            "scale_min": float(scales.min()),
             "zero_point": zp,
             "quant_min": int(fq.quant_min),
             "quant_max": int(fq.quant_max),
@@ -398,6 +413,12 @@ def _fmt_scale(scale):
     return f"2^{int(k)}" if k == int(k) else f"{scale:.4g}"
 
 
+def _scales(row):
+    if row.get("channels", 1) == 1:
+        return _fmt_scale(row["scale"])
+    return f"{_fmt_scale(row['scale_min'])}..{_fmt_scale(row['scale'])}"
+
+
 def print_activation_table(rows):
     pcols = [k for k in rows[0] if k.startswith("p") and k[1:2].isdigit()]
     head = f"{'layer':>5} {'quantizer':<28} {'min':>9} {'max':>9} " + " ".join(f"{c:>9}" for c in pcols) + \
@@ -406,7 +427,7 @@ def print_activation_table(rows):
     for r in rows:
         LOGGER.info(f"{str(r['layer']):>5} {r['name'][-28:]:<28} {r['min']:9.3g} {r['max']:9.3g} " +
                     " ".join(f"{r[c]:9.3g}" for c in pcols) +
-                    f" {_fmt_scale(r['scale']):>9} {r['zero_point']:4d} "
+                    f" {_scales(r):>9} {r['zero_point']:4d} "
                     f"{'[' + format(r['range_lo'], '.3g') + ', ' + format(r['range_hi'], '.3g') + ']':>19} "
                     f"{100 * r['clipped']:7.3f}%")
 
@@ -432,7 +453,7 @@ def _draw_histogram(ax, row, hist, title=None):
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_title(title or row["name"], fontsize=8)
     ax.tick_params(labelsize=6)
-    ax.text(0.98, 0.95, f"scale {_fmt_scale(row['scale'])}, zp {row['zero_point']}\n"
+    ax.text(0.98, 0.95, f"scale {_scales(row)}, zp {row['zero_point']}\n"
                         f"clipped {100 * row['clipped']:.3g}%", transform=ax.transAxes, ha="right", va="top",
             fontsize=6.5, bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
 
