@@ -12,7 +12,9 @@ aspect ratios, a few very small and very large ones), labels unchanged (they are
 Both run in subprocesses with that folder's numpy (< 2): numpy 2 sorts equal aspect ratios in another order, which
 moves images across rectangular-batch boundaries (upstream in a numpy 2 environment differs from itself the same way).
 Without it the script says so and exits 0.
-Exit status 1 when the two disagree beyond --tol (metrics) or a prediction differs.
+Exit status 1 when the two disagree beyond --tol (metrics) or a prediction differs. `--speed N` also times a whole
+val.run of each on the same data, taking turns for N rounds, and prints images/s side by side (run it on a quiet
+machine).
 """
 from __future__ import annotations
 
@@ -40,8 +42,12 @@ SIZES = [(269, 245), (242, 361), (37, 53), (1203, 771), (513, 127), (99, 301), (
 OURS = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
+import time
 import val
-print("OURS_RESULT " + json.dumps([float(x) for x in val.run(**json.loads(sys.argv[1]))[0][:4]]))
+t0 = time.perf_counter()
+r = val.run(**json.loads(sys.argv[1]))
+print("OURS_SECONDS " + json.dumps(time.perf_counter() - t0))
+print("OURS_RESULT " + json.dumps([float(x) for x in r[0][:4]]))
 """
 
 DRIVER = """
@@ -55,7 +61,9 @@ import types, time
 # upstream's NMS empties the rest of a batch once its wall-clock limit passes, which on a busy machine drops images;
 # a clock that stands still for NMS compares the two implementations rather than the machine's load
 yolov5.utils.general.time = types.SimpleNamespace(time=lambda: 0.0, perf_counter=time.perf_counter, sleep=time.sleep)
+t0 = time.perf_counter()
 r = val.run(**json.loads(sys.argv[1]))
+print("UPSTREAM_SECONDS " + json.dumps(time.perf_counter() - t0))
 print("UPSTREAM_RESULT " + json.dumps([float(x) for x in r[0][:4]]))
 """
 
@@ -77,28 +85,52 @@ def make_dataset(out: Path, n: int) -> Path:
     return data
 
 
-def _run(code, tag, argv, pythonpath, cwd) -> list:
+def _run(code, tag, argv, pythonpath, cwd, timed=False):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # upstream resolves the checkpoint's pickled models.* classes through its own folder; torch >= 2.6 needs the
     # full unpickler for upstream's torch.load
-    env.update(PYTHONPATH=pythonpath, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    env.update(PYTHONPATH=pythonpath, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=1800)
     lines = [line for line in r.stdout.splitlines() if line.startswith(tag + " ")]
     if r.returncode or not lines:
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"{tag}: val.run failed (exit {r.returncode}): {tail}")
-    return json.loads(lines[-1].split(" ", 1)[1])
+    result = json.loads(lines[-1].split(" ", 1)[1])
+    if not timed:
+        return result
+    seconds = next(line for line in r.stdout.splitlines() if line.startswith(tag.replace("RESULT", "SECONDS") + " "))
+    return result, json.loads(seconds.split(" ", 1)[1])
 
 
-def run_upstream(upstream: Path, kwargs: dict, cwd: Path) -> list:
-    return _run(DRIVER, "UPSTREAM_RESULT", [json.dumps(kwargs)], f"{upstream}{os.pathsep}{upstream / 'yolov5'}", cwd)
+def run_upstream(upstream: Path, kwargs: dict, cwd: Path, timed=False):
+    return _run(DRIVER, "UPSTREAM_RESULT", [json.dumps(kwargs)], f"{upstream}{os.pathsep}{upstream / 'yolov5'}", cwd,
+                timed)
 
 
-def run_ours(upstream: Path, kwargs: dict, cwd: Path) -> list:
+def run_ours(upstream: Path, kwargs: dict, cwd: Path, timed=False):
     """This project's val.run with the numpy (< 2) upstream runs with: numpy 2's sort orders images of equal aspect
     ratio differently, which changes the rectangular batches at their boundaries (and so some predictions)."""
-    return _run(OURS, "OURS_RESULT", [json.dumps(kwargs), str(ROOT)], str(upstream), cwd)
+    return _run(OURS, "OURS_RESULT", [json.dumps(kwargs), str(ROOT)], str(upstream), cwd, timed)
+
+
+def speed(upstream: Path, common: dict, tmp: Path, rounds: int, images: int):
+    """Images/s of a whole val.run (model loading, data, inference, NMS, metrics), both implementations taking turns
+    for `rounds` rounds in fresh processes (one thread each); the median of each."""
+    import statistics
+
+    times = {"ours": [], "upstream": []}
+    for i in range(rounds):
+        for who, fn in (("upstream", run_upstream), ("ours", run_ours)):
+            kwargs = {**common, "save_json": False, "name": f"speed_{who}_{i}"}
+            times[who].append(fn(upstream, kwargs, tmp, timed=True)[1])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nval.run speed, {rounds} rounds taking turns (median; whole run: loading, data, inference, NMS, "
+          f"metrics; 1 thread):")
+    print(f"{'':<10}{'seconds':>10}{'images/s':>10}")
+    for who in ("ours", "upstream"):
+        print(f"{who:<10}{med[who]:>10.2f}{images / med[who]:>10.2f}")
+    print(f"images/s ours / upstream: {med['upstream'] / med['ours']:.2f}")
 
 
 def predictions(folder: Path) -> list:
@@ -133,6 +165,8 @@ def main(opt):
         theirs = run_upstream(upstream, {**common, "name": "upstream"}, tmp)
         ours = run_ours(upstream, {**common, "name": "ours"}, tmp)
         pred = compare_predictions(predictions(tmp / "ours"), predictions(tmp / "upstream"))
+        if opt.speed:
+            speed(upstream, common, tmp, opt.speed, opt.images)
         if opt.keep:
             import shutil
             shutil.copytree(tmp, opt.keep, dirs_exist_ok=True)
@@ -165,6 +199,8 @@ def parse_opt(argv=None):
     parser.add_argument("--images", type=int, default=60, help="how many shapes val images to resize and use")
     parser.add_argument("--keep", default="", help="copy the dataset and both runs' outputs to this folder")
     parser.add_argument("--tol", type=float, default=0.001, help="largest allowed metric difference")
+    parser.add_argument("--speed", type=int, default=0, metavar="ROUNDS",
+                        help="also time both val.run side by side for this many rounds (images/s)")
     return parser.parse_args(argv)
 
 
