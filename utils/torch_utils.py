@@ -102,14 +102,35 @@ def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
-def count_flops(model, x) -> float:
-    """Floating point operations of one forward at input x, counted by torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
+def count_flops(model, shape) -> float:
+    """Floating point operations of one forward of `model` (not modified) on an input of `shape`: 2 x the
+    multiply-accumulates of every convolution and linear layer (what upstream's thop count reports; the element-wise
+    ops of a detector are negligible beside them). Counted by forward hooks on a copy of the model on the meta
+    device, which computes shapes only; a model that cannot run there (some quantized modules) is run for real."""
+    total = []
 
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return counter.get_total_flops()
+    def hook(mod, _, out):
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(mod, nn.Linear):
+            total.append(2 * out.numel() * mod.in_features)
+        else:
+            total.append(2 * out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size))
+
+    p = next(model.parameters())
+    for device in ("meta", p.device):
+        total.clear()
+        copy = deepcopy(model).to(device).eval()
+        for m in copy.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                copy(torch.zeros(shape, device=device, dtype=p.dtype))
+            return float(sum(total))
+        except Exception:  # noqa: BLE001 - shapes only: an op without a meta kernel falls back to the real device
+            if device != "meta":
+                raise
+    return 0.0
 
 
 def model_info(model, verbose=False, imgsz=640, name=None):
@@ -124,14 +145,8 @@ def model_info(model, verbose=False, imgsz=640, name=None):
                         f"{p.mean():10.3g} {p.std() if p.numel() > 1 else 0:10.3g}")
     fs = ""
     try:
-        p = next(model.parameters())
         stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
-        im = torch.zeros((1, model.yaml.get("ch", 3) if hasattr(model, "yaml") else 3, stride, stride),
-                         device=p.device, dtype=p.dtype)
-        was_training = model.training
-        model.eval()
-        flops = count_flops(deepcopy(model), im) / 1e9
-        model.train(was_training)
+        flops = count_flops(model, (1, model.yaml.get("ch", 3) if hasattr(model, "yaml") else 3, stride, stride)) / 1e9
         imgsz = imgsz if isinstance(imgsz, (list, tuple)) else [imgsz, imgsz]
         fs = f", {flops * imgsz[0] / stride * imgsz[1] / stride:.1f} GFLOPs"
     except Exception as e:  # FLOPs are informative only; never fail a summary for them
