@@ -13,8 +13,8 @@ Both run in subprocesses with that folder's numpy (< 2): numpy 2 sorts equal asp
 moves images across rectangular-batch boundaries (upstream in a numpy 2 environment differs from itself the same way).
 Without it the script says so and exits 0.
 Exit status 1 when the two disagree beyond --tol (metrics) or a prediction differs. `--speed N` also times a whole
-val.run of each on the same data, taking turns for N rounds, and prints images/s side by side (run it on a quiet
-machine).
+val.run of each on the same data and on half of it, taking turns for N rounds, and prints images/s side by side, of
+the whole run and per image (run it on a quiet machine).
 """
 from __future__ import annotations
 
@@ -115,27 +115,39 @@ def run_ours(upstream: Path, kwargs: dict, cwd: Path, timed=False):
 
 
 def speed(upstream: Path, common: dict, tmp: Path, rounds: int, images: int):
-    """Images/s of a whole val.run (model loading, data, inference, NMS, metrics), both implementations taking turns
-    for `rounds` rounds in fresh processes (one thread each); the median of each."""
+    """Images/s of a whole val.run (model loading, data, inference, NMS, metrics) on `images` images and on half of
+    them, both implementations taking turns for `rounds` rounds in fresh processes (one thread each); the median of
+    each. The difference of the two runs is the per-image rate with the one-time costs (imports, model loading and
+    its summary) taken out: what decides the speed of a validation set of any real size."""
     import statistics
 
-    times = {"ours": [], "upstream": []}
+    half = max(images // 2, 1)
+    datasets = {images: common["data"], half: str(make_dataset(tmp / "odd_half", half))}
+    times = {(who, n): [] for who in ("ours", "upstream") for n in datasets}
     for i in range(rounds):
         for who, fn in (("upstream", run_upstream), ("ours", run_ours)):
-            kwargs = {**common, "save_json": False, "name": f"speed_{who}_{i}"}
-            times[who].append(fn(upstream, kwargs, tmp, timed=True)[1])
+            for n, data in datasets.items():
+                kwargs = {**common, "data": data, "save_json": False, "name": f"speed_{who}_{n}_{i}"}
+                times[who, n].append(fn(upstream, kwargs, tmp, timed=True)[1])
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nval.run speed, {rounds} rounds taking turns (median; whole run: loading, data, inference, NMS, "
-          f"metrics; 1 thread):")
-    print(f"{'':<10}{'seconds':>10}{'images/s':>10}")
+    print(f"\nval.run speed, {rounds} rounds taking turns (median, 1 thread): whole run on {images} images (loading, "
+          f"data, inference, NMS, metrics), and per image from the difference with a run on {half}:")
+    print(f"{'':<10}{'seconds':>10}{'images/s':>10}{f'{half} img s':>12}{'per image':>12}{'images/s':>10}")
+    rate = {}
     for who in ("ours", "upstream"):
-        print(f"{who:<10}{med[who]:>10.2f}{images / med[who]:>10.2f}")
-    print(f"images/s ours / upstream: {med['upstream'] / med['ours']:.2f}")
+        full, part = med[who, images], med[who, half]
+        rate[who] = (images - half) / max(full - part, 1e-9)
+        print(f"{who:<10}{full:>10.2f}{images / full:>10.2f}{part:>12.2f}{1000 / rate[who]:>10.1f}ms"
+              f"{rate[who]:>10.2f}")
+    print(f"images/s ours / upstream: whole run {med['upstream', images] / med['ours', images]:.2f}, per image "
+          f"{rate['ours'] / rate['upstream']:.2f}")
 
 
 def predictions(folder: Path) -> list:
+    """The --save-json predictions in an order both sides share: by image, class and box (to 0.01 px), not by score,
+    whose 5 rounded decimals can order two close scores differently on the two sides."""
     (f,) = list(folder.glob("*_predictions.json"))
-    key = lambda p: (str(p["image_id"]), p["category_id"], -p["score"], p["bbox"])  # noqa: E731
+    key = lambda p: (str(p["image_id"]), p["category_id"], [round(x, 2) for x in p["bbox"]], -p["score"])  # noqa: E731
     return sorted(json.loads(f.read_text()), key=key)
 
 
