@@ -8,6 +8,8 @@ Usage:
 Format        --include     file written beside the weights
 TorchScript   torchscript   yolov5s.torchscript  (extra file config.txt: json {shape, stride, names})
 ONNX          onnx          yolov5s.onnx         (metadata_props: stride, names, quantized[, pow2])
+Integer       integer       best_integer_model/  (QAT, power-of-two scales: the integer network as data, with a
+                                                  numpy-only runner; see `export_integer`)
 
 A QAT checkpoint (train.py --qat: a fake-quant model) is detected and exported as int8 QDQ: QuantizeLinear/
 DequantizeLinear on every activation quantizer, int8 weights with per-channel DequantizeLinear (axis 0), BN folded,
@@ -27,6 +29,7 @@ import contextlib
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -48,7 +51,7 @@ from models.yolo import Detect  # noqa: E402
 from utils.general import LOGGER, UserError, check_file, check_img_size, colorstr, print_args, run_cli  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
-FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx"}  # --include name -> file suffix
+FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx", "integer": "_integer_model"}  # --include -> suffix
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear take a per-channel `axis` from opset 13 on (QAT exports need it)
 DEFAULT_OPSET = 17
 FLOAT_RTOL = 1e-4  # float32 export: max |diff| <= FLOAT_RTOL * max |PyTorch output|
@@ -77,7 +80,9 @@ def _quiet_tracing():
 
 
 def file_size_mb(path) -> float:
-    return Path(path).stat().st_size / 1e6
+    path = Path(path)
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files) / 1e6
 
 
 def model_metadata(model) -> dict:
@@ -590,6 +595,12 @@ def qdq_model(model: nn.Module) -> nn.Module:
     return m.eval()
 
 
+def model_rounding(model) -> str:
+    """How the enabled fake quantizers of `model` round ties: "half_even", "half_up" or "mixed"."""
+    rules = {getattr(m, "rounding", "half_even") for m in model.modules() if _fake_quant_enabled(m)}
+    return rules.pop() if len(rules) == 1 else "mixed" if rules else "half_even"
+
+
 def model_pow2(model) -> bool:
     """True when every enabled fake quantizer of `model` keeps power-of-two scales."""
     qs = [m for m in model.modules() if _fake_quant_enabled(m)]
@@ -923,6 +934,61 @@ def verify_torchscript_qdq(model, ts_path, im, check=True, prefix=colorstr("Torc
     return r
 
 
+@torch.no_grad()
+def export_integer(model, im, file, checks) -> Path:
+    """The integer model of a power-of-two QAT model, as hardware teams take it: bst.convert of the model, its
+    integer reference recorded op by op on `im` and saved as `<stem>_integer_model/` (model.json: ops, tensors'
+    exponents and zero points, input quantization; tensors.npz: int8 weights, int32 biases, per-channel shifts;
+    example.npz; run_integer.py, a runner needing only numpy; format in bst/torch/ao/quantization/integer_runner.py).
+
+    Verified on every batch of `checks` and on a second input size: the raw head outputs of the PyTorch model,
+    of bst's integer reference and of the numpy runner must be identical (0 differing integers)."""
+    from bst.torch.ao.quantization.integer_graph import record
+    from bst.torch.ao.quantization.integer_runner import IntegerModel
+    from models.quant import convert_yolo, integer_head
+
+    if not (is_quantized(model) and model_pow2(model)):
+        raise UserError(f"{file}: --include integer needs a QAT checkpoint with power-of-two scales (train.py --qat "
+                        f"--pow2-scale); requantization by a shift needs them")
+    converted = convert_yolo(model, im[:1])
+    graph, outs = record(lambda: integer_head(converted, im))
+    f = Path(file).with_name(Path(file).stem + FORMATS["integer"])
+    if f.exists():
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    graph.save(f, im, outs)
+    runner = IntegerModel(f)
+    detect = model.model[-1]
+    stride = int(detect.stride.max())
+    checks = list(checks) + [sample_batch(_second_shape(im.shape, stride), seed=2, device=im.device)]
+    differ = total = 0
+    for x in checks:
+        export_flag, detect.export = detect.export, False
+        try:
+            raw = model(x)[1]
+        finally:
+            detect.export = export_flag
+        ints = integer_head(converted, x)
+        ran = runner.run(x.float().cpu().numpy())
+        for r, q, name in zip(raw, ints, graph.outputs):
+            bs, _, ny, nx = q.int_repr.shape
+            ref = q.dequantize().view(bs, detect.na, detect.no, ny, nx).permute(0, 1, 3, 4, 2)
+            differ += int((ref.cpu() != r.float().cpu()).sum()) + int((torch.from_numpy(ran[name]) != q.int_repr.cpu())
+                                                                     .sum())
+            total += r.numel()
+    shapes = ", ".join(f"{tuple(x.shape)}" for x in checks)
+    ops = {}
+    for n in graph.nodes:
+        ops[n["op"]] = ops.get(n["op"], 0) + 1
+    shifts = np.concatenate([graph.arrays[n["shift"]] for n in graph.nodes if n["op"] == "conv2d"])
+    prefix = colorstr("Integer:")
+    LOGGER.info(f"{prefix} {len(graph.nodes)} ops ({', '.join(f'{v} {k}' for k, v in ops.items())}), conv shifts "
+                f"{int(shifts.min())}..{int(shifts.max())}; raw head outputs: {differ} of {total} differ between the "
+                f"PyTorch model, bst's integer reference and the numpy runner [required: 0] at {shapes}")
+    if differ:
+        raise UserError(f"{f}: the integer model differs from the PyTorch model on {differ} of {total} raw outputs")
+    return f
+
+
 def _second_shape(shape, stride):
     """Another input shape to prove a --dynamic file: one more image, one stride taller, two strides wider."""
     bs, c, h, w = shape
@@ -987,6 +1053,11 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
     metadata = {**model_metadata(model), "quantized": quantized}
     if half and quantized:
         raise UserError(f"{w}: --half would cast the quantizers' scales of this QAT model to float16; drop --half")
+    rounding = model_rounding(model)
+    if rounding != "half_even" and any(f in include for f in ("onnx", "torchscript")):
+        raise UserError(f"{w}: the model rounds ties {rounding.replace('_', ' ')} (train.py --rounding); ONNX "
+                        f"QuantizeLinear and torch's quantization ops round half to even, so neither ONNX nor "
+                        f"TorchScript can hold it exactly; export it with --include integer")
     gs = metadata["stride"]
     imgsz = check_img_size(imgsz * 2 if len(imgsz) == 1 else imgsz, s=gs)
     prepare_for_export(model, inplace=inplace, dynamic=dynamic)
@@ -1021,6 +1092,9 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
                 else:
                     verify_torchscript(model, f, x, rtol=rtol)
             prefix = colorstr("TorchScript:")
+        elif fmt == "integer":
+            f = export_integer(model, im, w, checks)
+            prefix = colorstr("Integer:")
         else:
             f = export_onnx(export_model, im, w, metadata, opset=opset, dynamic=dynamic, simplify=simplify,
                             verbose=verbose)
@@ -1043,14 +1117,19 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
         LOGGER.info(f"{prefix} export success {time.time() - t:.1f}s, saved as {f} ({file_size_mb(f):.1f} MB)")
         written.append(str(f))
 
+    runnable = [f for f in written if not f.endswith(FORMATS["integer"])]  # what detect.py / val.py load
     if written:
         h, w_ = imgsz
         size = f"{h}" if h == w_ else f"{h} {w_}"
         LOGGER.info(f"\nExport complete ({time.time() - t0:.1f}s)"
-                    f"\nResults saved to {colorstr('bold', Path(w).resolve().parent)}"
-                    f"\nDetect:          python detect.py --weights {written[-1]} --imgsz {size}"
-                    f"\nValidate:        python val.py --weights {written[-1]} --imgsz {h}"
+                    f"\nResults saved to {colorstr('bold', Path(w).resolve().parent)}")
+    if runnable:
+        LOGGER.info(f"Detect:          python detect.py --weights {runnable[-1]} --imgsz {size}"
+                    f"\nValidate:        python val.py --weights {runnable[-1]} --imgsz {h}"
                     + ("" if h == w_ or dynamic else "   (val needs a square export, or --dynamic)"))
+    for f in written:
+        if f.endswith(FORMATS["integer"]):
+            LOGGER.info(f"Integer model:   python {Path(f) / 'run_integer.py'} {f} --check   (numpy only)")
     return written
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from models.common import Conv
-from models.quant import freeze
+from models.quant import freeze, is_quantized
 from models.yolo import Detect, DetectionModel
 
 
@@ -26,13 +26,6 @@ def model_activation(model) -> str:
         if isinstance(m, Conv):
             return type(m.act).__name__.lower()
     return "silu"
-
-
-def is_quantized(model) -> bool:
-    """True for a QAT-prepared model (it carries fake-quantizers, which fusion must not touch)."""
-    from bst.torch.ao.quantization import FakeQuantizeBase
-
-    return any(isinstance(m, FakeQuantizeBase) for m in model.modules())
 
 
 def attempt_load(weights, device=None, inplace=True, fuse=True, trust=False):

@@ -217,8 +217,8 @@ def _rule_targets(model, pattern, where):
 
 
 def make_qconfig(pow2: bool, spec: dict | None, learnable: bool, pow2_rounding="ceil", weight_only=False,
-                 where="recipe"):
-    """A QConfig from a recipe entry (`where` names it in errors)."""
+                 where="recipe", rounding="half_even"):
+    """A QConfig from a recipe entry (`where` names it in errors); every quantizer rounds ties by `rounding`."""
     spec = spec or {"observer": "mse"}
     if "fixed" in spec:
         scale, zp, signed = _fixed_qparams(spec["fixed"], where)
@@ -229,8 +229,9 @@ def make_qconfig(pow2: bool, spec: dict | None, learnable: bool, pow2_rounding="
             scale=scale, zero_point=zp,
             dtype=torch.qint8 if signed else torch.quint8, qscheme=torch.per_tensor_affine,
             quant_min=-128 if signed else 0, quant_max=127 if signed else 255, pow2=pow2)
-        base = bq.get_default_qat_qconfig(pow2=pow2, pow2_rounding=pow2_rounding, learnable=learnable)
-        act = bq.FixedQParamsFakeQuantize.with_args(observer=obs)
+        base = bq.get_default_qat_qconfig(pow2=pow2, pow2_rounding=pow2_rounding, learnable=learnable,
+                                          rounding=rounding)
+        act = bq.FixedQParamsFakeQuantize.with_args(observer=obs, rounding=rounding)
         return bq.QConfig(activation=None if weight_only else act, weight=base.weight)
     kwargs = {k: v for k, v in spec.items() if k not in ("observer", "per_channel")}
     if spec.get("per_channel"):
@@ -243,7 +244,7 @@ def make_qconfig(pow2: bool, spec: dict | None, learnable: bool, pow2_rounding="
     act_observer = observer.with_args(**kwargs) if kwargs else observer
     qc = bq.get_default_qat_qconfig(pow2=pow2, pow2_rounding=pow2_rounding, learnable=learnable,
                                     activation_observer=act_observer, activation_dtype=dtype,
-                                    activation_qscheme=qscheme)
+                                    activation_qscheme=qscheme, rounding=rounding)
     return bq.QConfig(activation=None, weight=qc.weight) if weight_only else qc
 
 
@@ -283,8 +284,9 @@ def _attach_functionals(model):
             m.qcat = FloatFunctional()
 
 
-def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_rounding="ceil"):
-    """Turn a float DetectionModel (training mode) into a QAT model, in place; returns it."""
+def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_rounding="ceil", rounding="half_even"):
+    """Turn a float DetectionModel (training mode) into a QAT model, in place; returns it. `rounding`: how every
+    quantizer rounds ties, "half_even" or "half_up" (shift hardware's add-then-shift)."""
     recipe = load_recipe(recipe)
     if any(isinstance(m, (bq.FakeQuantizeBase,)) for m in model.modules()):
         raise UserError("model is already prepared for QAT")
@@ -295,12 +297,13 @@ def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_roun
     model.input_quant = bq.QuantStub()
     # images are x/255 in [0, 1]: 1/255 puts every pixel exactly on the grid; shift hardware takes 2**-8
     model.input_quant.qconfig = make_qconfig(pow2, {"fixed": {"scale": 2 ** -8 if pow2 else 1 / 255, "zero_point": 0,
-                                                              "dtype": "quint8"}}, False, pow2_rounding)
+                                                              "dtype": "quint8"}}, False, pow2_rounding,
+                                             rounding=rounding)
 
     default = recipe["default"]
     where = recipe.get("file", "recipe")
     model.qconfig = make_qconfig(pow2, default.get("activation"), bool(default.get("learnable")), pow2_rounding,
-                                 where=f"{where}: default")
+                                 where=f"{where}: default", rounding=rounding)
     for i, rule in enumerate(recipe["rules"]):
         mode = rule.get("mode", "quantize")
         for name in _rule_targets(model, rule["match"], f"{where}: rule {i}"):
@@ -311,17 +314,18 @@ def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_roun
                 spec = rule.get("activation", default.get("activation"))
                 learn = bool(rule.get("learnable", default.get("learnable")))
                 target.qconfig = make_qconfig(pow2, spec, learn, pow2_rounding, weight_only=mode == "weight_only",
-                                              where=f"{where}: rule {i}")
+                                              where=f"{where}: rule {i}", rounding=rounding)
     mapping = bq.get_default_qat_module_mappings()
     mapping.update({nn.SiLU: QuantizedActivation, nn.Hardswish: QuantizedActivation})
     bq.prepare_qat(model, mapping=mapping, inplace=True)
     for m in model.modules():  # qconfigs hold constructors; they are not needed after prepare (nor pickled)
         m.__dict__.pop("qconfig", None)
     model.qat = {"bn_folding": bool(bn_folding), "pow2": bool(pow2), "pow2_rounding": pow2_rounding,
-                 "recipe": recipe, "activations": sorted(acts)}
+                 "rounding": rounding, "recipe": recipe, "activations": sorted(acts)}
     n_q = sum(isinstance(m, bq.FakeQuantizeBase) for m in model.modules())
     LOGGER.info(f"QAT: prepared {n_q} fake quantizers (bn_folding={bn_folding}, pow2={pow2}, "
-                f"recipe={recipe.get('file', 'default')})")
+                + (f"rounding={rounding}, " if rounding != "half_even" else "")
+                + f"recipe={recipe.get('file', 'default')})")
     return model
 
 
@@ -393,6 +397,11 @@ def observer_states(model):
 def restore_observer_states(model, states):
     for (_, m), on in zip(quantizers(model), states):
         m.enable_observer(on)
+
+
+def is_quantized(model) -> bool:
+    """True for a QAT-prepared model (it carries fake quantizers, which fusion must not touch)."""
+    return any(isinstance(m, bq.FakeQuantizeBase) for m in model.modules())
 
 
 def example_input(model, size: int = 64) -> torch.Tensor:
@@ -467,3 +476,33 @@ def checkpoint_classes() -> list:
             if isinstance(obj, type) and issubclass(obj, nn.Module) and obj not in classes:
                 classes.append(obj)
     return classes
+
+
+# ---------------------------------------------------------------------------------------------- integer model
+
+def convert_yolo(model, example=None):
+    """The integer network of a QAT DetectionModel: bst.convert of a frozen copy (int8 weights, int32 biases on the
+    grid input scale x weight scale, power-of-two requantization, quantized adds and concats). `model` is frozen
+    (observers off) but otherwise untouched. The converted model computes in float exactly what the QAT model
+    computes in eval mode; `integer_head` runs it on integers."""
+    if not is_quantized(model):
+        raise UserError("the model is not a QAT model; the integer network is made from a train.py --qat checkpoint")
+    acts = sorted({type(m.act).__name__ for m in model.modules() if isinstance(m, QuantizedActivation)})
+    if acts:
+        raise UserError(f"the model's {', '.join(acts)} activations have no integer form here (shift hardware "
+                        "applies them as lookup tables); train a ReLU model (train.py --act relu) for the integer "
+                        "network")
+    freeze(model)
+    example = example_input(model) if example is None else example
+    return bq.convert(model.eval(), (example,))
+
+
+@torch.no_grad()
+def integer_head(converted, x) -> list:
+    """bst's integer reference on float images `x`: the input quantized, every layer on integers, the Detect convs'
+    raw outputs as `QTensor`s (int64 values, per-tensor or per-channel power-of-two scales), one per level, in the
+    conv's layout (bs, na * no, ny, nx). Box decoding (sigmoid, grids, anchors) is the host's float work."""
+    detect = converted.model[-1]
+    with bq.integer_mode(converted):
+        feats = converted._forward_once(x, stop=detect.i)
+        return [conv(f) for conv, f in zip(detect.m, feats)]

@@ -87,7 +87,8 @@ class BaseModel(nn.Module):
     def forward(self, x, profile=False, visualize=False):
         return self._forward_once(x, profile, visualize)
 
-    def _forward_once(self, x, profile=False, visualize=False):
+    def _forward_once(self, x, profile=False, visualize=False, stop=None):
+        """`stop`: the index of a layer whose input is returned instead of running it and the layers after it."""
         quant = self._modules.get("input_quant")  # QuantStub of a QAT model (models/quant.py)
         if quant is not None:
             x = quant(x)
@@ -95,6 +96,8 @@ class BaseModel(nn.Module):
         for m in self.model:
             if m.f != -1:
                 x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            if m.i == stop:
+                return x
             x = m(x)
             y.append(x if m.i in self.save else None)
             if visualize:

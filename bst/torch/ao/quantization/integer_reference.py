@@ -6,8 +6,9 @@ meaning the real number ``(q - z) * 2**k``. A converted layer multiplies and acc
 with an arithmetic shift. Nothing here uses floating point except `quantize` (the float input) and
 `QTensor.dequantize` (the float output).
 
-Rounding: every requantization rounds half to even (`shift_round`), exactly what torch's fake
-quantization does (``nearbyint`` in the default rounding mode; ``torch.round``), so a converted model
+Rounding: every requantization rounds as the quantizer it came from does (`shift_round`): half to even,
+exactly what torch's fake quantization does (``nearbyint`` in the default rounding mode; ``torch.round``),
+or half up (``floor(x + 1/2)``, an adder and an arithmetic shift), so a converted model
 in float (``Conv2d.forward`` on a float tensor, reference mode) and the same model on `QTensor` inputs
 agree bit for bit, provided the float accumulation is itself exact: every partial sum of a conv, in
 units of 2**(k_in + k_w), below 2**24 (float32 mantissa), which holds for small layers; beyond that
@@ -26,6 +27,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fake_quant_ops import round_
+
+
+_recorder = None  # the `integer_graph.IntegerGraph` being recorded, if any (integer_graph.recording)
+
+
+def _note(op: str, inputs: list, output, **attrs):
+    """Tell the graph being recorded (if any) that `op` made `output` from `inputs`; returns `output`."""
+    if _recorder is not None:
+        _recorder.add(op, inputs, output, attrs)
+    return output
+
 
 def exponent_of(scale, what: str = "scale") -> int:
     """k with scale == 2**k; a ValueError naming `what` otherwise."""
@@ -39,23 +52,36 @@ def exponent_of(scale, what: str = "scale") -> int:
 
 @dataclass(frozen=True)
 class QTensor:
-    """Integer tensor with per-tensor power-of-two quantization parameters."""
+    """Integer tensor with power-of-two quantization parameters: per tensor (``axis`` None; ``scale`` a float,
+    ``zero_point`` an int), or per channel along ``axis`` (``scale`` and ``zero_point`` 1-d tensors). A per-channel
+    QTensor is a model output (a detection head's raw outputs): the integer ops take per-tensor operands."""
 
     int_repr: torch.Tensor
-    scale: float
-    zero_point: int
+    scale: float | torch.Tensor
+    zero_point: int | torch.Tensor
     quant_min: int
     quant_max: int
+    axis: int | None = None
 
     @property
     def exponent(self) -> int:
+        if self.axis is not None:
+            raise ValueError("a per-channel QTensor (a model output) is not an operand of the integer reference's ops; "
+                             "quantize the tensor per tensor where another layer reads it")
         return exponent_of(self.scale)
 
+    def _broadcast(self, v: torch.Tensor) -> torch.Tensor:
+        shape = [1] * self.int_repr.dim()
+        shape[self.axis] = -1
+        return v.reshape(shape).to(self.int_repr.device)
+
     def dequantize(self) -> torch.Tensor:
-        return (self.int_repr - self.zero_point).to(torch.float32) * self.scale
+        if self.axis is None:
+            return (self.int_repr - self.zero_point).to(torch.float32) * self.scale
+        return (self.int_repr - self._broadcast(self.zero_point)).to(torch.float32) * self._broadcast(self.scale)
 
     def _like(self, values: torch.Tensor) -> "QTensor":
-        return QTensor(values, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        return QTensor(values, self.scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -69,8 +95,9 @@ class QTensor:
         return impl(*args, **(kwargs or {}))
 
 
-def shift_round(acc: torch.Tensor, shift) -> torch.Tensor:
-    """``acc * 2**-shift`` rounded half to even, in int64 (``shift`` an int or a broadcastable tensor).
+def shift_round(acc: torch.Tensor, shift, rounding: str = "half_even") -> torch.Tensor:
+    """``acc * 2**-shift`` rounded half to even (or half up: ``(acc + 2**(shift-1)) >> shift``), in int64
+    (``shift`` an int or a broadcastable tensor).
 
     shift > 0 is an arithmetic right shift plus the rounding decision on the dropped bits; shift <= 0
     is an exact left shift.
@@ -82,31 +109,40 @@ def shift_round(acc: torch.Tensor, shift) -> torch.Tensor:
     floor = acc >> right  # arithmetic shift: floor division by 2**right, also for negatives
     dropped = acc - (floor << right)
     half = torch.where(right > 0, torch.ones_like(right) << torch.clamp_min(right - 1, 0), torch.zeros_like(right))
-    odd = (floor & 1) == 1
-    round_up = (right > 0) & ((dropped > half) | ((dropped == half) & odd))
+    if rounding == "half_up":
+        round_up = (right > 0) & (dropped >= half)
+    else:
+        odd = (floor & 1) == 1
+        round_up = (right > 0) & ((dropped > half) | ((dropped == half) & odd))
     return torch.where(shift > 0, floor + round_up.to(torch.int64), acc << left)
 
 
-def requantize(acc: torch.Tensor, acc_exponent, out_exponent: int, zero_point: int, quant_min: int, quant_max: int,
-               activation: str | None = None) -> torch.Tensor:
-    """Integer accumulator in units of 2**acc_exponent -> quantized output values (int64)."""
-    r = shift_round(acc, out_exponent - torch.as_tensor(acc_exponent, dtype=torch.int64, device=acc.device))
+def requantize(acc: torch.Tensor, acc_exponent, out_exponent, zero_point, quant_min: int, quant_max: int,
+               activation: str | None = None, rounding: str = "half_even") -> torch.Tensor:
+    """Integer accumulator in units of 2**acc_exponent -> quantized output values (int64). The exponents and the
+    zero point are ints, or tensors that broadcast against `acc` (per channel)."""
+    out_exponent = torch.as_tensor(out_exponent, dtype=torch.int64, device=acc.device)
+    zero_point = torch.as_tensor(zero_point, dtype=torch.int64, device=acc.device)
+    r = shift_round(acc, out_exponent - torch.as_tensor(acc_exponent, dtype=torch.int64, device=acc.device), rounding)
     if activation == "relu":
         r = torch.clamp_min(r, 0)
     elif activation == "relu6":
-        six = shift_round(torch.tensor(6, device=acc.device), out_exponent)
+        six = shift_round(torch.tensor(6, device=acc.device), out_exponent, rounding)
         r = torch.minimum(torch.clamp_min(r, 0), six)
     elif activation is not None:
         raise ValueError(f"activation={activation!r} is not supported; use None, 'relu' or 'relu6'")
     return torch.clamp(r + zero_point, quant_min, quant_max)
 
 
-def quantize(x: torch.Tensor, scale, zero_point: int, quant_min: int, quant_max: int) -> QTensor:
-    """Float -> QTensor with the same arithmetic as torch's fake quantization (x * (1/scale), half to even)."""
+def quantize(x: torch.Tensor, scale, zero_point: int, quant_min: int, quant_max: int,
+             rounding: str = "half_even") -> QTensor:
+    """Float -> QTensor with the same arithmetic as the fake quantization (x * (1/scale), then `rounding`)."""
     exponent_of(scale, "scale")
     inv = torch.tensor(1.0 / float(scale), dtype=torch.float32)
-    q = torch.clamp(torch.round(x.to(torch.float32) * inv.to(x.device)) + zero_point, quant_min, quant_max)
-    return QTensor(q.to(torch.int64), float(scale), int(zero_point), quant_min, quant_max)
+    t = round_(x.to(torch.float32) * inv.to(x.device), rounding)
+    q = torch.clamp(t + zero_point, quant_min, quant_max)
+    return _note("quantize", [x], QTensor(q.to(torch.int64), float(scale), int(zero_point), quant_min, quant_max),
+                 rounding=rounding)
 
 
 def _int_conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
@@ -124,6 +160,8 @@ def _int_conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, gro
 
 
 def _output_exponent(module) -> int:
+    if getattr(module, "output_axis", None) is not None:
+        raise ValueError(f"{type(module).__name__}: per-channel output qparams; only a conv's output can have them")
     return exponent_of(module.output_scale, "output_scale")
 
 
@@ -142,10 +180,22 @@ def conv2d(layer, qx: QTensor) -> QTensor:
     bias = layer.integer_bias(qx.scale)
     if bias is not None:
         acc = acc + bias.to(torch.int64).cpu().reshape(1, -1, 1, 1)
-    q = requantize(acc, (k_in + k_w).reshape(1, -1, 1, 1), _output_exponent(layer), int(layer.output_zero_point),
-                   layer.output_quant_min, layer.output_quant_max, layer.activation)
-    return QTensor(q.to(device), float(layer.output_scale), int(layer.output_zero_point), layer.output_quant_min,
-                   layer.output_quant_max)
+    if layer.output_axis is None:
+        k_out, zp = torch.tensor(_output_exponent(layer)), layer.output_zero_point.to(torch.int64).cpu().reshape(())
+        q = requantize(acc, (k_in + k_w).reshape(1, -1, 1, 1), k_out, zp, layer.output_quant_min,
+                       layer.output_quant_max, layer.activation, layer.output_rounding)
+        out = QTensor(q.to(device), float(layer.output_scale), int(zp), layer.output_quant_min, layer.output_quant_max)
+    else:  # one output scale per channel: a requantizing shift and zero point per channel
+        k_out = torch.tensor([exponent_of(s, "output_scale") for s in layer.output_scale.tolist()], dtype=torch.int64)
+        zp = layer.output_zero_point.to(torch.int64).cpu()
+        q = requantize(acc, (k_in + k_w).reshape(1, -1, 1, 1), k_out.reshape(1, -1, 1, 1), zp.reshape(1, -1, 1, 1),
+                       layer.output_quant_min, layer.output_quant_max, layer.activation, layer.output_rounding)
+        out = QTensor(q.to(device), layer.output_scale.detach().clone().cpu(), zp, layer.output_quant_min,
+                      layer.output_quant_max, axis=1)
+    return _note("conv2d", [qx], out, weight=layer.weight_int8, weight_zero_point=layer.weight_zero_point,
+                 bias=bias, shift=k_out - (k_in + k_w), stride=layer.stride, padding=layer.padding,
+                 dilation=layer.dilation, groups=layer.groups, activation=layer.activation,
+                 rounding=layer.output_rounding)
 
 
 def _out(module, values: torch.Tensor) -> QTensor:
@@ -159,23 +209,24 @@ def add(module, a: QTensor, b: QTensor, activation: str | None = None) -> QTenso
     k = min(ka, kb)
     total = ((a.int_repr - a.zero_point) << (ka - k)) + ((b.int_repr - b.zero_point) << (kb - k))
     q = requantize(total, k, _output_exponent(module), int(module.output_zero_point), module.output_quant_min,
-                   module.output_quant_max, activation)
-    return _out(module, q)
+                   module.output_quant_max, activation, module.output_rounding)
+    return _note("add", [a, b], _out(module, q), activation=activation, rounding=module.output_rounding)
 
 
 def mul(module, a: QTensor, b: QTensor) -> QTensor:
     product = (a.int_repr - a.zero_point) * (b.int_repr - b.zero_point)
     q = requantize(product, a.exponent + b.exponent, _output_exponent(module), int(module.output_zero_point),
-                   module.output_quant_min, module.output_quant_max)
-    return _out(module, q)
+                   module.output_quant_min, module.output_quant_max, rounding=module.output_rounding)
+    return _note("mul", [a, b], _out(module, q), rounding=module.output_rounding)
 
 
 def cat(module, parts, dim: int = 0) -> QTensor:
     """Concatenation: each part requantized to the output exponent and zero point, then joined."""
     k_out = _output_exponent(module)
     pieces = [requantize(p.int_repr - p.zero_point, p.exponent, k_out, int(module.output_zero_point),
-                         module.output_quant_min, module.output_quant_max) for p in parts]
-    return _out(module, torch.cat(pieces, dim))
+                         module.output_quant_min, module.output_quant_max, rounding=module.output_rounding)
+              for p in parts]
+    return _note("cat", list(parts), _out(module, torch.cat(pieces, dim)), dim=dim, rounding=module.output_rounding)
 
 
 @contextmanager
@@ -211,7 +262,8 @@ def _max_pool2d(q: QTensor, kernel_size, stride=None, padding=0, dilation=1, cei
     lowest = torch.iinfo(torch.int64).min
     x = F.pad(q.int_repr, (pw, pw, ph, ph), value=lowest)
     windows = x.unfold(2, kh, sh).unfold(3, kw, sw)
-    return q._like(windows.amax(dim=(-2, -1)))
+    return _note("max_pool2d", [q], q._like(windows.amax(dim=(-2, -1))), kernel_size=(kh, kw), stride=(sh, sw),
+                 padding=(ph, pw))
 
 
 def _interpolate(q: QTensor, size=None, scale_factor=None, mode="nearest", align_corners=None,
@@ -225,11 +277,13 @@ def _interpolate(q: QTensor, size=None, scale_factor=None, mode="nearest", align
         factors = (int(fh), int(fw)) if float(fh).is_integer() and float(fw).is_integer() else None
     if mode != "nearest" or factors is None:
         raise ValueError("interpolate: the integer reference supports mode='nearest' with integer factors only")
-    return q._like(q.int_repr.repeat_interleave(factors[0], dim=-2).repeat_interleave(factors[1], dim=-1))
+    out = q._like(q.int_repr.repeat_interleave(factors[0], dim=-2).repeat_interleave(factors[1], dim=-1))
+    return _note("upsample_nearest", [q], out, factors=factors)
 
 
 def _relu(q: QTensor, inplace=False):
-    return q._like(torch.clamp_min(q.int_repr, q.zero_point))
+    zero = q.zero_point if q.axis is None else q._broadcast(q.zero_point)
+    return _note("relu", [q], q._like(torch.clamp_min(q.int_repr, zero)))
 
 
 _GRID_FUNCTIONS = {F.max_pool2d: _max_pool2d, F.interpolate: _interpolate, F.relu: _relu}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bst.torch.ao.quantization import integer_reference as iref
-from bst.torch.ao.quantization.fake_quant_ops import fake_quantize_per_tensor
+from bst.torch.ao.quantization.fake_quant_ops import fake_quantize_per_channel, fake_quantize_per_tensor, round_
 from bst.torch.ao.quantization.fake_quantize import qparams_of
 from bst.torch.ao.quantization.qparams import INT32_MAX, INT32_MIN, bias_on_grid
 from bst.torch.ao.quantization.state import QuantizerModule
@@ -19,51 +19,57 @@ from bst.torch.ao.quantization.state import QuantizerModule
 _ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
 
 
-def _fake_quantize(x, scale, zero_point, quant_min, quant_max):
-    return fake_quantize_per_tensor(x, scale.to(x.device), zero_point.to(x.device), quant_min, quant_max)
-
-
 class _OutputQParams(QuantizerModule):
-    """Per-tensor output quantization parameters (``output_scale`` is None for a float output)."""
+    """Output quantization parameters: one scale and zero point (``output_axis`` None), or one per channel along
+    ``output_axis``; ``output_scale`` is None for a float output."""
 
-    def _set_output(self, qparams):
+    output_rounding = "half_even"
+
+    def _set_output(self, qparams, axis=None, rounding="half_even"):
+        self.output_axis = axis
+        self.output_rounding = rounding
         if qparams is None:
             self.output_scale = None
             self.output_zero_point = None
             self.output_quant_min = self.output_quant_max = None
             return
         scale, zero_point, qmin, qmax = qparams
-        if scale.numel() != 1:
+        if axis is None and scale.numel() != 1:
             raise ValueError(f"output scale: per-tensor quantization expected, got {scale.numel()} scales")
-        self.register_buffer("output_scale", scale.reshape(1))
-        self.register_buffer("output_zero_point", zero_point.reshape(1))
+        self.register_buffer("output_scale", scale.reshape(-1))
+        self.register_buffer("output_zero_point", zero_point.reshape(-1))
         self.output_quant_min, self.output_quant_max = qmin, qmax
 
     def _quantize_output(self, y):
         if self.output_scale is None:
             return y
-        return _fake_quantize(y, self.output_scale, self.output_zero_point, self.output_quant_min,
-                              self.output_quant_max)
+        if self.output_axis is not None:
+            return fake_quantize_per_channel(y, self.output_scale.to(y.device), self.output_zero_point.to(y.device),
+                                             self.output_axis % y.dim(), self.output_quant_min, self.output_quant_max,
+                                             self.output_rounding)
+        return fake_quantize_per_tensor(y, self.output_scale.to(y.device), self.output_zero_point.to(y.device),
+                                        self.output_quant_min, self.output_quant_max, self.output_rounding)
 
 
 class Quantize(_OutputQParams):
     """Converted QuantStub: fake-quantizes its float input, or emits a `QTensor` in integer mode."""
 
-    def __init__(self, qparams):
+    def __init__(self, qparams, rounding="half_even"):
         super().__init__()
-        self._set_output(qparams)
+        self._set_output(qparams, rounding=rounding)
         self.integer_output = False
 
     @classmethod
     def from_stub(cls, stub):
-        return cls(qparams_of(stub.activation_post_process))
+        fq = stub.activation_post_process
+        return cls(qparams_of(fq), fq.rounding)
 
     def forward(self, x):
         if isinstance(x, iref.QTensor):
             return x
         if self.integer_output:
             return iref.quantize(x, self.output_scale, int(self.output_zero_point), self.output_quant_min,
-                                 self.output_quant_max)
+                                 self.output_quant_max, self.output_rounding)
         return self._quantize_output(x)
 
 
@@ -84,11 +90,14 @@ class Conv2d(_OutputQParams):
     Buffers: ``weight_int8`` (int8), ``weight_scale`` / ``weight_zero_point`` (per output channel or
     one), ``bias`` (float, folded), ``bias_int32`` (on the grid ``input_scale * weight_scale``; None when
     the input qparams are unknown), ``input_scale`` / ``input_zero_point`` (from the quantizer that
-    produced this layer's input while `convert` traced the model), ``output_scale`` / ``output_zero_point``.
+    produced this layer's input while `convert` traced the model), ``output_scale`` / ``output_zero_point`` (one,
+    or one per output channel when ``output_axis`` is 1: a model output such as a detection head's, whose channels
+    have different ranges; on shift hardware that is a requantizing shift per channel).
     """
 
     def __init__(self, weight_int8, weight_scale, weight_zero_point, weight_quant_range, bias, input_qparams,
-                 output_qparams, stride, padding, dilation, groups, padding_mode="zeros", activation=None):
+                 output_qparams, stride, padding, dilation, groups, padding_mode="zeros", activation=None,
+                 output_axis=None, output_rounding="half_even"):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not supported; use None, 'relu' or 'relu6'")
@@ -107,7 +116,9 @@ class Conv2d(_OutputQParams):
             self.register_buffer("input_scale", in_scale)
             self.register_buffer("input_zero_point", in_zero_point)
             self.register_buffer("bias_int32", None if bias is None else self._bias_on_grid(float(in_scale)))
-        self._set_output(output_qparams)
+        if output_axis not in (None, 1):
+            raise ValueError(f"output_axis={output_axis}: a conv output is quantized per tensor or per channel (1)")
+        self._set_output(output_qparams, output_axis, output_rounding)
 
     @property
     def in_channels(self):
@@ -175,11 +186,18 @@ class Conv2d(_OutputQParams):
         scale_b = w_scale.expand(weight.shape[0]).reshape(shape)
         zp_b = w_zp.expand(weight.shape[0]).reshape(shape)
         # the same arithmetic as the fake quantizer: round(w * (1 / s)) + z, clamped
-        q = torch.clamp(torch.round(weight * (1.0 / scale_b)) + zp_b, qmin, qmax)
+        q = torch.clamp(round_(weight * (1.0 / scale_b), weight_fq.rounding) + zp_b, qmin, qmax)
         output = mod._modules.get("activation_post_process")
+        output_axis = None
+        if output is not None and output.is_per_channel:
+            output_axis = output.ch_axis % 4
+            if output_axis != 1:
+                raise ValueError(f"ch_axis={output.ch_axis}: a per-channel conv output is quantized along its "
+                                 "channels (axis 1)")
         return cls(q, scale_b.reshape(-1), zp_b.reshape(-1), (qmin, qmax), bias, input_qparams,
                    None if output is None else qparams_of(output), mod.stride, mod.padding, mod.dilation, mod.groups,
-                   mod.padding_mode, mod._activation)
+                   mod.padding_mode, mod._activation, output_axis,
+                   "half_even" if output is None else output.rounding)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight_int8.shape[2:])}, "
@@ -193,14 +211,15 @@ class QFunctional(_OutputQParams):
     operand), empty without ``example_inputs``. The integer reference reads them from its QTensors.
     """
 
-    def __init__(self, output_qparams):
+    def __init__(self, output_qparams, rounding="half_even"):
         super().__init__()
-        self._set_output(output_qparams)
+        self._set_output(output_qparams, rounding=rounding)
         self.input_qparams = []
 
     @classmethod
     def from_float(cls, mod):
-        return cls(qparams_of(mod.activation_post_process))
+        fq = mod.activation_post_process
+        return cls(qparams_of(fq), fq.rounding)
 
     def forward(self, x):
         raise RuntimeError("QFunctional is not called directly; use its add / add_relu / mul / cat methods")
