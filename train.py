@@ -572,6 +572,9 @@ def parse_opt(argv=None):
     qat.add_argument("--pow2-scale", action="store_true", help="every weight and activation scale is a power of two")
     qat.add_argument("--pow2-rounding", choices=["ceil", "round"], default="ceil",
                      help="log2 rounding of pow2 scales: ceil never clips the observed range, round is nearest")
+    qat.add_argument("--rounding", choices=["half_even", "half_up"], default="half_even",
+                     help="how every quantizer rounds ties: half_even (torch, ONNX QuantizeLinear) or half_up "
+                     "(shift hardware: add 2^(k-1), shift right by k); half_up models export --include integer only")
     qat.add_argument("--freeze-bn-epoch", type=int, default=-1, help="BN running statistics stop updating from "
                      "epoch N on (0: from the start; -1: never)")
     qat.add_argument("--disable-observer-epoch", type=int, default=-1, help="observers stop updating (scales "

@@ -22,7 +22,7 @@ from utils.general import UserError, run_cli
 H, W = 64, 96  # non-square on purpose
 
 
-def small_qat(act="relu", bn_folding=True, pow2=True, recipe=None):
+def small_qat(act="relu", bn_folding=True, pow2=True, recipe=None, rounding="half_even"):
     """yolov5n (nc=10) prepared for QAT and calibrated on noise, in eval mode.
 
     BN statistics come from two noise batches first: with a fresh model's BN (mean 0, var 1) the activations shrink
@@ -38,7 +38,7 @@ def small_qat(act="relu", bn_folding=True, pow2=True, recipe=None):
             model(torch.rand(2, 3, H, W))
     for bn in bns:
         bn.momentum = 0.03
-    prepare_yolo_qat(model, bn_folding=bn_folding, pow2=pow2, recipe=recipe)
+    prepare_yolo_qat(model, bn_folding=bn_folding, pow2=pow2, recipe=recipe, rounding=rounding)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8, generator=g),) for _ in range(2)]
     calibrate(model, batches, 2, torch.device("cpu"))

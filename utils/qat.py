@@ -44,6 +44,7 @@ class QATRun:
         self.bn_folding = bool(getattr(opt, "bn_folding", False))
         self.pow2 = bool(getattr(opt, "pow2_scale", False))
         self.pow2_rounding = getattr(opt, "pow2_rounding", "ceil")
+        self.rounding = getattr(opt, "rounding", "half_even")
         self.recipe = getattr(opt, "qat_recipe", "") or None
         self.freeze_bn_epoch = int(getattr(opt, "freeze_bn_epoch", -1))
         self.disable_observer_epoch = int(getattr(opt, "disable_observer_epoch", -1))
@@ -63,25 +64,30 @@ class QATRun:
         if model_activation_is(model, "silu") and self.enabled:
             LOGGER.warning(f"{PREFIX}WARNING: the model uses SiLU; its outputs are quantized as a lookup table")
         return prepare_yolo_qat(model, bn_folding=self.bn_folding, pow2=self.pow2, recipe=self.recipe,
-                                pow2_rounding=self.pow2_rounding)
+                                pow2_rounding=self.pow2_rounding, rounding=self.rounding)
 
     def _adopt(self, saved: dict):
         """An already quantized model keeps how it was quantized: record its own settings, and say which of the
         given flags cannot change it."""
         own = {"bn_folding": bool(saved.get("bn_folding", self.bn_folding)), "pow2": bool(saved.get("pow2", self.pow2)),
-               "pow2_rounding": saved.get("pow2_rounding", self.pow2_rounding)}
+               "pow2_rounding": saved.get("pow2_rounding", self.pow2_rounding),
+               "rounding": saved.get("rounding", "half_even")}  # models saved before --rounding round half to even
         recipe = saved.get("recipe")
         recipe_name = recipe.get("file", "default") if isinstance(recipe, dict) else recipe
-        given = {"bn_folding": self.bn_folding, "pow2": self.pow2, "pow2_rounding": self.pow2_rounding}
-        flags = {"bn_folding": "--bn-folding", "pow2": "--pow2-scale", "pow2_rounding": "--pow2-rounding"}
+        given = {"bn_folding": self.bn_folding, "pow2": self.pow2, "pow2_rounding": self.pow2_rounding,
+                 "rounding": self.rounding}
+        flags = {"bn_folding": "--bn-folding", "pow2": "--pow2-scale", "pow2_rounding": "--pow2-rounding",
+                 "rounding": "--rounding"}
         ignored = [f"{flags[k]} {given[k]}" for k in own if given[k] != own[k]]
         if self.recipe and Path(str(self.recipe)).name != str(recipe_name):
             ignored.append(f"--qat-recipe {self.recipe}")
         if ignored:
             LOGGER.warning(f"{PREFIX}WARNING: the model is already quantized (bn_folding={own['bn_folding']}, "
-                           f"pow2={own['pow2']}, pow2_rounding={own['pow2_rounding']}, recipe {recipe_name}); "
+                           f"pow2={own['pow2']}, pow2_rounding={own['pow2_rounding']}, rounding={own['rounding']}, "
+                           f"recipe {recipe_name}); "
                            f"{', '.join(ignored)} cannot change that and are ignored")
         self.bn_folding, self.pow2, self.pow2_rounding = own["bn_folding"], own["pow2"], own["pow2_rounding"]
+        self.rounding = own["rounding"]
         self.recipe = recipe_name
 
     def calibrate(self, model, loader, device):
@@ -122,7 +128,7 @@ class QATRun:
 
     def meta(self):
         return {"bn_folding": self.bn_folding, "pow2": self.pow2, "pow2_rounding": self.pow2_rounding,
-                "recipe": self.recipe, "freeze_bn_epoch": self.freeze_bn_epoch,
+                "rounding": self.rounding, "recipe": self.recipe, "freeze_bn_epoch": self.freeze_bn_epoch,
                 "disable_observer_epoch": self.disable_observer_epoch, "calib_batches": self.calib_batches}
 
 

@@ -7,10 +7,29 @@ vectorized core ops (multiply by 1/scale, round half to even, clamp, multiply by
 straight-through mask for the backward pass. Every step is exact or rounds identically to the
 kernel (``x * (1/scale)`` in float32, ``nearbyint``, integer clamp), so results are bit-identical;
 the tests check this against the core op. CUDA tensors and other dtypes use the core kernels.
+
+Rounding "half_up" (floor(x * (1/scale) + 1/2): what an adder and an arithmetic shift compute) has
+no core kernel; it always takes the vectorized path, on every device.
 """
 from __future__ import annotations
 
 import torch
+
+ROUNDINGS = ("half_even", "half_up")  # how a value halfway between two integers is rounded
+
+
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r}: use 'half_even' (torch, ONNX QuantizeLinear) or 'half_up' (an "
+                         "adder and an arithmetic shift: floor(x + 1/2))")
+    return rounding
+
+
+def round_(t: torch.Tensor, rounding: str = "half_even") -> torch.Tensor:
+    """Round `t` in place to integers: half to even, or half up (floor(t + 1/2), ties towards +inf)."""
+    if rounding == "half_up":
+        return t.add_(0.5).floor_()
+    return t.round_()
 
 
 class _VectorizedFakeQuantize(torch.autograd.Function):
@@ -23,9 +42,9 @@ class _VectorizedFakeQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, inv_scale, scale, low, high):
+    def forward(ctx, x, inv_scale, scale, low, high, rounding="half_even"):
         t = torch.mul(x, inv_scale)
-        t.round_()
+        round_(t, rounding)
         out = torch.clamp(t, low, high)
         mask = torch.eq(out, t, out=t)
         out.mul_(scale)
@@ -35,30 +54,41 @@ class _VectorizedFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None
+        return grad * mask, None, None, None, None, None
 
 
 def _use_vectorized(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32
 
 
-def fake_quantize_per_tensor(x, scale, zero_point, quant_min: int, quant_max: int):
-    """= torch.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)."""
+def fake_quantize_per_tensor(x, scale, zero_point, quant_min: int, quant_max: int, rounding: str = "half_even"):
+    """= torch.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max); with rounding "half_up"
+    the same arithmetic with floor(x * (1/scale) + 1/2) in place of round half to even (no core kernel has it)."""
+    if rounding == "half_up" and not _use_vectorized(x):
+        inv = torch.reciprocal(scale.reshape(()).float()).to(x.dtype)
+        zp = zero_point.reshape(()).to(x.dtype)
+        return _VectorizedFakeQuantize.apply(x, inv, scale.reshape(()).to(x.dtype), quant_min - zp, quant_max - zp,
+                                             rounding)
     if not _use_vectorized(x):
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max)
     # on the CPU reading the qparams costs nothing; float32 values are exact as Python floats
     scale_f = float(scale.reshape(()))
     inv_f = float(torch.reciprocal(scale.reshape(())))  # 1.0f / scale, as the kernel computes it
     zp = int(zero_point.reshape(()))
-    return _VectorizedFakeQuantize.apply(x, inv_f, scale_f, float(quant_min - zp), float(quant_max - zp))
+    return _VectorizedFakeQuantize.apply(x, inv_f, scale_f, float(quant_min - zp), float(quant_max - zp), rounding)
 
 
-def fake_quantize_per_channel(x, scale, zero_point, axis: int, quant_min: int, quant_max: int):
-    """= torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max)."""
-    if not _use_vectorized(x):
+def fake_quantize_per_channel(x, scale, zero_point, axis: int, quant_min: int, quant_max: int,
+                              rounding: str = "half_even"):
+    """= torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max); "half_up"
+    rounding as in `fake_quantize_per_tensor`."""
+    if rounding != "half_up" and not _use_vectorized(x):
         return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max)
     shape = [1] * x.dim()
     shape[axis] = -1
-    scale = scale.reshape(shape)
+    scale = scale.reshape(shape).float()
     zp = zero_point.reshape(shape).to(torch.float32)
-    return _VectorizedFakeQuantize.apply(x, torch.reciprocal(scale), scale, quant_min - zp, quant_max - zp)
+    inv = torch.reciprocal(scale)
+    if x.dtype != torch.float32:
+        scale, inv, zp = scale.to(x.dtype), inv.to(x.dtype), zp.to(x.dtype)
+    return _VectorizedFakeQuantize.apply(x, inv, scale, quant_min - zp, quant_max - zp, rounding)

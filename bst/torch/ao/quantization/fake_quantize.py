@@ -1,7 +1,9 @@
 """Fake quantizers: an observer plus quantize-dequantize in float, with straight-through gradients.
 
-Rounding is round-half-to-even everywhere: torch's fake-quant kernels use ``nearbyint`` under the
-default rounding mode, ``torch.round`` does the same, and the integer reference reproduces it with
+Rounding is a property of each quantizer (``rounding``): "half_even" (default) is what torch's
+fake-quant kernels (``nearbyint`` under the default rounding mode), ``torch.round`` and ONNX
+QuantizeLinear do; "half_up" (floor(x + 1/2), ties towards +inf) is what shift hardware does when it
+adds 2**(k-1) before an arithmetic right shift by k. The integer reference reproduces either with
 shifts (`integer_reference.shift_round`).
 
 Enable flags are uint8 buffers (``fake_quant_enabled``, ``observer_enabled``) so they travel with
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .factory import with_args
-from .fake_quant_ops import fake_quantize_per_channel, fake_quantize_per_tensor
+from .fake_quant_ops import check_rounding, fake_quantize_per_channel, fake_quantize_per_tensor
 from .observer import (FixedQParamsObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
                        ObserverBase)
 from .pow2 import exp2_int, exponent_of_pow2, is_pow2, log2_exponent
@@ -33,6 +35,7 @@ class FakeQuantizeBase(QuantizerModule):
     """Enable flags (uint8 buffers, cached host-side by version) and the module-level switches."""
 
     with_args = classmethod(with_args)
+    rounding = "half_even"  # class default: quantizers pickled before rounding was a property round half to even
 
     def __init__(self):
         super().__init__()
@@ -102,9 +105,11 @@ class FakeQuantize(FakeQuantizeBase):
 
     _resizable = ("scale", "zero_point")
 
-    def __init__(self, observer=MovingAverageMinMaxObserver, quant_min=None, quant_max=None, **observer_kwargs):
+    def __init__(self, observer=MovingAverageMinMaxObserver, quant_min=None, quant_max=None, rounding="half_even",
+                 **observer_kwargs):
         super().__init__()
         _check_range(quant_min, quant_max)
+        self.rounding = check_rounding(rounding)
         if quant_min is not None or quant_max is not None:
             observer_kwargs.update(quant_min=quant_min, quant_max=quant_max)
         self.activation_post_process = observer(**observer_kwargs)
@@ -161,8 +166,8 @@ class FakeQuantize(FakeQuantizeBase):
     def _fake_quantize(self, x):
         if self.is_per_channel:
             return fake_quantize_per_channel(x, self.scale, self.zero_point, self.ch_axis % x.dim(),
-                                             self.quant_min, self.quant_max)
-        return fake_quantize_per_tensor(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+                                             self.quant_min, self.quant_max, self.rounding)
+        return fake_quantize_per_tensor(x, self.scale, self.zero_point, self.quant_min, self.quant_max, self.rounding)
 
     def forward(self, x):
         quantize = self._flag("fake_quant_enabled")
@@ -182,14 +187,15 @@ class FakeQuantize(FakeQuantizeBase):
         return (f"fake_quant_enabled={int(self.fake_quant_enabled[0])}, "
                 f"observer_enabled={int(self.observer_enabled[0])}, "
                 f"quant_min={self.quant_min}, quant_max={self.quant_max}, dtype={self.dtype}, qscheme={self.qscheme}, "
-                f"ch_axis={self.ch_axis}, pow2={self.pow2}, scale={self.scale}, zero_point={self.zero_point}")
+                f"ch_axis={self.ch_axis}, pow2={self.pow2}, rounding={self.rounding}, scale={self.scale}, "
+                f"zero_point={self.zero_point}")
 
 
 class FixedQParamsFakeQuantize(FakeQuantize):
     """Fake quantization with constant qparams from a `FixedQParamsObserver` (nothing is observed)."""
 
-    def __init__(self, observer):
-        super().__init__(observer=observer)
+    def __init__(self, observer, rounding="half_even"):
+        super().__init__(observer=observer, rounding=rounding)
         if not isinstance(self.activation_post_process, FixedQParamsObserver):
             raise ValueError(f"observer={observer!r} must build a FixedQParamsObserver")
         self.refresh_qparams()
@@ -210,7 +216,10 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
     A batch with non-finite values leaves min/max, scale and zero point as they were.
     """
 
-    def __init__(self, observer=MovingAverageMinMaxObserver, quant_min=None, quant_max=None, **observer_kwargs):
+    def __init__(self, observer=MovingAverageMinMaxObserver, quant_min=None, quant_max=None, rounding="half_even",
+                 **observer_kwargs):
+        if rounding != "half_even":
+            raise ValueError(f"rounding={rounding!r}: the fused core op rounds half to even; use FakeQuantize")
         super().__init__(observer, quant_min, quant_max, **observer_kwargs)
         obs = self.activation_post_process
         if type(obs) not in (MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver):
@@ -267,6 +276,18 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
+class _HalfUpSTE(torch.autograd.Function):
+    """floor(x + 1/2) forward (round half up), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.floor(x + 0.5)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 class _CeilSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -308,9 +329,10 @@ class LearnableFakeQuantize(FakeQuantizeBase):
     _resizable = ("scale", "zero_point", "log2_scale")
 
     def __init__(self, observer=MovingAverageMinMaxObserver, quant_min=None, quant_max=None, scale=1.0,
-                 grad_factor="lsq", **observer_kwargs):
+                 grad_factor="lsq", rounding="half_even", **observer_kwargs):
         super().__init__()
         _check_range(quant_min, quant_max)
+        self.rounding = check_rounding(rounding)
         if quant_min is not None or quant_max is not None:
             observer_kwargs.update(quant_min=quant_min, quant_max=quant_max)
         self.activation_post_process = observer(**observer_kwargs)
@@ -409,13 +431,14 @@ class LearnableFakeQuantize(FakeQuantizeBase):
             shape = [1] * x.dim()
             shape[self.ch_axis % x.dim()] = -1
             scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-        q = torch.clamp(_RoundSTE.apply(x * (1.0 / scale)) + zero_point, self.quant_min, self.quant_max)
+        rounder = _HalfUpSTE if self.rounding == "half_up" else _RoundSTE
+        q = torch.clamp(rounder.apply(x * (1.0 / scale)) + zero_point, self.quant_min, self.quant_max)
         return (q - zero_point) * scale
 
     def extra_repr(self):
         name = "log2_scale" if self.pow2 else "scale"
         return (f"learned={name}, quant_min={self.quant_min}, quant_max={self.quant_max}, qscheme={self.qscheme}, "
-                f"pow2={self.pow2}, grad_factor={self.grad_factor}")
+                f"pow2={self.pow2}, rounding={self.rounding}, grad_factor={self.grad_factor}")
 
 
 @torch.no_grad()

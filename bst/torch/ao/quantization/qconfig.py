@@ -6,6 +6,7 @@ from collections import namedtuple
 import torch
 import torch.nn as nn
 
+from .fake_quant_ops import check_rounding
 from .fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize, LearnableFakeQuantize
 from .observer import (MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
                        PerChannelMinMaxObserver)
@@ -31,7 +32,7 @@ class QConfig(namedtuple("QConfig", ["activation", "weight"])):
 def get_default_qat_qconfig(pow2: bool = False, pow2_rounding: str = "ceil", per_channel: bool = True,
                             learnable: bool = False, fused: bool = False, activation_observer=None,
                             averaging_constant: float = 0.01, activation_dtype=torch.quint8,
-                            activation_qscheme=torch.per_tensor_affine) -> QConfig:
+                            activation_qscheme=torch.per_tensor_affine, rounding: str = "half_even") -> QConfig:
     """A QAT qconfig: 8-bit affine activations, 8-bit symmetric weights (zero point 0).
 
     * activations: moving-average min/max (``averaging_constant``) unless ``activation_observer`` (a
@@ -41,14 +42,20 @@ def get_default_qat_qconfig(pow2: bool = False, pow2_rounding: str = "ceil", per
     * ``pow2``: every scale is 2**k (``pow2_rounding`` "ceil" never clips, "round" is nearest in log2).
     * ``learnable``: `LearnableFakeQuantize` (LSQ) for activations and weights.
     * ``fused``: `FusedMovingAvgObsFakeQuantize` (core fused op); linear scales only.
+    * ``rounding``: "half_even" or "half_up", for every quantizer (see `fake_quantize`).
     """
     check_pow2_rounding(pow2_rounding)
+    check_rounding(rounding)
+    if fused and rounding != "half_even":
+        raise ValueError(f"fused=True: the fused core op rounds half to even, not {rounding}")
     if fused and (pow2 or learnable):
         raise ValueError("fused=True: the fused core op supports neither pow2 nor learnable scales")
     if fused and activation_observer is not None:
         raise ValueError("fused=True: the fused core op has its own moving-average observer; drop activation_observer")
     quantizer = LearnableFakeQuantize if learnable else FusedMovingAvgObsFakeQuantize if fused else FakeQuantize
     mode = {"pow2": True, "pow2_rounding": pow2_rounding} if pow2 else {}
+    if not fused:
+        mode["rounding"] = rounding
     if activation_observer is None:
         act_observer = {"observer": MovingAverageMinMaxObserver, "averaging_constant": averaging_constant}
     else:
@@ -65,10 +72,11 @@ def get_default_qat_qconfig(pow2: bool = False, pow2_rounding: str = "ceil", per
 
 
 def get_default_calibration_qconfig(pow2: bool = False, pow2_rounding: str = "ceil", per_channel: bool = True,
-                                    activation_observer=MinMaxObserver) -> QConfig:
+                                    activation_observer=MinMaxObserver, rounding: str = "half_even") -> QConfig:
     """Plain min/max (or ``activation_observer``) statistics for a calibration pass; weights per channel."""
     check_pow2_rounding(pow2_rounding)
     mode = {"pow2": True, "pow2_rounding": pow2_rounding} if pow2 else {}
+    mode["rounding"] = check_rounding(rounding)
     activation = FakeQuantize.with_args(observer=activation_observer, dtype=torch.quint8,
                                         qscheme=torch.per_tensor_affine, **mode)
     if per_channel:
