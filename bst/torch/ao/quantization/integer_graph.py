@@ -28,11 +28,9 @@ from . import integer_reference as iref
 from .integer_runner import FORMAT, VERSION
 
 def _ints(v) -> int | list:
-    """A 0-d or 1-d integer tensor / int as JSON: an int, or a list of ints."""
-    t = torch.as_tensor(v).reshape(-1) if not isinstance(v, int) else None
-    if t is None:
-        return v
-    return int(t[0]) if torch.as_tensor(v).dim() == 0 else [int(i) for i in t.tolist()]
+    """An int or a 0-d tensor as an int; a 1-d tensor as a list of ints (JSON)."""
+    t = torch.as_tensor(v)
+    return int(t) if t.dim() == 0 else [int(i) for i in t.reshape(-1).tolist()]
 
 
 class IntegerGraph:
