@@ -13,10 +13,12 @@ partial run still gives every row.
   seed; extra epochs alone move a parent's mAP, so QAT is compared with this, seed by seed. Its per-epoch mAPs are
   recorded to show whether it still moves.
 - QAT rows: train.py --qat with the flags of the original experiment (--disable-observer-epoch 0 --freeze-bn-epoch
-  0, plus --bn-folding / --pow2-scale as the experiment says) and its recipe from data/quant/. Experiment 5 needs a
-  ReLU6 parent and is left out. This project's own rows: its default recipe (default.yaml: MSE observers, one scale per
-  channel for the Detect outputs), the same with one scale per tensor everywhere (mse_per_tensor.yaml), learnable
-  power-of-two scales (learnable.yaml) and shared concat scales (shared_concat.yaml).
+  0, plus --bn-folding / --pow2-scale as the experiment says) and its recipe from data/quant/. Experiment 5 is
+  experiment 4 on a ReLU6 model: it starts from the ReLU6 parent (--parent-relu6, the ReLU parent fine-tuned with
+  --act relu6) and is compared with that parent's own FP32 fine-tune. This project's own rows: its default recipe
+  (default.yaml: MSE observers, one scale per channel for the Detect outputs), the same with one scale per tensor
+  everywhere (mse_per_tensor.yaml), learnable power-of-two scales (learnable.yaml) and shared concat scales
+  (shared_concat.yaml).
 - PTQ rows: val.py --ptq of the parent with minmax, percentile and MSE observers (one scale per tensor everywhere),
   linear and pow2, and with the default recipe; BN folded. Calibration reads --calib-batches batches of the train
   split in a shuffled order fixed by the loader's seed 0, without augmentation, so a PTQ row is measured once;
@@ -63,7 +65,12 @@ TRAINED = dict([
                                                      "data/quant/learnable.yaml"]),
     ("pow2 all, shared concat (shared_concat.yaml)", ["--qat", *SCHEDULE, *BN, *POW2, "--qat-recipe",
                                                       "data/quant/shared_concat.yaml"]),
+    ("FP32 fine-tune ReLU6 (reference for exp05)", []),
+    _exp(5, "pow2_all_relu6", BN + POW2),
 ])
+RELU6 = {"FP32 fine-tune ReLU6 (reference for exp05)", "exp05 pow2_all_relu6"}  # rows from the ReLU6 parent
+REFERENCE = {name: "FP32 fine-tune ReLU6 (reference for exp05)" if name in RELU6 else "FP32 fine-tune (reference)"
+             for name in TRAINED}
 # name -> (activation observer, or a recipe file; pow2)
 PTQ = {f"PTQ {obs} {kind}": (obs, kind == "pow2") for kind in ("linear", "pow2")
        for obs in ("minmax", "percentile", "mse")}
@@ -121,17 +128,21 @@ def ptq_recipe(out: Path, observer: str) -> Path:
 def measure(opt):
     import val
 
-    out, csv_file, parent = Path(opt.out), Path(opt.csv), Path(opt.parent)
+    out, csv_file, parent, parent6 = Path(opt.out), Path(opt.csv), Path(opt.parent), Path(opt.parent_relu6)
     if not parent.is_file():
         raise SystemExit(f"ERROR: {parent}: no such parent checkpoint; pass --parent (an FP32 ReLU shapes model)")
     pid = file_id(parent)
+    if not parent6.is_file():
+        print(f"{parent6}: no ReLU6 parent, experiment 5 and its reference are skipped (--parent-relu6)")
+    pids = {name: (file_id(parent6) if parent6.is_file() else None) if name in RELU6 else pid for name in TRAINED}
     done = {(r["variant"], r["seed"], r["epochs"], r["img"], r["parent"]) for r in read_rows(csv_file)}
     evaluate = dict(data="data/shapes.yaml", imgsz=opt.img, batch_size=32, workers=2, device="cpu", plots=False,
                     project=str(out / "val"), exist_ok=True)
 
     def record(variant, seed, r, per_epoch, t0):
         row = {"variant": variant, "seed": seed, "epochs": opt.epochs if seed != "-" else "-", "img": opt.img,
-               "parent": pid, "mAP50": f"{r[2]:.5f}", "mAP50-95": f"{r[3]:.5f}", "per_epoch_mAP50-95": per_epoch,
+               "parent": pids.get(variant, pid), "mAP50": f"{r[2]:.5f}", "mAP50-95": f"{r[3]:.5f}",
+               "per_epoch_mAP50-95": per_epoch,
                "seconds": f"{time.time() - t0:.0f}"}
         append_row(csv_file, row)
         print(f"{variant} seed {seed}: mAP50 {r[2]:.4f} mAP50-95 {r[3]:.4f}", flush=True)
@@ -149,13 +160,15 @@ def measure(opt):
             record(name, "-", r, "", t0)
     for seed in opt.seeds:
         for name, flags in TRAINED.items():
-            if name not in selected or (name, str(seed), str(opt.epochs), str(opt.img), pid) in done:
+            if name not in selected or pids[name] is None or \
+                    (name, str(seed), str(opt.epochs), str(opt.img), pids[name]) in done:
                 continue
             t0 = time.time()
             run = f"v{list(TRAINED).index(name):02d}_s{seed}"
             run_dir = out / run
             shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted benchmark left: start that run afresh
-            sh(["train.py", "--data", "shapes.yaml", "--weights", parent, "--hyp", "data/hyps/hyp.qat.yaml", "--img",
+            start = parent6 if name in RELU6 else parent
+            sh(["train.py", "--data", "shapes.yaml", "--weights", start, "--hyp", "data/hyps/hyp.qat.yaml", "--img",
                 opt.img, "--batch-size", opt.batch, "--epochs", opt.epochs, "--workers", 2, "--noplots", "--seed",
                 seed, "--calib-batches", opt.calib_batches, *flags, "--project", out, "--name", run, "--exist-ok"])
             r = val.run(weights=str(run_dir / "weights" / "best.pt"), name=run, **evaluate)[0]
@@ -166,14 +179,14 @@ def summarize(opt):
     import numpy as np
 
     csv_file, pid = Path(opt.csv), file_id(Path(opt.parent))
-    rows = [r for r in read_rows(csv_file) if r["parent"] == pid and r["img"] == str(opt.img)
-            and r["epochs"] in (str(opt.epochs), "-")]
+    pid6 = file_id(Path(opt.parent_relu6)) if Path(opt.parent_relu6).is_file() else None
+    rows = [r for r in read_rows(csv_file) if r["parent"] == (pid6 if r["variant"] in RELU6 else pid)
+            and r["img"] == str(opt.img) and r["epochs"] in (str(opt.epochs), "-")]
     if not rows:
         raise SystemExit(f"ERROR: {csv_file} has no rows for this parent, --epochs {opt.epochs}, --img {opt.img}")
     by = {}
     for r in rows:
         by.setdefault(r["variant"], {})[r["seed"]] = (float(r["mAP50"]), float(r["mAP50-95"]), r["per_epoch_mAP50-95"])
-    ref = by.get("FP32 fine-tune (reference)", {})
     parent = by.get("FP32 parent", {}).get("-")
     table = []
     for name in ["FP32 parent", *TRAINED, *PTQ]:
@@ -184,7 +197,8 @@ def summarize(opt):
         m = np.array([by[name][s][1] for s in seeds])
         if name in PTQ:
             ret = m / parent[1] * 100 if parent else np.array([])
-        elif name in TRAINED and name != "FP32 fine-tune (reference)":
+        elif name in TRAINED and REFERENCE[name] != name:
+            ref = by.get(REFERENCE[name], {})
             ret = np.array([by[name][s][1] / ref[s][1] * 100 for s in seeds if s in ref])
         else:
             ret = np.array([])
@@ -203,9 +217,11 @@ def summarize(opt):
     for name, n, m50, m, sd, ret, rsd in table:
         print(f"{name:<{width}}{n:>3}{m50:>8.4f}{m:>10.4f}{fmt(sd, '.4f'):>8}{fmt(ret, '.1f', '%'):>11}"
               f"{fmt(rsd, '.1f'):>7}")
-    print("retention: QAT vs the FP32 fine-tune at the same seed; PTQ vs the FP32 parent")
-    for s in sorted(ref):
-        print(f"FP32 fine-tune seed {s} mAP50-95 per epoch: {ref[s][2]}")
+    print("retention: QAT vs the FP32 fine-tune of its parent at the same seed (exp05: the ReLU6 parent's); PTQ vs "
+          "the FP32 parent")
+    for name in dict.fromkeys(REFERENCE.values()):
+        for s, row in sorted(by.get(name, {}).items()):
+            print(f"{name.split(' (')[0]} seed {s} mAP50-95 per epoch: {row[2]}")
 
     out = Path(opt.csv).parent
     with open(out / "summary.csv", "w", newline="") as f:
@@ -242,6 +258,8 @@ def plot(table, file, opt):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parent", default=str(ROOT / "weights/shapes_yolov5n_relu.pt"), help="FP32 ReLU checkpoint")
+    ap.add_argument("--parent-relu6", default=str(ROOT / "weights/shapes_yolov5n_relu6.pt"),
+                    help="FP32 ReLU6 checkpoint, the parent of experiment 5")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--img", type=int, default=256)
