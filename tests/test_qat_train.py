@@ -5,7 +5,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,20 +272,12 @@ def test_resumed_run_equals_the_uninterrupted_run(micro, tmp_path, recipe):
         assert _unshared_concats(model) == []
 
 
-def test_rounding_half_up_trains_and_exports_as_integer_model(micro, tmp_path):
-    """--rounding half_up: every quantizer of the trained checkpoint rounds half up, the QAT metadata says so, and
-    the checkpoint exports as an integer model (numpy runner = PyTorch) but not as ONNX."""
-    import export
-    from utils.general import UserError
-
+def test_rounding_half_up_trains(micro, tmp_path):
+    """--rounding half_up: every quantizer of the trained checkpoint rounds half up and the QAT metadata says so
+    (tests/test_integer_model.py: such a model's integer export and the ONNX refusal)."""
     out = _ok(_train("--data", micro, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
                      "--epochs", "1", *SEED_FLAGS, "--rounding", "half_up", "--project", tmp_path, "--name", "up"))
     assert "rounding=half_up" in out
-    best = tmp_path / "up" / "weights" / "best.pt"
-    ckpt = load_checkpoint(best)
+    ckpt = load_checkpoint(tmp_path / "up" / "weights" / "best.pt")
     assert ckpt["model"].qat["rounding"] == "half_up"
     assert {m.rounding for m in ckpt["model"].modules() if isinstance(m, FakeQuantizeBase)} == {"half_up"}
-    (folder,) = export.run(weights=best, imgsz=(64, 64), include=["integer"])
-    assert yaml_load(Path(folder) / "model.json")["rounding"] == "half_up"
-    with pytest.raises(UserError, match="--include integer"):
-        export.run(weights=best, imgsz=(64, 64), include=["onnx"])

@@ -3,8 +3,8 @@
 Tensors are `QTensor`: int64 values ``q`` with a power-of-two scale ``2**k`` and a zero point ``z``,
 meaning the real number ``(q - z) * 2**k``. A converted layer multiplies and accumulates integers
 (int8 x int8 -> int64, plus the int32 bias), and requantizes the accumulator to its output exponent
-with an arithmetic shift. Nothing here uses floating point except `quantize` (the float input) and
-`QTensor.dequantize` (the float output).
+with an arithmetic shift. Floating point appears only in `quantize` (the float input), `QTensor.dequantize`
+(the float output) and as float64 carrier of conv products and sums below 2**53, where it is exact.
 
 Rounding: every requantization rounds as the quantizer it came from does (`shift_round`): half to even,
 exactly what torch's fake quantization does (``nearbyint`` in the default rounding mode; ``torch.round``),
@@ -145,8 +145,17 @@ def quantize(x: torch.Tensor, scale, zero_point: int, quant_min: int, quant_max:
                  rounding=rounding)
 
 
+_EXACT_FLOAT64 = 2 ** 53  # every integer of smaller magnitude, and every sum of them below it, is exact in float64
+
+
 def _int_conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
-    """Integer 2-d convolution (int64) by explicit patches and an integer product."""
+    """Integer 2-d convolution (int64). When no partial sum can reach 2**53 (int8-sized operands: always) it is
+    computed as a float64 convolution, whose products and sums of such integers are exact in any order; otherwise
+    by explicit patches and an int64 product."""
+    bound = int(x.abs().max()) * int(w.abs().sum(dim=(1, 2, 3)).max()) if x.numel() and w.numel() else 0
+    if bound < _EXACT_FLOAT64:
+        y = F.conv2d(x.to(torch.float64), w.to(torch.float64), None, stride, padding, dilation, groups)
+        return y.to(torch.int64)
     n, c, _, _ = x.shape
     out_c, c_per_group, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
