@@ -9,11 +9,24 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bst.torch.ao.quantization import (FakeQuantize, FixedQParamsFakeQuantize, FixedQParamsObserver,
-                                       FusedMovingAvgObsFakeQuantize, LearnableFakeQuantize, MinMaxObserver,
-                                       MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, MSEObserver,
-                                       disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,
-                                       is_pow2, is_quantizer_state, quantizer_parameters)
+from bst.torch.ao.quantization import (
+    FakeQuantize,
+    FixedQParamsFakeQuantize,
+    FixedQParamsObserver,
+    FusedMovingAvgObsFakeQuantize,
+    LearnableFakeQuantize,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    MSEObserver,
+    disable_fake_quant,
+    disable_observer,
+    enable_fake_quant,
+    enable_observer,
+    is_pow2,
+    is_quantizer_state,
+    quantizer_parameters,
+)
 
 PER_TENSOR = [
     dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine),

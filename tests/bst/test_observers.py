@@ -5,9 +5,16 @@ import warnings
 import pytest
 import torch
 
-from bst.torch.ao.quantization import (FixedQParamsObserver, MinMaxObserver, MovingAverageMinMaxObserver,
-                                       MovingAveragePerChannelMinMaxObserver, MSEObserver, PercentileObserver,
-                                       PerChannelMinMaxObserver, is_pow2)
+from bst.torch.ao.quantization import (
+    FixedQParamsObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    PerChannelMinMaxObserver,
+    is_pow2,
+)
 
 CONFIGS = [  # dtype, qscheme (per tensor), extra kwargs
     (torch.quint8, torch.per_tensor_affine, {}),

@@ -6,8 +6,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bst.torch.ao.quantization import (FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver,
-                                       PerChannelMinMaxObserver, is_pow2)
+from bst.torch.ao.quantization import (
+    FakeQuantize,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    PerChannelMinMaxObserver,
+    is_pow2,
+)
 from bst.torch.ao.quantization.integer_reference import shift_round
 from bst.torch.ao.quantization.pow2 import exp2_int, log2_exponent
 from bst.torch.ao.quantization.qparams import compute_qparams

@@ -140,6 +140,35 @@ def test_to_float_folds_bn_exactly_enough():
     assert torch.allclose(floated(x), m(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_bn_folding_is_one_computation(bias):
+    """fuse_modules, ConvBn2d.folded_weight_bias and the YOLO fuse_conv_and_bn fold BN bit-identically."""
+    import copy
+
+    from utils.torch_utils import fuse_conv_and_bn
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 6, 3, bias=bias), nn.BatchNorm2d(6, eps=1e-3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.05, 3.0)
+    float_model = nn.Sequential(conv, bn).eval()
+    folded = bq.fuse_modules(float_model, [["0", "1"]])[0]
+    qat = bq.fuse_modules_qat(copy.deepcopy(float_model).train(), [["0", "1"]])
+    qat.qconfig = bq.get_default_qat_qconfig()
+    qat = bq.prepare_qat(qat)[0]
+    assert type(qat) is nniqat.ConvBn2d
+    qat_w, qat_b = qat.folded_weight_bias()
+    yolo = fuse_conv_and_bn(conv, bn)
+    for w, b in ((qat_w, qat_b), (yolo.weight, yolo.bias)):
+        assert torch.equal(folded.weight, w) and torch.equal(folded.bias, b)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), bn(conv(x)), atol=1e-5, rtol=0)
+
+
 def test_qat_conv_fake_quantizes_weight_and_output():
     conv = nn.Conv2d(3, 4, 3)
     conv.qconfig = bq.get_default_qat_qconfig(pow2=True)

@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from bst.torch.ao.quantization import (FakeQuantize, FusedMovingAvgObsFakeQuantize, LearnableFakeQuantize,
-                                       MinMaxObserver, get_default_qat_qconfig)
-from bst.torch.ao.quantization import integer_runner
+from bst.torch.ao.quantization import (
+    FakeQuantize,
+    FusedMovingAvgObsFakeQuantize,
+    LearnableFakeQuantize,
+    MinMaxObserver,
+    get_default_qat_qconfig,
+    integer_runner,
+)
 from bst.torch.ao.quantization.fake_quant_ops import fake_quantize_per_channel, fake_quantize_per_tensor
 from bst.torch.ao.quantization.integer_reference import shift_round
 

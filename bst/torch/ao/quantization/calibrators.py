@@ -76,7 +76,7 @@ class _TrackedCalibrator(ObserverBase):
         return self._tracking
 
     @torch.no_grad()
-    def begin_tracking(self):
+    def begin_tracking(self) -> None:
         """Fix the reference: the calibrated qparams (one last search) and the average batch range so far.
         Called by the fake quantizer on its first forward with both observer and fake quantization on."""
         if self.training_update != "track" or self._tracking:
@@ -109,7 +109,7 @@ class _TrackedCalibrator(ObserverBase):
         self.batch_count.fill_(count + 1)
 
     @torch.no_grad()
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._tracking:
             if x.numel():
                 low, high = torch.aminmax(x.detach().to(torch.float32))
@@ -179,10 +179,10 @@ class _TrackedCalibrator(ObserverBase):
             return new_scale, int(zero_point)
         return new_scale, int(min(max(moved, qmin), qmax))
 
-    def calculate_qparams(self):
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._tracked_qparams() if self._tracking else self._search_qparams()
 
-    def calculate_qparams_scalar(self):
+    def calculate_qparams_scalar(self) -> tuple[float, int]:
         """(scale, zero_point) as Python numbers, equal to `calculate_qparams` (cheaper on the CPU)."""
         if self._tracking:
             return self._tracked_qparams_scalar()
@@ -214,9 +214,11 @@ class PercentileObserver(_TrackedCalibrator):
     Affine schemes take the (100 - p)th and pth percentiles; symmetric ones the pth percentile of |x|.
     """
 
-    def __init__(self, percentile=99.99, max_samples=1 << 16, dtype=torch.quint8, qscheme=torch.per_tensor_affine,
-                 reduce_range=False, quant_min=None, quant_max=None, eps=DEFAULT_EPS, pow2=False, pow2_rounding="ceil",
-                 training_update="track", averaging_constant=0.01):
+    def __init__(self, percentile: float = 99.99, max_samples: int = 1 << 16, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None, eps: float = DEFAULT_EPS,
+                 pow2: bool = False, pow2_rounding: str = "ceil", training_update: str = "track",
+                 averaging_constant: float = 0.01) -> None:
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
         self._init_tracking(training_update, averaging_constant)
         if not 50 < percentile <= 100:
@@ -246,7 +248,7 @@ class PercentileObserver(_TrackedCalibrator):
     def _search_qparams(self):
         return self._qparams_from(self.min_val, self.max_val)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{super().extra_repr()}, percentile={self.percentile}, min_val={self.min_val}, max_val={self.max_val}"
 
 
@@ -264,9 +266,11 @@ class MSEObserver(_TrackedCalibrator):
 
     compute_qparams_lazily = True
 
-    def __init__(self, num_samples=1 << 14, num_extremes=64, max_shrink_log2=10, dtype=torch.quint8,
-                 qscheme=torch.per_tensor_affine, reduce_range=False, quant_min=None, quant_max=None, eps=DEFAULT_EPS,
-                 pow2=False, pow2_rounding="ceil", training_update="track", averaging_constant=0.01):
+    def __init__(self, num_samples: int = 1 << 14, num_extremes: int = 64, max_shrink_log2: int = 10,
+                 dtype: torch.dtype = torch.quint8, qscheme: torch.qscheme = torch.per_tensor_affine,
+                 reduce_range: bool = False, quant_min: int | None = None, quant_max: int | None = None,
+                 eps: float = DEFAULT_EPS, pow2: bool = False, pow2_rounding: str = "ceil",
+                 training_update: str = "track", averaging_constant: float = 0.01) -> None:
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
         self._init_tracking(training_update, averaging_constant)
         if num_samples < 64:
@@ -376,5 +380,5 @@ class MSEObserver(_TrackedCalibrator):
                 self._buffers[k] = self.min_val.new_zeros(self.num_samples)
         self._cursor = 0
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_samples={self.num_samples}, min_val={self.min_val}, max_val={self.max_val}"

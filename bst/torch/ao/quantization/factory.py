@@ -11,7 +11,7 @@ class Factory(functools.partial):
     saved whole), and chainable: ``Observer.with_args(a=1).with_args(b=2)``.
     """
 
-    def with_args(self, **kwargs):
+    def with_args(self, **kwargs) -> Factory:
         return Factory(self.func, *self.args, **{**self.keywords, **kwargs})
 
     def __repr__(self):
@@ -19,6 +19,6 @@ class Factory(functools.partial):
         return f"{getattr(self.func, '__qualname__', self.func)}.with_args({bound})"
 
 
-def with_args(cls, **kwargs):
+def with_args(cls: type, **kwargs) -> Factory:
     """Use as ``with_args = classmethod(with_args)``."""
     return Factory(cls, **kwargs)

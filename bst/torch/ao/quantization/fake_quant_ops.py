@@ -61,7 +61,8 @@ def _use_vectorized(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32
 
 
-def fake_quantize_per_tensor(x, scale, zero_point, quant_min: int, quant_max: int, rounding: str = "half_even"):
+def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                             quant_max: int, rounding: str = "half_even") -> torch.Tensor:
     """= torch.fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max); with rounding "half_up"
     the same arithmetic with floor(x * (1/scale) + 1/2) in place of round half to even (no core kernel has it)."""
     if rounding == "half_up" and not _use_vectorized(x):
@@ -78,8 +79,8 @@ def fake_quantize_per_tensor(x, scale, zero_point, quant_min: int, quant_max: in
     return _VectorizedFakeQuantize.apply(x, inv_f, scale_f, float(quant_min - zp), float(quant_max - zp), rounding)
 
 
-def fake_quantize_per_channel(x, scale, zero_point, axis: int, quant_min: int, quant_max: int,
-                              rounding: str = "half_even"):
+def fake_quantize_per_channel(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
+                              quant_min: int, quant_max: int, rounding: str = "half_even") -> torch.Tensor:
     """= torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max); "half_up"
     rounding as in `fake_quantize_per_tensor`."""
     if rounding != "half_up" and not _use_vectorized(x):

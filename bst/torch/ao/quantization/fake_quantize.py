@@ -18,14 +18,19 @@ State for training code (see `state`): ``scale``, ``zero_point``, the flags, the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from .factory import with_args
 from .fake_quant_ops import check_rounding, fake_quantize_per_channel, fake_quantize_per_tensor
-from .observer import (FixedQParamsObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
-                       ObserverBase)
+from .observer import (
+    FixedQParamsObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    ObserverBase,
+)
 from .pow2 import exp2_int, exponent_of_pow2, is_pow2, log2_exponent
 from .qparams import is_per_channel, is_symmetric
 from .state import QuantizerModule
@@ -37,7 +42,7 @@ class FakeQuantizeBase(QuantizerModule):
     with_args = classmethod(with_args)
     rounding = "half_even"  # class default: quantizers pickled before rounding was a property round half to even
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.uint8))
         self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.uint8))
@@ -73,18 +78,18 @@ class FakeQuantizeBase(QuantizerModule):
             obs.begin_tracking()
         obs(x.detach())
 
-    def enable_fake_quant(self, enabled: bool = True):
+    def enable_fake_quant(self, enabled: bool = True) -> FakeQuantizeBase:
         self.fake_quant_enabled.fill_(1 if enabled else 0)
         return self
 
-    def disable_fake_quant(self):
+    def disable_fake_quant(self) -> FakeQuantizeBase:
         return self.enable_fake_quant(False)
 
-    def enable_observer(self, enabled: bool = True):
+    def enable_observer(self, enabled: bool = True) -> FakeQuantizeBase:
         self.observer_enabled.fill_(1 if enabled else 0)
         return self
 
-    def disable_observer(self):
+    def disable_observer(self) -> FakeQuantizeBase:
         return self.enable_observer(False)
 
 
@@ -105,8 +110,9 @@ class FakeQuantize(FakeQuantizeBase):
 
     _resizable = ("scale", "zero_point")
 
-    def __init__(self, observer=MovingAverageMinMaxObserver, quant_min=None, quant_max=None, rounding="half_even",
-                 **observer_kwargs):
+    def __init__(self, observer: Callable[..., ObserverBase] = MovingAverageMinMaxObserver,
+                 quant_min: int | None = None, quant_max: int | None = None, rounding: str = "half_even",
+                 **observer_kwargs) -> None:
         super().__init__()
         _check_range(quant_min, quant_max)
         self.rounding = check_rounding(rounding)
@@ -132,11 +138,11 @@ class FakeQuantize(FakeQuantizeBase):
     def symmetric(self) -> bool:
         return is_symmetric(self.qscheme)
 
-    def calculate_qparams(self):
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.activation_post_process.calculate_qparams()
 
     @torch.no_grad()
-    def refresh_qparams(self):
+    def refresh_qparams(self) -> None:
         """Copy the observer's current qparams into ``scale`` / ``zero_point``."""
         obs = self.activation_post_process
         if self.scale.device.type == "cpu" and self.scale.numel() == 1 and hasattr(obs, "calculate_qparams_scalar"):
@@ -153,7 +159,7 @@ class FakeQuantize(FakeQuantizeBase):
         self.zero_point.copy_(zero_point)
         self._stale = False
 
-    def disable_observer(self):
+    def disable_observer(self) -> FakeQuantizeBase:
         if self.__dict__.get("_stale"):
             self.refresh_qparams()
         return super().disable_observer()
@@ -169,7 +175,7 @@ class FakeQuantize(FakeQuantizeBase):
                                              self.quant_min, self.quant_max, self.rounding)
         return fake_quantize_per_tensor(x, self.scale, self.zero_point, self.quant_min, self.quant_max, self.rounding)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantize = self._flag("fake_quant_enabled")
         if self._flag("observer_enabled"):
             self._observe(x, quantize)
@@ -183,7 +189,7 @@ class FakeQuantize(FakeQuantizeBase):
             x = self._fake_quantize(x)
         return x
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"fake_quant_enabled={int(self.fake_quant_enabled[0])}, "
                 f"observer_enabled={int(self.observer_enabled[0])}, "
                 f"quant_min={self.quant_min}, quant_max={self.quant_max}, dtype={self.dtype}, qscheme={self.qscheme}, "
@@ -194,13 +200,13 @@ class FakeQuantize(FakeQuantizeBase):
 class FixedQParamsFakeQuantize(FakeQuantize):
     """Fake quantization with constant qparams from a `FixedQParamsObserver` (nothing is observed)."""
 
-    def __init__(self, observer, rounding="half_even"):
+    def __init__(self, observer: Callable[..., FixedQParamsObserver], rounding: str = "half_even") -> None:
         super().__init__(observer=observer, rounding=rounding)
         if not isinstance(self.activation_post_process, FixedQParamsObserver):
             raise ValueError(f"observer={observer!r} must build a FixedQParamsObserver")
         self.refresh_qparams()
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fake_quantize(x) if self._flag("fake_quant_enabled") else x
 
 
@@ -216,8 +222,9 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
     A batch with non-finite values leaves min/max, scale and zero point as they were.
     """
 
-    def __init__(self, observer=MovingAverageMinMaxObserver, quant_min=None, quant_max=None, rounding="half_even",
-                 **observer_kwargs):
+    def __init__(self, observer: Callable[..., ObserverBase] = MovingAverageMinMaxObserver,
+                 quant_min: int | None = None, quant_max: int | None = None, rounding: str = "half_even",
+                 **observer_kwargs) -> None:
         if rounding != "half_even":
             raise ValueError(f"rounding={rounding!r}: the fused core op rounds half to even; use FakeQuantize")
         super().__init__(observer, quant_min, quant_max, **observer_kwargs)
@@ -229,10 +236,10 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
             raise ValueError("pow2=True: the fused op computes its own (linear) scales; use FakeQuantize for pow2")
         self.register_buffer("_always_on", torch.tensor([1], dtype=torch.uint8), persistent=False)
 
-    def calculate_qparams(self):
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scale, self.zero_point
 
-    def refresh_qparams(self):  # the op keeps scale/zero_point current itself
+    def refresh_qparams(self) -> None:  # the op keeps scale/zero_point current itself
         self._stale = False
 
     @torch.no_grad()
@@ -245,7 +252,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
             before = before if before.shape == now.shape else torch.full_like(now, default)
             now.copy_(torch.where(ok.reshape(now.shape), now, before))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantize, observe = self._flag("fake_quant_enabled"), self._flag("observer_enabled")
         if not (quantize or observe):
             return x
@@ -328,8 +335,9 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
     _resizable = ("scale", "zero_point", "log2_scale")
 
-    def __init__(self, observer=MovingAverageMinMaxObserver, quant_min=None, quant_max=None, scale=1.0,
-                 grad_factor="lsq", rounding="half_even", **observer_kwargs):
+    def __init__(self, observer: Callable[..., ObserverBase] = MovingAverageMinMaxObserver,
+                 quant_min: int | None = None, quant_max: int | None = None, scale: float = 1.0,
+                 grad_factor: str | float | None = "lsq", rounding: str = "half_even", **observer_kwargs) -> None:
         super().__init__()
         _check_range(quant_min, quant_max)
         self.rounding = check_rounding(rounding)
@@ -376,7 +384,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
             self.scale.resize_(k.shape)
         self.scale.copy_(exp2_int(k))
 
-    def calculate_qparams(self):
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pow2:
             self._sync_pow2_scale()
         return self.scale.detach(), self.zero_point
@@ -419,7 +427,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
             scale = _ScaleGrad.apply(scale, float(factor))
         return scale
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._flag("observer_enabled"):
             self._observe(x, self._flag("fake_quant_enabled"))
             self._load_observed()
@@ -435,14 +443,14 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         q = torch.clamp(rounder.apply(x * (1.0 / scale)) + zero_point, self.quant_min, self.quant_max)
         return (q - zero_point) * scale
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         name = "log2_scale" if self.pow2 else "scale"
         return (f"learned={name}, quant_min={self.quant_min}, quant_max={self.quant_max}, qscheme={self.qscheme}, "
                 f"pow2={self.pow2}, rounding={self.rounding}, grad_factor={self.grad_factor}")
 
 
 @torch.no_grad()
-def qparams_of(quantizer: FakeQuantizeBase) -> tuple:
+def qparams_of(quantizer: FakeQuantizeBase) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(scale float32, zero_point int32, quant_min, quant_max) that `quantizer` applies with its observer off: a
     lazily computed observer's pending qparams are evaluated first, a learned power-of-two scale is synced.
     The public way to read a quantizer's frozen qparams (copies, safe to keep)."""
@@ -458,30 +466,30 @@ def qparams_of(quantizer: FakeQuantizeBase) -> tuple:
             quantizer.quant_max)
 
 
-def fake_quant_enabled(quantizer) -> bool:
+def fake_quant_enabled(quantizer: nn.Module | None) -> bool:
     """True when `quantizer` is a fake quantizer with fake quantization on."""
     return isinstance(quantizer, FakeQuantizeBase) and quantizer._flag("fake_quant_enabled")
 
 
-def enable_fake_quant(module: nn.Module):
+def enable_fake_quant(module: nn.Module) -> None:
     """For ``model.apply``: turn fake quantization on."""
     if isinstance(module, FakeQuantizeBase):
         module.enable_fake_quant()
 
 
-def disable_fake_quant(module: nn.Module):
+def disable_fake_quant(module: nn.Module) -> None:
     """For ``model.apply``: pass tensors through unchanged (observers may still record)."""
     if isinstance(module, FakeQuantizeBase):
         module.disable_fake_quant()
 
 
-def enable_observer(module: nn.Module):
+def enable_observer(module: nn.Module) -> None:
     """For ``model.apply``: let observers update statistics and qparams."""
     if isinstance(module, FakeQuantizeBase):
         module.enable_observer()
 
 
-def disable_observer(module: nn.Module):
+def disable_observer(module: nn.Module) -> None:
     """For ``model.apply``: freeze qparams (scales stop changing)."""
     if isinstance(module, FakeQuantizeBase):
         module.disable_observer()

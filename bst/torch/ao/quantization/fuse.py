@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+
+import bst.torch.ao.nn.intrinsic.modules as nni
+from bst.torch.ao.nn.intrinsic.folding import fold_bn
 
 SUPPORTED_PATTERNS = (
     (nn.Conv2d, nn.BatchNorm2d),
@@ -20,12 +24,9 @@ def _pattern_names(pattern):
 
 
 @torch.no_grad()
-def fuse_conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+def fuse_conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of the conv that equals conv followed by BN in eval mode."""
-    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight * factor.reshape(-1, 1, 1, 1)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    return weight, (bias - bn.running_mean) * factor + bn.bias
+    return fold_bn(conv.weight, conv.bias, bn)
 
 
 def _folded_conv(conv, bn):
@@ -37,8 +38,6 @@ def _folded_conv(conv, bn):
 
 
 def _fuse_eval(mods):
-    from bst.torch.ao.nn import intrinsic as nni
-
     conv = mods[0]
     if len(mods) >= 2 and type(mods[1]) is nn.BatchNorm2d:
         conv = _folded_conv(conv, mods[1])
@@ -51,8 +50,6 @@ def _fuse_eval(mods):
 
 
 def _fuse_qat(mods):
-    from bst.torch.ao.nn import intrinsic as nni
-
     containers = {
         (nn.Conv2d, nn.BatchNorm2d): nni.ConvBn2d,
         (nn.Conv2d, nn.BatchNorm2d, nn.ReLU): nni.ConvBnReLU2d,
@@ -106,13 +103,15 @@ def _fuse(model, modules_to_fuse, inplace, fuser, want_training):
     return model
 
 
-def fuse_modules(model: nn.Module, modules_to_fuse, inplace: bool = False) -> nn.Module:
+def fuse_modules(model: nn.Module, modules_to_fuse: Sequence[str] | Sequence[Sequence[str]],
+                 inplace: bool = False) -> nn.Module:
     """Inference fusion (model in eval mode): Conv+BN becomes one Conv2d with BN folded in;
     a trailing ReLU/ReLU6 makes it a ConvReLU2d/ConvReLU62d container. The other names become Identity."""
     return _fuse(model, modules_to_fuse, inplace, _fuse_eval, want_training=False)
 
 
-def fuse_modules_qat(model: nn.Module, modules_to_fuse, inplace: bool = False) -> nn.Module:
+def fuse_modules_qat(model: nn.Module, modules_to_fuse: Sequence[str] | Sequence[Sequence[str]],
+                     inplace: bool = False) -> nn.Module:
     """QAT fusion (model in training mode): Conv+BN(+ReLU/ReLU6) and Conv+ReLU/ReLU6 become fused
     containers that `prepare_qat` turns into QAT modules with simulated BN folding."""
     return _fuse(model, modules_to_fuse, inplace, _fuse_qat, want_training=True)

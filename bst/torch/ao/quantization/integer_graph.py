@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 
 from . import integer_reference as iref
 from .integer_runner import FORMAT, VERSION
+
 
 def _ints(v) -> int | list:
     """An int or a 0-d tensor as an int; a 1-d tensor as a list of ints (JSON)."""
@@ -36,7 +38,7 @@ def _ints(v) -> int | list:
 class IntegerGraph:
     """What `record` saw: nodes in execution order, tensors by name, arrays for tensors.npz."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.nodes, self.tensors, self.arrays = [], {}, {}
         self.input = None
         self.outputs = []
@@ -61,7 +63,8 @@ class IntegerGraph:
         self.arrays[key] = value.detach().cpu().numpy().astype(dtype)
         return key
 
-    def add(self, op: str, inputs: list, output, attrs: dict):
+    def add(self, op: str, inputs: list[torch.Tensor | iref.QTensor], output: iref.QTensor,
+            attrs: dict[str, object]) -> None:
         """Called by the integer reference for every op it executes while recording."""
         if op == "quantize":
             if self.input is not None:
@@ -98,7 +101,7 @@ class IntegerGraph:
         return {"format": FORMAT, "version": VERSION, "rounding": self.rounding(), "input": self.input,
                 "outputs": self.outputs, "tensors": self.tensors, "nodes": self.nodes}
 
-    def save(self, folder, example_input: torch.Tensor, example_outputs: list) -> Path:
+    def save(self, folder: str | Path, example_input: torch.Tensor, example_outputs: list[iref.QTensor]) -> Path:
         """Write model.json, tensors.npz, example.npz and run_integer.py into `folder` (created)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,7 @@ class IntegerGraph:
 
 
 @contextmanager
-def recording():
+def recording() -> Iterator[IntegerGraph]:
     """``with recording() as graph:`` every integer-reference op run in the block is noted in `graph`."""
     if iref._recorder is not None:
         raise RuntimeError("an integer graph is already being recorded")
@@ -123,7 +126,7 @@ def recording():
         iref._recorder = None
 
 
-def record(run) -> tuple:
+def record(run: Callable[[], Iterable[iref.QTensor]]) -> tuple[IntegerGraph, list[iref.QTensor]]:
     """(graph, outputs): `run()` (integer-mode execution returning a list of QTensors) recorded op by op."""
     with recording() as graph:
         outputs = list(run())

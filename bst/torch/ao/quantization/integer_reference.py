@@ -21,14 +21,14 @@ Integer matrix products run on the CPU (CUDA has no int64 matmul); results retur
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .fake_quant_ops import round_
-
 
 _recorder = None  # the `integer_graph.IntegerGraph` being recorded, if any (integer_graph.recording)
 
@@ -40,7 +40,7 @@ def _note(op: str, inputs: list, output, **attrs):
     return output
 
 
-def exponent_of(scale, what: str = "scale") -> int:
+def exponent_of(scale: float | torch.Tensor, what: str = "scale") -> int:
     """k with scale == 2**k; a ValueError naming `what` otherwise."""
     value = float(scale)
     mantissa, exponent = math.frexp(value)
@@ -95,7 +95,7 @@ class QTensor:
         return impl(*args, **(kwargs or {}))
 
 
-def shift_round(acc: torch.Tensor, shift, rounding: str = "half_even") -> torch.Tensor:
+def shift_round(acc: torch.Tensor, shift: int | torch.Tensor, rounding: str = "half_even") -> torch.Tensor:
     """``acc * 2**-shift`` rounded half to even (or half up: ``(acc + 2**(shift-1)) >> shift``), in int64
     (``shift`` an int or a broadcastable tensor).
 
@@ -117,8 +117,9 @@ def shift_round(acc: torch.Tensor, shift, rounding: str = "half_even") -> torch.
     return torch.where(shift > 0, floor + round_up.to(torch.int64), acc << left)
 
 
-def requantize(acc: torch.Tensor, acc_exponent, out_exponent, zero_point, quant_min: int, quant_max: int,
-               activation: str | None = None, rounding: str = "half_even") -> torch.Tensor:
+def requantize(acc: torch.Tensor, acc_exponent: int | torch.Tensor, out_exponent: int | torch.Tensor,
+               zero_point: int | torch.Tensor, quant_min: int, quant_max: int, activation: str | None = None,
+               rounding: str = "half_even") -> torch.Tensor:
     """Integer accumulator in units of 2**acc_exponent -> quantized output values (int64). The exponents and the
     zero point are ints, or tensors that broadcast against `acc` (per channel)."""
     out_exponent = torch.as_tensor(out_exponent, dtype=torch.int64, device=acc.device)
@@ -134,7 +135,7 @@ def requantize(acc: torch.Tensor, acc_exponent, out_exponent, zero_point, quant_
     return torch.clamp(r + zero_point, quant_min, quant_max)
 
 
-def quantize(x: torch.Tensor, scale, zero_point: int, quant_min: int, quant_max: int,
+def quantize(x: torch.Tensor, scale: float | torch.Tensor, zero_point: int, quant_min: int, quant_max: int,
              rounding: str = "half_even") -> QTensor:
     """Float -> QTensor with the same arithmetic as the fake quantization (x * (1/scale), then `rounding`)."""
     exponent_of(scale, "scale")
@@ -174,7 +175,7 @@ def _output_exponent(module) -> int:
     return exponent_of(module.output_scale, "output_scale")
 
 
-def conv2d(layer, qx: QTensor) -> QTensor:
+def conv2d(layer: nn.Module, qx: QTensor) -> QTensor:
     """Run a converted `bst.torch.ao.nn.quantized.Conv2d` on integers."""
     if layer.output_scale is None:
         raise ValueError(f"{layer}: has no output quantizer, so its output is float; integer execution is impossible")
@@ -212,7 +213,7 @@ def _out(module, values: torch.Tensor) -> QTensor:
                    module.output_quant_max)
 
 
-def add(module, a: QTensor, b: QTensor, activation: str | None = None) -> QTensor:
+def add(module: nn.Module, a: QTensor, b: QTensor, activation: str | None = None) -> QTensor:
     """(a + b) of a converted `QFunctional`: both operands shifted to the finer exponent, summed, requantized."""
     ka, kb = a.exponent, b.exponent
     k = min(ka, kb)
@@ -222,39 +223,20 @@ def add(module, a: QTensor, b: QTensor, activation: str | None = None) -> QTenso
     return _note("add", [a, b], _out(module, q), activation=activation, rounding=module.output_rounding)
 
 
-def mul(module, a: QTensor, b: QTensor) -> QTensor:
+def mul(module: nn.Module, a: QTensor, b: QTensor) -> QTensor:
     product = (a.int_repr - a.zero_point) * (b.int_repr - b.zero_point)
     q = requantize(product, a.exponent + b.exponent, _output_exponent(module), int(module.output_zero_point),
                    module.output_quant_min, module.output_quant_max, rounding=module.output_rounding)
     return _note("mul", [a, b], _out(module, q), rounding=module.output_rounding)
 
 
-def cat(module, parts, dim: int = 0) -> QTensor:
+def cat(module: nn.Module, parts: Sequence[QTensor], dim: int = 0) -> QTensor:
     """Concatenation: each part requantized to the output exponent and zero point, then joined."""
     k_out = _output_exponent(module)
     pieces = [requantize(p.int_repr - p.zero_point, p.exponent, k_out, int(module.output_zero_point),
                          module.output_quant_min, module.output_quant_max, rounding=module.output_rounding)
               for p in parts]
     return _note("cat", list(parts), _out(module, torch.cat(pieces, dim)), dim=dim, rounding=module.output_rounding)
-
-
-@contextmanager
-def integer_mode(model):
-    """Within the block, converted `Quantize` modules of `model` emit `QTensor`s, so converted
-    convs / functionals run on integers and `DeQuantize` returns their float value."""
-    from bst.torch.ao.nn.quantized.reference import Quantize
-
-    stubs = [m for m in model.modules() if isinstance(m, Quantize)]
-    if not stubs:
-        raise ValueError("model: has no converted Quantize module (QuantStub); nothing produces integers")
-    before = [m.integer_output for m in stubs]
-    try:
-        for m in stubs:
-            m.integer_output = True
-        yield model
-    finally:
-        for m, b in zip(stubs, before):
-            m.integer_output = b
 
 
 # --- grid-preserving functions on QTensor --------------------------------------------------------

@@ -43,7 +43,7 @@ FORMAT, VERSION = "bst-integer-model", 1
 ROUNDINGS = ("half_even", "half_up")
 
 
-def shift_round(a: np.ndarray, s, rounding: str = "half_even") -> np.ndarray:
+def shift_round(a: int | np.ndarray, s: int | np.ndarray, rounding: str = "half_even") -> np.ndarray:
     """a * 2**-s rounded half to even or half up, in int64 (s an int or an array broadcasting against a)."""
     a = np.asarray(a, dtype=np.int64)
     s = np.asarray(s, dtype=np.int64)
@@ -84,7 +84,7 @@ def _conv2d(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups) -> 
 class IntegerModel:
     """A loaded integer model; `run(images)` -> {output name: int64 array}."""
 
-    def __init__(self, folder):
+    def __init__(self, folder: str | Path) -> None:
         folder = Path(folder)
         self.graph = json.loads((folder / "model.json").read_text())
         if self.graph.get("format") != FORMAT or self.graph.get("version") != VERSION:
@@ -116,7 +116,7 @@ class IntegerModel:
             raise ValueError(f"activation {activation!r} is not supported")
         return np.clip(r + self._bcast(name, "zero_point", r.ndim), t["quant_min"], t["quant_max"])
 
-    def run(self, images: np.ndarray) -> dict:
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         values = {self.graph["input"]["name"]: np.asarray(images, dtype=np.float32)}
         for node in self.graph["nodes"]:
             op, out = node["op"], node["output"]
@@ -173,7 +173,7 @@ class IntegerModel:
         return {name: values[name] for name in self.graph["outputs"]}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="folder holding model.json and tensors.npz")
     parser.add_argument("--check", action="store_true", help="run example.npz and compare with its outputs")

@@ -1,19 +1,25 @@
 """Module swap tables: float -> QAT (`prepare_qat`) and QAT -> converted (`convert`).
 
-Built on call, not at import: `bst.torch.ao.nn` imports this package, so importing it back here at
-module level would be circular.
+Built on call, so that callers can extend their own copy. The module classes are imported from their defining
+modules (`bst.torch.ao.nn` imports this package's quantizer modules, never this file).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn as nn
 
+import bst.torch.ao.nn.intrinsic.modules as nni
+import bst.torch.ao.nn.intrinsic.qat.conv_fused as nniqat
+import bst.torch.ao.nn.qat.conv as nnqat
+import bst.torch.ao.nn.quantized.functional_modules as nnq_functional
+import bst.torch.ao.nn.quantized.reference as nnq
 
-def get_default_qat_module_mappings() -> dict:
+from .stubs import DeQuantStub, QuantStub
+
+
+def get_default_qat_module_mappings() -> dict[type[nn.Module], type[nn.Module]]:
     """float (or fused float) module type -> QAT module type with ``from_float``."""
-    from bst.torch.ao.nn import intrinsic as nni
-    from bst.torch.ao.nn import qat as nnqat
-    from bst.torch.ao.nn.intrinsic import qat as nniqat
-
     return {
         nn.Conv2d: nnqat.Conv2d,
         nni.ConvBn2d: nniqat.ConvBn2d,
@@ -24,14 +30,8 @@ def get_default_qat_module_mappings() -> dict:
     }
 
 
-def get_default_convert_module_mappings() -> dict:
+def get_default_convert_module_mappings() -> dict[type[nn.Module], Callable[..., nn.Module]]:
     """prepared module type -> converted module type (constructor taking the prepared module)."""
-    from bst.torch.ao.nn import qat as nnqat
-    from bst.torch.ao.nn import quantized as nnq
-    from bst.torch.ao.nn.intrinsic import qat as nniqat
-
-    from .stubs import DeQuantStub, QuantStub
-
     conv = nnq.Conv2d.from_qat
     return {
         nnqat.Conv2d: conv,
@@ -42,5 +42,5 @@ def get_default_convert_module_mappings() -> dict:
         nniqat.ConvReLU62d: conv,
         QuantStub: nnq.Quantize.from_stub,
         DeQuantStub: nnq.DeQuantize.from_stub,
-        nnq.FloatFunctional: nnq.QFunctional.from_float,
+        nnq_functional.FloatFunctional: nnq.QFunctional.from_float,
     }

@@ -20,9 +20,17 @@ import torch
 
 from .factory import with_args
 from .pow2 import check_pow2_rounding, is_pow2
-from .qparams import (DEFAULT_EPS, PER_CHANNEL_QSCHEMES, PER_TENSOR_QSCHEMES, check_qscheme, is_symmetric,
-                      resolve_quant_range, symmetric_zero_point)
-from .qparams import compute_qparams, compute_qparams_scalar
+from .qparams import (
+    DEFAULT_EPS,
+    PER_CHANNEL_QSCHEMES,
+    PER_TENSOR_QSCHEMES,
+    check_qscheme,
+    compute_qparams,
+    compute_qparams_scalar,
+    is_symmetric,
+    resolve_quant_range,
+    symmetric_zero_point,
+)
 from .state import QuantizerModule
 
 
@@ -32,8 +40,9 @@ class ObserverBase(QuantizerModule):
     with_args = classmethod(with_args)
     _qschemes = PER_TENSOR_QSCHEMES
 
-    def __init__(self, dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False, quant_min=None,
-                 quant_max=None, eps=DEFAULT_EPS, pow2=False, pow2_rounding="ceil"):
+    def __init__(self, dtype: torch.dtype = torch.quint8, qscheme: torch.qscheme = torch.per_tensor_affine,
+                 reduce_range: bool = False, quant_min: int | None = None, quant_max: int | None = None,
+                 eps: float = DEFAULT_EPS, pow2: bool = False, pow2_rounding: str = "ceil") -> None:
         super().__init__()
         check_qscheme(qscheme)
         if qscheme not in self._qschemes:
@@ -64,10 +73,10 @@ class ObserverBase(QuantizerModule):
                                symmetric=self.symmetric, zero_point=self.zero_point_if_symmetric, eps=self.eps,
                                pow2=self.pow2, pow2_rounding=self.pow2_rounding)
 
-    def calculate_qparams(self):
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         mode = f", pow2={self.pow2_rounding}" if self.pow2 else ""
         return (f"dtype={self.dtype}, qscheme={self.qscheme}, quant_min={self.quant_min}, "
                 f"quant_max={self.quant_max}{mode}")
@@ -76,8 +85,9 @@ class ObserverBase(QuantizerModule):
 class MinMaxObserver(ObserverBase):
     """Running minimum and maximum over all batches (per tensor)."""
 
-    def __init__(self, dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False, quant_min=None,
-                 quant_max=None, eps=DEFAULT_EPS, pow2=False, pow2_rounding="ceil"):
+    def __init__(self, dtype: torch.dtype = torch.quint8, qscheme: torch.qscheme = torch.per_tensor_affine,
+                 reduce_range: bool = False, quant_min: int | None = None, quant_max: int | None = None,
+                 eps: float = DEFAULT_EPS, pow2: bool = False, pow2_rounding: str = "ceil") -> None:
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
@@ -89,7 +99,7 @@ class MinMaxObserver(ObserverBase):
         return min(cur_min, self.min_val.item()), max(cur_max, self.max_val.item())
 
     @torch.no_grad()
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x
         cur_min, cur_max = torch.aminmax(x.detach().to(torch.float32))
@@ -111,21 +121,21 @@ class MinMaxObserver(ObserverBase):
         self.min_val.copy_(torch.where(finite, new_min, self.min_val))
         self.max_val.copy_(torch.where(finite, new_max, self.max_val))
 
-    def calculate_qparams(self):
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._qparams_from(self.min_val, self.max_val)
 
-    def calculate_qparams_scalar(self):
+    def calculate_qparams_scalar(self) -> tuple[float, int]:
         """(scale, zero_point) as Python numbers, equal to `calculate_qparams` (cheaper on the CPU)."""
         return compute_qparams_scalar(self.min_val.item(), self.max_val.item(), quant_min=self.quant_min,
                                       quant_max=self.quant_max, symmetric=self.symmetric,
                                       zero_point=self.zero_point_if_symmetric, eps=self.eps, pow2=self.pow2,
                                       pow2_rounding=self.pow2_rounding)
 
-    def reset_min_max_vals(self):
+    def reset_min_max_vals(self) -> None:
         self.min_val.fill_(float("inf"))
         self.max_val.fill_(float("-inf"))
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{super().extra_repr()}, min_val={self.min_val}, max_val={self.max_val}"
 
 
@@ -153,8 +163,10 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     """Exponential moving average of the per-batch minimum and maximum (per tensor):
     ``running + c * (batch - running)`` in float32 like torch; ``c = 1`` is exactly the latest batch."""
 
-    def __init__(self, averaging_constant=0.01, dtype=torch.quint8, qscheme=torch.per_tensor_affine,
-                 reduce_range=False, quant_min=None, quant_max=None, eps=DEFAULT_EPS, pow2=False, pow2_rounding="ceil"):
+    def __init__(self, averaging_constant: float = 0.01, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None, eps: float = DEFAULT_EPS,
+                 pow2: bool = False, pow2_rounding: str = "ceil") -> None:
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
         self.averaging_constant = _check_averaging_constant(averaging_constant)
 
@@ -180,8 +192,10 @@ class PerChannelMinMaxObserver(ObserverBase):
     _qschemes = PER_CHANNEL_QSCHEMES
     _resizable = ("min_val", "max_val")
 
-    def __init__(self, ch_axis=0, dtype=torch.quint8, qscheme=torch.per_channel_affine, reduce_range=False,
-                 quant_min=None, quant_max=None, eps=DEFAULT_EPS, pow2=False, pow2_rounding="ceil"):
+    def __init__(self, ch_axis: int = 0, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_channel_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None, eps: float = DEFAULT_EPS,
+                 pow2: bool = False, pow2_rounding: str = "ceil") -> None:
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
         if isinstance(ch_axis, bool) or not isinstance(ch_axis, int):
             raise ValueError(f"ch_axis={ch_axis!r} must be an int")
@@ -199,7 +213,7 @@ class PerChannelMinMaxObserver(ObserverBase):
         return torch.min(cur_min, self.min_val), torch.max(cur_max, self.max_val)
 
     @torch.no_grad()
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x
         axis = self._axis(x)
@@ -218,26 +232,27 @@ class PerChannelMinMaxObserver(ObserverBase):
         self.max_val.copy_(torch.where(finite, new_max, self.max_val))
         return x
 
-    def calculate_qparams(self):
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.min_val.numel() == 0:
             device = self.min_val.device
             return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
         return self._qparams_from(self.min_val, self.max_val)
 
-    def reset_min_max_vals(self):
+    def reset_min_max_vals(self) -> None:
         self.min_val.resize_(0)
         self.max_val.resize_(0)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ch_axis={self.ch_axis}, min_val={self.min_val}, max_val={self.max_val}"
 
 
 class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
     """Per-channel exponential moving average of the per-batch minimum and maximum."""
 
-    def __init__(self, averaging_constant=0.01, ch_axis=0, dtype=torch.quint8, qscheme=torch.per_channel_affine,
-                 reduce_range=False, quant_min=None, quant_max=None, eps=DEFAULT_EPS, pow2=False,
-                 pow2_rounding="ceil"):
+    def __init__(self, averaging_constant: float = 0.01, ch_axis: int = 0, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_channel_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None, eps: float = DEFAULT_EPS,
+                 pow2: bool = False, pow2_rounding: str = "ceil") -> None:
         super().__init__(ch_axis, dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
         self.averaging_constant = _check_averaging_constant(averaging_constant)
 
@@ -248,8 +263,9 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
 class FixedQParamsObserver(ObserverBase):
     """Always reports the given scale and zero point (e.g. a known output range such as sigmoid's)."""
 
-    def __init__(self, scale, zero_point, dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0,
-                 quant_max=255, pow2=False):
+    def __init__(self, scale: float, zero_point: int, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, quant_min: int = 0, quant_max: int = 255,
+                 pow2: bool = False) -> None:
         super().__init__(dtype, qscheme, False, quant_min, quant_max, DEFAULT_EPS, pow2, "ceil")
         scale_t = torch.tensor([float(scale)], dtype=torch.float32)
         if not (torch.isfinite(scale_t).all() and scale_t.item() > 0):
@@ -262,11 +278,11 @@ class FixedQParamsObserver(ObserverBase):
         self.register_buffer("scale", scale_t)
         self.register_buffer("zero_point", torch.tensor([zero_point], dtype=torch.int32))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def calculate_qparams(self):
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scale, self.zero_point
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.scale.item()}, zero_point={self.zero_point.item()}"

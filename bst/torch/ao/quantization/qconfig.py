@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 from collections import namedtuple
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from .fake_quant_ops import check_rounding
 from .fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize, LearnableFakeQuantize
-from .observer import (MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
-                       PerChannelMinMaxObserver)
+from .observer import (
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    ObserverBase,
+    PerChannelMinMaxObserver,
+)
 from .pow2 import check_pow2_rounding
 
 
@@ -21,7 +27,7 @@ class QConfig(namedtuple("QConfig", ["activation", "weight"])):
 
     __slots__ = ()
 
-    def __new__(cls, activation, weight):
+    def __new__(cls, activation: Callable[[], nn.Module] | None, weight: Callable[[], nn.Module] | None) -> QConfig:
         for name, value in (("activation", activation), ("weight", weight)):
             if isinstance(value, nn.Module) or (value is not None and not callable(value)):
                 raise ValueError(f"{name}={value!r}: QConfig takes constructors such as "
@@ -30,9 +36,11 @@ class QConfig(namedtuple("QConfig", ["activation", "weight"])):
 
 
 def get_default_qat_qconfig(pow2: bool = False, pow2_rounding: str = "ceil", per_channel: bool = True,
-                            learnable: bool = False, fused: bool = False, activation_observer=None,
-                            averaging_constant: float = 0.01, activation_dtype=torch.quint8,
-                            activation_qscheme=torch.per_tensor_affine, rounding: str = "half_even") -> QConfig:
+                            learnable: bool = False, fused: bool = False,
+                            activation_observer: Callable[..., ObserverBase] | None = None,
+                            averaging_constant: float = 0.01, activation_dtype: torch.dtype = torch.quint8,
+                            activation_qscheme: torch.qscheme = torch.per_tensor_affine,
+                            rounding: str = "half_even") -> QConfig:
     """A QAT qconfig: 8-bit affine activations, 8-bit symmetric weights (zero point 0).
 
     * activations: moving-average min/max (``averaging_constant``) unless ``activation_observer`` (a
@@ -72,7 +80,8 @@ def get_default_qat_qconfig(pow2: bool = False, pow2_rounding: str = "ceil", per
 
 
 def get_default_calibration_qconfig(pow2: bool = False, pow2_rounding: str = "ceil", per_channel: bool = True,
-                                    activation_observer=MinMaxObserver, rounding: str = "half_even") -> QConfig:
+                                    activation_observer: Callable[..., ObserverBase] = MinMaxObserver,
+                                    rounding: str = "half_even") -> QConfig:
     """Plain min/max (or ``activation_observer``) statistics for a calibration pass; weights per channel."""
     check_pow2_rounding(pow2_rounding)
     mode = {"pow2": True, "pow2_rounding": pow2_rounding} if pow2 else {}

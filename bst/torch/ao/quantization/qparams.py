@@ -45,12 +45,13 @@ DEFAULT_EPS = torch.finfo(torch.float32).eps  # 2**-23, itself a power of two
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
-def bias_grid(weight_scale: torch.Tensor, input_scale) -> torch.Tensor:
+def bias_grid(weight_scale: torch.Tensor, input_scale: float) -> torch.Tensor:
     """The step of a conv's int32 accumulator, per output channel: input_scale * weight_scale."""
     return weight_scale.detach().float().reshape(-1) * input_scale
 
 
-def bias_on_grid(bias: torch.Tensor, weight_scale: torch.Tensor, input_scale, grid=None) -> torch.Tensor:
+def bias_on_grid(bias: torch.Tensor, weight_scale: torch.Tensor, input_scale: float,
+                 grid: torch.Tensor | None = None) -> torch.Tensor:
     """round_half_even(bias / (input_scale * weight_scale)): the int32 bias an integer conv adds to its
     accumulator, as float32 integers (not clamped; see ``INT32_MIN``/``INT32_MAX``). One formula for the
     eval-mode QAT convs, `convert` and every export, so they add the very same bias. ``grid``: `bias_grid`'s
@@ -59,29 +60,30 @@ def bias_on_grid(bias: torch.Tensor, weight_scale: torch.Tensor, input_scale, gr
     return torch.round(bias.detach().float() / grid)
 
 
-def check_dtype(dtype) -> torch.dtype:
+def check_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in DTYPE_RANGES:
         names = ", ".join(f"torch.{str(d).split('.')[-1]}" for d in DTYPE_RANGES)
         raise ValueError(f"dtype={dtype} is not supported; use one of {names}")
     return dtype
 
 
-def check_qscheme(qscheme) -> torch.qscheme:
+def check_qscheme(qscheme: torch.qscheme) -> torch.qscheme:
     if qscheme not in SUPPORTED_QSCHEMES:
         names = ", ".join(f"torch.{q}" for q in SUPPORTED_QSCHEMES)
         raise ValueError(f"qscheme={qscheme} is not supported; use one of {names}")
     return qscheme
 
 
-def is_per_channel(qscheme) -> bool:
+def is_per_channel(qscheme: torch.qscheme) -> bool:
     return qscheme in PER_CHANNEL_QSCHEMES
 
 
-def is_symmetric(qscheme) -> bool:
+def is_symmetric(qscheme: torch.qscheme) -> bool:
     return qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
 
 
-def resolve_quant_range(dtype, quant_min=None, quant_max=None, reduce_range=False):
+def resolve_quant_range(dtype: torch.dtype, quant_min: int | None = None, quant_max: int | None = None,
+                        reduce_range: bool = False) -> tuple[int, int, bool]:
     """(quant_min, quant_max, customized) for dtype; custom ranges are validated against it."""
     check_dtype(dtype)
     lo, hi = DTYPE_RANGES[dtype]
@@ -105,7 +107,7 @@ def resolve_quant_range(dtype, quant_min=None, quant_max=None, reduce_range=Fals
     return lo, hi, customized
 
 
-def symmetric_zero_point(dtype, quant_min: int, quant_max: int, customized: bool) -> int:
+def symmetric_zero_point(dtype: torch.dtype, quant_min: int, quant_max: int, customized: bool) -> int:
     if dtype in UNSIGNED_DTYPES:
         return (quant_min + quant_max) // 2 if customized else 128
     return 0
@@ -159,7 +161,7 @@ def _nearest_pow2(scale):
 
 def compute_qparams(min_val: torch.Tensor, max_val: torch.Tensor, *, quant_min: int, quant_max: int,
                     symmetric: bool, zero_point: int = 0, eps: float = DEFAULT_EPS,
-                    pow2: bool = False, pow2_rounding: str = "ceil"):
+                    pow2: bool = False, pow2_rounding: str = "ceil") -> tuple[torch.Tensor, torch.Tensor]:
     """(scale float32, zero_point int32) from running min/max (0-d per tensor, 1-d per channel).
 
     ``zero_point`` is the fixed zero point of symmetric schemes. Entries never observed (min > max,
@@ -213,7 +215,7 @@ def _float_scale_scalar(min_neg, max_pos, quant_min, quant_max, symmetric, eps):
 
 def compute_qparams_scalar(min_val: float, max_val: float, *, quant_min: int, quant_max: int, symmetric: bool,
                            zero_point: int = 0, eps: float = DEFAULT_EPS, pow2: bool = False,
-                           pow2_rounding: str = "ceil"):
+                           pow2_rounding: str = "ceil") -> tuple[float, int]:
     """`compute_qparams` for one (min, max) pair of Python floats: (scale float, zero_point int)."""
     if not min_val <= max_val:
         return 1.0, 0

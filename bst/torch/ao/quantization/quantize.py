@@ -11,9 +11,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
+
+from bst.torch.ao.nn.intrinsic.qat.conv_fused import ConvBn2d
+from bst.torch.ao.nn.qat.conv import Conv2d, set_input_scale
+from bst.torch.ao.nn.quantized.functional_modules import FloatFunctional
 
 from .fake_quantize import FakeQuantizeBase, disable_observer, fake_quant_enabled, qparams_of
 from .mappings import get_default_convert_module_mappings, get_default_qat_module_mappings
@@ -27,7 +32,8 @@ def _check_qconfig(qconfig, where):
     return qconfig
 
 
-def propagate_qconfig_(module: nn.Module, qconfig_dict: dict | None = None) -> nn.Module:
+def propagate_qconfig_(module: nn.Module,
+                       qconfig_dict: dict[type[nn.Module] | str, QConfig | None] | None = None) -> nn.Module:
     """Give every submodule a ``qconfig`` attribute, in place.
 
     Precedence, strongest first: the module's own ``qconfig`` attribute, ``qconfig_dict[qualified name]``,
@@ -63,8 +69,6 @@ def _swap(module, mapping):
 
 
 def _attach_output_quantizers(module, qat_types):
-    from bst.torch.ao.nn.quantized import FloatFunctional
-
     for child in module.children():
         _attach_output_quantizers(child, qat_types)
     qconfig = getattr(module, "qconfig", None)
@@ -79,8 +83,9 @@ def _attach_output_quantizers(module, qat_types):
         module.register_forward_hook(_output_quantizer_hook)
 
 
-def prepare_qat(model: nn.Module, mapping: dict | None = None, inplace: bool = False,
-                qconfig_dict: dict | None = None) -> nn.Module:
+def prepare_qat(model: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]] | None = None,
+                inplace: bool = False,
+                qconfig_dict: dict[type[nn.Module] | str, QConfig | None] | None = None) -> nn.Module:
     """Swap modules that have a qconfig for their QAT versions and attach output quantizers.
 
     ``mapping``: float type -> QAT type with ``from_float`` (default `get_default_qat_module_mappings`).
@@ -118,8 +123,6 @@ class _InputTracer:
     """
 
     def __init__(self, model, conv_types):
-        from bst.torch.ao.nn.quantized import FloatFunctional
-
         self.model = model
         self.tags = {}  # id(tensor) -> (tensor, quantizer); the tensor is kept alive so ids stay unique
         self.inputs = {}  # consumer -> [quantizer or None, ...]
@@ -175,20 +178,14 @@ class _InputTracer:
         return self.inputs
 
 
-def trace_input_quantizers(model: nn.Module, example_inputs: tuple, consumer_types=()) -> dict:
+def trace_input_quantizers(model: nn.Module, example_inputs: tuple, consumer_types: Iterable[type[nn.Module]] = ()
+                           ) -> dict[nn.Module, list[FakeQuantizeBase | None]]:
     """One forward pass (observers off, eval mode, state restored) that maps every FloatFunctional, and every
     module of ``consumer_types``, to the fake quantizers that produced its inputs (None where an input does not
     come straight from one, through grid-preserving modules such as max-pool or nearest upsampling)."""
     if not isinstance(example_inputs, tuple):
         raise ValueError(f"example_inputs: a tuple of model inputs is expected, got {type(example_inputs).__name__}")
     return _InputTracer(model, set(consumer_types)).run(example_inputs)
-
-
-def _qat_conv_types() -> tuple:
-    from bst.torch.ao.nn.intrinsic.qat import ConvBn2d
-    from bst.torch.ao.nn.qat import Conv2d
-
-    return Conv2d, ConvBn2d
 
 
 @torch.no_grad()
@@ -201,12 +198,10 @@ def freeze_qparams(model: nn.Module, example_inputs: tuple) -> nn.Module:
     `convert` and every export do. Evaluation and export must both start from this function: it is what
     makes them compute the same integers. A conv whose input does not come straight from a per-tensor fake
     quantizer keeps its float bias. Observers stay off; re-enable them to keep calibrating."""
-    from bst.torch.ao.nn.qat.conv import set_input_scale
-
     if not isinstance(example_inputs, tuple):
         raise ValueError(f"example_inputs: a tuple of model inputs is expected, got {type(example_inputs).__name__}")
     model.apply(disable_observer)
-    conv_types = _qat_conv_types()
+    conv_types = (Conv2d, ConvBn2d)
     inputs = _InputTracer(model, conv_types).run(example_inputs)
     for m in model.modules():
         if isinstance(m, conv_types):
@@ -217,8 +212,6 @@ def freeze_qparams(model: nn.Module, example_inputs: tuple) -> nn.Module:
 
 
 def _swap_converted(module, mapping, inputs, prefix=""):
-    from bst.torch.ao.nn.quantized import FloatFunctional
-
     for name, child in module.named_children():
         full = f"{prefix}.{name}" if prefix else name
         build = mapping.get(type(child))
@@ -240,7 +233,8 @@ def _swap_converted(module, mapping, inputs, prefix=""):
             setattr(module, name, converted)
 
 
-def convert(model: nn.Module, example_inputs=None, mapping: dict | None = None, inplace: bool = False,
+def convert(model: nn.Module, example_inputs: tuple | None = None,
+            mapping: dict[type[nn.Module], Callable[..., nn.Module]] | None = None, inplace: bool = False,
             remove_qconfig: bool = True) -> nn.Module:
     """Replace QAT modules by converted reference modules (`bst.torch.ao.nn.quantized`).
 

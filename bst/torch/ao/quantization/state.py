@@ -83,15 +83,48 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def copy_quantizer_state_(dst: nn.Module, src: nn.Module) -> None:
+def copy_quantizer_state_(dst: nn.Module, src: nn.Module, keys: set[str] | None = None,
+                          src_state: dict[str, torch.Tensor] | None = None,
+                          dst_state: dict[str, torch.Tensor] | None = None) -> None:
     """Copy every quantizer buffer/parameter of `src` into `dst` (same architecture), resizing
-    per-channel entries as needed. Meant for EMA models, which must not average this state."""
-    src_state = src.state_dict()
-    dst_state = dst.state_dict(keep_vars=True)
-    for key in quantizer_state_keys(src):
+    per-channel entries as needed. Meant for EMA models, which must not average this state. A caller that copies
+    every step may pass what does not change between calls (`keys`, from `quantizer_state_keys`) and the state
+    dicts it already holds (`dst_state` must be ``dst.state_dict(keep_vars=True)``, whose tensors are dst's own)."""
+    src_state = src.state_dict() if src_state is None else src_state
+    dst_state = dst.state_dict(keep_vars=True) if dst_state is None else dst_state
+    for key in quantizer_state_keys(src) if keys is None else keys:
         if key not in dst_state:
             raise ValueError(f"dst: has no quantizer entry {key!r}; is it the same architecture as src?")
         target, value = dst_state[key], src_state[key]
         if target.shape != value.shape:
             target.data = torch.empty(value.shape, dtype=target.dtype, device=target.device)
         target.copy_(value)
+
+
+def module_attributes(model: nn.Module) -> dict[str, dict[str, object]]:
+    """The plain-Python settings a state_dict does not hold, of every module that names them in its class's
+    ``_state_attributes`` (a fused Conv+BN's ``freeze_bn``): {module name: {attribute: value}}. A checkpoint that
+    stores a prepared model as its state_dict stores this beside it; `load_module_attributes` puts it back."""
+    out = {}
+    for name, module in model.named_modules():
+        names = getattr(type(module), "_state_attributes", ())
+        if names:
+            out[name] = {a: getattr(module, a) for a in names}
+    return out
+
+
+def load_module_attributes(model: nn.Module, attributes: dict[str, dict[str, object]]) -> None:
+    """Set what `module_attributes` returned on a model of the same architecture, then re-apply each such module's
+    training mode (its settings may change what ``train()`` does to its children)."""
+    for name, values in attributes.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"attributes: the model has no module {name!r}; is it the same architecture?") from None
+        allowed = getattr(type(module), "_state_attributes", ())
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise ValueError(f"attributes: {name} ({type(module).__name__}) has no settable state {unknown}")
+        for a, v in values.items():
+            setattr(module, a, v)
+        module.train(module.training)

@@ -11,7 +11,7 @@ import torch.nn as nn
 class _FusedModule(nn.Sequential):
     _parts: tuple = ()
 
-    def __init__(self, *modules):
+    def __init__(self, *modules: nn.Module) -> None:
         expected = self._parts
         if len(modules) != len(expected) or not all(type(m) is t for m, t in zip(modules, expected)):
             got = ", ".join(type(m).__name__ for m in modules)

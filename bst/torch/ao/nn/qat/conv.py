@@ -10,6 +10,8 @@ away from a tie of the output quantizer, and two runtimes round such sums differ
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,10 +21,13 @@ from bst.torch.ao.nn.intrinsic.modules import ConvReLU62d as FloatConvReLU62d
 from bst.torch.ao.quantization.fake_quantize import fake_quant_enabled
 from bst.torch.ao.quantization.qparams import INT32_MAX, INT32_MIN, bias_grid, bias_on_grid
 
+if TYPE_CHECKING:
+    from bst.torch.ao.quantization.qconfig import QConfig
+
 ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
 
 
-def require_weight_qconfig(qconfig, owner: str):
+def require_weight_qconfig(qconfig: QConfig | None, owner: str) -> QConfig:
     if qconfig is None or getattr(qconfig, "weight", None) is None:
         raise ValueError(f"qconfig={qconfig!r}: {owner} needs a qconfig with a weight fake-quantizer constructor")
     return qconfig
@@ -62,20 +67,23 @@ class Conv2d(nn.Conv2d):
     _activation = None
     _quantizes_own_output = True  # prepare_qat needs no forward hook for the output quantizer
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
-                 padding_mode="zeros", qconfig=None, device=None, dtype=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: str | int | tuple[int, int] = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 qconfig: QConfig | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
         self.qconfig = require_weight_qconfig(qconfig, type(self).__name__)
         self.weight_fake_quant = qconfig.weight()
         self.input_scale = None  # see set_input_scale
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight_fake_quant(self.weight)
         return finish_output(self, self._conv_forward(x, weight, eval_bias(self, self.bias)))
 
     @classmethod
-    def from_float(cls, mod):
+    def from_float(cls, mod: nn.Conv2d | nn.Sequential) -> Conv2d:
         """From an nn.Conv2d (or, for the ReLU subclasses, the fused float container) carrying ``qconfig``."""
         if type(mod) is not cls._float_module:
             raise ValueError(f"mod: {cls.__name__}.from_float takes a {cls._float_module.__name__}, "
@@ -90,12 +98,12 @@ class Conv2d(nn.Conv2d):
         qat.train(mod.training)
         return qat
 
-    def folded_weight_bias(self):
+    def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) of the equivalent float conv, before weight fake quantization."""
         bias = self.bias.detach() if self.bias is not None else None
         return self.weight.detach(), bias
 
-    def to_float(self):
+    def to_float(self) -> nn.Conv2d | nn.Sequential:
         """Plain float modules computing this layer without quantization."""
         weight, bias = self.folded_weight_bias()
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,

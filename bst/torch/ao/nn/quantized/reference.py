@@ -2,19 +2,27 @@
 
 Each holds what an integer kernel needs: int8 weights, int32 bias, weight / input / output scales and
 zero points. On float tensors they compute the fake-quantized result (weights dequantized, bias on
-its int32 grid, output fake-quantized); on `QTensor` inputs (see `integer_reference.integer_mode`)
+its int32 grid, output fake-quantized); on `QTensor` inputs (see `integer_mode` below)
 they run the integer-only reference. Scales stay float32 through ``.half()`` like all quantizer state.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NoReturn
+
 import torch
 import torch.nn.functional as F
 
-from bst.torch.ao.quantization import integer_reference as iref
+import bst.torch.ao.quantization.integer_reference as iref
 from bst.torch.ao.quantization.fake_quant_ops import fake_quantize_per_channel, fake_quantize_per_tensor, round_
 from bst.torch.ao.quantization.fake_quantize import qparams_of
 from bst.torch.ao.quantization.qparams import INT32_MAX, INT32_MIN, bias_on_grid
 from bst.torch.ao.quantization.state import QuantizerModule
+
+if TYPE_CHECKING:
+    from bst.torch.ao.nn.quantized.functional_modules import FloatFunctional
+    from bst.torch.ao.quantization.stubs import DeQuantStub, QuantStub
 
 _ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
 
@@ -54,17 +62,18 @@ class _OutputQParams(QuantizerModule):
 class Quantize(_OutputQParams):
     """Converted QuantStub: fake-quantizes its float input, or emits a `QTensor` in integer mode."""
 
-    def __init__(self, qparams, rounding="half_even"):
+    def __init__(self, qparams: tuple[torch.Tensor, torch.Tensor, int, int] | None,
+                 rounding: str = "half_even") -> None:
         super().__init__()
         self._set_output(qparams, rounding=rounding)
         self.integer_output = False
 
     @classmethod
-    def from_stub(cls, stub):
+    def from_stub(cls, stub: QuantStub) -> Quantize:
         fq = stub.activation_post_process
         return cls(qparams_of(fq), fq.rounding)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor | iref.QTensor) -> torch.Tensor | iref.QTensor:
         if isinstance(x, iref.QTensor):
             return x
         if self.integer_output:
@@ -76,11 +85,11 @@ class Quantize(_OutputQParams):
 class DeQuantize(torch.nn.Module):
     """Converted DeQuantStub: a `QTensor` back to float; float tensors pass unchanged."""
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor | iref.QTensor) -> torch.Tensor:
         return x.dequantize() if isinstance(x, iref.QTensor) else x
 
     @classmethod
-    def from_stub(cls, stub):
+    def from_stub(cls, stub: DeQuantStub) -> DeQuantize:
         return cls()
 
 
@@ -95,9 +104,13 @@ class Conv2d(_OutputQParams):
     have different ranges; on shift hardware that is a requantizing shift per channel).
     """
 
-    def __init__(self, weight_int8, weight_scale, weight_zero_point, weight_quant_range, bias, input_qparams,
-                 output_qparams, stride, padding, dilation, groups, padding_mode="zeros", activation=None,
-                 output_axis=None, output_rounding="half_even"):
+    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor,
+                 weight_quant_range: tuple[int, int], bias: torch.Tensor | None,
+                 input_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+                 output_qparams: tuple[torch.Tensor, torch.Tensor, int, int] | None,
+                 stride: tuple[int, int], padding: str | tuple[int, int], dilation: tuple[int, int], groups: int,
+                 padding_mode: str = "zeros", activation: str | None = None, output_axis: int | None = None,
+                 output_rounding: str = "half_even") -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not supported; use None, 'relu' or 'relu6'")
@@ -121,14 +134,14 @@ class Conv2d(_OutputQParams):
         self._set_output(output_qparams, output_axis, output_rounding)
 
     @property
-    def in_channels(self):
+    def in_channels(self) -> int:
         return self.weight_int8.shape[1] * self.groups
 
     @property
-    def out_channels(self):
+    def out_channels(self) -> int:
         return self.weight_int8.shape[0]
 
-    def _bias_on_grid(self, input_scale: float):
+    def _bias_on_grid(self, input_scale: float) -> torch.Tensor:
         """round_half_even(bias / (input_scale * weight_scale)) as int32."""
         q = bias_on_grid(self.bias, self.weight_scale, input_scale)
         if bool(((q < INT32_MIN) | (q > INT32_MAX)).any()):
@@ -136,7 +149,7 @@ class Conv2d(_OutputQParams):
                              f"(input_scale={input_scale})")
         return q.to(torch.int32)
 
-    def integer_bias(self, input_scale: float):
+    def integer_bias(self, input_scale: float) -> torch.Tensor | None:
         """The int32 bias for an input of scale `input_scale` (the stored one when it matches)."""
         if self.bias is None:
             return None
@@ -147,11 +160,11 @@ class Conv2d(_OutputQParams):
             return self.bias_int32
         return self._bias_on_grid(float(input_scale))
 
-    def dequantized_weight(self):
+    def dequantized_weight(self) -> torch.Tensor:
         zp = self.weight_zero_point.reshape(-1, 1, 1, 1).to(torch.float32)
         return (self.weight_int8.to(torch.float32) - zp) * self.weight_scale.reshape(-1, 1, 1, 1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor | iref.QTensor) -> torch.Tensor | iref.QTensor:
         if isinstance(x, iref.QTensor):
             return iref.conv2d(self, x)
         weight = self.dequantized_weight().to(x.dtype)
@@ -171,7 +184,8 @@ class Conv2d(_OutputQParams):
         return self._quantize_output(y)
 
     @classmethod
-    def from_qat(cls, mod, input_qparams=None):
+    def from_qat(cls, mod: torch.nn.Conv2d,
+                 input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> Conv2d:
         """From a QAT conv (``nnqat.Conv2d``, ``nniqat.ConvBn2d``, ... ); BN is folded first."""
         weight, bias = mod.folded_weight_bias()
         weight_fq = mod.weight_fake_quant
@@ -199,7 +213,7 @@ class Conv2d(_OutputQParams):
                    mod.padding_mode, mod._activation, output_axis,
                    "half_even" if output is None else output.rounding)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight_int8.shape[2:])}, "
                 f"stride={self.stride}, padding={self.padding}, activation={self.activation}")
 
@@ -211,36 +225,54 @@ class QFunctional(_OutputQParams):
     operand), empty without ``example_inputs``. The integer reference reads them from its QTensors.
     """
 
-    def __init__(self, output_qparams, rounding="half_even"):
+    def __init__(self, output_qparams: tuple[torch.Tensor, torch.Tensor, int, int] | None,
+                 rounding: str = "half_even") -> None:
         super().__init__()
         self._set_output(output_qparams, rounding=rounding)
         self.input_qparams = []
 
     @classmethod
-    def from_float(cls, mod):
+    def from_float(cls, mod: FloatFunctional) -> QFunctional:
         fq = mod.activation_post_process
         return cls(qparams_of(fq), fq.rounding)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> NoReturn:
         raise RuntimeError("QFunctional is not called directly; use its add / add_relu / mul / cat methods")
 
-    def add(self, x, y):
+    def add(self, x: torch.Tensor | iref.QTensor, y: torch.Tensor | iref.QTensor) -> torch.Tensor | iref.QTensor:
         if isinstance(x, iref.QTensor):
             return iref.add(self, x, y)
         return self._quantize_output(torch.add(x, y))
 
-    def add_relu(self, x, y):
+    def add_relu(self, x: torch.Tensor | iref.QTensor, y: torch.Tensor | iref.QTensor) -> torch.Tensor | iref.QTensor:
         if isinstance(x, iref.QTensor):
             return iref.add(self, x, y, activation="relu")
         return self._quantize_output(F.relu(torch.add(x, y)))
 
-    def mul(self, x, y):
+    def mul(self, x: torch.Tensor | iref.QTensor, y: torch.Tensor | iref.QTensor) -> torch.Tensor | iref.QTensor:
         if isinstance(x, iref.QTensor):
             return iref.mul(self, x, y)
         return self._quantize_output(torch.mul(x, y))
 
-    def cat(self, tensors, dim: int = 0):
+    def cat(self, tensors: Iterable[torch.Tensor | iref.QTensor], dim: int = 0) -> torch.Tensor | iref.QTensor:
         tensors = list(tensors)
         if tensors and isinstance(tensors[0], iref.QTensor):
             return iref.cat(self, tensors, dim)
         return self._quantize_output(torch.cat(tensors, dim))
+
+
+@contextmanager
+def integer_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block, converted `Quantize` modules of `model` emit `QTensor`s, so converted
+    convs / functionals run on integers and `DeQuantize` returns their float value."""
+    stubs = [m for m in model.modules() if isinstance(m, Quantize)]
+    if not stubs:
+        raise ValueError("model: has no converted Quantize module (QuantStub); nothing produces integers")
+    before = [m.integer_output for m in stubs]
+    try:
+        for m in stubs:
+            m.integer_output = True
+        yield model
+    finally:
+        for m, b in zip(stubs, before):
+            m.integer_output = b

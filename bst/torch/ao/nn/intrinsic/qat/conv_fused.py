@@ -7,12 +7,18 @@ BatchNorm, so training still sees batch statistics (or the running ones after `f
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
 from bst.torch.ao.nn.intrinsic import modules as nni
+from bst.torch.ao.nn.intrinsic.folding import bn_scale, fold_bn
 from bst.torch.ao.nn.qat.conv import Conv2d as QATConv2d
 from bst.torch.ao.nn.qat.conv import eval_bias, finish_output, require_weight_qconfig
+
+if TYPE_CHECKING:
+    from bst.torch.ao.quantization.qconfig import QConfig
 
 
 class _DivideChannels(torch.autograd.Function):
@@ -46,9 +52,13 @@ class ConvBn2d(nn.Conv2d):
     _float_module = nni.ConvBn2d
     _activation = None
     _quantizes_own_output = True
+    _state_attributes = ("freeze_bn",)  # not in the state_dict; see quantization.state.module_attributes
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=False,
-                 padding_mode="zeros", eps=1e-5, momentum=0.1, freeze_bn=False, qconfig=None, device=None, dtype=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: str | int | tuple[int, int] = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
+                 eps: float = 1e-5, momentum: float = 0.1, freeze_bn: bool = False, qconfig: QConfig | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
         self.qconfig = require_weight_qconfig(qconfig, type(self).__name__)
@@ -61,19 +71,19 @@ class ConvBn2d(nn.Conv2d):
             self.bn.train(False)
 
     # --- BN statistics ---------------------------------------------------------------------------
-    def freeze_bn_stats(self):
+    def freeze_bn_stats(self) -> ConvBn2d:
         """BN uses and keeps its running statistics (no batch statistics, no updates)."""
         self.freeze_bn = True
         self.bn.training = False
         return self
 
-    def update_bn_stats(self):
+    def update_bn_stats(self) -> ConvBn2d:
         """BN normalises with batch statistics and updates its running ones (training mode)."""
         self.freeze_bn = False
         self.bn.training = True
         return self
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> ConvBn2d:
         self.training = mode
         for child in self.children():
             child.train(False if (child is self.bn and self.freeze_bn) else mode)
@@ -81,14 +91,13 @@ class ConvBn2d(nn.Conv2d):
 
     # --- forward -----------------------------------------------------------------------------------
     def _bn_scale_factor(self):
-        bn = self.bn
-        return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return bn_scale(self.bn)
 
     def _conv_bn(self, x):
         if not self.training:
             # inference: the deployed conv itself, BN folded into weight and bias (running statistics), so the
             # fake-quant model computes what the exported QDQ graph and integer kernels compute
-            weight, bias = self._folded(differentiable=True)
+            weight, bias = self._folded()
             weight = self.weight_fake_quant(weight)
             return self._conv_forward(x, weight, eval_bias(self, bias))
         factor = self._bn_scale_factor()
@@ -98,12 +107,12 @@ class ConvBn2d(nn.Conv2d):
             y = y + self.bias.reshape(1, -1, 1, 1)
         return self.bn(y)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return finish_output(self, self._conv_bn(x))
 
     # --- conversion --------------------------------------------------------------------------------
     @classmethod
-    def from_float(cls, mod):
+    def from_float(cls, mod: nn.Sequential) -> ConvBn2d:
         """From the float fused container (conv, bn[, relu]) carrying ``qconfig``; shares its tensors."""
         if type(mod) is not cls._float_module:
             raise ValueError(f"mod: {cls.__name__}.from_float takes a {cls._float_module.__name__}, "
@@ -120,20 +129,14 @@ class ConvBn2d(nn.Conv2d):
         qat.train(mod.training)
         return qat
 
-    def _folded(self, differentiable=False):
-        factor = self._bn_scale_factor()
-        weight = self.weight * factor.reshape(-1, 1, 1, 1)
-        bias = self.bias if self.bias is not None else torch.zeros_like(self.bn.running_mean)
-        return weight, self.bn.bias + (bias - self.bn.running_mean) * factor
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return fold_bn(self.weight, self.bias, self.bn)
 
-    def folded_weight_bias(self):
+    def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) with BN folded in, from its running statistics; the weight is the very tensor
         that ``weight_fake_quant`` sees in forward."""
         with torch.no_grad():
-            factor = self._bn_scale_factor()
-            weight = self.weight * factor.reshape(-1, 1, 1, 1)
-            bias = self.bias if self.bias is not None else torch.zeros_like(self.bn.running_mean)
-            bias = self.bn.bias + (bias - self.bn.running_mean) * factor
+            weight, bias = fold_bn(self.weight, self.bias, self.bn)
         return weight.detach(), bias.detach()
 
     to_float = QATConv2d.to_float
@@ -159,13 +162,13 @@ class ConvReLU62d(QATConv2d):
     _activation = "relu6"
 
 
-def freeze_bn_stats(module: nn.Module):
+def freeze_bn_stats(module: nn.Module) -> None:
     """For ``model.apply``: stop BN statistics in every fused Conv+BN QAT module."""
     if isinstance(module, ConvBn2d):
         module.freeze_bn_stats()
 
 
-def update_bn_stats(module: nn.Module):
+def update_bn_stats(module: nn.Module) -> None:
     """For ``model.apply``: resume BN statistics in every fused Conv+BN QAT module."""
     if isinstance(module, ConvBn2d):
         module.update_bn_stats()
