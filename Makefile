@@ -21,7 +21,7 @@ test: venv
 demo: venv
 	$(PY) demo.py $(if $(FULL),--full,)
 
-# make lint: ruff with ruff.toml (line length 120, pycodestyle and pyflakes rules)
+# make lint: ruff with the pyproject.toml configuration (line length 120; pycodestyle, pyflakes and import order)
 lint: venv
 	$(PY) -m ruff check .
 

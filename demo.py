@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from models.checkpoint import load_checkpoint
+
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
 OUT = ROOT / "runs" / "demo"
@@ -95,7 +97,6 @@ def finished(ckpt):
     if not ckpt.exists():
         return False
     sys.path.insert(0, str(ROOT))
-    from utils.checkpoint import load_checkpoint
 
     return load_checkpoint(ckpt).get("epoch") == -1
 

@@ -25,14 +25,34 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.backend import DetectMultiBackend  # noqa: E402
-from utils.dataloaders import (IMG_FORMATS, VID_FORMATS, LoadImages, LoadScreenshots, LoadStreams,  # noqa: E402
-                               download_source, is_url)
-from utils.general import (LOGGER, UserError, check_file, check_img_size, colorstr, has_display,  # noqa: E402
-                           increment_path, make_run_folder, non_max_suppression, print_args, run_cli, scale_boxes,
-                           xyxy2xywh)
-from utils.plots import Annotator, colors, save_one_box  # noqa: E402
-from utils.torch_utils import select_device, strip_optimizer, time_sync  # noqa: E402
+from models.backend import DetectMultiBackend
+from models.checkpoint import strip_optimizer
+from utils.dataloaders import (
+    IMG_FORMATS,
+    VID_FORMATS,
+    LoadImages,
+    LoadScreenshots,
+    LoadStreams,
+    download_source,
+    is_url,
+)
+from utils.general import (
+    LOGGER,
+    UserError,
+    check_file,
+    check_img_size,
+    colorstr,
+    has_display,
+    increment_path,
+    make_run_folder,
+    non_max_suppression,
+    print_args,
+    run_cli,
+    scale_boxes,
+    xyxy2xywh,
+)
+from utils.plots import Annotator, colors, save_one_box
+from utils.torch_utils import select_device, time_sync
 
 
 @torch.no_grad()

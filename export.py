@@ -45,11 +45,30 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.backend import load_pytorch_model  # noqa: E402
-from models.experimental import is_quantized  # noqa: E402
-from models.yolo import Detect  # noqa: E402
-from utils.general import LOGGER, UserError, check_file, check_img_size, colorstr, print_args, run_cli  # noqa: E402
-from utils.torch_utils import select_device  # noqa: E402
+from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+from torch.utils.mobile_optimizer import optimize_for_mobile
+
+from bst.torch.ao.nn.intrinsic.qat import ConvBn2d
+from bst.torch.ao.nn.qat import Conv2d as QATConv2d
+from bst.torch.ao.nn.qat.conv import ACTIVATIONS, eval_bias
+from bst.torch.ao.quantization import FakeQuantizeBase, fake_quant_enabled, is_pow2, qparams_of
+from bst.torch.ao.quantization.integer_graph import record
+from bst.torch.ao.quantization.integer_runner import IntegerModel
+from models.backend import (
+    load_pytorch_model,
+    onnxruntime_session,
+)
+from models.quant import (
+    convert_yolo,
+    freeze,
+    integer_head,
+    is_quantized,
+)
+from models.yolo import Detect
+from utils.dataloaders import LoadImages, _list_image_files
+from utils.dataset_yaml import check_dataset
+from utils.general import LOGGER, UserError, check_file, check_img_size, colorstr, print_args, run_cli
+from utils.torch_utils import select_device
 
 FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx", "integer": "_integer_model"}  # --include -> suffix
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear take a per-channel `axis` from opset 13 on (QAT exports need it)
@@ -62,7 +81,6 @@ INPUT_NAME, OUTPUT_NAME = "images", "output0"
 def _max_opset() -> int:
     """Highest opset the TorchScript-based ONNX exporter of this torch writes."""
     try:
-        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
         return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
     except (ImportError, AttributeError):
         return 20
@@ -118,9 +136,6 @@ def sample_batch(shape, data=None, seed=0, device="cpu", dtype=torch.float32) ->
     if data is None:
         g = torch.Generator().manual_seed(seed)
         return torch.rand(tuple(shape), generator=g).to(device=device, dtype=dtype)
-    from utils.dataloaders import LoadImages, _list_image_files
-    from utils.dataset_yaml import check_dataset
-
     d = check_dataset(data)
     files = _list_image_files(d["val"], prefix=f"{data}: val: ")
     images = [im for _, im, *_ in LoadImages(files[:bs], img_size=(h, w), auto=False)]
@@ -219,8 +234,6 @@ def export_torchscript(model, im, file, metadata, optimize=False, dynamic=False,
     config = {"shape": list(im.shape), "stride": metadata["stride"], "names": metadata["names"], "dynamic": dynamic}
     extra = {"config.txt": json.dumps(config)}
     if optimize:
-        from torch.utils.mobile_optimizer import optimize_for_mobile
-
         optimize_for_mobile(ts)._save_for_lite_interpreter(str(f), _extra_files=extra)
     else:
         ts.save(str(f), _extra_files=extra)
@@ -399,16 +412,12 @@ def _dequantize(q, scale, zero_point, axis):
 
 
 def _fake_quant_enabled(fq) -> bool:
-    from bst.torch.ao.quantization import fake_quant_enabled
-
     return fake_quant_enabled(fq)
 
 
 def frozen_qparams(fq, name="quantizer"):
     """(scale float32, zero_point int32) that fake quantizer `fq` applies in eval mode with its observer off, or None
     when its fake quantization is off. Per-tensor qparams come back 0-d (a per-tensor QDQ scale is a scalar)."""
-    from bst.torch.ao.quantization import qparams_of
-
     if not _fake_quant_enabled(fq):
         return None
     scale, zero_point = qparams_of(fq)[:2]
@@ -498,7 +507,6 @@ class QDQConv2d(nn.Module):
 
     def __init__(self, qat, name="conv"):
         super().__init__()
-        from bst.torch.ao.nn.qat.conv import ACTIVATIONS, eval_bias
 
         if qat.padding_mode != "zeros":
             raise UserError(f"{name}: padding_mode {qat.padding_mode!r} has no export form here; use zeros padding")
@@ -573,11 +581,6 @@ def qdq_model(model: nn.Module) -> nn.Module:
 
     `model` itself is switched to eval mode with its observers off (scales frozen; lazily computed ones evaluated).
     Raises UserError for what QDQ cannot hold (ranges wider than 8 bits, uncalibrated scales)."""
-    from bst.torch.ao.nn.intrinsic.qat import ConvBn2d
-    from bst.torch.ao.nn.qat import Conv2d as QATConv2d
-    from bst.torch.ao.quantization import FakeQuantizeBase
-    from models.quant import freeze
-
     freeze(model).eval()
     m = deepcopy(model)
 
@@ -652,14 +655,6 @@ def own_initializers(proto) -> int:
     return removed
 
 
-def is_pow2_array(a) -> np.ndarray:
-    """Elementwise: a positive finite exact power of two (the frexp mantissa is exactly 0.5)."""
-    a = np.asarray(a, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        mantissa, _ = np.frexp(a)
-    return np.isfinite(a) & (a > 0) & (mantissa == 0.5)
-
-
 def qdq_structure(proto) -> dict:
     """The QDQ content of an ONNX graph, read from the file.
 
@@ -714,7 +709,7 @@ def check_qdq_file(proto, expected: dict, pow2: bool, path, simplified=False) ->
                         f"DequantizeLinear ({got['weights']} on integer weights) where the model applies "
                         f"{expected['quantize']}, {expected['dequantize']} ({expected['weights']}){hint}")
     if pow2:
-        bad = [k for k, v in s["scales"].items() if not is_pow2_array(v).all()]
+        bad = [k for k, v in s["scales"].items() if not bool(is_pow2(torch.from_numpy(np.atleast_1d(v))).all())]
         if bad:
             raise UserError(f"{path}: scale {bad[0]} = {s['scales'][bad[0]].ravel()[:4].tolist()} is not an exact "
                             f"power of two although the model is pow2 ({len(bad)} such scales)")
@@ -741,8 +736,6 @@ def qdq_reference(model, im) -> dict:
     Returns {"decoded": array (bs, N, no), "raw": [array (bs, na, ny, nx, no) per level], "raw_tol": [array
     broadcastable to raw], "decoded_tol": array like decoded, "steps": [Detect output step, (smallest, largest)
     step of a per-channel output quantizer, or None per level]}."""
-    from bst.torch.ao.quantization import FakeQuantizeBase
-
     detect = model.model[-1]
     produced, head_in = {}, {}
 
@@ -837,8 +830,6 @@ def _describe_steps(steps):
 def _run_qdq_file(onnx_path, probe, names, x, as_written):
     """onnxruntime's decoded output of the file itself and the raw head outputs of `probe` (the same graph with those
     tensors as extra outputs; a second session, so the first is exactly what users run)."""
-    from models.backend import onnxruntime_session
-
     session = onnxruntime_session(onnx_path, as_written=as_written)
     out = session.run(None, {session.get_inputs()[0].name: x})[0]
     probe_session = onnxruntime_session(probe, as_written=as_written)
@@ -943,10 +934,6 @@ def export_integer(model, im, file, checks) -> Path:
 
     Verified on every batch of `checks` and on a second input size: the raw head outputs of the PyTorch model,
     of bst's integer reference and of the numpy runner must be identical (0 differing integers)."""
-    from bst.torch.ao.quantization.integer_graph import record
-    from bst.torch.ao.quantization.integer_runner import IntegerModel
-    from models.quant import convert_yolo, integer_head
-
     if not (is_quantized(model) and model_pow2(model)):
         raise UserError(f"{file}: --include integer needs a QAT checkpoint with power-of-two scales (train.py --qat "
                         f"--pow2-scale); requantization by a shift needs them")

@@ -11,13 +11,25 @@ Usage:
 
 `custom` loads anything detect.py loads: a float or QAT .pt checkpoint, a .torchscript or an .onnx file.
 """
-import pathlib  # modules only at the top level: torch.hub.list takes every public callable here for an entry point
-import sys
+import argparse as _argparse  # every name here starts with "_": torch.hub.list takes each public callable for
+import logging as _logging  # an entry point
+import pathlib as _pathlib
+import sys as _sys
 
-_ROOT = pathlib.Path(__file__).resolve().parent
+_ROOT = _pathlib.Path(__file__).resolve().parent
 # torch.hub puts this folder on sys.path only while an entry point runs; the model imports more of the project later
-if str(_ROOT) not in sys.path[1:]:
-    sys.path.append(str(_ROOT))
+if str(_ROOT) not in _sys.path[1:]:
+    _sys.path.append(str(_ROOT))
+
+from models.backend import DetectMultiBackend as _DetectMultiBackend
+from models.backend import load_pytorch_model as _load_pytorch_model
+from models.yolo import DetectionModel as _DetectionModel
+from utils.general import LOGGER as _LOGGER
+from utils.general import UserError as _UserError
+from utils.general import intersect_dicts as _intersect_dicts
+from utils.general import run_cli as _run_cli
+from utils.hub import AutoShape as _AutoShape
+from utils.torch_utils import select_device as _select_device
 
 
 def _create(name, pretrained=True, channels=3, classes=80, autoshape=True, verbose=True, device=None):
@@ -30,41 +42,33 @@ def _create(name, pretrained=True, channels=3, classes=80, autoshape=True, verbo
     checkpoint's weights of matching shape copied in, returned as it is (no AutoShape), as upstream.
     verbose=False: warnings only while loading. device: 'cpu', '0', 'cuda:0', a torch.device, None (CUDA if present).
     """
-    import logging
-
-    from models.backend import DetectMultiBackend, load_pytorch_model
-    from utils.hub import AutoShape
-    from models.yolo import DetectionModel
-    from utils.general import LOGGER, UserError, intersect_dicts
-    from utils.torch_utils import select_device
-
-    level = LOGGER.level
+    level = _LOGGER.level
     if not verbose:
-        LOGGER.setLevel(logging.WARNING)
+        _LOGGER.setLevel(_logging.WARNING)
     try:
-        name = pathlib.Path(str(name))
+        name = _pathlib.Path(str(name))
         path = name.with_suffix(".pt") if name.suffix == "" and not name.is_dir() else name
-        device = select_device("" if device is None else str(device))
+        device = _select_device("" if device is None else str(device))
         if pretrained and channels == 3 and classes == 80:
-            model = DetectMultiBackend(path, device=device, fuse=autoshape)
-            return AutoShape(model, verbose=verbose) if autoshape else model
+            model = _DetectMultiBackend(path, device=device, fuse=autoshape)
+            return _AutoShape(model, verbose=verbose) if autoshape else model
 
         cfg = _ROOT / "models" / f"{path.stem}.yaml"
         if not cfg.is_file():
             known = ", ".join(sorted(p.stem for p in (_ROOT / "models").glob("*.yaml")))
-            raise UserError(f"{name}: no model yaml models/{path.stem}.yaml to build it with channels={channels}, "
+            raise _UserError(f"{name}: no model yaml models/{path.stem}.yaml to build it with channels={channels}, "
                             f"classes={classes} (there are: {known}); a checkpoint of your own loads with custom()")
-        model = DetectionModel(cfg, ch=channels, nc=classes)
+        model = _DetectionModel(cfg, ch=channels, nc=classes)
         if pretrained:
-            source = load_pytorch_model(path, device="cpu", fuse=False)
-            state = intersect_dicts(source.float().state_dict(), model.state_dict(), exclude=["anchors"])
+            source = _load_pytorch_model(path, device="cpu", fuse=False)
+            state = _intersect_dicts(source.float().state_dict(), model.state_dict(), exclude=["anchors"])
             model.load_state_dict(state, strict=False)
-            LOGGER.info(f"Transferred {len(state)}/{len(model.state_dict())} items from {path}")
+            _LOGGER.info(f"Transferred {len(state)}/{len(model.state_dict())} items from {path}")
             if len(source.names) == classes:
                 model.names = source.names
         return model.to(device)
     finally:
-        LOGGER.setLevel(level)
+        _LOGGER.setLevel(level)
 
 
 def custom(path="path/to/model.pt", autoshape=True, _verbose=True, device=None):
@@ -98,19 +102,15 @@ def yolov5x(pretrained=True, channels=3, classes=80, autoshape=True, _verbose=Tr
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Load a model through the hub entry points and detect on images")
+    parser = _argparse.ArgumentParser(description="Load a model through the hub entry points and detect on images")
     parser.add_argument("--model", default="yolov5s", help="release name (yolov5n ... yolov5x) or weights path")
     parser.add_argument("--source", nargs="+", default=[str(_ROOT / "data/images/shapes1.jpg")], help="images")
     parser.add_argument("--size", type=int, default=640, help="inference size")
     opt = parser.parse_args()
-
-    from utils.general import run_cli
 
     def _main(opt):
         results = _create(opt.model)(opt.source, size=opt.size)
         results.print()
         results.save()
 
-    run_cli(_main, opt)
+    _run_cli(_main, opt)

@@ -18,44 +18,66 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-import val as validate  # noqa: E402
-from models.common import activation_name  # noqa: E402
-from models.experimental import attempt_load, is_quantized, model_activation  # noqa: E402
-from models.yolo import DetectionModel  # noqa: E402
-from utils.autoanchor import check_anchors  # noqa: E402
-from utils.checkpoint import attempt_download, check_checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
-from utils.class_weights import labels_to_class_weights, labels_to_image_weights  # noqa: E402
-from utils.dataloaders import create_dataloader, sample_seed  # noqa: E402
-from utils.dataset_yaml import check_dataset  # noqa: E402
-from utils.autobatch import autobatch  # noqa: E402
-from utils.evolve import evolve  # noqa: E402
-from utils.general import (LOGGER, UserError, check_file, check_img_size, claim_run_folder, colorstr,  # noqa: E402
-                           git_info, increment_path, intersect_dicts, make_run_folder, print_args, run_cli, yaml_load,
-                           yaml_save)
-from utils.loss import ComputeLoss  # noqa: E402
-from utils.metrics import fitness  # noqa: E402
-from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
-from utils.qat import QATRun, check_qat_flags, checkpoint_copy, report_ptq  # noqa: E402
-from utils.torch_utils import (EarlyStopping, ModelEMA, de_parallel, one_cycle, select_device,  # noqa: E402
-                               smart_optimizer, strip_optimizer, torch_distributed_zero_first)
+import val as validate
+from models.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint, strip_optimizer
+from models.common import activation_name, model_activation
+from models.experimental import attempt_load
+from models.quant import is_quantized
+from models.yolo import DetectionModel
+from utils.autoanchor import check_anchors
+from utils.autobatch import autobatch
+from utils.checkpoint import attempt_download, check_checkpoint_path
+from utils.class_weights import labels_to_class_weights, labels_to_image_weights
+from utils.dataloaders import create_dataloader, sample_seed
+from utils.dataset_yaml import check_dataset
+from utils.engine import NBS, StepState, train_one_epoch
+from utils.evolve import evolve
+from utils.general import (
+    LOCAL_RANK,
+    LOGGER,
+    RANK,
+    WORLD_SIZE,
+    UserError,
+    check_file,
+    check_img_size,
+    claim_run_folder,
+    colorstr,
+    git_info,
+    increment_path,
+    intersect_dicts,
+    make_run_folder,
+    print_args,
+    run_cli,
+    yaml_load,
+    yaml_save,
+)
+from utils.loss import ComputeLoss
+from utils.metrics import fitness
+from utils.plots import plot_labels, plot_results
+from utils.qat import QATRun, check_qat_flags, checkpoint_copy, report_ptq
+from utils.torch_utils import (
+    EarlyStopping,
+    ModelEMA,
+    de_parallel,
+    one_cycle,
+    select_device,
+    smart_optimizer,
+    torch_distributed_zero_first,
+)
 
 DDP_DUMP_ENV = "YOLOV5_DDP_DUMP"  # debug aid, see dump_parameters()
-LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
-RANK = int(os.getenv("RANK", -1))
-WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
 
 HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr", "box",
             "cls", "obj", "anchor_t")  # read by train.py itself; the dataloader and ComputeLoss check their own
@@ -144,38 +166,15 @@ def train(hyp, opt, device):
 
 
 def _train(hyp, opt, device):
-    save_dir, epochs, batch_size, weights, single_cls, noval, nosave, workers, freeze = (
-        Path(opt.save_dir), opt.epochs, opt.batch_size, opt.weights, opt.single_cls, opt.noval, opt.nosave,
-        opt.workers, opt.freeze)
+    save_dir, epochs, batch_size, single_cls = Path(opt.save_dir), opt.epochs, opt.batch_size, opt.single_cls
     w = save_dir / "weights"
-    make_run_folder(w)
     last, best = w / "last.pt", w / "best.pt"
-    for f in last, best:  # before any work, not after the first epoch
-        check_checkpoint_path(f)
-
-    where = str(hyp) if isinstance(hyp, (str, Path)) else "hyp"
-    hyp = check_hyp(yaml_load(hyp) if isinstance(hyp, (str, Path)) else hyp, where)
-    LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
-    opt.hyp = hyp.copy()
-    if not opt.evolve and RANK in (-1, 0):  # one writer under DDP
-        yaml_save(save_dir / "hyp.yaml", hyp)
-        yaml_save(save_dir / "opt.yaml", vars(opt))
-
-    tb = None
-    if RANK in (-1, 0) and not opt.noplots:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(str(save_dir))
-        except (ImportError, ModuleNotFoundError):
-            pass
-
+    hyp, tb = start_run_folder(save_dir, hyp, opt)
     plots = not opt.evolve and not opt.noplots
     cuda = device.type != "cpu"
     init_seeds(opt.seed + 1 + RANK, deterministic=True)
     with torch_distributed_zero_first(LOCAL_RANK):
         data_dict = check_dataset(opt.data)
-    train_path, val_path = data_dict["train"], data_dict["val"]
     nc = 1 if single_cls else int(data_dict["nc"])
     names = {0: "item"} if single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
 
@@ -184,108 +183,44 @@ def _train(hyp, opt, device):
     qat = QATRun(opt)
     if qat.enabled:  # before the optimizer and the EMA: they must see the QAT modules
         model = qat.prepare(model).to(device)
-
-    freeze = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
-    for k, v in model.named_parameters():
-        v.requires_grad = True
-        if any(x in k for x in freeze):
-            LOGGER.info(f"freezing {k}")
-            v.requires_grad = False
-
+    freeze_layers(model, opt.freeze)
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
     if batch_size == -1:  # AutoBatch: one CUDA device (main checked)
         batch_size = opt.batch_size = autobatch(model, imgsz, device, amp)
-
-    nbs = 64  # nominal batch size
-    accumulate = max(round(nbs / batch_size), 1)
-    hyp["weight_decay"] *= batch_size * accumulate / nbs
+    step = StepState(batch_size)
+    hyp["weight_decay"] *= batch_size * step.accumulate / NBS
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-
     lf = (one_cycle(1, hyp["lrf"], epochs) if opt.cos_lr
           else (lambda x: (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-
     ema = ModelEMA(model) if RANK in (-1, 0) else None
-
-    best_fitness, start_epoch, last_opt_step = 0.0, 0, -1
-    if opt.resume and ckpt is not None:
-        best_fitness, start_epoch, epochs = resume_state(ckpt, optimizer, ema, weights, epochs)
-        last_opt_step = int(ckpt.get("last_opt_step", -1))  # where gradient accumulation stands
-        if RANK in (-1, 0):
-            trim_results(save_dir / "results.csv", start_epoch)
-    elif RANK in (-1, 0) and (save_dir / "results.csv").exists():  # a new run in a reused folder (--exist-ok)
-        os.replace(save_dir / "results.csv", save_dir / "results.previous.csv")
-        LOGGER.info(f"{save_dir / 'results.csv'} of the run that used this folder before is now results.previous.csv")
+    best_fitness, start_epoch, epochs = start_or_resume(ckpt, opt, optimizer, ema, step, save_dir, epochs)
     del ckpt
+    model = sync_batchnorm(model, opt, cuda, device)
 
-    if cuda and RANK != -1 and opt.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
-        LOGGER.info("Using SyncBatchNorm()")
-    elif opt.sync_bn and RANK != -1:
-        LOGGER.warning("WARNING: --sync-bn needs CUDA devices; ignored on CPU")
+    train_loader, dataset, val_loader = make_loaders(data_dict, opt, hyp, imgsz, batch_size, gs, nc)
+    if RANK in (-1, 0) and not opt.resume:
+        first_run_checks(model, dataset, opt, hyp, imgsz, names, save_dir if plots else None)
 
-    train_loader, dataset = create_dataloader(train_path, imgsz, batch_size // WORLD_SIZE, gs, single_cls, hyp=hyp,
-                                              augment=True, cache=None if opt.cache == "val" else opt.cache,
-                                              rect=opt.rect, rank=LOCAL_RANK, workers=workers,
-                                              image_weights=opt.image_weights, quad=opt.quad,
-                                              prefix=colorstr("train: "), shuffle=True, seed=opt.seed,
-                                              nc=None if single_cls else nc)
-    labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
-
-    val_loader = None
-    if RANK in (-1, 0):
-        val_loader = create_dataloader(val_path, imgsz, batch_size // WORLD_SIZE * 2, gs, single_cls, hyp=hyp,
-                                       cache=None if noval else ("ram" if opt.cache == "val" else opt.cache),
-                                       rect=True, rank=-1, workers=workers * 2,
-                                       pad=0.5, prefix=colorstr("val: "), nc=None if single_cls else nc)[0]
-        if not opt.resume:
-            if not opt.noautoanchor:
-                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
-            model.half().float()  # pre-reduce anchor precision, as upstream
-            if plots:
-                plot_labels(labels, names, save_dir)
+    def evaluate(m, **kw):
+        return validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz, model=m,
+                            single_cls=single_cls, dataloader=val_loader, save_dir=save_dir, **kw)
 
     if qat.enabled and not qat.resumed:
         # scales must exist before observers can be frozen (--disable-observer-epoch 0): calibrate on training
-        # images without augmentation, observers on and fake quantization off; every rank does the same, and
-        # DDP then broadcasts rank 0's quantizer buffers
-        calib_loader = create_dataloader(train_path, imgsz, batch_size // WORLD_SIZE, gs, single_cls, hyp=hyp,
-                                         augment=False, rect=False, rank=-1, workers=workers, shuffle=True,
-                                         seed=opt.seed, prefix=colorstr("calib: "), nc=None if single_cls else nc)[0]
-        qat.calibrate(model, calib_loader, device)
-        del calib_loader
+        # images without augmentation; every rank does the same, and DDP then broadcasts rank 0's quantizer buffers
+        qat.calibrate(model, calibration_loader(data_dict, opt, hyp, imgsz, batch_size, gs, nc), device)
         if RANK in (-1, 0):
-            ptq, _, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz, half=False,
-                                     model=model, single_cls=single_cls, dataloader=val_loader, save_dir=save_dir,
-                                     plots=False)
-            report_ptq(ptq)
+            report_ptq(evaluate(model, half=False, plots=False)[0])
             ema = ModelEMA(model)  # start the average from the calibrated model
 
-    nl = de_parallel(model).model[-1].nl
-    hyp["box"] *= 3 / nl
-    hyp["cls"] *= nc / 80 * 3 / nl
-    hyp["obj"] *= (imgsz / 640) ** 2 * 3 / nl
-    hyp["label_smoothing"] = opt.label_smoothing
-    model.nc = nc
-    model.hyp = hyp
-    model.class_weights = labels_to_class_weights(dataset.labels, nc).to(device) * nc
-    model.names = names
-    if ema:
-        ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
-
-    if cuda and RANK == -1 and torch.cuda.device_count() > 1 and len(str(opt.device).split(",")) > 1:
-        LOGGER.warning("WARNING: DataParallel is not supported, use torchrun for multi-GPU training")
-    if RANK != -1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if cuda else None,
-                                                    output_device=LOCAL_RANK if cuda else None)
-
+    set_training_attributes(model, ema, hyp, opt, nc, names, dataset, imgsz, device)
+    model = ddp_wrap(model, opt, cuda)
     git = git_info() if RANK in (-1, 0) else None  # recorded in every checkpoint, as upstream
     t0 = time.time()
-    nb = len(train_loader)
-    nw = max(round(hyp["warmup_epochs"] * nb), 100)
-    maps = np.zeros(nc)
-    results = (0, 0, 0, 0, 0, 0, 0)
+    nw = max(round(hyp["warmup_epochs"] * len(train_loader)), 100)
+    maps, results = np.zeros(nc), (0, 0, 0, 0, 0, 0, 0)
     scheduler.last_epoch = start_epoch - 1
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     stopper, stop = EarlyStopping(patience=opt.patience), False
@@ -306,66 +241,10 @@ def _train(hyp, opt, device):
             cw = model.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
             iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
             dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
-        mloss = torch.zeros(3, device=device)
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        pbar = enumerate(train_loader)
-        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
-        if RANK in (-1, 0):
-            pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
-        optimizer.zero_grad()
-        for i, (imgs, targets, paths, _) in pbar:
-            ni = i + nb * epoch
-            imgs = imgs.to(device, non_blocking=True).float() / 255
-
-            if ni <= nw:  # warmup: bias lr falls from warmup_bias_lr, other lrs rise from 0
-                xi = [0, nw]
-                accumulate = max(1, np.interp(ni, xi, [1, nbs / batch_size]).round())
-                for j, x in enumerate(optimizer.param_groups):
-                    x["lr"] = np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0, x["initial_lr"] * lf(epoch)])
-                    if "momentum" in x:
-                        x["momentum"] = np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]])
-
-            if opt.multi_scale:
-                sz = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
-                sf = sz / max(imgs.shape[2:])
-                if sf != 1:
-                    ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
-                    imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
-
-            with torch.autocast(device_type=device.type, enabled=amp):
-                pred = model(imgs)
-                loss, loss_items = compute_loss(pred, targets.to(device))
-                if RANK != -1:
-                    loss *= WORLD_SIZE
-                if opt.quad:
-                    loss *= 4.0
-            if not torch.isfinite(loss).all():
-                raise UserError(f"non-finite loss ({loss_items.tolist()}) at epoch {epoch} batch {i}; stopped. "
-                                f"{diverged_advice(last)}, or check the data")
-
-            scaler.scale(loss).backward()
-            if ni - last_opt_step >= accumulate:
-                scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-                if not amp and not torch.isfinite(norm):  # (under AMP the scaler skips such steps itself)
-                    raise UserError(f"non-finite gradient at epoch {epoch} batch {i}; stopped before the update. "
-                                    f"{diverged_advice(last)}, or check the data")
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad()
-                if ema:
-                    ema.update(model)
-                last_opt_step = ni
-
-            if RANK in (-1, 0):
-                mloss = (mloss * i + loss_items) / (i + 1)
-                mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
-                pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (f"{epoch}/{epochs - 1}", mem, *mloss,
-                                                                    targets.shape[0], imgs.shape[-1]))
-                if plots and ni < 3:
-                    plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg")
-
+        mloss = train_one_epoch(model, train_loader, optimizer, scaler, compute_loss, ema, step, epoch, epochs,
+                                device=device, hyp=hyp, lf=lf, nw=nw, imgsz=imgsz, gs=gs, amp=amp,
+                                multi_scale=opt.multi_scale, quad=opt.quad, plot_dir=save_dir if plots else None,
+                                advice=diverged_advice(last))
         lr = [x["lr"] for x in optimizer.param_groups]
         scheduler.step()
         if RANK != -1:
@@ -375,34 +254,18 @@ def _train(hyp, opt, device):
                 dist.broadcast(buf, 0)
 
         if RANK in (-1, 0):
-            ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
+            ema.update_attr(model, include=MODEL_ATTRIBUTES)
             final_epoch = (epoch + 1 == epochs) or stopper.possible_stop
-            if not noval or final_epoch:
-                results, maps, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
-                                                half=amp, model=ema.ema, single_cls=single_cls, dataloader=val_loader,
-                                                save_dir=save_dir, plots=False, compute_loss=compute_loss)
+            if not opt.noval or final_epoch:
+                results, maps, _ = evaluate(ema.ema, half=amp, plots=False, compute_loss=compute_loss)
             fi = float(fitness(np.array(results).reshape(1, -1))[0])
             stop = stopper(epoch=epoch, fitness=fi)
-            if fi > best_fitness:
-                best_fitness = fi
+            best_fitness = max(best_fitness, fi)
             log_results(save_dir, epoch, list(mloss.cpu().numpy()) + list(results) + lr, tb)
-
-            if (not nosave) or final_epoch:
-                ckpt = {"epoch": epoch, "best_fitness": best_fitness, "model": checkpoint_copy(de_parallel(model)),
-                        "ema": checkpoint_copy(ema.ema), "updates": ema.updates, "optimizer": optimizer.state_dict(),
-                        "last_opt_step": last_opt_step,
-                        "opt": _plain(vars(opt)), "git": git, "date": datetime.now().isoformat(),
-                        "qat": qat.meta() if qat.enabled else None}
-                if not (all_finite(ckpt["model"]) and all_finite(ckpt["ema"])):  # never replace a good last.pt
-                    raise UserError(f"non-finite weights after epoch {epoch} (as saved, in float16); stopped without "
-                                    f"saving. {diverged_advice(last)}")
-                save_checkpoint(ckpt, last)
-                if best_fitness == fi:
-                    save_checkpoint(ckpt, best)
-                if opt.save_period > 0 and epoch % opt.save_period == 0:
-                    save_checkpoint(ckpt, w / f"epoch{epoch}.pt")
-                del ckpt
-
+            if (not opt.nosave) or final_epoch:
+                ckpt = training_checkpoint(de_parallel(model), ema, epoch, best_fitness, optimizer, step, opt, git,
+                                           qat)
+                save_epoch(ckpt, w, epoch, opt.save_period, is_best=best_fitness == fi, advice=diverged_advice(last))
         if RANK != -1:  # every rank stops together
             flag = [stop if RANK == 0 else None]
             dist.broadcast_object_list(flag, 0)
@@ -412,24 +275,9 @@ def _train(hyp, opt, device):
 
     if os.getenv(DDP_DUMP_ENV):
         dump_parameters(de_parallel(model), Path(os.environ[DDP_DUMP_ENV]))
-
     if RANK in (-1, 0):
         LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        for f in last, best:
-            if f.exists():
-                strip_optimizer(f)
-                if f is best:
-                    LOGGER.info(f"\nValidating {f}...")
-                    # as upstream: COCO's final validation at NMS IoU 0.65 (its published numbers), else 0.6
-                    is_coco = isinstance(val_path, str) and val_path.endswith(f"coco{os.sep}val2017.txt")
-                    results, _, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
-                                                 iou_thres=0.65 if is_coco else 0.60,
-                                                 model=attempt_load(f, device, fuse=True), single_cls=single_cls,
-                                                 dataloader=val_loader, save_dir=save_dir,
-                                                 save_json=bool(data_dict.get("annotations")),
-                                                 verbose=True, plots=plots, compute_loss=compute_loss)
-        if plots and (save_dir / "results.csv").exists():
-            plot_results(file=save_dir / "results.csv")
+        results = finish_run(last, best, data_dict, evaluate, device, compute_loss, plots) or results
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
     if tb:
         tb.close()
@@ -437,6 +285,168 @@ def _train(hyp, opt, device):
     return results
 
 
+MODEL_ATTRIBUTES = ["yaml", "nc", "hyp", "names", "stride", "class_weights"]  # what the EMA copies from the model
+
+
+def start_run_folder(save_dir: Path, hyp, opt):
+    """weights/ made and checked before any work; the hyperparameters checked, logged and saved with opt.yaml;
+    the TensorBoard writer (None without the package or with --noplots). Returns (hyp, writer)."""
+    w = save_dir / "weights"
+    make_run_folder(w)
+    for f in w / "last.pt", w / "best.pt":  # before any work, not after the first epoch
+        check_checkpoint_path(f)
+    where = str(hyp) if isinstance(hyp, (str, Path)) else "hyp"
+    hyp = check_hyp(yaml_load(hyp) if isinstance(hyp, (str, Path)) else hyp, where)
+    LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+    opt.hyp = hyp.copy()
+    if not opt.evolve and RANK in (-1, 0):  # one writer under DDP
+        yaml_save(save_dir / "hyp.yaml", hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
+    tb = None
+    if RANK in (-1, 0) and not opt.noplots:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
+
+            tb = SummaryWriter(str(save_dir))
+        except (ImportError, ModuleNotFoundError):
+            pass
+    return hyp, tb
+
+
+def start_or_resume(ckpt, opt, optimizer, ema, step, save_dir: Path, epochs):
+    """(best fitness, first epoch, epochs): a resumed run's from its checkpoint (optimizer, EMA and gradient
+    accumulation restored, results.csv cut back to the epochs it keeps); a new run's from scratch, after moving aside
+    the results.csv of a run that used the folder before (--exist-ok)."""
+    if opt.resume and ckpt is not None:
+        best_fitness, start_epoch, epochs = resume_state(ckpt, optimizer, ema, opt.weights, epochs)
+        step.last_opt_step = int(ckpt.get("last_opt_step", -1))  # where gradient accumulation stands
+        if RANK in (-1, 0):
+            trim_results(save_dir / "results.csv", start_epoch)
+        return best_fitness, start_epoch, epochs
+    if RANK in (-1, 0) and (save_dir / "results.csv").exists():
+        os.replace(save_dir / "results.csv", save_dir / "results.previous.csv")
+        LOGGER.info(f"{save_dir / 'results.csv'} of the run that used this folder before is now results.previous.csv")
+    return 0.0, 0, epochs
+
+
+def first_run_checks(model, dataset, opt, hyp, imgsz, names, plot_dir):
+    """Before a new run's first epoch (rank 0): AutoAnchor, anchors rounded through FP16 as upstream, labels plot."""
+    if not opt.noautoanchor:
+        check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+    model.half().float()  # pre-reduce anchor precision, as upstream
+    if plot_dir is not None:
+        labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
+        plot_labels(labels, names, plot_dir)
+
+
+def freeze_layers(model, freeze):
+    """--freeze: parameters of the first N model layers (or of the listed ones) get no gradient."""
+    prefixes = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
+    for k, v in model.named_parameters():
+        v.requires_grad = True
+        if any(x in k for x in prefixes):
+            LOGGER.info(f"freezing {k}")
+            v.requires_grad = False
+
+
+def sync_batchnorm(model, opt, cuda, device):
+    if cuda and RANK != -1 and opt.sync_bn:
+        LOGGER.info("Using SyncBatchNorm()")
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+    if opt.sync_bn and RANK != -1:
+        LOGGER.warning("WARNING: --sync-bn needs CUDA devices; ignored on CPU")
+    return model
+
+
+def make_loaders(data_dict, opt, hyp, imgsz, batch_size, gs, nc):
+    """(train loader, its dataset, val loader): the val loader on rank 0 only (None elsewhere)."""
+    single_cls = opt.single_cls
+    train_loader, dataset = create_dataloader(data_dict["train"], imgsz, batch_size // WORLD_SIZE, gs, single_cls,
+                                              hyp=hyp, augment=True, cache=None if opt.cache == "val" else opt.cache,
+                                              rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers,
+                                              image_weights=opt.image_weights, quad=opt.quad,
+                                              prefix=colorstr("train: "), shuffle=True, seed=opt.seed,
+                                              nc=None if single_cls else nc)
+    val_loader = None
+    if RANK in (-1, 0):
+        cache = None if opt.noval else ("ram" if opt.cache == "val" else opt.cache)
+        val_loader = create_dataloader(data_dict["val"], imgsz, batch_size // WORLD_SIZE * 2, gs, single_cls,
+                                       hyp=hyp, cache=cache, rect=True, rank=-1, workers=opt.workers * 2,
+                                       pad=0.5, prefix=colorstr("val: "), nc=None if single_cls else nc)[0]
+    return train_loader, dataset, val_loader
+
+
+def calibration_loader(data_dict, opt, hyp, imgsz, batch_size, gs, nc):
+    """QAT calibration batches: training images without augmentation, in the run's seeded order."""
+    return create_dataloader(data_dict["train"], imgsz, batch_size // WORLD_SIZE, gs, opt.single_cls, hyp=hyp,
+                             augment=False, rect=False, rank=-1, workers=opt.workers, shuffle=True, seed=opt.seed,
+                             prefix=colorstr("calib: "), nc=None if opt.single_cls else nc)[0]
+
+
+def set_training_attributes(model, ema, hyp, opt, nc, names, dataset, imgsz, device):
+    """Loss gains scaled to the number of levels, classes and image size (as upstream); the attributes the loss,
+    image weights and checkpoints read from the model, copied to the EMA."""
+    nl = de_parallel(model).model[-1].nl
+    hyp["box"] *= 3 / nl
+    hyp["cls"] *= nc / 80 * 3 / nl
+    hyp["obj"] *= (imgsz / 640) ** 2 * 3 / nl
+    hyp["label_smoothing"] = opt.label_smoothing
+    model.nc = nc
+    model.hyp = hyp
+    model.class_weights = labels_to_class_weights(dataset.labels, nc).to(device) * nc
+    model.names = names
+    if ema:
+        ema.update_attr(model, include=MODEL_ATTRIBUTES)
+
+
+def ddp_wrap(model, opt, cuda):
+    if cuda and RANK == -1 and torch.cuda.device_count() > 1 and len(str(opt.device).split(",")) > 1:
+        LOGGER.warning("WARNING: DataParallel is not supported, use torchrun for multi-GPU training")
+    if RANK == -1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if cuda else None,
+                                               output_device=LOCAL_RANK if cuda else None)
+
+
+def training_checkpoint(model, ema, epoch, best_fitness, optimizer, step, opt, git, qat) -> dict:
+    """The checkpoint of an epoch: upstream's keys, plus where gradient accumulation stands and the QAT settings."""
+    return build_checkpoint(checkpoint_copy(model), ema=checkpoint_copy(ema.ema), updates=ema.updates, epoch=epoch,
+                            best_fitness=best_fitness, optimizer=optimizer.state_dict(),
+                            last_opt_step=step.last_opt_step, opt=_plain(vars(opt)), git=git,
+                            qat=qat.meta(model) if qat.enabled else None)
+
+
+def save_epoch(ckpt, w: Path, epoch, save_period, is_best, advice):
+    """last.pt, best.pt when the epoch is the best so far, epoch<N>.pt every --save-period epochs; nothing when a
+    weight is not finite (a good last.pt is never replaced by a diverged one)."""
+    if not (all_finite(ckpt["model"]) and all_finite(ckpt["ema"])):
+        raise UserError(f"non-finite weights after epoch {epoch} (as saved, in float16); stopped without saving. "
+                        f"{advice}")
+    save_checkpoint(ckpt, w / "last.pt")
+    if is_best:
+        save_checkpoint(ckpt, w / "best.pt")
+    if save_period > 0 and epoch % save_period == 0:
+        save_checkpoint(ckpt, w / f"epoch{epoch}.pt")
+
+
+def finish_run(last, best, data_dict, evaluate, device, compute_loss, plots):
+    """Strip the optimizer from last.pt and best.pt, validate best.pt as upstream does (verbose, JSON when the
+    dataset has annotations; COCO at NMS IoU 0.65, its published numbers, else 0.6) and plot results.csv.
+    Returns best.pt's results, or None without a best.pt."""
+    results = None
+    for f in last, best:
+        if f.exists():
+            strip_optimizer(f)
+            if f is best:
+                LOGGER.info(f"\nValidating {f}...")
+                val_path = data_dict["val"]
+                is_coco = isinstance(val_path, str) and val_path.endswith(f"coco{os.sep}val2017.txt")
+                results, _, _ = evaluate(attempt_load(f, device, fuse=True), iou_thres=0.65 if is_coco else 0.60,
+                                         save_json=bool(data_dict.get("annotations")), verbose=True, plots=plots,
+                                         compute_loss=compute_loss)
+    if plots and (last.parent.parent / "results.csv").exists():
+        plot_results(file=last.parent.parent / "results.csv")
+    return results
 def resume_state(ckpt, optimizer, ema, weights, epochs):
     """Restore optimizer, EMA, epoch and best fitness from a last.pt; refuse finished runs."""
     best_fitness = float(ckpt.get("best_fitness") or 0.0)

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,17 +24,34 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.backend import DetectMultiBackend  # noqa: E402
-from models.experimental import is_quantized  # noqa: E402
-from models.quant import load_recipe, observers_frozen  # noqa: E402
-from utils.dataloaders import create_dataloader  # noqa: E402
-from utils.dataset_yaml import check_dataset  # noqa: E402
-from utils.general import (LOGGER, UserError, check_file, check_img_size, coco80_to_coco91_class, colorstr,  # noqa: E402
-                           increment_path, make_run_folder, non_max_suppression, print_args, run_cli, scale_boxes,
-                           xywh2xyxy, xyxy2xywh)
-from utils.metrics import ConfusionMatrix, ap_per_class, process_batch  # noqa: E402
-from utils.plots import output_to_target, plot_images  # noqa: E402
-from utils.torch_utils import select_device, time_sync  # noqa: E402
+from models.backend import DetectMultiBackend
+from models.quant import (
+    is_quantized,
+    load_recipe,
+    observers_frozen,
+)
+from utils.dataloaders import create_dataloader
+from utils.dataset_yaml import check_dataset
+from utils.general import (
+    LOGGER,
+    UserError,
+    check_file,
+    check_img_size,
+    coco80_to_coco91_class,
+    colorstr,
+    increment_path,
+    make_run_folder,
+    non_max_suppression,
+    print_args,
+    run_cli,
+    scale_boxes,
+    xywh2xyxy,
+    xyxy2xywh,
+)
+from utils.metrics import ConfusionMatrix, ap_per_class, process_batch
+from utils.plots import output_to_target, plot_images
+from utils.qat import ptq_model
+from utils.torch_utils import select_device, time_sync
 
 
 def save_one_txt(predn, save_conf, shape, file):
@@ -111,6 +129,173 @@ def _qparams_frozen(evaluate):
     return wrapper
 
 
+def load_model(weights, data, device="", batch_size=32, imgsz=640, half=True, dnn=False, workers=8,
+               ptq_options=None):
+    """Standalone validation's model: (DetectMultiBackend, checked dataset dict, device, imgsz, batch_size).
+
+    A fixed-shape export gets batch size 1. `ptq_options` (post_training_quantize's keywords, or None) quantizes the
+    float checkpoint, loaded unfused, before it is returned."""
+    device = select_device(device, batch_size=batch_size)
+    model = DetectMultiBackend(weights, device=device, dnn=dnn, data=data, fp16=half and device.type != "cpu",
+                               fuse=ptq_options is None)
+    imgsz = check_img_size(imgsz, s=model.stride)
+    if not model.pt and not model.dynamic:
+        batch_size = 1
+        first = weights[0] if isinstance(weights, (list, tuple)) else weights
+        LOGGER.info(f"Forcing --batch-size 1 square inference (1,3,{imgsz},{imgsz}) for {Path(str(first)).name}, "
+                    f"an exported file with fixed shapes; export it with --dynamic to validate it with the "
+                    f"rectangular batches the .pt gets")
+    data = check_dataset(data)
+    if ptq_options is not None:
+        post_training_quantize(model, weights, data, imgsz, batch_size, device, workers, **ptq_options)
+    return model, data, device, imgsz, batch_size
+
+
+def post_training_quantize(model, weights, data, imgsz, batch_size, device, workers=8, pow2_scale=False,
+                           bn_folding=False, qat_recipe="", calib_batches=32, ptq_save=""):
+    """--ptq: calibrate the float checkpoint `model` (a DetectMultiBackend) holds on the train split, in place; it
+    is then evaluated fake-quantized (utils.qat.ptq_model)."""
+    if not model.pt or is_quantized(model.model):
+        raise UserError(f"--ptq {weights}: needs a float PyTorch .pt checkpoint")
+    model.model = ptq_model(model.model, data, imgsz, batch_size, model.stride, device, pow2=pow2_scale,
+                            bn_folding=bn_folding, recipe=qat_recipe, calib_batches=calib_batches, workers=workers,
+                            save=ptq_save)
+
+
+def check_classes(model, weights, nc):
+    """A model with fewer classes than the dataset is refused; one with more is evaluated, with a warning."""
+    ncm = model.nc if hasattr(model, "nc") else model.yaml["nc"]
+    wname = ", ".join(str(w) for w in weights) if isinstance(weights, (list, tuple)) else str(weights)
+    if ncm < nc:
+        raise UserError(f"{wname}: model has {ncm} classes but the dataset has {nc}; "
+                        f"pass the --data the model was trained on")
+    if ncm > nc:  # upstream refuses this; we evaluate, as COCOeval does with categories it has no labels of
+        LOGGER.warning(f"WARNING: {wname} has {ncm} classes, the dataset {nc}: predictions of classes >= {nc} "
+                       f"match no label, so they are never true positives and are left out of the per-class "
+                       f"metrics, the confusion matrix and the JSON; class names come from the dataset")
+
+
+def split_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers, rect, nc):
+    """(dataloader, split name) for --task: train, val or test; speed (square, unpadded) and others use val."""
+    # rectangular batches for .pt and for exported files with dynamic shapes alike (`rect`), so both are judged on
+    # the same inputs; a fixed-shape export can only take its square size, one image at a time
+    pad, rect = (0.0, False) if task == "speed" else (0.5, rect)
+    task = task if task in ("train", "val", "test") else "val"
+    if not data.get(task):
+        raise UserError(f"--task {task}: the dataset yaml has no '{task}' split")
+    dataloader = create_dataloader(data[task], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
+                                   workers=workers, prefix=colorstr(f"{task}: "), nc=None if single_cls else nc)[0]
+    return dataloader, task
+
+
+def class_names(model, data, nc, single_cls):
+    """(names of the dataset's classes, for labels and metrics; names of the model's classes, for predictions)."""
+    names = _as_dict(model.names if hasattr(model, "names") else model.module.names) or _as_dict(data["names"])
+    pred_names = names  # predictions are in the model's classes
+    if not single_cls and len(names) != nc:  # the model's names do not describe this dataset's classes
+        names = _as_dict(data["names"])
+    return names, pred_names
+
+
+def category_ids(data):
+    """Class index -> COCO JSON category id: COCO's 91-id map, the dataset's category_ids, or the index itself."""
+    if isinstance(data.get("val"), str) and data["val"].endswith(f"coco{os.sep}val2017.txt"):
+        return coco80_to_coco91_class()
+    if data.get("category_ids"):
+        return list(data["category_ids"])
+    return list(range(1000))
+
+
+def image_statistics(pred, labels, im_shape, shapes, iouv, nc, single_cls, stats, confusion_matrix=None):
+    """Match one image's predictions to its labels: appends (correct, conf, cls, label cls) to `stats` and feeds
+    `confusion_matrix` (if given). Returns the predictions in original-image coordinates (None if there are none)."""
+    nl, npr = labels.shape[0], pred.shape[0]
+    correct = torch.zeros(npr, iouv.numel(), dtype=torch.bool, device=iouv.device)
+    if npr == 0:
+        if nl:
+            stats.append((correct, *torch.zeros((2, 0), device=iouv.device), labels[:, 0]))
+            if confusion_matrix is not None:
+                confusion_matrix.process_batch(detections=None, labels=labels[:, 0])
+        return None
+    if single_cls:
+        pred[:, 5] = 0
+    predn = pred.clone()
+    scale_boxes(im_shape, predn[:, :4], shapes[0], shapes[1])
+    if nl:
+        tbox = xywh2xyxy(labels[:, 1:5])
+        scale_boxes(im_shape, tbox, shapes[0], shapes[1])
+        labelsn = torch.cat((labels[:, 0:1], tbox), 1)
+        correct = process_batch(predn, labelsn, iouv)
+        if confusion_matrix is not None:
+            confusion_matrix.process_batch(predn[predn[:, 5] < nc], labelsn)
+    stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))
+    return predn
+
+
+class Metrics(NamedTuple):
+    """What ap_per_class makes of the statistics (all 0 and empty without labels), and the labels per class `nt`."""
+    tp: np.ndarray | float
+    fp: np.ndarray | float
+    p: np.ndarray | float
+    r: np.ndarray | float
+    f1: np.ndarray | float
+    ap: np.ndarray | list  # mAP50-95 per class in ap_class
+    ap50: np.ndarray | float
+    ap_class: np.ndarray | list
+    mp: float
+    mr: float
+    map50: float
+    map: float
+    nt: np.ndarray
+
+
+def compute_metrics(stats, nc, plots, save_dir, names):
+    """Metrics of the per-image statistics (image_statistics), with P/R/F1/PR curves in save_dir if `plots`."""
+    tp, fp, p, r, f1, mp, mr, map50, ap50, map = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    ap, ap_class = [], []
+    stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
+    # Upstream skips this when nothing matched; the numbers are the same (all 0), but then the per-class rows and
+    # the P/R/F1/PR curves would silently be missing, so run it whenever there are labels.
+    if len(stats) and len(stats[3]):
+        tp, fp, p, r, f1, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
+        ap50, ap = ap[:, 0], ap.mean(1)
+        mp, mr, map50, map = p.mean(), r.mean(), ap50.mean(), ap.mean()
+    nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
+    return Metrics(tp, fp, p, r, f1, ap, ap50, ap_class, mp, mr, map50, map, nt)
+
+
+def print_metrics(m: Metrics, seen, nc, names, task, per_class):
+    """The 'all' row (a warning without labels), then one row per class if `per_class` and there are classes."""
+    pf = "%22s" + "%11i" * 2 + "%11.3g" * 4
+    LOGGER.info(pf % ("all", seen, m.nt.sum(), m.mp, m.mr, m.map50, m.map))
+    if m.nt.sum() == 0:
+        LOGGER.warning(f"WARNING: no labels found in {task} set, can not compute metrics without labels")
+    if per_class and nc > 1:
+        for i, c in enumerate(m.ap_class):
+            LOGGER.info(pf % (names[c], seen, m.nt[c], m.p[i], m.r[i], m.ap50[i], m.ap[i]))
+
+
+def save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thres):
+    """Save the COCO-JSON predictions and score them with pycocotools if the dataset has annotations.
+
+    Returns COCOeval's (mAP50-95, mAP50), or None when it did not run."""
+    if not jdict:
+        LOGGER.info(f"No predictions of the dataset's {nc} classes above --conf-thres {conf_thres} to save as JSON; "
+                    f"pycocotools evaluation skipped")
+        return None
+    w = Path(weights[0] if isinstance(weights, (list, tuple)) else weights).stem if weights is not None else ""
+    anno_json = Path(data["path"]) / (data.get("annotations") or "annotations/instances_val2017.json")
+    pred_json = str(save_dir / f"{w}_predictions.json")
+    LOGGER.info(f"\nEvaluating pycocotools mAP... saving {pred_json}...")
+    with open(pred_json, "w") as f:
+        json.dump(jdict, f)
+    if not anno_json.is_file():
+        LOGGER.warning(f"WARNING: {anno_json} not found, pycocotools evaluation skipped")
+        return None
+    stats = coco_eval(anno_json, pred_json, dataloader.dataset.im_files)
+    return None if stats is None else (float(stats[0]), float(stats[1]))
+
+
 @_qparams_frozen
 @torch.no_grad()
 def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thres=0.6, max_det=300, task="val",
@@ -118,60 +303,31 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False, half=True,
         dnn=False, model=None, dataloader=None, save_dir=Path(""), plots=True, callbacks=None, compute_loss=None,
         ptq=False, pow2_scale=False, bn_folding=False, qat_recipe="", calib_batches=32, ptq_save=""):
+    """Evaluate `model` on `dataloader` (train.py), or the weights file(s) on data's --task split (val.py), which
+    --ptq first quantizes (post_training_quantize). Returns ((P, R, mAP50, mAP50-95, *losses), mAP per class,
+    (pre-process, inference, NMS) ms per image)."""
     training = model is not None
     if training:  # called by train.py
         device, pt = next(model.parameters()).device, True
         half &= device.type != "cpu" and not is_quantized(model)  # fake-quant state stays float32
         model.half() if half else model.float()
     else:
-        device = select_device(device, batch_size=batch_size)
-        model = DetectMultiBackend(weights, device=device, dnn=dnn, data=data, fp16=half and device.type != "cpu",
-                                   fuse=not ptq)
-        stride, pt = model.stride, model.pt
-        imgsz = check_img_size(imgsz, s=stride)
-        half = model.fp16
-        if not pt and not model.dynamic:
-            batch_size = 1
-            first = weights[0] if isinstance(weights, (list, tuple)) else weights
-            LOGGER.info(f"Forcing --batch-size 1 square inference (1,3,{imgsz},{imgsz}) for {Path(str(first)).name}, "
-                        f"an exported file with fixed shapes; export it with --dynamic to validate it with the "
-                        f"rectangular batches the .pt gets")
-        data = check_dataset(data)
-        if ptq:  # post-training quantization: calibrate the float checkpoint, then evaluate it fake-quantized
-            if not pt or is_quantized(model.model):
-                raise UserError(f"--ptq {weights}: needs a float PyTorch .pt checkpoint")
-            from utils.qat import ptq_model
-
-            model.model = ptq_model(model.model, data, imgsz, batch_size, stride, device, pow2=pow2_scale,
-                                    bn_folding=bn_folding, recipe=qat_recipe, calib_batches=calib_batches,
-                                    workers=workers, save=ptq_save)
+        ptq_options = dict(pow2_scale=pow2_scale, bn_folding=bn_folding, qat_recipe=qat_recipe,
+                           calib_batches=calib_batches, ptq_save=ptq_save) if ptq else None
+        model, data, device, imgsz, batch_size = load_model(weights, data, device, batch_size, imgsz, half, dnn,
+                                                            workers, ptq_options)
+        stride, pt, half = model.stride, model.pt, model.fp16
 
     model.eval()
-    is_coco = isinstance(data.get("val"), str) and data["val"].endswith(f"coco{os.sep}val2017.txt")
     nc = 1 if single_cls else int(data["nc"])
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
-    niou = iouv.numel()
 
     if not training:
         if pt and not single_cls:
-            ncm = model.model.nc if hasattr(model.model, "nc") else model.model.yaml["nc"]
-            wname = ", ".join(str(w) for w in weights) if isinstance(weights, (list, tuple)) else str(weights)
-            if ncm < nc:
-                raise UserError(f"{wname}: model has {ncm} classes but the dataset has {nc}; "
-                                f"pass the --data the model was trained on")
-            if ncm > nc:  # upstream refuses this; we evaluate, as COCOeval does with categories it has no labels of
-                LOGGER.warning(f"WARNING: {wname} has {ncm} classes, the dataset {nc}: predictions of classes >= {nc} "
-                               f"match no label, so they are never true positives and are left out of the per-class "
-                               f"metrics, the confusion matrix and the JSON; class names come from the dataset")
+            check_classes(model.model, weights, nc)
         model.warmup(imgsz=(1 if pt else batch_size, 3, imgsz, imgsz))
-        # rectangular batches for .pt and for exported files with dynamic shapes alike, so both are judged on the
-        # same inputs; a fixed-shape export can only take its square size, one image at a time
-        pad, rect = (0.0, False) if task == "speed" else (0.5, pt or model.dynamic)
-        task = task if task in ("train", "val", "test") else "val"
-        if not data.get(task):
-            raise UserError(f"--task {task}: the dataset yaml has no '{task}' split")
-        dataloader = create_dataloader(data[task], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
-                                       workers=workers, prefix=colorstr(f"{task}: "), nc=None if single_cls else nc)[0]
+        dataloader, task = split_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers,
+                                            rect=pt or model.dynamic, nc=nc)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # once the inputs load: no empty runs
     save_dir = Path(save_dir)
     if not training or plots or save_json or save_txt:  # train.py's folder exists; a caller's may not yet
@@ -179,21 +335,12 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 
     seen = 0
     confusion_matrix = ConfusionMatrix(nc=nc)
-    names = _as_dict(model.names if hasattr(model, "names") else model.module.names) or _as_dict(data["names"])
-    pred_names = names  # predictions are in the model's classes
-    if not single_cls and len(names) != nc:  # the model's names do not describe this dataset's classes
-        names = _as_dict(data["names"])
-    if is_coco:
-        class_map = coco80_to_coco91_class()
-    elif data.get("category_ids"):
-        class_map = list(data["category_ids"])
-    else:
-        class_map = list(range(1000))
+    names, pred_names = class_names(model, data, nc, single_cls)
+    class_map = category_ids(data)
     s = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
-    tp, fp, p, r, f1, mp, mr, map50, ap50, map = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     dt = [0.0, 0.0, 0.0]
     loss = torch.zeros(3, device=device)
-    jdict, stats, ap, ap_class = [], [], [], []
+    jdict, stats = [], []
     hook = callbacks.run if callbacks is not None else (lambda *a: None)  # upstream's Callbacks interface
     hook("on_val_start")
     pbar = tqdm(dataloader, desc=s, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
@@ -224,31 +371,14 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         dt[2] += time_sync() - t3
 
         for si, pred in enumerate(preds):
-            labels = targets[targets[:, 0] == si, 1:]
-            nl, npr = labels.shape[0], pred.shape[0]
-            path, shape = Path(paths[si]), shapes[si][0]
-            correct = torch.zeros(npr, niou, dtype=torch.bool, device=device)
+            path = Path(paths[si])
             seen += 1
-            if npr == 0:
-                if nl:
-                    stats.append((correct, *torch.zeros((2, 0), device=device), labels[:, 0]))
-                    if plots:
-                        confusion_matrix.process_batch(detections=None, labels=labels[:, 0])
+            predn = image_statistics(pred, targets[targets[:, 0] == si, 1:], im[si].shape[1:], shapes[si], iouv, nc,
+                                     single_cls, stats, confusion_matrix if plots else None)
+            if predn is None:
                 continue
-            if single_cls:
-                pred[:, 5] = 0
-            predn = pred.clone()
-            scale_boxes(im[si].shape[1:], predn[:, :4], shape, shapes[si][1])
-            if nl:
-                tbox = xywh2xyxy(labels[:, 1:5])
-                scale_boxes(im[si].shape[1:], tbox, shape, shapes[si][1])
-                labelsn = torch.cat((labels[:, 0:1], tbox), 1)
-                correct = process_batch(predn, labelsn, iouv)
-                if plots:
-                    confusion_matrix.process_batch(predn[predn[:, 5] < nc], labelsn)
-            stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))
             if save_txt:
-                save_one_txt(predn, save_conf, shape, file=save_dir / "labels" / f"{path.stem}.txt")
+                save_one_txt(predn, save_conf, shapes[si][0], file=save_dir / "labels" / f"{path.stem}.txt")
             if save_json:  # classes the dataset does not have (a model with more classes) have no category id
                 save_one_json(predn[predn[:, 5] < nc], jdict, path, class_map)
             hook("on_val_image_end", pred, predn, path, names, im[si])
@@ -258,48 +388,21 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
             plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", pred_names)
         hook("on_val_batch_end", batch_i, im, targets, paths, shapes, preds)
 
-    stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
-    # Upstream skips this when nothing matched; the numbers are the same (all 0), but then the per-class rows and
-    # the P/R/F1/PR curves would silently be missing, so run it whenever there are labels.
-    if len(stats) and len(stats[3]):
-        tp, fp, p, r, f1, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
-        ap50, ap = ap[:, 0], ap.mean(1)
-        mp, mr, map50, map = p.mean(), r.mean(), ap50.mean(), ap.mean()
-    nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
-
-    pf = "%22s" + "%11i" * 2 + "%11.3g" * 4
-    LOGGER.info(pf % ("all", seen, nt.sum(), mp, mr, map50, map))
-    if nt.sum() == 0:
-        LOGGER.warning(f"WARNING: no labels found in {task} set, can not compute metrics without labels")
-    if (verbose or (nc < 50 and not training)) and nc > 1 and len(stats):
-        for i, c in enumerate(ap_class):
-            LOGGER.info(pf % (names[c], seen, nt[c], p[i], r[i], ap50[i], ap[i]))
-
+    m = compute_metrics(stats, nc, plots, save_dir, names)
+    print_metrics(m, seen, nc, names, task, per_class=verbose or (nc < 50 and not training))
     t = tuple(x / max(seen, 1) * 1e3 for x in dt)
     if not training:
-        shape = (batch_size, 3, imgsz, imgsz)
-        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % t)
+        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape "
+                    f"{(batch_size, 3, imgsz, imgsz)}" % t)
 
     if plots:
         confusion_matrix.plot(save_dir=save_dir, names=list(names.values()))
-    hook("on_val_end", nt, tp, fp, p, r, f1, ap, ap50, ap_class, confusion_matrix)
+    hook("on_val_end", m.nt, m.tp, m.fp, m.p, m.r, m.f1, m.ap, m.ap50, m.ap_class, confusion_matrix)
 
-    if save_json and not jdict:
-        LOGGER.info(f"No predictions of the dataset's {nc} classes above --conf-thres {conf_thres} to save as JSON; "
-                    f"pycocotools evaluation skipped")
-    if save_json and len(jdict):
-        w = Path(weights[0] if isinstance(weights, (list, tuple)) else weights).stem if weights is not None else ""
-        anno_json = Path(data["path"]) / (data.get("annotations") or "annotations/instances_val2017.json")
-        pred_json = str(save_dir / f"{w}_predictions.json")
-        LOGGER.info(f"\nEvaluating pycocotools mAP... saving {pred_json}...")
-        with open(pred_json, "w") as f:
-            json.dump(jdict, f)
-        if anno_json.is_file():
-            stats_coco = coco_eval(anno_json, pred_json, dataloader.dataset.im_files)
-            if stats_coco is not None:
-                map, map50 = float(stats_coco[0]), float(stats_coco[1])
-        else:
-            LOGGER.warning(f"WARNING: {anno_json} not found, pycocotools evaluation skipped")
+    mp, mr, map50, map = m.mp, m.mr, m.map50, m.map
+    coco = save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thres) if save_json else None
+    if coco is not None:
+        map, map50 = coco
 
     model.float()
     if not training:
@@ -307,8 +410,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         s = f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}{s}")
     maps = np.zeros(nc) + map
-    for i, c in enumerate(ap_class):
-        maps[c] = ap[i]
+    for i, c in enumerate(m.ap_class):
+        maps[c] = m.ap[i]
     return (mp, mr, map50, map, *(loss.cpu() / max(len(dataloader), 1)).tolist()), maps, t
 
 

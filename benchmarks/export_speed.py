@@ -36,9 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import export  # noqa: E402
-from models.backend import load_pytorch_model  # noqa: E402
-from utils.general import LOGGER  # noqa: E402
+import export
+from models.backend import (
+    ORT_QDQ_REWRITES,
+    load_pytorch_model,
+)
+from models.checkpoint import save_checkpoint
+from models.quant import calibrate, prepare_yolo_qat
+from utils.dataloaders import LoadImages
+from utils.general import LOGGER
 
 INT8_KERNELS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QLinearAdd", "QLinearConcat",
                 "QLinearSigmoid", "QLinearMul", "QGemm", "DynamicQuantizeLinear")
@@ -50,7 +56,6 @@ def ort_session(onnx_path, threads, optimized_model_filepath=None, as_written=Fa
     graph's numbers (models.backend.ORT_QDQ_REWRITES, as DetectMultiBackend does for QDQ files)."""
     import onnxruntime as ort
 
-    from models.backend import ORT_QDQ_REWRITES
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -112,10 +117,6 @@ def qat_checkpoint(float_weights, out_path, size=320, n_batches=2, batch_size=2,
     """A QAT checkpoint made here: the float model of `float_weights` prepared for QAT (BN live with simulated
     folding, power-of-two scales, `recipe` or the default one), calibrated on `n_batches` batches of shapes val
     images at `size` (seeded noise when the dataset is absent), saved to `out_path`. Returns out_path."""
-    from models.quant import calibrate, prepare_yolo_qat
-    from utils.checkpoint import save_checkpoint
-    from utils.dataloaders import LoadImages
-
     model = load_pytorch_model(float_weights, fuse=False).float().train()
     prepare_yolo_qat(model, bn_folding=True, pow2=True, recipe=recipe)
     files = sorted((ROOT / "datasets/shapes/images/val").glob("*.jpg"))[:n_batches * batch_size]

@@ -30,8 +30,10 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import qat_overhead as qo  # noqa: E402
-from utils.general import LOGGER  # noqa: E402
+import qat_overhead as qo
+
+from utils.autobatch import autobatch
+from utils.general import LOGGER
 
 STEP_VARIANTS = ("fp32", "qat default", "qat observers off", "qat original flags", "torch.ao convs only")
 PARENT = ROOT / "weights/shapes_yolov5n_silu.pt"
@@ -163,7 +165,6 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     rows = time_steps(opt, device)
     if cuda:  # AutoBatch (train.py --batch-size -1) on this device, for the float yolov5n at --img
-        from utils.autobatch import autobatch
 
         t = time.perf_counter()
         batch = autobatch(qo.float_model(device), opt.img, device)

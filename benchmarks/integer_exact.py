@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import export  # noqa: E402
-from bst.torch.ao.quantization.integer_runner import IntegerModel  # noqa: E402
-from models.backend import load_pytorch_model, onnxruntime_session  # noqa: E402
-from models.quant import convert_yolo, integer_head  # noqa: E402
-from utils.general import LOGGER, UserError, check_file, run_cli  # noqa: E402
+import export
+from bst.torch.ao.quantization.integer_runner import IntegerModel
+from models.backend import load_pytorch_model, onnxruntime_session
+from models.quant import convert_yolo, integer_head
+from utils.general import LOGGER, UserError, check_file, run_cli
 
 
 def raw_outputs(model, x) -> list:

@@ -28,9 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.dataloaders import create_dataloader  # noqa: E402
-from utils.dataset_yaml import check_dataset  # noqa: E402
-from utils.general import UserError, non_max_suppression, run_cli  # noqa: E402
+from models.experimental import attempt_load
+from models.yolo import DetectionModel
+from utils.dataloaders import create_dataloader
+from utils.dataset_yaml import check_dataset
+from utils.general import UserError, non_max_suppression, run_cli
 
 SETTINGS = {"conf_thres": 0.001, "iou_thres": 0.6, "multi_label": True, "max_det": 300}
 
@@ -52,13 +54,9 @@ print("UPSTREAM " + json.dumps({"seconds": dt, "limit_hits": sum("time limit" in
 
 @torch.no_grad()
 def collect_predictions(opt) -> list:
-    from models.yolo import DetectionModel
-
     data = check_dataset(opt.data)
     torch.manual_seed(0)
     if opt.weights:
-        from models.experimental import attempt_load
-
         model = attempt_load(opt.weights)
     else:
         model = DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=data["nc"]).fuse().eval()

@@ -38,6 +38,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+import val
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -126,8 +130,6 @@ def ptq_recipe(out: Path, observer: str) -> Path:
 
 
 def measure(opt):
-    import val
-
     out, csv_file, parent, parent6 = Path(opt.out), Path(opt.csv), Path(opt.parent), Path(opt.parent_relu6)
     if not parent.is_file():
         raise SystemExit(f"ERROR: {parent}: no such parent checkpoint; pass --parent (an FP32 ReLU shapes model)")
@@ -176,8 +178,6 @@ def measure(opt):
 
 
 def summarize(opt):
-    import numpy as np
-
     csv_file, pid = Path(opt.csv), file_id(Path(opt.parent))
     pid6 = file_id(Path(opt.parent_relu6)) if Path(opt.parent_relu6).is_file() else None
     rows = [r for r in read_rows(csv_file) if r["parent"] == (pid6 if r["variant"] in RELU6 else pid)
@@ -238,7 +238,6 @@ def plot(table, file, opt):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = [t[0] for t in table]
     means = np.array([t[3] for t in table])

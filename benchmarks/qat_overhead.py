@@ -50,12 +50,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.common import Bottleneck, C3, SPPF, Concat, Conv  # noqa: E402
-from models.quant import quantizers  # noqa: E402
-from models.yolo import Detect, DetectionModel  # noqa: E402
-from utils.general import LOGGER, yaml_load  # noqa: E402
-from utils.loss import ComputeLoss  # noqa: E402
-from utils.qat import QATRun  # noqa: E402
+import tempfile
+
+import torch.ao.quantization as tq
+from torch.profiler import ProfilerActivity, profile
+
+from models.common import C3, SPPF, Bottleneck, Concat, Conv
+from models.quant import quantizers
+from models.yolo import Detect, DetectionModel
+from utils.general import LOGGER, yaml_load
+from utils.loss import ComputeLoss
+from utils.qat import QATRun
 
 VARIANTS = ("fp32", "qat default", "qat default, search", "qat observers off", "qat original flags",
             "torch.ao convs only", "brevitas pow2")
@@ -103,8 +108,6 @@ def search_recipe(folder):
 
 
 def torch_ao_model(base):
-    import torch.ao.quantization as tq
-
     model = copy.deepcopy(base).train()
     for m in model.modules():
         if isinstance(m, Conv) and isinstance(m.act, nn.ReLU):
@@ -187,8 +190,6 @@ def count_quantizers(key, model):
     if key.startswith("qat"):
         return len(quantizers(model))
     if key.startswith("torch.ao"):
-        import torch.ao.quantization as tq
-
         return sum(isinstance(m, tq.FakeQuantizeBase) for m in model.modules())
     if key.startswith("brevitas"):
         import brevitas.nn as qnn
@@ -243,8 +244,6 @@ def available(key):
 
 
 def profile_steps(step, key, device):
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
@@ -261,8 +260,6 @@ def rss_kib():
 
 def probe_memory(opt):
     """Child process: build one variant, run its steps, print the peak resident memory they added (KiB)."""
-    import tempfile
-
     device = torch.device(opt.device)
     base = float_model(device)
     imgs, targets = inputs(opt.batch, opt.img, device)
@@ -325,7 +322,6 @@ def main(argv=None):
     LOGGER.setLevel("WARNING")
     if opt.probe_memory:
         return probe_memory(opt)
-    import tempfile
 
     device = torch.device(opt.device)
     base = float_model(device)

@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.yolo import DetectionModel  # noqa: E402
-from utils.dataloaders import create_dataloader  # noqa: E402
-from utils.dataset_yaml import check_dataset  # noqa: E402
-from utils.general import LOGGER, UserError, check_file, check_img_size, run_cli, yaml_load  # noqa: E402
-from utils.loss import ComputeLoss  # noqa: E402
-from utils.torch_utils import ModelEMA, select_device, smart_optimizer, time_sync  # noqa: E402
+from models.yolo import DetectionModel
+from utils.dataloaders import create_dataloader
+from utils.dataset_yaml import check_dataset
+from utils.general import LOGGER, UserError, check_file, check_img_size, run_cli, yaml_load
+from utils.loss import ComputeLoss
+from utils.torch_utils import ModelEMA, select_device, smart_optimizer, time_sync
 
 PHASES = ("data", "fwd+loss", "backward", "optimizer")
 NBS = 64  # train.py's nominal batch size

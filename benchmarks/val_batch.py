@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import val  # noqa: E402
-from utils.general import LOGGER, UserError, run_cli  # noqa: E402
+import val
+from utils.general import LOGGER, UserError, run_cli
 
 
 def main(opt):

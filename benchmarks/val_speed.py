@@ -29,11 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import val  # noqa: E402
-from utils.dataloaders import LoadImagesAndLabels, create_dataloader  # noqa: E402
-from utils.dataset_yaml import check_dataset  # noqa: E402
-from utils.general import UserError, check_img_size, run_cli  # noqa: E402
-from utils.torch_utils import select_device  # noqa: E402
+import val
+from models.backend import DetectMultiBackend
+from models.yolo import DetectionModel
+from utils.dataloaders import LoadImagesAndLabels, create_dataloader
+from utils.dataset_yaml import check_dataset
+from utils.general import UserError, check_img_size, run_cli
+from utils.torch_utils import select_device
 
 
 class TimedLoader:
@@ -59,11 +61,8 @@ class TimedLoader:
 
 def build_model(opt, data, device):
     if opt.weights:
-        from models.backend import DetectMultiBackend
-
         model = DetectMultiBackend(opt.weights, device=device, data=data)
         return model, model.stride, f"{opt.weights} (fused)"
-    from models.yolo import DetectionModel
 
     torch.manual_seed(0)
     model = DetectionModel(opt.cfg, nc=data["nc"]).to(device).fuse().eval()

@@ -32,8 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.dataset_yaml import check_dataset  # noqa: E402
-from utils.general import LOGGER, UserError, run_cli, yaml_save  # noqa: E402
+import shutil
+import statistics
+
+from utils.dataset_yaml import check_dataset
+from utils.general import LOGGER, UserError, run_cli, yaml_save
 
 # (w, h): odd sides, portrait and landscape, very small and very large
 SIZES = [(269, 245), (242, 361), (37, 53), (1203, 771), (513, 127), (99, 301), (333, 333), (700, 1001), (61, 29),
@@ -119,8 +122,6 @@ def speed(upstream: Path, common: dict, tmp: Path, rounds: int, images: int):
     them, both implementations taking turns for `rounds` rounds in fresh processes (one thread each); the median of
     each. The difference of the two runs is the per-image rate with the one-time costs (imports, model loading and
     its summary) taken out: what decides the speed of a validation set of any real size."""
-    import statistics
-
     half = max(images // 2, 1)
     datasets = {images: common["data"], half: str(make_dataset(tmp / "odd_half", half))}
     times = {(who, n): [] for who in ("ours", "upstream") for n in datasets}
@@ -180,7 +181,6 @@ def main(opt):
         if opt.speed:
             speed(upstream, common, tmp, opt.speed, opt.images)
         if opt.keep:
-            import shutil
             shutil.copytree(tmp, opt.keep, dirs_exist_ok=True)
     names = ("P", "R", "mAP50", "mAP50-95")
     sizes = ", ".join(f"{w}x{h}" for w, h in SIZES)

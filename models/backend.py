@@ -16,10 +16,14 @@ import pickle
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn as nn
 
+from models.experimental import attempt_load
+from models.quant import is_quantized
+from utils.dataset_yaml import check_dataset
 from utils.general import LOGGER, UserError
 
 SUFFIXES = {".pt": "pt", ".torchscript": "jit", ".onnx": "onnx"}
@@ -53,8 +57,6 @@ def onnxruntime_session(model, providers=("CPUExecutionProvider",), as_written=F
 
 def load_pytorch_model(weights, device=None, inplace=True, fuse=True, trust=False):
     """attempt_load, with the unpickler's own errors on a file that is no checkpoint turned into a UserError."""
-    from models.experimental import attempt_load
-
     try:
         return attempt_load(weights, device=device, inplace=inplace, fuse=fuse, trust=trust)
     except (KeyError, IndexError, UnicodeDecodeError, pickle.UnpicklingError) as e:
@@ -106,8 +108,6 @@ class DetectMultiBackend(nn.Module):
         self.pow2 = False  # a quantized model whose every scale is a power of two
         self.input_shape = None  # the shape a fixed-shape exported file was made for (None: any)
         if self.backend == "pt":
-            from models.experimental import is_quantized
-
             model = load_pytorch_model(weights if isinstance(weights, (list, tuple)) else w, device=device,
                                        inplace=True, fuse=fuse, trust=trust)
             self.stride = max(int(model.stride.max()), 32)
@@ -129,8 +129,6 @@ class DetectMultiBackend(nn.Module):
             else:
                 self._load_onnx(w, device, dnn)
         if data and self.names is None:
-            from utils.dataset_yaml import check_dataset
-
             self.names = check_dataset(data, autodownload=False)["names"]
         if isinstance(self.names, (list, tuple)):
             self.names = dict(enumerate(self.names))
@@ -166,8 +164,6 @@ class DetectMultiBackend(nn.Module):
         self.input_shape = None if self.dynamic else shape
         self.session = None
         if dnn:
-            import cv2
-
             LOGGER.info(f"Loading {w} for ONNX OpenCV DNN inference...")
             if self.quantized:
                 LOGGER.warning(f"WARNING: {w} is a quantized (QDQ) model; OpenCV DNN runs it with its own int8 "
@@ -229,7 +225,6 @@ class DetectMultiBackend(nn.Module):
             self._check_shape(im)
             y = self.model(im.to(self.jit_dtype))
         elif self.session is None:  # OpenCV DNN
-            import cv2
 
             self._check_shape(im)
             self.net.setInput(im.cpu().numpy().astype(np.float32))

@@ -40,6 +40,18 @@ def activation_name(act) -> str:
     return key
 
 
+def model_activation(model: nn.Module) -> str:
+    """The activation a model uses (a key of ACTIVATIONS): its yaml's record if present, else its first Conv block's
+    module, else SiLU (upstream's default)."""
+    yaml = getattr(model, "yaml", None)
+    if isinstance(yaml, dict) and yaml.get("activation"):
+        return activation_name(yaml["activation"])
+    for m in model.modules():
+        if isinstance(m, Conv):
+            return activation_name(m.act)
+    return "silu"
+
+
 def make_activation(act=True) -> nn.Module:
     """A fresh activation module from True (SiLU) / False / None / a name / a module."""
     if act is True:

@@ -4,28 +4,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.common import Conv
+from models.checkpoint import load_checkpoint
+from models.common import model_activation
 from models.quant import freeze, is_quantized
-from models.yolo import Detect, DetectionModel
-
-
-class Ensemble(nn.ModuleList):
-    """Several models whose detections are concatenated (NMS then merges them)."""
-
-    def forward(self, x, augment=False, profile=False, visualize=False):
-        y = [m(x, augment, profile, visualize)[0] for m in self]
-        return torch.cat(y, 1), None
-
-
-def model_activation(model) -> str:
-    """The activation a model uses: its yaml's record if present, else the first Conv block's module."""
-    act = getattr(model, "yaml", {}).get("activation") if isinstance(getattr(model, "yaml", None), dict) else None
-    if act:
-        return act
-    for m in model.modules():
-        if isinstance(m, Conv):
-            return type(m.act).__name__.lower()
-    return "silu"
+from models.yolo import Detect, DetectionModel, Ensemble
+from utils.checkpoint import attempt_download
+from utils.general import UserError
 
 
 def attempt_load(weights, device=None, inplace=True, fuse=True, trust=False):
@@ -34,9 +18,6 @@ def attempt_load(weights, device=None, inplace=True, fuse=True, trust=False):
     Conv+BN is fused unless `fuse=False` or the model is quantized (QAT modules keep their own path). A QAT model's
     quantization parameters are frozen (models.quant.freeze), so it computes what its exports compute.
     """
-    from utils.checkpoint import attempt_download, load_checkpoint
-    from utils.general import UserError
-
     models = Ensemble()
     for w in weights if isinstance(weights, (list, tuple)) else [weights]:
         path = attempt_download(w)

@@ -35,10 +35,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import bst.torch.ao.nn.intrinsic as nni
+import bst.torch.ao.nn.qat as nnqat
+import bst.torch.ao.nn.quantized as nnq
 from bst.torch.ao import quantization as bq
 from bst.torch.ao.nn.intrinsic import qat as nniqat
 from bst.torch.ao.nn.quantized import FloatFunctional
-from models.common import SPP, SPPF, C3, Bottleneck, Concat, Conv, DWConv, Focus
+from bst.torch.ao.quantization import quantize as bq_quantize
+from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus, activation_name
+from models.yolo import Detect
 from utils.general import LOGGER, ROOT, UserError, check_file, yaml_load
 from utils.torch_utils import fuse_conv_and_bn
 
@@ -284,13 +289,14 @@ def _attach_functionals(model):
             m.qcat = FloatFunctional()
 
 
-def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_rounding="ceil", rounding="half_even"):
+def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_rounding="ceil", rounding="half_even",
+                     verbose=True):
     """Turn a float DetectionModel (training mode) into a QAT model, in place; returns it. `rounding`: how every
-    quantizer rounds ties, "half_even" or "half_up" (shift hardware's add-then-shift)."""
+    quantizer rounds ties, "half_even" or "half_up" (shift hardware's add-then-shift). verbose: log what was made."""
     recipe = load_recipe(recipe)
     if any(isinstance(m, (bq.FakeQuantizeBase,)) for m in model.modules()):
         raise UserError("model is already prepared for QAT")
-    acts = {type(m.act).__name__ for m in model.modules() if isinstance(m, Conv)}
+    acts = {activation_name(m.act) for m in model.modules() if isinstance(m, Conv)}
     model.train()
     _fuse_conv_blocks(model, bn_folding)
     _attach_functionals(model)
@@ -323,9 +329,10 @@ def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_roun
     model.qat = {"bn_folding": bool(bn_folding), "pow2": bool(pow2), "pow2_rounding": pow2_rounding,
                  "rounding": rounding, "recipe": recipe, "activations": sorted(acts)}
     n_q = sum(isinstance(m, bq.FakeQuantizeBase) for m in model.modules())
-    LOGGER.info(f"QAT: prepared {n_q} fake quantizers (bn_folding={bn_folding}, pow2={pow2}, "
-                + (f"rounding={rounding}, " if rounding != "half_even" else "")
-                + f"recipe={recipe.get('file', 'default')})")
+    log = LOGGER.info if verbose else LOGGER.debug
+    log(f"QAT: prepared {n_q} fake quantizers (bn_folding={bn_folding}, pow2={pow2}, "
+        + (f"rounding={rounding}, " if rounding != "half_even" else "")
+        + f"recipe={recipe.get('file', 'default')})")
     return model
 
 
@@ -461,14 +468,62 @@ def calibrate(model, loader, n_batches: int, device):
     return seen
 
 
+def float_model(model):
+    """The float architecture of a QAT DetectionModel, as upstream pickles a model (Conv blocks of conv, BN and
+    activation; Detect convs; no quantizers), carrying the QAT model's float weights: it computes what the QAT model
+    computes with fake quantization off. Where BN was folded before QAT, the conv holds the folded weight and an
+    identity BN (weight 1, mean 0, variance 1 - eps) holds the bias. `prepare_yolo_qat` of it with the QAT model's
+    settings rebuilds the QAT model's architecture (models/checkpoint.py stores QAT models this way)."""
+    if not is_quantized(model):
+        raise ValueError("model: not a QAT model")
+    f = deepcopy(model)
+    f.__dict__.pop("qat", None)
+    f._modules.pop("input_quant", None)
+    with torch.no_grad():
+        for m in list(f.modules()):
+            m._forward_hooks.clear()  # prepare_qat's output-quantizer hooks
+            for attr in ("qadd", "qcat"):
+                m._modules.pop(attr, None)
+            if isinstance(m, Conv):
+                _float_conv_block(m)
+            elif isinstance(m, Detect):
+                m.m = nn.ModuleList(_float_parts(c)[0] for c in m.m)
+    if is_quantized(f) or any(isinstance(m, FloatFunctional) for m in f.modules()):
+        raise ValueError("model: has quantized modules outside Conv blocks and Detect; no float architecture")
+    return f
+
+
+def _float_parts(mod) -> list:
+    """A prepared conv (QAT, or a float fused container of a layer left in float) as plain float modules."""
+    mod = mod.to_float() if isinstance(mod, (nnqat.Conv2d, nniqat.ConvBn2d)) else mod
+    return list(mod) if isinstance(mod, nn.Sequential) else [mod]
+
+
+def _float_conv_block(block):
+    parts = _float_parts(block.conv)
+    conv = parts[0]
+    bn = next((p for p in parts[1:] if isinstance(p, nn.BatchNorm2d)), None)
+    act = next((p for p in parts[1:] if isinstance(p, (nn.ReLU, nn.ReLU6))), None)
+    if bn is None:  # BN was folded into the conv before QAT: an identity BN carries the bias
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=conv.weight.device)
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          conv.dilation, conv.groups, bias=False, device=conv.weight.device, dtype=conv.weight.dtype)
+        plain.weight.copy_(conv.weight)
+        plain.weight.requires_grad_(conv.weight.requires_grad)
+        bn = nn.BatchNorm2d(conv.out_channels, eps=1e-3, momentum=0.03, device=conv.weight.device)
+        bn.bias.copy_(bias)
+        bn.running_var.fill_(1 - bn.eps)
+        conv = plain
+    block.conv, block.bn = conv, bn
+    if act is not None:
+        block.act = act
+    elif isinstance(block.act, QuantizedActivation):
+        block.act = block.act.act
+
+
 def checkpoint_classes() -> list:
     """The quantization classes (and the output-quantizer hook) a QAT checkpoint pickles; utils/checkpoint.py
     adds them to the weights_only allowlist."""
-    import bst.torch.ao.nn.intrinsic as nni
-    import bst.torch.ao.nn.qat as nnqat
-    import bst.torch.ao.nn.quantized as nnq
-    from bst.torch.ao.quantization import quantize as bq_quantize
-
     classes = [QuantizedActivation, bq_quantize._output_quantizer_hook]
     for mod in (bq, nniqat, nnqat, nni, nnq):
         for name in dir(mod):
@@ -487,7 +542,7 @@ def convert_yolo(model, example=None):
     computes in eval mode; `integer_head` runs it on integers."""
     if not is_quantized(model):
         raise UserError("the model is not a QAT model; the integer network is made from a train.py --qat checkpoint")
-    acts = sorted({type(m.act).__name__ for m in model.modules() if isinstance(m, QuantizedActivation)})
+    acts = sorted({activation_name(m.act) for m in model.modules() if isinstance(m, QuantizedActivation)})
     if acts:
         raise UserError(f"the model's {', '.join(acts)} activations have no integer form here (shift hardware "
                         "applies them as lookup tables); train a ReLU model (train.py --act relu) for the integer "

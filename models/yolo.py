@@ -18,10 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.common import (SPP, SPPF, C3, Bottleneck, Concat, Conv, DWConv, Focus, activation_name,  # noqa: E402
-                           make_activation)
-from utils.general import LOGGER, UserError, check_file, colorstr, make_divisible, run_cli, yaml_load  # noqa: E402
-from utils.torch_utils import fuse_conv_and_bn, initialize_weights, model_info, scale_img, select_device  # noqa: E402
+import time
+
+from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus, activation_name, make_activation
+from utils.general import LOGGER, UserError, check_file, colorstr, make_divisible, run_cli, yaml_load
+from utils.plots import feature_visualization
+from utils.torch_utils import fuse_conv_and_bn, initialize_weights, model_info, scale_img, select_device
 
 
 class Detect(nn.Module):
@@ -101,8 +103,6 @@ class BaseModel(nn.Module):
             x = m(x)
             y.append(x if m.i in self.save else None)
             if visualize:
-                from utils.plots import feature_visualization
-
                 feature_visualization(x, m.type, m.i, save_dir=visualize)
         return x
 
@@ -245,6 +245,14 @@ WITH_REPEATS = {C3}  # the repeat count goes into the module, not into an nn.Seq
 WITH_ACT = {Conv, DWConv, Bottleneck, C3, SPP, SPPF, Focus}
 
 
+class Ensemble(nn.ModuleList):
+    """Several models whose detections are concatenated (NMS then merges them)."""
+
+    def forward(self, x, augment=False, profile=False, visualize=False):
+        y = [m(x, augment, profile, visualize)[0] for m in self]
+        return torch.cat(y, 1), None
+
+
 def _resolve_arg(a, names):
     if isinstance(a, str):
         if a in names:
@@ -353,8 +361,6 @@ def main(opt):
         with torch.no_grad():
             model(im)
             if opt.line_profile:
-                import time
-
                 x, y = im, []
                 for m in model.model:
                     if m.f != -1:
@@ -364,8 +370,6 @@ def main(opt):
                     LOGGER.info(f"{m.i:>3} {(time.perf_counter() - t0) * 1e3:10.2f} ms  {m.type}")
                     y.append(x if m.i in model.save else None)
             else:
-                import time
-
                 t0 = time.perf_counter()
                 model(im)
                 LOGGER.info(f"forward: {(time.perf_counter() - t0) * 1e3:.1f} ms at batch {opt.batch_size}")

@@ -13,10 +13,9 @@ import zipfile
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import ROOT
 
-from utils.checkpoint import load_checkpoint, safe_globals
+from models.checkpoint import load_checkpoint, safe_globals
 from utils.general import UserError
 
 

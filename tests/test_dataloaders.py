@@ -13,8 +13,7 @@ import torch
 
 import utils.dataloaders as dl
 from utils import dataset_yaml
-from utils.dataloaders import (InfiniteDataLoader, LoadImages, LoadImagesAndLabels, create_dataloader,
-                               img2label_paths)
+from utils.dataloaders import InfiniteDataLoader, LoadImages, LoadImagesAndLabels, create_dataloader, img2label_paths
 from utils.dataset_yaml import check_dataset
 from utils.general import LOGGER, UserError
 

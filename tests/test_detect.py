@@ -5,7 +5,6 @@ import sys
 import cv2
 import numpy as np
 import pytest
-
 from conftest import ROOT, reference
 
 
@@ -167,7 +166,7 @@ def test_detect_live_sources_that_cannot_open_are_one_line(source, message, tmp_
 def test_detect_view_img_says_why_no_window_and_update_strips(tmp_path):
     import shutil
 
-    from utils.checkpoint import load_checkpoint
+    from models.checkpoint import load_checkpoint
 
     w = tmp_path / "w.pt"
     shutil.copy(reference("yolov5n_silu.pt"), w)

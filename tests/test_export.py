@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import ROOT, reference
 
 import export

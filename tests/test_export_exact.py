@@ -10,14 +10,13 @@ and require 0 differing raw head outputs, for every observer kind, several seeds
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import ROOT
 
 import export
 from models.backend import load_pytorch_model
+from models.checkpoint import save_checkpoint
 from models.quant import calibrate, prepare_yolo_qat
 from models.yolo import DetectionModel
-from utils.checkpoint import save_checkpoint
 from utils.general import yaml_load
 from utils.loss import ComputeLoss
 from utils.qat import checkpoint_copy
@@ -94,8 +93,8 @@ def test_trained_pow2_checkpoint_exports_bit_exactly(observer, seed, threads, tm
 def test_unfrozen_float_bias_is_what_broke_exactness(tmp_path):
     """The export holds the biases on the integer grid; the same model evaluated with its float biases (input
     scales unknown, as before freezing) computes other integers, and the exactness check tells."""
-    from bst.torch.ao.nn.qat.conv import set_input_scale
     from bst.torch.ao.nn.intrinsic.qat import ConvBn2d
+    from bst.torch.ao.nn.qat.conv import set_input_scale
 
     pt = trained_qat_checkpoint(tmp_path / "qat.pt", "mse", 0)
     (f,) = export.run(weights=pt, imgsz=(H, W), include=["onnx"])

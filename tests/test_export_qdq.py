@@ -7,16 +7,15 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
-from onnx import numpy_helper
-
 from conftest import ROOT, reference
+from onnx import numpy_helper
 
 import export
 from models.backend import DetectMultiBackend, load_pytorch_model
+from models.checkpoint import save_checkpoint
 from models.common import C3, SPPF, Bottleneck, Concat, Conv
 from models.quant import calibrate, prepare_yolo_qat
 from models.yolo import DetectionModel
-from utils.checkpoint import save_checkpoint
 from utils.general import UserError, run_cli
 
 H, W = 64, 96  # non-square on purpose

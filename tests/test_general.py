@@ -5,8 +5,18 @@ import torch
 import torchvision
 
 import utils.general as general
-from utils.general import (clip_boxes, coco80_to_coco91_class, intersect_dicts, non_max_suppression, scale_boxes,
-                           xyn2xy, xywh2xyxy, xywhn2xyxy, xyxy2xywh, xyxy2xywhn)
+from utils.general import (
+    clip_boxes,
+    coco80_to_coco91_class,
+    intersect_dicts,
+    non_max_suppression,
+    scale_boxes,
+    xyn2xy,
+    xywh2xyxy,
+    xywhn2xyxy,
+    xyxy2xywh,
+    xyxy2xywhn,
+)
 
 torch.set_num_threads(1)
 

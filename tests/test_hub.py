@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, reference
 from PIL import Image
 
-from conftest import ROOT, reference
 from utils.general import LOGGER, UserError, xywh2xyxy
 
 IMGSZ = 256  # the shapes checkpoint's training size
@@ -51,9 +51,9 @@ def sources(tmp_path_factory):
 def qat_pt(tmp_path_factory):
     """The shapes ReLU checkpoint prepared for pow2 QAT, calibrated on the two sample images and saved (no training)."""
     from models.backend import load_pytorch_model
+    from models.checkpoint import save_checkpoint
     from models.quant import calibrate, prepare_yolo_qat
     from utils.augmentations import letterbox
-    from utils.checkpoint import save_checkpoint
 
     m = load_pytorch_model(FLOAT, fuse=False).float().train()
     prepare_yolo_qat(m, pow2=True)

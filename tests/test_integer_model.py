@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, reference, shapes_subset
 from test_export_qdq import H, W, _qat_from_reference, save_qat, small_qat
 

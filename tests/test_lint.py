@@ -1,4 +1,4 @@
-"""The code base passes its linter configuration (ruff.toml; `make lint`)."""
+"""The code base passes its linter configuration (pyproject.toml; `make lint`, which CI runs before the tests)."""
 import subprocess
 import sys
 

@@ -5,8 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import (ConfusionMatrix, ap_per_class, bbox_ioa, bbox_iou, box_iou, compute_ap, fitness,
-                           process_batch, smooth)
+from utils.metrics import (
+    ConfusionMatrix,
+    ap_per_class,
+    bbox_ioa,
+    bbox_iou,
+    box_iou,
+    compute_ap,
+    fitness,
+    process_batch,
+    smooth,
+)
 
 torch.set_num_threads(1)
 IOUV = torch.linspace(0.5, 0.95, 10)

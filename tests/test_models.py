@@ -4,12 +4,12 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import ROOT, reference
-from models.common import C3, Bottleneck, Conv, make_activation
-from models.experimental import attempt_load, model_activation
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.common import C3, Bottleneck, Conv, make_activation, model_activation
+from models.experimental import attempt_load
 from models.yolo import Detect, DetectionModel, Model, parse_model
-from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.general import UserError, yaml_load, yaml_save
 from utils.torch_utils import fuse_conv_and_bn, select_device
 

@@ -5,8 +5,18 @@ import pytest
 import torch
 
 from utils.general import UserError
-from utils.plots import (RESULTS_COLUMNS, Annotator, Colors, colors, feature_visualization, output_to_target,
-                         plot_images, plot_labels, plot_results, save_one_box)
+from utils.plots import (
+    RESULTS_COLUMNS,
+    Annotator,
+    Colors,
+    colors,
+    feature_visualization,
+    output_to_target,
+    plot_images,
+    plot_labels,
+    plot_results,
+    save_one_box,
+)
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""utils/qat_report.py: structure dump, flow diagram, activation report (exact statistics on known data, and the
+"""qat_report.py: structure dump, flow diagram, activation report (exact statistics on known data, and the
 CLI on a float checkpoint), sensitivity recipes and ranking, one-line errors."""
 import csv
 import math
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import ROOT, reference, shapes_subset
+
 import bst.torch.ao.quantization as bq
+import qat_report as qr
 from models.quant import load_recipe
-from utils import qat_report as qr
 from utils.general import UserError
 
 ENV = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
@@ -199,7 +199,7 @@ def test_bad_layers_are_a_user_error(tiny, tmp_path):
     (["--task", "activations", "--weights", "no/such/weights.pt"], "no/such/weights.pt"),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragment, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "utils" / "qat_report.py"), *args, "--out", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, str(ROOT / "qat_report.py"), *args, "--out", str(tmp_path / "o")],
                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import ROOT, reference, shapes_subset, start_and_kill_when
+
 from bst.torch.ao.quantization import FakeQuantizeBase
+from models.checkpoint import load_checkpoint
 from models.quant import all_scales_pow2
-from utils.checkpoint import load_checkpoint
 from utils.general import yaml_load, yaml_save
 
 ENV = {**os.environ, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -123,11 +123,11 @@ def test_bad_combinations_one_line(tiny, tmp_path, args, fragments):
 
 
 def test_qat_with_silu_warns(tiny, tmp_path):
+    import logging
     from argparse import Namespace
 
-    from utils.qat import check_qat_flags
-    import logging
     from utils.general import LOGGER
+    from utils.qat import check_qat_flags
 
     seen = []
     h = logging.Handler()

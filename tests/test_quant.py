@@ -4,17 +4,24 @@ from copy import deepcopy
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import ROOT
+
 from bst.torch.ao.nn.quantized import FloatFunctional
-from bst.torch.ao.quantization import FakeQuantizeBase
+from bst.torch.ao.quantization import FakeQuantizeBase, quantizer_parameters, quantizer_state_keys
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.common import C3, SPPF, Bottleneck, Concat
-from models.quant import (all_scales_pow2, apply_schedule, calibrate, load_recipe, prepare_yolo_qat, set_fake_quant,
-                          set_observers)
+from models.quant import (
+    all_scales_pow2,
+    apply_schedule,
+    calibrate,
+    load_recipe,
+    prepare_yolo_qat,
+    set_fake_quant,
+    set_observers,
+)
 from models.yolo import DetectionModel
-from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.general import UserError
-from utils.torch_utils import ModelEMA
+from utils.torch_utils import ModelEMA, averaged_state_keys, parameter_groups
 
 
 def small_model(act="relu"):
@@ -67,6 +74,31 @@ def test_pow2_scales_survive_calibration_training_ema_and_checkpoint(tmp_path):
     back = load_checkpoint(tmp_path / "q.pt")["model"]
     assert all_scales_pow2(back)
     assert all(m.scale.dtype == torch.float32 for m in back.modules() if isinstance(m, FakeQuantizeBase))
+
+
+def test_ema_averages_weights_and_copies_quantizer_state():
+    """The EMA averages weights and BN statistics but copies every quantizer entry (bst's quantizer_state_keys),
+    learnable scales included; those scales get no weight decay."""
+    recipe = {"default": {"activation": {"observer": "minmax"}, "learnable": True}}
+    model = calibrated(prepare_yolo_qat(small_model(), bn_folding=True, pow2=True, recipe=recipe))
+    learnable = quantizer_parameters(model)
+    keys = quantizer_state_keys(model)
+    assert learnable and any(k.endswith("log2_scale") for k in keys) and not keys & averaged_state_keys(model)
+    decay, no_decay, _ = parameter_groups(model)
+    assert all(any(p is q for q in no_decay) for p in learnable) and not any(p is q for q in decay for p in learnable)
+
+    ema = ModelEMA(model, updates=10 ** 6)  # decay 0.9999
+    before = deepcopy(ema.ema.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    ema.update(model)
+    now, live = ema.ema.state_dict(), model.state_dict()
+    for k in keys:
+        assert torch.equal(now[k], live[k]), k
+    w = "model.0.conv.weight"
+    torch.testing.assert_close(now[w], before[w] * 0.9999 + live[w] * 0.0001, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(now[w], live[w])
 
 
 def test_schedule_freezes_bn_and_observers():

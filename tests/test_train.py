@@ -15,14 +15,13 @@ from copy import deepcopy
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import ROOT, reference, start_and_kill_when
-from models.common import Conv
-from utils.checkpoint import load_checkpoint
-from utils.dataset_yaml import check_dataset
-from utils.general import UserError, run_cli, yaml_load, yaml_save
 
 import train
+from models.checkpoint import load_checkpoint
+from models.common import Conv
+from utils.dataset_yaml import check_dataset
+from utils.general import UserError, run_cli, yaml_load, yaml_save
 
 UPSTREAM_CKPT_KEYS = {"epoch", "best_fitness", "model", "ema", "updates", "optimizer", "opt", "git", "date"}
 # this project's additions: QAT settings (None for a float model), and in a checkpoint a run can be resumed from,
@@ -136,10 +135,9 @@ def test_one_epoch_run_folder_and_checkpoints(shapes_subset, tmp_path, yolo_log)
 
 
 def test_retrain_silu_checkpoint_with_relu(shapes_subset, tmp_path, yolo_log):
+    import val
     from models.backend import DetectMultiBackend
     from models.experimental import attempt_load
-
-    import val
 
     src = reference("yolov5n_silu.pt")
     train.run(data=str(shapes_subset["tiny"]), weights=str(src), act="relu", hyp="data/hyps/hyp.m-relu-tune.yaml",
@@ -486,7 +484,7 @@ def test_resume_falls_back_to_the_checkpoint_opt_without_opt_yaml(tmp_path):
     """As upstream: a last.pt moved without its run's opt.yaml resumes with the options saved inside it."""
     from argparse import Namespace
 
-    from utils.checkpoint import save_checkpoint
+    from models.checkpoint import save_checkpoint
 
     last = tmp_path / "moved" / "weights" / "last.pt"
     saved = {"epochs": 5, "batch_size": 4, "data": "shapes.yaml", "imgsz": 128, "device": "0", "workers": 8}

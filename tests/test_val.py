@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import reference
 
 import val
-from conftest import reference
 from utils.dataloaders import create_dataloader
 from utils.dataset_yaml import check_dataset
 from utils.general import ROOT, yaml_load
@@ -449,3 +449,21 @@ def test_model_with_fewer_classes_than_the_dataset_is_refused(dataset, tmp_path,
     err = capsys.readouterr().err
     assert "model has 80 classes but the dataset has 81; pass the --data the model was trained on" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_ptq_quantizes_evaluates_and_saves_the_float_checkpoint(shapes_subset, tmp_path):
+    """val.run(ptq=True), as `python val.py --ptq --ptq-save f`: the float .pt is calibrated on the train split and
+    evaluated fake-quantized; the saved checkpoint is a QAT model, which a second --ptq refuses as not float."""
+    from models.experimental import attempt_load
+    from models.quant import is_quantized
+    from utils.general import UserError
+
+    data_yaml, _, _ = shapes_subset
+    kw = dict(imgsz=160, batch_size=4, workers=0, conf_thres=0.25, plots=False, project=str(tmp_path / "runs"))
+    saved = tmp_path / "ptq.pt"
+    r, maps, t = val.run(str(data_yaml), weights=str(reference_weights()), ptq=True, calib_batches=1,
+                         ptq_save=str(saved), **kw)
+    assert len(r) == 7 and len(maps) == 10 and len(t) == 3 and all(math.isfinite(x) for x in r)
+    assert is_quantized(attempt_load(str(saved), "cpu", fuse=False))
+    with pytest.raises(UserError, match="needs a float PyTorch .pt checkpoint"):
+        val.run(str(data_yaml), weights=str(saved), ptq=True, calib_batches=1, **kw)

@@ -10,6 +10,7 @@ import inspect
 import numpy as np
 import torch
 
+from models.yolo import Detect
 from utils.general import LOGGER, colorstr
 
 PREFIX = colorstr("AutoAnchor: ")
@@ -18,8 +19,6 @@ PREFIX = colorstr("AutoAnchor: ")
 def check_anchor_order(m):
     """Anchors must grow with stride; flip the levels of Detect m if their mean areas run the other way
     (the model does this itself when built: `Detect.check_anchor_order`)."""
-    from models.yolo import Detect
-
     Detect.check_anchor_order(m)
 
 

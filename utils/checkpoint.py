@@ -1,10 +1,9 @@
-"""Loading and saving checkpoints safely.
+"""Loading and saving checkpoint files safely (what a checkpoint holds is models/checkpoint.py's business).
 
-Loading: a YOLOv5 checkpoint pickles whole modules, and unpickling can run arbitrary code. We load with
-`torch.load(weights_only=True)` and an explicit allowlist of the classes a YOLOv5 checkpoint may hold
-(this project's model classes, the torch.nn modules they use, and what upstream stores beside them).
-A file that needs anything else is refused with a message naming the class. To load a file you
-trust anyway, pass `trust=True` or set the environment variable YOLOV5_TRUST_CHECKPOINTS=1.
+Loading: a YOLOv5 checkpoint pickles whole modules, and unpickling can run arbitrary code. `safe_load` loads with
+`torch.load(weights_only=True)` and an explicit allowlist of classes given by the caller. A file that needs anything
+else is refused with a message naming the class. To load a file you trust anyway, pass `trust=True` or set the
+environment variable YOLOV5_TRUST_CHECKPOINTS=1.
 
 Saving: written to a temporary file in the same folder and renamed over the target, so a kill during
 a save never leaves a truncated checkpoint.
@@ -19,41 +18,12 @@ import zipfile
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from utils.general import LOGGER, ROOT, UserError
 
 TRUST_ENV = "YOLOV5_TRUST_CHECKPOINTS"
 RELEASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.0/{}"
 RELEASE_ASSETS = {f"yolov5{s}{r}.pt" for s in "nsmlx" for r in ("", "6", "-cls", "-seg")}
-
-_NN_CLASSES = (
-    nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Linear, nn.Dropout, nn.Identity,
-    nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Sigmoid, nn.Sequential, nn.ModuleList,
-    nn.ModuleDict, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Upsample, nn.Flatten,
-)
-
-
-def safe_globals() -> list:
-    from models import common, experimental, yolo
-
-    project = [yolo.DetectionModel, yolo.Detect, common.Conv, common.DWConv, common.Bottleneck, common.C3,
-               common.SPP, common.SPPF, common.Focus, common.Concat, experimental.Ensemble]
-    # plain-data constructors only: never a callable that reads attributes (getattr let a pickle walk from an allowed
-    # class to eval/exec), imports, evaluates or calls what it is given (tests/test_checkpoint_security.py)
-    extra = [set, tuple, slice]
-    try:  # upstream training checkpoints may store numpy scalars/arrays (best_fitness, results)
-        import numpy as np
-
-        core = getattr(np, "_core", None) or np.core
-        extra += [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
-        extra += [type(np.dtype(t)) for t in ("float64", "float32", "int64")]
-    except (ImportError, AttributeError):
-        pass
-    from models.quant import checkpoint_classes
-
-    return project + list(_NN_CLASSES) + extra + checkpoint_classes()
-
 
 def attempt_download(file) -> Path:
     """Return the path of a weights file; fetch a missing official release file, else say where to get it."""
@@ -88,8 +58,9 @@ def _trusted(trust) -> bool:
     return bool(trust) or os.getenv(TRUST_ENV, "").lower() in ("1", "true", "yes")
 
 
-def load_checkpoint(path, map_location="cpu", trust=False):
-    """torch.load a checkpoint with the YOLOv5 allowlist; clear one-line errors for bad files."""
+def safe_load(path, allowed, map_location="cpu", trust=False):
+    """torch.load a checkpoint allowing only the classes in `allowed` to be unpickled (everything, when trusted);
+    clear one-line errors for bad files."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -101,12 +72,12 @@ def load_checkpoint(path, map_location="cpu", trust=False):
     try:
         if _trusted(trust):
             return torch.load(path, map_location=map_location, weights_only=False)
-        with torch.serialization.safe_globals(safe_globals()):
+        with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Unsupported global" in msg or "not an allowed global" in msg or "GLOBAL" in msg:
-            names = _unsafe_globals(path)
+            names = _unsafe_globals(path, allowed)
             what = ", ".join(names) if names else msg.splitlines()[0]
             raise UserError(f"{path}: refused to load, it pickles {what}, which is not on the YOLOv5 checkpoint "
                             f"allowlist; if you trust this file, set {TRUST_ENV}=1") from None
@@ -116,10 +87,10 @@ def load_checkpoint(path, map_location="cpu", trust=False):
         raise UserError(f"{path}: corrupt or not a PyTorch checkpoint ({first})") from None
 
 
-def _unsafe_globals(path) -> list:
+def _unsafe_globals(path, allowed) -> list:
     try:
-        allowed = {f"{o.__module__}.{o.__qualname__}" for o in safe_globals() if hasattr(o, "__qualname__")}
-        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
+        names = {f"{o.__module__}.{o.__qualname__}" for o in allowed if hasattr(o, "__qualname__")}
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in names]
     except Exception:
         return []
 
@@ -137,7 +108,7 @@ def _umask() -> int:
     return mask
 
 
-def save_checkpoint(obj, path):
+def atomic_save(obj, path):
     """torch.save to a temporary file beside `path`, fsync, then atomically rename over `path`."""
     path = Path(path)
     check_checkpoint_path(path)

@@ -15,6 +15,9 @@ import hashlib
 import math
 import os
 import random
+import threading
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -28,15 +31,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler, distributed
 from tqdm import tqdm
 
 from utils.augmentations import PAD_VALUE, augment_hsv, letterbox, mixup, random_perspective
-from utils.general import LOGGER, UserError, xywhn2xyxy, xyxy2xywhn
+from utils.general import LOCAL_RANK, LOGGER, RANK, WORLD_SIZE, UserError, xywhn2xyxy, xyxy2xywhn
 from utils.torch_utils import torch_distributed_zero_first
 
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
 NUM_THREADS = min(8, max(1, (os.cpu_count() or 1) - 1))
-RANK = int(os.getenv("RANK", -1))
-LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
-WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
 PIN_MEMORY = str(os.getenv("PIN_MEMORY", "true")).lower() == "true"
 CACHE_VERSION = "yolov5-qat-1"  # bump when the cache content or the verification rules change
 COORD_TOL = 1e-3  # normalised coordinates may exceed [0, 1] by this much (rounding); they are then clipped
@@ -166,9 +166,6 @@ def is_url(source) -> bool:
 def download_source(url: str, folder: Path) -> str:
     """An image or video file given as an http(s) URL, downloaded into `folder` under its own name; one line when
     it cannot be fetched."""
-    import urllib.parse
-    import urllib.request
-
     name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "download"
     file = Path(folder) / name
     try:
@@ -188,8 +185,6 @@ class LoadStreams:
     unplugged)."""
 
     def __init__(self, sources="0", img_size=640, stride=32, auto=True, vid_stride=1):
-        import threading
-
         src = Path(str(sources))
         if str(sources).endswith(".streams"):
             if not src.is_file():

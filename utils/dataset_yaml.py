@@ -18,14 +18,16 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch.hub
+
 from utils.general import LOGGER, ROOT, UserError, check_file, yaml_load
+from utils.shapes import generate
 
 REQUIRED_KEYS = ("train", "val", "names")
 SPLIT_KEYS = ("train", "val", "test")
 
 
 def _generate_shapes(root: Path):
-    from utils.shapes import generate
     generate(root)
 
 
@@ -159,8 +161,6 @@ def _download_step(item, root: Path, where):
 
 
 def _fetch_and_unpack(url: str, dest: Path, where: str):
-    import torch.hub  # lazy: only needed when something is fetched
-
     dest.mkdir(parents=True, exist_ok=True)
     name = Path(urlparse(url).path).name or "download"
     file = dest / name

@@ -19,6 +19,8 @@ try:
 except ImportError:
     fcntl = None
 
+import subprocess
+
 import numpy as np
 import torch
 import torchvision
@@ -26,6 +28,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]  # repository root
 LOGGER = logging.getLogger("yolov5")
+# this process's place in a torchrun (DDP) run, read once here; -1 / 1 outside DDP
+RANK = int(os.getenv("RANK", -1))
+LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
+WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -45,7 +51,7 @@ if not LOGGER.handlers:
     _h = _StdoutHandler()
     _h.setFormatter(logging.Formatter("%(message)s"))
     LOGGER.addHandler(_h)
-    LOGGER.setLevel(logging.INFO if int(os.getenv("RANK", -1)) in (-1, 0) else logging.WARNING)
+    LOGGER.setLevel(logging.INFO if RANK in (-1, 0) else logging.WARNING)
     LOGGER.propagate = False
 
 
@@ -97,8 +103,6 @@ def increment_path(path, exist_ok=False, sep="", mkdir=False):
 def git_info(path=ROOT) -> dict | None:
     """{'remote', 'branch', 'commit'} of the git checkout at `path` (what upstream records in checkpoints), or None
     outside a checkout or without git."""
-    import subprocess
-
     def git(*args):
         r = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
         return r.stdout.strip() if r.returncode == 0 else None

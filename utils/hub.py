@@ -36,8 +36,18 @@ from PIL import Image, ImageOps, ImageShow
 from models.backend import DetectMultiBackend
 from models.yolo import Detect
 from utils.augmentations import letterbox
-from utils.general import (LOGGER, UserError, colorstr, has_display, increment_path, make_divisible, make_run_folder,
-                           non_max_suppression, scale_boxes, xyxy2xywh)
+from utils.general import (
+    LOGGER,
+    UserError,
+    colorstr,
+    has_display,
+    increment_path,
+    make_divisible,
+    make_run_folder,
+    non_max_suppression,
+    scale_boxes,
+    xyxy2xywh,
+)
 from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import time_sync
 

@@ -2,11 +2,23 @@
 per-epoch BN / observer schedule. The model surgery itself is models/quant.py; the library is bst/."""
 from __future__ import annotations
 
+from copy import deepcopy
 from pathlib import Path
 
 import torch
 
-from models.experimental import is_quantized
+from models.checkpoint import build_checkpoint, save_checkpoint
+from models.common import model_activation
+from models.quant import (
+    apply_schedule,
+    calibrate,
+    example_input,
+    is_quantized,
+    load_recipe,
+    prepare_yolo_qat,
+    share_concat_scales,
+)
+from utils.dataloaders import create_dataloader
 from utils.general import LOGGER, UserError, colorstr
 
 QAT_ONLY_FLAGS = ("bn_folding", "pow2_scale", "qat_recipe")
@@ -28,8 +40,6 @@ def check_qat_flags(opt):
     if opt.calib_batches < 1:
         raise UserError(f"--calib-batches {opt.calib_batches}: calibrate on at least one batch")
     if getattr(opt, "qat_recipe", ""):
-        from models.quant import load_recipe
-
         load_recipe(opt.qat_recipe)  # the schema check, before any data or model is loaded
     if opt.act == "silu":
         LOGGER.warning(f"{PREFIX}WARNING: --act silu: shift-only int8 hardware has no SiLU; it is quantized here as "
@@ -54,14 +64,12 @@ class QATRun:
 
     def prepare(self, model):
         """Quantize a float model; a model that is already a QAT model (resume, or QAT fine-tuning) is kept."""
-        from models.quant import prepare_yolo_qat
-
         if is_quantized(model):
             self.resumed = True
             LOGGER.info(f"{PREFIX}continuing from an already quantized model (its scales and observers as saved)")
             self._adopt(getattr(model, "qat", None) or {})
             return model
-        if model_activation_is(model, "silu") and self.enabled:
+        if model_activation(model) == "silu" and self.enabled:
             LOGGER.warning(f"{PREFIX}WARNING: the model uses SiLU; its outputs are quantized as a lookup table")
         return prepare_yolo_qat(model, bn_folding=self.bn_folding, pow2=self.pow2, recipe=self.recipe,
                                 pow2_rounding=self.pow2_rounding, rounding=self.rounding)
@@ -91,8 +99,6 @@ class QATRun:
         self.recipe = recipe_name
 
     def calibrate(self, model, loader, device):
-        from models.quant import calibrate
-
         if self.resumed:
             return 0
         seen = calibrate(model, loader, self.calib_batches, device)
@@ -108,15 +114,11 @@ class QATRun:
     @staticmethod
     def _share(model):
         """Re-share the concat scales (after observers froze them); needs no data, so a resumed run does it too."""
-        from models.quant import example_input, share_concat_scales
-
         training = model.training
         share_concat_scales(model, example_input(model))
         model.train(training)
 
     def start_epoch(self, model, epoch):
-        from models.quant import apply_schedule
-
         state = apply_schedule(model, epoch, self.freeze_bn_epoch, self.disable_observer_epoch)
         if not state["observers"] and self.shares_concat_scales(model):
             self._share(model)  # observers just froze the scales (again): re-share them
@@ -126,22 +128,25 @@ class QATRun:
         self.state = state
         return state
 
-    def meta(self):
-        return {"bn_folding": self.bn_folding, "pow2": self.pow2, "pow2_rounding": self.pow2_rounding,
-                "rounding": self.rounding, "recipe": self.recipe, "freeze_bn_epoch": self.freeze_bn_epoch,
-                "disable_observer_epoch": self.disable_observer_epoch, "calib_batches": self.calib_batches}
+    def meta(self, model):
+        """The checkpoint's "qat" entry for this run (see `qat_meta`)."""
+        return qat_meta(model, freeze_bn_epoch=self.freeze_bn_epoch, disable_observer_epoch=self.disable_observer_epoch,
+                        calib_batches=self.calib_batches)
 
 
-def model_activation_is(model, name):
-    from models.experimental import model_activation
-
-    return model_activation(model) == name
+def qat_meta(model, **run) -> dict:
+    """The "qat" entry of a checkpoint: how `model` is quantized (bn_folding, pow2, pow2_rounding, rounding and the
+    recipe's name, as prepare_yolo_qat recorded them in model.qat) and how the run used it (`run`: the BN and
+    observer schedule and the calibration batches of train.py, or ptq=True)."""
+    q = model.qat
+    recipe = q.get("recipe")
+    return {"bn_folding": q["bn_folding"], "pow2": q["pow2"], "pow2_rounding": q.get("pow2_rounding", "ceil"),
+            "rounding": q.get("rounding", "half_even"),
+            "recipe": recipe.get("file", "default") if isinstance(recipe, dict) else recipe, **run}
 
 
 def checkpoint_copy(model):
     """What train.py stores: FP16 as upstream for float models; QAT models stay float32 (see strip_optimizer)."""
-    from copy import deepcopy
-
     m = deepcopy(model)
     return m if is_quantized(m) else m.half()
 
@@ -157,21 +162,12 @@ def ptq_model(model, data, imgsz, batch_size, stride, device, pow2=False, bn_fol
               calib_batches=32, workers=8, save=""):
     """Post-training quantization of a float DetectionModel: prepare, calibrate on the train split, optionally
     save as a checkpoint (loadable by val.py / detect.py / export.py like a QAT one)."""
-    from datetime import datetime
-
-    from models.quant import calibrate, prepare_yolo_qat
-    from utils.checkpoint import save_checkpoint
-    from utils.dataloaders import create_dataloader
-
     model = prepare_yolo_qat(model.float().train(), bn_folding=bn_folding, pow2=pow2, recipe=recipe or None).to(device)
     loader = create_dataloader(data["train"], imgsz, batch_size, stride, augment=False, rect=False, workers=workers,
                                shuffle=True, prefix=colorstr("calib: "))[0]
     calibrate(model, loader, calib_batches, device)
     model.eval()
     if save:
-        meta = {"bn_folding": bn_folding, "pow2": pow2, "recipe": recipe or None, "calib_batches": calib_batches}
-        save_checkpoint({"epoch": -1, "best_fitness": None, "model": model, "ema": None, "updates": None,
-                         "optimizer": None, "opt": None, "git": None, "date": datetime.now().isoformat(),
-                         "qat": {**meta, "ptq": True}}, save)
+        save_checkpoint(build_checkpoint(model, qat=qat_meta(model, calib_batches=calib_batches, ptq=True)), save)
         LOGGER.info(f"{PREFIX}PTQ model saved to {save}")
     return model

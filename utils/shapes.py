@@ -35,7 +35,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.general import LOGGER, UserError, run_cli  # noqa: E402
+from utils.general import LOGGER, UserError, run_cli
 
 CLASS_NAMES = ("circle", "ring", "square", "square_outline", "diamond",
                "triangle", "pentagon", "hexagon", "star", "cross")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import contextmanager
 from copy import deepcopy
@@ -11,11 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from bst.torch.ao import quantization as bq
+from bst.torch.ao.nn.intrinsic.folding import fold_bn
 from utils.general import LOGGER, UserError
-
-LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
-RANK = int(os.getenv("RANK", -1))
-WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
 
 
 def select_device(device="", batch_size=0, newline=True) -> torch.device:
@@ -94,11 +91,10 @@ def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A Conv2d equal to bn(conv(x)) in eval mode: w' = w * g / s, b' = beta + (b - mean) * g / s."""
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, conv.groups, bias=True).requires_grad_(False).to(conv.weight.device)
-    w = conv.weight.detach().float()
-    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels, device=w.device)
-    gain = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-    fused.weight.copy_((w * gain.view(-1, 1, 1, 1)).to(fused.weight.dtype))
-    fused.bias.copy_((bn.bias.detach().float() + (b - bn.running_mean.float()) * gain).to(fused.bias.dtype))
+    with torch.no_grad():
+        w, b = fold_bn(conv.weight, conv.bias, bn, dtype=torch.float32)
+    fused.weight.copy_(w.to(fused.weight.dtype))
+    fused.bias.copy_(b.to(fused.bias.dtype))
     return fused
 
 
@@ -180,38 +176,25 @@ def _is_bn(m):
 
 
 def averaged_state_keys(model) -> set:
-    """state_dict keys the EMA averages: float parameters and BatchNorm running statistics.
+    """state_dict keys the EMA averages: float parameters and BatchNorm running statistics, except quantizer state.
 
-    Everything else (quantizer scales and zero points, observer min/max, enable flags, counters) is
-    copied from the live model: averaging a power-of-two scale gives a non-power-of-two, and averaging
-    observer statistics smears them.
+    Quantizer state (bst's `quantizer_state_keys`: scales, zero points, learnable scales, observer statistics, enable
+    flags) is copied from the live model instead: averaging a power-of-two scale gives a non-power-of-two, and
+    averaging observer statistics smears them.
     """
     keys = {n for n, p in model.named_parameters() if p.dtype.is_floating_point}
     for name, m in model.named_modules():
         if _is_bn(m):
             keys |= {f"{name}.running_mean" if name else "running_mean",
                      f"{name}.running_var" if name else "running_var"}
-    return keys
-
-
-def _set_tensor(root, dotted, value):
-    *path, leaf = dotted.split(".")
-    mod = root
-    for p in path:
-        mod = getattr(mod, p)
-    cur = getattr(mod, leaf)
-    if isinstance(cur, nn.Parameter):
-        cur.data = value
-    elif leaf in mod._buffers:
-        mod._buffers[leaf] = value
-    else:
-        setattr(mod, leaf, value)
+    return keys - bq.quantizer_state_keys(model)
 
 
 class ModelEMA:
     """Exponential moving average of a model (Polyak averaging), with upstream's ramped decay.
 
-    Only `averaged_state_keys` are averaged; all other state is copied, so quantization state stays exact.
+    Only `averaged_state_keys` are averaged; quantizer state is copied with bst's `copy_quantizer_state_` and the
+    rest (BN batch counters, anchors) is copied, so quantization state stays exact.
     """
 
     def __init__(self, model, decay=0.9999, tau=2000, updates=0):
@@ -221,6 +204,8 @@ class ModelEMA:
         for p in self.ema.parameters():
             p.requires_grad_(False)
         self._averaged = averaged_state_keys(self.ema)
+        self._quantizer = bq.quantizer_state_keys(self.ema)
+        self._copied = set(self.ema.state_dict()) - self._averaged - self._quantizer
 
     def decay(self, updates):
         return self.decay_max * (1 - math.exp(-updates / self.tau))
@@ -229,30 +214,32 @@ class ModelEMA:
     def update(self, model):
         self.updates += 1
         d = self.decay(self.updates)
-        msd = de_parallel(model).state_dict()
-        for k, v in self.ema.state_dict().items():
-            src = msd[k].detach()
-            if k in self._averaged and v.dtype.is_floating_point:
-                v.mul_(d).add_(src.to(v.dtype), alpha=1 - d)
-            elif v.shape == src.shape:
-                v.copy_(src)
-            else:  # a quantizer buffer that resized (per-channel qparams after the first observation)
-                _set_tensor(self.ema, k, src.clone())
+        model = de_parallel(model)
+        msd, esd = model.state_dict(), self.ema.state_dict(keep_vars=True)  # esd: the EMA's own tensors
+        for k in self._averaged:
+            esd[k].mul_(d).add_(msd[k].detach().to(esd[k].dtype), alpha=1 - d)
+        for k in self._copied:
+            esd[k].copy_(msd[k])
+        bq.copy_quantizer_state_(self.ema, model, keys=self._quantizer, src_state=msd, dst_state=esd)
 
     def update_attr(self, model, include=(), exclude=("process_group", "reducer")):
         copy_attr(self.ema, de_parallel(model), include, exclude)
 
 
 def parameter_groups(model):
-    """Upstream's three groups: weights with decay, BN weights (and quantizer parameters) without, biases."""
+    """Upstream's three groups: weights with decay, BN weights and learnable quantization scales (bst's
+    `quantizer_parameters`) without, biases."""
     decay, no_decay, biases = [], [], []
+    quantizer = {id(p) for p in bq.quantizer_parameters(model)}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            if name == "bias":
+            if id(p) in quantizer:
+                no_decay.append(p)
+            elif name == "bias":
                 biases.append(p)
             elif name == "weight" and not _is_bn(module):
                 decay.append(p)
-            else:  # BN weights, learnable quantization scales (scale / log2_scale / zero_point), ...
+            else:  # BN weights, ...
                 no_decay.append(p)
     return decay, no_decay, biases
 
@@ -297,31 +284,6 @@ class EarlyStopping:
                         f"To update EarlyStopping(patience={self.patience}) pass a new patience value, "
                         f"i.e. `python train.py --patience 300` or use `--patience 0` to disable EarlyStopping.")
         return stop
-
-
-def strip_optimizer(f="best.pt", s=""):
-    """Drop optimizer/EMA state from a finished checkpoint and store the (EMA) model in FP16, atomically.
-
-    QAT models stay float32: rounding their weights to FP16 could move fake-quantized weights to other
-    int8 steps, and val.py of best.pt must reproduce the mAP training printed.
-    """
-    from models.experimental import is_quantized
-    from utils.checkpoint import load_checkpoint, save_checkpoint
-
-    x = load_checkpoint(f)
-    if x.get("ema"):
-        x["model"] = x["ema"]
-    for k in "optimizer", "best_fitness", "ema", "updates":
-        x[k] = None
-    x.pop("last_opt_step", None)  # resume state, meaningless without the optimizer
-    x["epoch"] = -1
-    if not is_quantized(x["model"]):
-        x["model"].half()
-    for p in x["model"].parameters():
-        p.requires_grad = False
-    save_checkpoint(x, s or f)
-    mb = os.path.getsize(s or f) / 1e6
-    LOGGER.info(f"Optimizer stripped from {f},{f' saved as {s},' if s else ''} {mb:.1f}MB")
 
 
 def one_cycle(y1=0.0, y2=1.0, steps=100):

@@ -1,10 +1,10 @@
 """Per-layer QAT diagnosis: the prepared model's structure, the QAT flow diagram, an activation report and a
-per-layer sensitivity analysis. Replaces the seed's eleven hand experiments with measurements.
+per-layer sensitivity analysis. Replaces the eleven hand-edited experiments of cshbli/yolov5_qat with measurements.
 
-    python utils/qat_report.py --task structure --cfg models/yolov5m.yaml --act relu --bn-folding --pow2-scale
-    python utils/qat_report.py --task flow
-    python utils/qat_report.py --task activations --weights W.pt --data shapes.yaml --img 256 --pow2-scale --notes
-    python utils/qat_report.py --task sensitivity --weights W.pt --data shapes.yaml --img 256 --layers 0 23 24
+    python qat_report.py --task structure --cfg models/yolov5m.yaml --act relu --bn-folding --pow2-scale
+    python qat_report.py --task flow
+    python qat_report.py --task activations --weights W.pt --data shapes.yaml --img 256 --pow2-scale --notes
+    python qat_report.py --task sensitivity --weights W.pt --data shapes.yaml --img 256 --layers 0 23 24
 
 activations: the model is prepared as QAT would prepare it (--qat-recipe, --pow2-scale, --bn-folding) and calibrated
 on --calib-batches training batches (observers on, fake quantization off). A second pass over the same batches with
@@ -33,15 +33,44 @@ import sys
 from copy import deepcopy
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+FILE_ROOT = Path(__file__).resolve().parent
+if str(FILE_ROOT) not in sys.path:
+    sys.path.append(str(FILE_ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn as nn
 
-from utils.general import (LOGGER, ROOT, UserError, check_file, colorstr, increment_path, run_cli,  # noqa: E402
-                           yaml_save)
+import val
+from bst.torch.ao.quantization import FakeQuantizeBase
+from models.experimental import attempt_load
+from models.quant import (
+    calibrate,
+    is_quantized,
+    load_recipe,
+    prepare_yolo_qat,
+    quantizers,
+    set_fake_quant,
+    set_observers,
+)
+from models.yolo import (
+    Detect,
+    DetectionModel,
+)
+from utils.dataloaders import create_dataloader
+from utils.dataset_yaml import check_dataset
+from utils.general import (
+    LOGGER,
+    ROOT,
+    UserError,
+    check_file,
+    check_img_size,
+    colorstr,
+    increment_path,
+    run_cli,
+    yaml_save,
+)
+from utils.torch_utils import select_device
 
 TASKS = ("structure", "flow", "activations", "sensitivity")
 MODES = ("one", "all-but-one", "both")
@@ -52,8 +81,6 @@ PREFIX = colorstr("qat_report: ")
 
 def load_float_model(weights, device="cpu"):
     """A float DetectionModel from a .pt checkpoint, unfused, float32, eval mode."""
-    from models.experimental import attempt_load, is_quantized
-
     if not weights:
         raise UserError("--weights: a float .pt checkpoint is needed for this task, e.g. --weights yolov5n.pt")
     model = attempt_load(weights, device=device, fuse=False)
@@ -67,16 +94,12 @@ def load_float_model(weights, device="cpu"):
 
 def prepared(model, bn_folding, pow2, recipe, pow2_rounding="ceil"):
     """A QAT-prepared deep copy of a float model (the original is untouched)."""
-    from models.quant import prepare_yolo_qat
-
     return prepare_yolo_qat(deepcopy(model).train(), bn_folding=bn_folding, pow2=pow2, recipe=recipe,
                             pow2_rounding=pow2_rounding)
 
 
 def activation_quantizers(model):
     """(name, fake quantizer) of every activation quantizer (output quantizers and the input QuantStub)."""
-    from bst.torch.ao.quantization import FakeQuantizeBase
-
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, FakeQuantizeBase) and not n.endswith("weight_fake_quant")]
 
@@ -92,8 +115,6 @@ def short_name(name: str) -> str:
 
 
 def detect_index(model) -> int:
-    from models.yolo import Detect
-
     for i, m in enumerate(model.model):
         if isinstance(m, Detect):
             return i
@@ -102,10 +123,8 @@ def detect_index(model) -> int:
 
 # ---------------------------------------------------------------------------------------------- structure
 
-def write_structure(out, model_source: str, qmodel, command="python utils/qat_report.py --task structure") -> Path:
+def write_structure(out, model_source: str, qmodel, command="python qat_report.py --task structure") -> Path:
     """print(qmodel) to `out`, after a short header saying what was prepared and how."""
-    from models.quant import quantizers
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     qat = qmodel.qat
@@ -207,8 +226,6 @@ def draw_flow(out, steps=FLOW_STEPS) -> Path:
 def calibration_batches(data, imgsz, batch_size, stride, n_batches, workers=8, seed=0):
     """The first `n_batches` shuffled training batches (no augmentation) as [(uint8 images,)], kept in memory so
     that every variant is calibrated on the same images (the shape models.quant.calibrate iterates)."""
-    from utils.dataloaders import create_dataloader
-
     loader = create_dataloader(data["train"], imgsz, batch_size, stride, augment=False, rect=False, workers=workers,
                                shuffle=True, seed=seed, prefix=colorstr("calib: "))[0]
     batches = []
@@ -222,8 +239,6 @@ def calibration_batches(data, imgsz, batch_size, stride, n_batches, workers=8, s
 def val_dataloader(data, imgsz, batch_size, stride, save_dir, max_images=0, workers=8):
     """val.py's loader (rect batches, pad 0.5) over the val split, or its first `max_images` images (listed in
     save_dir/val_subset.txt)."""
-    from utils.dataloaders import create_dataloader
-
     path = data["val"]
     if max_images:
         dataset = create_dataloader(path, imgsz, batch_size, stride, rect=False, workers=0,  # file order
@@ -332,8 +347,6 @@ def activation_report(qmodel, batches, device, percentile=99.99, bins=256):
 
     Returns (rows, hists): rows in first-call order, one dict per quantizer that saw data; hists maps its name to
     (counts, bin edges) over [min, max]. The model is left calibrated (fake quantization on, observers off)."""
-    from models.quant import calibrate, set_fake_quant, set_observers
-
     if not 50.0 < percentile < 100.0:
         raise UserError(f"--percentile {percentile}: must be between 50 and 100 (e.g. 99.99)")
     named = activation_quantizers(qmodel)
@@ -514,8 +527,6 @@ def plot_last_conv(rows, hists, detect_idx, out, title="") -> Path:
 
 def quantizers_per_layer(qmodel) -> dict:
     """{model index: number of fake quantizers under it} for the indices that have any."""
-    from models.quant import quantizers
-
     counts = {}
     for n, _ in quantizers(qmodel):
         i = layer_index(n)
@@ -543,8 +554,6 @@ def layer_recipe(base: dict, index: int, mode: str) -> dict:
 
 
 def _evaluate(model, data, loader, save_dir):
-    import val
-
     results = val.run(data=data, model=model, dataloader=loader, half=False, plots=False, save_dir=save_dir,
                       conf_thres=0.001, iou_thres=0.6)[0]
     return float(results[2]), float(results[3])
@@ -554,8 +563,6 @@ def sensitivity(float_model, data, batches, loader, device, layers, modes, bn_fo
                 pow2_rounding, save_dir, layer_quantizers=None):
     """Rows of (rank, mode, layer, ...) ranked per mode; and the reference mAPs (float, all quantized).
     `layer_quantizers`: {index: fake quantizers it holds when quantized}, for the table."""
-    from models.quant import calibrate, load_recipe
-
     base = load_recipe(recipe)
     LOGGER.info(f"{PREFIX}float model")
     ref = {"float": _evaluate(deepcopy(float_model), data, loader, save_dir)}
@@ -665,10 +672,6 @@ def _run_dir(opt):
 
 
 def _data_and_model(opt):
-    from utils.dataset_yaml import check_dataset
-    from utils.general import check_img_size
-    from utils.torch_utils import select_device
-
     device = select_device(opt.device, batch_size=opt.batch_size)
     model = load_float_model(opt.weights, device)
     data = check_dataset(check_file(opt.data))
@@ -687,7 +690,7 @@ def _structure_command(opt, out):
         out = Path(out).resolve().relative_to(ROOT)
     except ValueError:
         pass
-    return " ".join(["python utils/qat_report.py --task structure", *what, *flags, f"--out {out}"])
+    return " ".join(["python qat_report.py --task structure", *what, *flags, f"--out {out}"])
 
 
 def main(opt):
@@ -697,8 +700,6 @@ def main(opt):
         if opt.weights:
             model, source = load_float_model(opt.weights), str(opt.weights)
         else:
-            from models.yolo import DetectionModel
-
             model = DetectionModel(check_file(opt.cfg, search_dirs=("models",)), nc=opt.nc, act=opt.act)
             source = f"{Path(opt.cfg).name}, act={opt.act}, nc={opt.nc}"
         qmodel = prepared(model, opt.bn_folding, opt.pow2_scale, recipe, opt.pow2_rounding)
@@ -734,7 +735,6 @@ def main(opt):
         return csv_file
 
     # sensitivity
-    from models.quant import load_recipe
 
     n_layers = len(model.model)
     if opt.layers:

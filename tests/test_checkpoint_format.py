@@ -1,0 +1,109 @@
+"""QAT checkpoints survive refactoring: a QAT model is saved as its float architecture, its QAT settings and its
+state_dict (models/checkpoint.py), loads back bit for bit, still loads when a bst class is renamed, and checkpoints
+that pickle the QAT modules whole (tests/data/qat_checkpoint_format1.pt, written by the code before the format
+existed; tests/data/make_qat_checkpoint_format1.py) load and compute as they did."""
+from copy import deepcopy
+
+import pytest
+import torch
+from conftest import ROOT
+
+import bst.torch.ao.quantization as bq
+import bst.torch.ao.quantization.fake_quantize as fq_module
+from models.checkpoint import QAT_FORMAT, load_checkpoint, save_checkpoint
+from models.quant import float_model, freeze, is_quantized, set_fake_quant
+from models.yolo import DetectionModel
+from utils.general import UserError
+
+FORMAT1 = ROOT / "tests" / "data" / "qat_checkpoint_format1.pt"
+
+
+def _eval_output(model, x):
+    m = freeze(deepcopy(model).eval())
+    with torch.no_grad():
+        return m(x)[0]
+
+
+@pytest.fixture(scope="module")
+def format1():
+    return load_checkpoint(FORMAT1)
+
+
+def test_format1_checkpoint_loads_and_computes_as_saved(format1):
+    model = format1["model"]
+    assert is_quantized(model) and model.qat["pow2"] and model.model[0].conv.freeze_bn
+    assert torch.equal(_eval_output(model, format1["expected"]["input"]), format1["expected"]["output"])
+
+
+def test_qat_model_saved_as_float_part_settings_and_state_dict(format1, tmp_path):
+    path = save_checkpoint({**format1, "ema": deepcopy(format1["model"])}, tmp_path / "v2.pt")
+    assert is_quantized(format1["model"])  # the caller's dict and model are left as they were
+
+    raw = torch.load(path, weights_only=False)  # what a tool that knows nothing of QAT sees
+    for key in ("model", "ema"):
+        assert type(raw[key]) is DetectionModel
+        assert not [type(m).__module__ for m in raw[key].modules() if type(m).__module__.startswith("bst")]
+        state = raw["qat_state"][key]
+        assert state["format"] == QAT_FORMAT == 2 and state["qat"]["bn_folding"] and state["qat"]["pow2"]
+        assert state["attributes"]["model.0.conv"] == {"freeze_bn": True}
+
+    back = load_checkpoint(path)
+    assert "qat_state" not in back
+    for key in ("model", "ema"):
+        before, after = format1["model"].state_dict(), back[key].state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert back[key].model[0].conv.freeze_bn and not back[key].model[1].conv.freeze_bn
+        assert back[key].qat == format1["model"].qat and back[key].training == format1["model"].training
+        x = format1["expected"]["input"]
+        assert torch.equal(_eval_output(back[key], x), format1["expected"]["output"])
+
+
+def test_the_float_part_runs_as_the_qat_model_without_fake_quantization(format1):
+    qat = freeze(deepcopy(format1["model"]).eval())
+    set_fake_quant(qat, False)
+    f = float_model(format1["model"]).eval()
+    x = format1["expected"]["input"]
+    with torch.no_grad():
+        diff = (f(x)[0] - qat(x)[0]).abs().max().item()
+    assert diff < 1e-4
+    f.fuse()  # upstream's inference path: Conv+BN folded
+    with torch.no_grad():
+        assert (f(x)[0] - qat(x)[0]).abs().max().item() < 1e-4
+
+
+def test_a_renamed_bst_class_does_not_break_saved_qat_checkpoints(format1, tmp_path, monkeypatch):
+    """A refactor renames FakeQuantize (and every reference to it): checkpoints of the current format still load
+    and compute the same; a checkpoint that pickles the class by its old name cannot."""
+    path = save_checkpoint(format1, tmp_path / "v2.pt")
+    cls = fq_module.FakeQuantize
+    monkeypatch.delattr(fq_module, "FakeQuantize")
+    monkeypatch.setattr(fq_module, "PowerOfTwoFakeQuantize", cls, raising=False)
+    cls.__name__ = cls.__qualname__ = "PowerOfTwoFakeQuantize"
+    try:
+        assert bq.FakeQuantize is cls  # the code that builds quantizers follows the rename
+        back = load_checkpoint(path)
+        x = format1["expected"]["input"]
+        assert torch.equal(_eval_output(back["model"], x), format1["expected"]["output"])
+        with pytest.raises(UserError, match="qat_checkpoint_format1.pt: "):
+            load_checkpoint(FORMAT1)
+    finally:
+        cls.__name__ = cls.__qualname__ = "FakeQuantize"
+
+
+def test_bad_qat_state_is_one_clear_error(format1, tmp_path):
+    path = save_checkpoint(format1, tmp_path / "v2.pt")
+    raw = torch.load(path, weights_only=False)
+    raw["qat_state"]["model"]["format"] = 3
+    torch.save(raw, tmp_path / "future.pt")
+    with pytest.raises(UserError, match=r"future\.pt: QAT checkpoint format 3; this version of yolov5-qat reads "
+                                        r"format 2"):
+        load_checkpoint(tmp_path / "future.pt")
+    raw["qat_state"]["model"]["format"] = 2
+    del raw["qat_state"]["model"]["state_dict"]["model.0.conv.bn.running_var"]
+    torch.save(raw, tmp_path / "cut.pt")
+    with pytest.raises(UserError, match=r"cut\.pt: the QAT state does not fit the model rebuilt from its settings"):
+        load_checkpoint(tmp_path / "cut.pt")
+    raw["qat_state"] = {"weights": {}}
+    torch.save(raw, tmp_path / "odd.pt")
+    with pytest.raises(UserError, match=r"odd\.pt: corrupt QAT checkpoint"):
+        load_checkpoint(tmp_path / "odd.pt")
