@@ -271,38 +271,21 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         return out if quantize else x
 
 
-class _RoundSTE(torch.autograd.Function):
-    """round half to even forward, identity backward (straight-through estimator)."""
+class _STE(torch.autograd.Function):
+    """``fn(x)`` forward (a rounding: torch.round half to even, half up, torch.ceil), identity backward (the
+    straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _HalfUpSTE(torch.autograd.Function):
-    """floor(x + 1/2) forward (round half up), identity backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.floor(x + 0.5)
+    def forward(ctx, x, fn):
+        return fn(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
-class _CeilSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.ceil(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+def _round_half_up(x: torch.Tensor) -> torch.Tensor:
+    return torch.floor(x + 0.5)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -374,8 +357,8 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         return is_symmetric(self.qscheme)
 
     def _rounded_log2(self):
-        rounder = _CeilSTE if self.activation_post_process.pow2_rounding == "ceil" else _RoundSTE
-        return rounder.apply(self.log2_scale)
+        rounder = torch.ceil if self.activation_post_process.pow2_rounding == "ceil" else torch.round
+        return _STE.apply(self.log2_scale, rounder)
 
     @torch.no_grad()
     def _sync_pow2_scale(self):
@@ -439,8 +422,8 @@ class LearnableFakeQuantize(FakeQuantizeBase):
             shape = [1] * x.dim()
             shape[self.ch_axis % x.dim()] = -1
             scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-        rounder = _HalfUpSTE if self.rounding == "half_up" else _RoundSTE
-        q = torch.clamp(rounder.apply(x * (1.0 / scale)) + zero_point, self.quant_min, self.quant_max)
+        rounder = _round_half_up if self.rounding == "half_up" else torch.round
+        q = torch.clamp(_STE.apply(x * (1.0 / scale), rounder) + zero_point, self.quant_min, self.quant_max)
         return (q - zero_point) * scale
 
     def extra_repr(self) -> str:
