@@ -112,16 +112,17 @@ def rebuild_qat_model(float_part, state, path="checkpoint"):
                         f"format {QAT_FORMAT} (and QAT models pickled whole); update it to read this file")
     meta = state["qat"]
     device = next(float_part.parameters()).device
+    # models quantized before a setting existed used what is now its default
     model = prepare_yolo_qat(float_part.float().train(), bn_folding=meta["bn_folding"], pow2=meta["pow2"],
-                             recipe=meta["recipe"], pow2_rounding=meta["pow2_rounding"], rounding=meta["rounding"],
-                             verbose=False).to(device)
+                             recipe=meta.get("recipe"), pow2_rounding=meta.get("pow2_rounding", "ceil"),
+                             rounding=meta.get("rounding", "half_even"), verbose=False).to(device)
     try:
         model.load_state_dict(state["state_dict"])
         bq.load_module_attributes(model, state["attributes"])
     except (RuntimeError, ValueError) as e:
         first = str(e).splitlines()[0][:160]
         raise UserError(f"{path}: the QAT state does not fit the model rebuilt from its settings ({first})") from None
-    model.qat = meta
+    model.qat = {**model.qat, **meta}
     return model.train(state["training"])
 
 

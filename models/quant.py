@@ -470,33 +470,47 @@ def calibrate(model, loader, n_batches: int, device):
 
 def float_model(model):
     """The float architecture of a QAT DetectionModel, as upstream pickles a model (Conv blocks of conv, BN and
-    activation; Detect convs; no quantizers), carrying the QAT model's float weights: it computes what the QAT model
-    computes with fake quantization off. Where BN was folded before QAT, the conv holds the folded weight and an
-    identity BN (weight 1, mean 0, variance 1 - eps) holds the bias. `prepare_yolo_qat` of it with the QAT model's
-    settings rebuilds the QAT model's architecture (models/checkpoint.py stores QAT models this way)."""
+    activation; Detect convs; no quantizers), computing what the QAT model computes with fake quantization off. It
+    shares the QAT model's weight, bias and BN tensors (so a checkpoint holding both stores them once); where BN was
+    folded into the conv before QAT, an identity BN (weight 1, mean 0, variance 1 - eps) carries the conv's bias.
+    `prepare_yolo_qat` of it with the QAT model's settings rebuilds the QAT model's architecture (models/checkpoint.py
+    stores QAT models this way)."""
     if not is_quantized(model):
         raise ValueError("model: not a QAT model")
-    f = deepcopy(model)
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    f = deepcopy(model, shared)  # new modules around the same tensors
     f.__dict__.pop("qat", None)
     f._modules.pop("input_quant", None)
-    with torch.no_grad():
-        for m in list(f.modules()):
-            m._forward_hooks.clear()  # prepare_qat's output-quantizer hooks
-            for attr in ("qadd", "qcat"):
-                m._modules.pop(attr, None)
-            if isinstance(m, Conv):
-                _float_conv_block(m)
-            elif isinstance(m, Detect):
-                m.m = nn.ModuleList(_float_parts(c)[0] for c in m.m)
+    for m in list(f.modules()):
+        m._forward_hooks.clear()  # prepare_qat's output-quantizer hooks
+        for attr in ("qadd", "qcat"):
+            m._modules.pop(attr, None)
+        if isinstance(m, Conv):
+            _float_conv_block(m)
+        elif isinstance(m, Detect):
+            m.m = nn.ModuleList(_float_parts(c)[0] for c in m.m)
     if is_quantized(f) or any(isinstance(m, FloatFunctional) for m in f.modules()):
         raise ValueError("model: has quantized modules outside Conv blocks and Detect; no float architecture")
     return f
 
 
 def _float_parts(mod) -> list:
-    """A prepared conv (QAT, or a float fused container of a layer left in float) as plain float modules."""
-    mod = mod.to_float() if isinstance(mod, (nnqat.Conv2d, nniqat.ConvBn2d)) else mod
-    return list(mod) if isinstance(mod, nn.Sequential) else [mod]
+    """A prepared conv (QAT, or the float fused container of a layer left in float) as plain float modules
+    [conv, (BN), (ReLU / ReLU6)] over the same tensors."""
+    if isinstance(mod, nn.Sequential):  # a float fused container (a layer the recipe left in float)
+        return list(mod)
+    if not isinstance(mod, (nnqat.Conv2d, nniqat.ConvBn2d)):
+        return [mod]
+    conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                     mod.groups, mod.bias is not None, mod.padding_mode, device="meta")
+    conv.weight = mod.weight
+    conv.bias = mod.bias
+    parts = [conv, mod.bn] if isinstance(mod, nniqat.ConvBn2d) else [conv]
+    if isinstance(mod, (nniqat.ConvBnReLU2d, nniqat.ConvReLU2d)):
+        parts.append(nn.ReLU(inplace=True))
+    elif isinstance(mod, (nniqat.ConvBnReLU62d, nniqat.ConvReLU62d)):
+        parts.append(nn.ReLU6(inplace=True))
+    return parts
 
 
 def _float_conv_block(block):
@@ -505,14 +519,15 @@ def _float_conv_block(block):
     bn = next((p for p in parts[1:] if isinstance(p, nn.BatchNorm2d)), None)
     act = next((p for p in parts[1:] if isinstance(p, (nn.ReLU, nn.ReLU6))), None)
     if bn is None:  # BN was folded into the conv before QAT: an identity BN carries the bias
-        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=conv.weight.device)
+        device = conv.weight.device
+        bn = nn.BatchNorm2d(conv.out_channels, eps=1e-3, momentum=0.03, device=device)
+        with torch.no_grad():
+            bn.running_var.fill_(1 - bn.eps)
+        if conv.bias is not None:
+            bn.bias = conv.bias
         plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, conv.groups, bias=False, device=conv.weight.device, dtype=conv.weight.dtype)
-        plain.weight.copy_(conv.weight)
-        plain.weight.requires_grad_(conv.weight.requires_grad)
-        bn = nn.BatchNorm2d(conv.out_channels, eps=1e-3, momentum=0.03, device=conv.weight.device)
-        bn.bias.copy_(bias)
-        bn.running_var.fill_(1 - bn.eps)
+                          conv.dilation, conv.groups, False, conv.padding_mode, device="meta")
+        plain.weight = conv.weight
         conv = plain
     block.conv, block.bn = conv, bn
     if act is not None:

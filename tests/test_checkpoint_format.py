@@ -107,3 +107,24 @@ def test_bad_qat_state_is_one_clear_error(format1, tmp_path):
     torch.save(raw, tmp_path / "odd.pt")
     with pytest.raises(UserError, match=r"odd\.pt: corrupt QAT checkpoint"):
         load_checkpoint(tmp_path / "odd.pt")
+
+
+def test_settings_that_did_not_exist_yet_take_their_defaults(format1, tmp_path):
+    """A QAT model quantized before --rounding / --pow2-rounding existed records neither: it rounds half to even and
+    takes the power-of-two exponent by ceil, as all models did then."""
+    path = save_checkpoint(format1, tmp_path / "v2.pt")
+    raw = torch.load(path, weights_only=False)
+    for key in ("rounding", "pow2_rounding"):
+        del raw["qat_state"]["model"]["qat"][key]
+    torch.save(raw, tmp_path / "older.pt")
+    model = load_checkpoint(tmp_path / "older.pt")["model"]
+    assert model.qat["rounding"] == "half_even" and model.qat["pow2_rounding"] == "ceil"
+    assert torch.equal(_eval_output(model, format1["expected"]["input"]), format1["expected"]["output"])
+
+
+def test_the_file_stores_each_tensor_once(format1, tmp_path):
+    """The float part shares the QAT model's weights, so a format-2 file is about as large as one pickling the QAT
+    modules whole."""
+    path = save_checkpoint({**format1, "expected": None}, tmp_path / "v2.pt")
+    torch.save({**format1, "expected": None}, tmp_path / "whole.pt")
+    assert path.stat().st_size < 1.1 * (tmp_path / "whole.pt").stat().st_size
