@@ -29,10 +29,6 @@ from utils.general import LOGGER, UserError
 SUFFIXES = {".pt": "pt", ".torchscript": "jit", ".onnx": "onnx"}
 
 
-def default_names(nc: int):
-    return {i: f"class{i}" for i in range(nc)}
-
-
 # onnxruntime graph rewrites that change the numbers of a QDQ graph: WeightBiasQuantization rounds float conv biases
 # to the int32 grid input_scale * weight_scale; QDQSelectorActionTransformer fuses DequantizeLinear -> op ->
 # QuantizeLinear into int8 kernels (QLinearConv, QLinearAdd, QLinearConcat ...), whose QLinearAdd rounds ties after

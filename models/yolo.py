@@ -242,7 +242,6 @@ MODULES = {
 }
 WITH_CHANNELS = {Conv, DWConv, Bottleneck, C3, SPP, SPPF, Focus}  # args start with c_out; c_in is prepended
 WITH_REPEATS = {C3}  # the repeat count goes into the module, not into an nn.Sequential
-WITH_ACT = {Conv, DWConv, Bottleneck, C3, SPP, SPPF, Focus}
 
 
 class Ensemble(nn.ModuleList):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -212,18 +211,6 @@ def check_file(file, search_dirs=("data", "models", "data/hyps", "data/quant")):
         if cand.is_file():
             return str(cand)
     raise UserError(f"{file}: file not found (looked here and under {', '.join(search_dirs)})")
-
-
-def check_suffix(file, suffix=(".pt",)):
-    suffix = (suffix,) if isinstance(suffix, str) else tuple(suffix)
-    for f in file if isinstance(file, (list, tuple)) else [file]:
-        s = Path(str(f)).suffix.lower()
-        if s and s not in suffix:
-            raise UserError(f"{f}: unsupported suffix {s}, expected one of {suffix}")
-
-
-def clean_str(s):
-    return re.sub(r"[|@#!¡·$€%&()=?¿^*;:,¨´><+]", "_", s)
 
 
 def print_args(args: dict, name=""):

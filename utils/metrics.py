@@ -109,9 +109,6 @@ def bbox_ioa(box1, box2, eps=1e-7):
     return w * h / area2
 
 
-box_ioa = bbox_ioa  # the name the brief uses; upstream's is bbox_ioa
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Matching detections to labels
 

@@ -40,7 +40,6 @@ from utils.general import LOGGER, UserError, run_cli
 CLASS_NAMES = ("circle", "ring", "square", "square_outline", "diamond",
                "triangle", "pentagon", "hexagon", "star", "cross")
 CATEGORY_IDS = tuple(range(1, len(CLASS_NAMES) + 1))  # COCO category id of class index i is i + 1
-SPLITS = ("train", "val")
 MIN_SIDE, MAX_SIDE = 256, 384  # image width and height are drawn from this range
 MIN_OBJECT = 6.0  # px, smallest nominal object size; the largest is half the image's shorter side
 BACKGROUND_PERIOD = 33  # one image in 33 (~3%) has no object
