@@ -41,7 +41,6 @@ import bst.torch.ao.nn.quantized as nnq
 from bst.torch.ao import quantization as bq
 from bst.torch.ao.nn.intrinsic import qat as nniqat
 from bst.torch.ao.nn.quantized import FloatFunctional
-from bst.torch.ao.quantization import quantize as bq_quantize
 from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus, activation_name
 from models.yolo import Detect
 from utils.general import LOGGER, ROOT, UserError, check_file, yaml_load
@@ -524,7 +523,7 @@ def _float_conv_block(block):
 def checkpoint_classes() -> list:
     """The quantization classes (and the output-quantizer hook) a QAT checkpoint pickles; utils/checkpoint.py
     adds them to the weights_only allowlist."""
-    classes = [QuantizedActivation, bq_quantize._output_quantizer_hook]
+    classes = [QuantizedActivation, bq.output_quantizer_hook]
     for mod in (bq, nniqat, nnqat, nni, nnq):
         for name in dir(mod):
             obj = getattr(mod, name)

@@ -55,9 +55,14 @@ def propagate_qconfig_(module: nn.Module,
     return module
 
 
-def _output_quantizer_hook(module, inputs, output):
+def _output_quantizer_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook for mapped modules that do not apply their output quantizer themselves."""
     return module.activation_post_process(output)
+
+
+# The public name of the hook `prepare_qat` registers (pickles of prepared models refer to `_output_quantizer_hook`;
+# an allowlist for safe unpickling lists this object).
+output_quantizer_hook = _output_quantizer_hook
 
 
 def _swap(module, mapping):
