@@ -58,11 +58,16 @@ def test_converted_model_exports_to_qdq_and_onnxruntime_reproduces_it(tmp_path):
             assert np.array_equal(_run(tmp_path / "net.onnx", batch), qmodel(batch).numpy())
 
 
-def test_per_channel_output_is_a_unit_qdq_pair_and_a_mul(tmp_path):
-    """A conv with one output scale per channel: its weight and bias scales divided by them, a QDQ pair of scale 1,
-    then the per-channel scales (activations stay per tensor); exact for power-of-two scales."""
+@pytest.mark.parametrize("relu", [False, True])
+def test_per_channel_output_is_a_unit_qdq_pair_and_a_mul(relu, tmp_path):
+    """A conv (+ReLU, which commutes with positive scales) with one output scale per channel: its weight and bias
+    scales divided by them, a QDQ pair of scale 1, then the per-channel scales (activations stay per tensor); exact
+    for power-of-two scales."""
     torch.manual_seed(1)
-    model = nn.Sequential(bq.QuantStub(), nn.Conv2d(3, 6, 3, padding=1), bq.DeQuantStub()).train()
+    layers = [nn.Conv2d(3, 6, 3, padding=1)] + ([nn.ReLU()] if relu else [])
+    model = nn.Sequential(bq.QuantStub(), *layers, bq.DeQuantStub()).train()
+    if relu:
+        bq.fuse_modules_qat(model, [["1", "2"]], inplace=True)
     per_channel = bq.MovingAveragePerChannelMinMaxObserver.with_args(ch_axis=1)
     model.qconfig = bq.get_default_qat_qconfig(pow2=True, activation_observer=per_channel,
                                                activation_dtype=torch.qint8,
@@ -76,8 +81,8 @@ def test_per_channel_output_is_a_unit_qdq_pair_and_a_mul(tmp_path):
     assert qmodel[1].output_axis == 1 and qmodel[1].output_scale.numel() == 6
     proto = _export(qmodel, x, tmp_path / "pc.onnx")
     assert [n.op_type for n in proto.graph.node] == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear",
-                                                     "DequantizeLinear", "Conv", "QuantizeLinear", "DequantizeLinear",
-                                                     "Mul"]
+                                                     "DequantizeLinear", "Conv"] + (["Relu"] if relu else []) + \
+        ["QuantizeLinear", "DequantizeLinear", "Mul"]
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     assert float(inits["1.unit_scale"]) == 1.0 and inits["1.unit_zero_point"].dtype == np.int8
     assert np.array_equal(inits["1.output_scale"].ravel(), qmodel[1].output_scale.numpy())
