@@ -26,8 +26,10 @@ if str(ROOT) not in sys.path:
 import export
 from bst.torch.ao.quantization.integer_runner import IntegerModel
 from models.backend import load_pytorch_model, onnxruntime_session
-from models.quant import convert_yolo, integer_head
+from models.quant import convert_yolo, integer_head, model_pow2, model_rounding
+from utils.export_verify import sample_batch
 from utils.general import LOGGER, UserError, check_file, run_cli
+from utils.onnx_checks import detect_raw_outputs
 
 
 def raw_outputs(model, x) -> list:
@@ -50,9 +52,9 @@ def main(opt):
         pt = Path(tmp) / weights.name
         shutil.copyfile(weights, pt)
         model = load_pytorch_model(pt)
-        if not export.model_pow2(model):
+        if not model_pow2(model):
             raise UserError(f"--weights {weights}: needs a QAT checkpoint with power-of-two scales")
-        with_onnx = export.model_rounding(model) == "half_even"
+        with_onnx = model_rounding(model) == "half_even"
         folder = Path(export.run(weights=pt, imgsz=(opt.img, opt.img), include=["integer"], data=data)[0])
         runner = IntegerModel(folder)
         converted = convert_yolo(model)
@@ -63,11 +65,11 @@ def main(opt):
 
             (f,) = export.run(weights=pt, imgsz=(opt.img, opt.img), include=["onnx"], data=data)
             proto = onnx.load(f)
-            names = export._detect_raw_outputs(proto)
+            names = detect_raw_outputs(proto)
             for name in names:
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
             probe = onnxruntime_session(proto.SerializeToString(), as_written=True)
-        images = export.sample_batch((opt.images, 3, opt.img, opt.img), data=data)
+        images = sample_batch((opt.images, 3, opt.img, opt.img), data=data)
         pairs = {"integer reference vs PyTorch": 0, "numpy runner vs integer reference": 0}
         if with_onnx:
             pairs["onnxruntime (as written) vs PyTorch"] = 0
@@ -87,7 +89,7 @@ def main(opt):
                     pairs["onnxruntime (as written) vs PyTorch"] += int((by_shape[tuple(r.shape)] != r.numpy()).sum())
                 total += r.numel()
     print(f"\n{weights}: {opt.images} val images of {opt.data} at {opt.img}x{opt.img}, raw head outputs "
-          f"({total} per column), rounding {export.model_rounding(model)}")
+          f"({total} per column), rounding {model_rounding(model)}")
     width = max(map(len, pairs)) + 2
     print(f"{'':<{width}}{'differ':>8}")
     for k, v in pairs.items():

@@ -41,7 +41,6 @@ import bst.torch.ao.nn.quantized as nnq
 from bst.torch.ao import quantization as bq
 from bst.torch.ao.nn.intrinsic import qat as nniqat
 from bst.torch.ao.nn.quantized import FloatFunctional
-from bst.torch.ao.quantization import quantize as bq_quantize
 from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus, activation_name
 from models.yolo import Detect
 from utils.general import LOGGER, ROOT, UserError, check_file, yaml_load
@@ -406,6 +405,18 @@ def restore_observer_states(model, states):
         m.enable_observer(on)
 
 
+def model_rounding(model) -> str:
+    """How the enabled fake quantizers of `model` round ties: "half_even", "half_up" or "mixed"."""
+    rules = {m.rounding for m in model.modules() if bq.fake_quant_enabled(m)}
+    return rules.pop() if len(rules) == 1 else "mixed" if rules else "half_even"
+
+
+def model_pow2(model) -> bool:
+    """True when every enabled fake quantizer of `model` keeps power-of-two scales."""
+    qs = [m for m in model.modules() if bq.fake_quant_enabled(m)]
+    return bool(qs) and all(bool(getattr(m, "pow2", False)) for m in qs)
+
+
 def is_quantized(model) -> bool:
     """True for a QAT-prepared model (it carries fake quantizers, which fusion must not touch)."""
     return any(isinstance(m, bq.FakeQuantizeBase) for m in model.modules())
@@ -539,7 +550,7 @@ def _float_conv_block(block):
 def checkpoint_classes() -> list:
     """The quantization classes (and the output-quantizer hook) a QAT checkpoint pickles; utils/checkpoint.py
     adds them to the weights_only allowlist."""
-    classes = [QuantizedActivation, bq_quantize._output_quantizer_hook]
+    classes = [QuantizedActivation, bq.output_quantizer_hook]
     for mod in (bq, nniqat, nnqat, nni, nnq):
         for name in dir(mod):
             obj = getattr(mod, name)
@@ -550,15 +561,17 @@ def checkpoint_classes() -> list:
 
 # ---------------------------------------------------------------------------------------------- integer model
 
-def convert_yolo(model, example=None):
+def convert_yolo(model, example=None, integer=True):
     """The integer network of a QAT DetectionModel: bst.convert of a frozen copy (int8 weights, int32 biases on the
     grid input scale x weight scale, power-of-two requantization, quantized adds and concats). `model` is frozen
     (observers off) but otherwise untouched. The converted model computes in float exactly what the QAT model
-    computes in eval mode; `integer_head` runs it on integers."""
+    computes in eval mode; `integer_head` runs it on integers, torch.onnx.export writes its QDQ form.
+    integer=False also converts a model whose activations (SiLU, ...) stay float between their quantizers: it has an
+    ONNX form but no integer one."""
     if not is_quantized(model):
         raise UserError("the model is not a QAT model; the integer network is made from a train.py --qat checkpoint")
     acts = sorted({activation_name(m.act) for m in model.modules() if isinstance(m, QuantizedActivation)})
-    if acts:
+    if acts and integer:
         raise UserError(f"the model's {', '.join(acts)} activations have no integer form here (shift hardware "
                         "applies them as lookup tables); train a ReLU model (train.py --act relu) for the integer "
                         "network")

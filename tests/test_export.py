@@ -13,6 +13,7 @@ from conftest import ROOT, reference
 
 import export
 from models.backend import DetectMultiBackend, load_pytorch_model
+from utils import export_verify
 from utils.general import UserError, run_cli
 
 H, W = 128, 160  # non-square on purpose: a mixed-up h/w shows
@@ -64,10 +65,10 @@ def test_exported_files_match_pytorch_on_reference_input(exported):
     ref = torch.load(reference(pt.name.replace(".pt", "_outputs.pt")), weights_only=False)
     im = ref["input"][:1].float()
     assert tuple(im.shape) == (1, 3, H, W)
-    r = export.verify_onnx(model, onnx_file, im)
+    r = export_verify.verify_onnx(model, onnx_file, im)
     assert r["ok"] and r["relative"] < 1e-4 and r["ref_max_abs"] > 10
     assert 0 < r["share_differ"] <= 1  # float kernels round differently: most values differ, all within tolerance
-    t = export.verify_torchscript(model, ts, im)
+    t = export_verify.verify_torchscript(model, ts, im)
     assert t["ok"] and t["relative"] < 1e-6
     # the fused model still computes what upstream's fused model computed (README: up to 0.3% on these weights)
     up = ref["eval_output_fused"][:1].float().numpy()
@@ -100,26 +101,26 @@ def test_verification_catches_a_wrong_file(exported, tmp_path):
     bad = tmp_path / "tampered.onnx"
     onnx.save(proto, str(bad))
     model = _load(pt)
-    im = export.sample_batch((1, 3, H, W))
-    r = export.verify_onnx(model, bad, im, check=False)
+    im = export_verify.sample_batch((1, 3, H, W))
+    r = export_verify.verify_onnx(model, bad, im, check=False)
     assert not r["ok"] and r["max_abs_diff"] > 1e-3 and 0 < r["share_over"] < 0.01
     with pytest.raises(UserError, match="disagrees with PyTorch"):
-        export.verify_onnx(model, bad, im)
+        export_verify.verify_onnx(model, bad, im)
 
 
 def test_compare_outputs_numbers():
     ref = np.array([[0.0, 10.0], [-20.0, 1.0]])
-    r = export.compare_outputs(ref, ref + np.array([[0.0, 0.001], [0.0, 0.0]]))
+    r = export_verify.compare_outputs(ref, ref + np.array([[0.0, 0.001], [0.0, 0.0]]))
     assert r["ref_max_abs"] == 20.0 and r["max_abs_diff"] == pytest.approx(0.001)
     assert r["relative"] == pytest.approx(5e-5) and r["share_differ"] == 0.25 and r["ok"]
-    r = export.compare_outputs(ref, ref + np.array([[0.0, 0.003], [0.0, 0.0]]))  # 1.5e-4 relative
+    r = export_verify.compare_outputs(ref, ref + np.array([[0.0, 0.003], [0.0, 0.0]]))  # 1.5e-4 relative
     assert not r["ok"] and r["share_over"] == 0.25
     # the QDQ form: an absolute tolerance of one output quantization step
     step = 2.0 ** -4
-    q = export.compare_outputs(ref, ref + np.array([[step, 0.0], [0.0, -step]]), rtol=0.0, atol=step)
+    q = export_verify.compare_outputs(ref, ref + np.array([[step, 0.0], [0.0, -step]]), rtol=0.0, atol=step)
     assert q["ok"] and q["share_differ"] == 0.5 and q["tolerance"] == step
-    assert not export.compare_outputs(ref, ref + 1.5 * step, rtol=0.0, atol=step)["ok"]
-    assert not export.compare_outputs(ref, np.full_like(ref, np.nan))["ok"]
+    assert not export_verify.compare_outputs(ref, ref + 1.5 * step, rtol=0.0, atol=step)["ok"]
+    assert not export_verify.compare_outputs(ref, np.full_like(ref, np.nan))["ok"]
 
 
 def test_dynamic_onnx_runs_at_other_shapes(tmp_path):
@@ -132,7 +133,7 @@ def test_dynamic_onnx_runs_at_other_shapes(tmp_path):
     backend = DetectMultiBackend(f)
     assert backend.dynamic
     model = export.prepare_for_export(load_pytorch_model(pt), dynamic=True)
-    im = export.sample_batch((2, 3, 96, 64), seed=3)
+    im = export_verify.sample_batch((2, 3, 96, 64), seed=3)
     with torch.no_grad():
         y = model(im)[0]
     out = backend(im)
@@ -148,11 +149,11 @@ def test_half_onnx_export(tmp_path):
     proto = onnx.load(f)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     model = _load(pt)  # float32 reference
-    im = export.sample_batch((1, 3, 64, 64))
+    im = export_verify.sample_batch((1, 3, 64, 64))
     with torch.no_grad():
         y = model(im)[0]
     out = DetectMultiBackend(f)(im)
-    assert (out - y).abs().max() <= export.HALF_RTOL * y.abs().max()
+    assert (out - y).abs().max() <= export_verify.HALF_RTOL * y.abs().max()
 
 
 def _pseudo_labelled_dataset(root, pt, n=4, imgsz=160):

@@ -17,6 +17,7 @@ from models.backend import load_pytorch_model
 from models.checkpoint import save_checkpoint
 from models.quant import calibrate, prepare_yolo_qat
 from models.yolo import DetectionModel
+from utils.export_verify import sample_batch, verify_onnx_qdq
 from utils.general import yaml_load
 from utils.loss import ComputeLoss
 from utils.qat import checkpoint_copy
@@ -84,7 +85,7 @@ def test_trained_pow2_checkpoint_exports_bit_exactly(observer, seed, threads, tm
         (f,) = export.run(weights=pt, imgsz=(H, W), include=["onnx"])  # its own check must pass: exact for pow2
         model = export.prepare_for_export(load_pytorch_model(pt))
         for s in range(2):
-            r = export.verify_onnx_qdq(model, f, export.sample_batch((1, 3, H, W), seed=10 + s))
+            r = verify_onnx_qdq(model, f, sample_batch((1, 3, H, W), seed=10 + s))
             assert r["ok"] and r["raw_share_differ"] == 0.0, (observer, seed, threads, r["raw_share_differ"])
     finally:
         torch.set_num_threads(before)
@@ -99,11 +100,11 @@ def test_unfrozen_float_bias_is_what_broke_exactness(tmp_path):
     pt = trained_qat_checkpoint(tmp_path / "qat.pt", "mse", 0)
     (f,) = export.run(weights=pt, imgsz=(H, W), include=["onnx"])
     model = export.prepare_for_export(load_pytorch_model(pt))
-    frozen = export.verify_onnx_qdq(model, f, export.sample_batch((1, 3, H, W), seed=10))
+    frozen = verify_onnx_qdq(model, f, sample_batch((1, 3, H, W), seed=10))
     for m in model.modules():
         if isinstance(m, ConvBn2d):
             set_input_scale(m, None)
-    loose = export.verify_onnx_qdq(model, f, export.sample_batch((1, 3, H, W), seed=10), check=False)
+    loose = verify_onnx_qdq(model, f, sample_batch((1, 3, H, W), seed=10), check=False)
     assert frozen["raw_share_differ"] == 0.0
     assert loose["raw_share_differ"] > 0.0
 

@@ -1,5 +1,6 @@
-"""export.py on QAT checkpoints: ONNX with QuantizeLinear/DequantizeLinear (QDQ), its structure read back with the onnx
-package, the built-in onnxruntime check against the PyTorch fake-quant model, and val.py on the file."""
+"""export.py on QAT checkpoints: ONNX with QuantizeLinear/DequantizeLinear (QDQ), the ONNX form of bst.convert's integer
+network; its structure read back with the onnx package, the built-in onnxruntime check against the PyTorch fake-quant
+model, and val.py on the file."""
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,16 @@ from conftest import ROOT, reference
 from onnx import numpy_helper
 
 import export
+from bst.torch.ao.nn.quantized import onnx_form
 from models.backend import DetectMultiBackend, load_pytorch_model
 from models.checkpoint import save_checkpoint
 from models.common import C3, SPPF, Bottleneck, Concat, Conv
-from models.quant import calibrate, prepare_yolo_qat
+from models.quant import calibrate, convert_yolo, prepare_yolo_qat
 from models.yolo import DetectionModel
+from utils import export_verify
+from utils.export_verify import qdq_reference, sample_batch, verify_onnx_qdq, verify_torchscript_qdq
 from utils.general import UserError, run_cli
+from utils.onnx_checks import detect_raw_outputs, qdq_structure
 
 H, W = 64, 96  # non-square on purpose
 
@@ -86,8 +91,9 @@ def test_qdq_graph_structure(bn_folding, pow2, tmp_path_factory):
 
     # expected counts from the architecture: every Conv block (conv+BN+ReLU fused, one output quantizer after the
     # ReLU), every skip-add (Bottleneck with shortcut), every concat (C3, SPPF, Concat), the input and the three
-    # Detect convs carry one activation quantizer = one QuantizeLinear + one DequantizeLinear each; every conv weight
-    # (Conv blocks + Detect convs) is an int8 initializer with one DequantizeLinear and no QuantizeLinear.
+    # Detect convs carry one activation quantizer = one QuantizeLinear + one DequantizeLinear each; every conv (Conv
+    # blocks + Detect convs) has an int8 weight initializer and an int32 bias initializer, each with one
+    # DequantizeLinear and no QuantizeLinear.
     n_conv = sum(isinstance(m, Conv) for m in model.modules())
     n_add = sum(isinstance(m, Bottleneck) and m.add for m in model.modules())
     n_cat = sum(isinstance(m, (C3, SPPF, Concat)) for m in model.modules())
@@ -96,47 +102,59 @@ def test_qdq_graph_structure(bn_folding, pow2, tmp_path_factory):
     n_act = 1 + n_conv + n_add + n_cat + n_head
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("QuantizeLinear") == n_act == 81
-    assert ops.count("DequantizeLinear") == n_act + n_conv + n_head == 141
+    assert ops.count("DequantizeLinear") == n_act + 2 * (n_conv + n_head) == 201
     assert ops.count("Conv") == n_conv + n_head
     # BN is folded in both modes; no fake quantization decomposed into float ops; no shared-initializer Identity
     assert not {"BatchNormalization", "Round", "Identity", "Div"} & set(ops)
 
+    converted = convert_yolo(model)  # what the file is the ONNX form of
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     prod = _producers(proto)
     for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
-        x_dq, w_dq = prod[conv.input[0]], prod[conv.input[1]]
-        assert x_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear"  # both sides quantized
+        x_dq, w_dq, b_dq = prod[conv.input[0]], prod[conv.input[1]], prod[conv.input[2]]
+        assert {x_dq.op_type, w_dq.op_type, b_dq.op_type} == {"DequantizeLinear"}  # input, weight, bias quantized
         q, scale, zp = (inits[name] for name in w_dq.input)
         axis = {a.name: a.i for a in w_dq.attribute}["axis"]
         assert axis == 0 and q.dtype == np.int8 and zp.dtype == np.int8 and not zp.any()
         assert scale.shape == zp.shape == (q.shape[0],) and scale.dtype == np.float32
-        assert inits[conv.input[2]].dtype == np.float32  # the bias stays float, as the fake-quant model adds it
+        name = w_dq.input[0].rsplit(".weight_int8", 1)[0]
+        assert w_dq.input[1:] == [f"{name}.weight_scale", f"{name}.weight_zero_point"]
+        # the int32 bias on the grid input_scale x weight_scale, per output channel, without a zero point
+        b, b_scale = (inits[n] for n in b_dq.input)
+        assert b_dq.input == [f"{name}.bias_int32", f"{name}.bias_scale"] and {a.name: a.i for a in b_dq.attribute} == \
+            {"axis": 0}
+        assert b.dtype == np.int32 and b.shape == b_scale.shape == (q.shape[0],) and b_scale.dtype == np.float32
+        layer = converted.get_submodule(name)
+        assert np.array_equal(b, layer.bias_int32.numpy()) and np.array_equal(q, layer.weight_int8.numpy())
         # the file's weight is exactly the fake-quantized (BN-folded) weight of the QAT forward; a Detect conv with
-        # one output scale per channel (default recipe) holds it divided by that scale
-        qat = model.get_submodule(w_dq.input[0].rsplit(".weight_int", 1)[0])
+        # one output scale per channel (default recipe) holds its weight and bias scales divided by that scale
+        qat = model.get_submodule(name)
         with torch.no_grad():
             fake = qat.weight_fake_quant(qat.folded_weight_bias()[0]).numpy()
-        if w_dq.input[0].startswith("model.24.m."):
+        grid = (layer.weight_scale * layer.input_scale).numpy()
+        if name.startswith("model.24.m."):
             out_scale = qat.activation_post_process.scale.numpy()
             assert out_scale.shape == (q.shape[0],)
-            fake = fake / out_scale.reshape(-1, 1, 1, 1)
+            fake, grid = fake / out_scale.reshape(-1, 1, 1, 1), grid / out_scale
             if not pow2:  # dividing by a scale that is not a power of two rounds in float32
                 np.testing.assert_allclose(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1), fake, rtol=1e-6)
+                np.testing.assert_allclose(b_scale, grid, rtol=1e-6)
                 continue
-        assert np.array_equal(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1), fake), w_dq.input[0]
+        assert np.array_equal(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1), fake), name
+        assert np.array_equal(b_scale, grid), name
 
     scales = [inits[n.input[1]] for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     flat = np.concatenate([s.ravel() for s in scales])
     act_scales = [s for s in scales if s.ndim == 0]
     assert len(act_scales) == 2 * n_act  # per-tensor: a scalar scale on every activation Q and DQ
-    if pow2:
+    if pow2:  # the bias scales input_scale x weight_scale included
         assert _is_pow2(flat).all()
     else:  # linear scales: not powers of two in general (the input's 1/255, most observed ranges)
         assert not _is_pow2(flat).all() and (~_is_pow2(flat)).mean() > 0.5
-        assert float(inits["input_quant.activation_post_process.scale"]) == np.float32(1 / 255)
+        assert float(inits["input_quant.output_scale"]) == np.float32(1 / 255)
 
     # decoding stays float: each Detect sigmoid reads the DequantizeLinear of its conv through Reshape/Transpose
-    heads = export._detect_raw_outputs(proto)
+    heads = detect_raw_outputs(proto)
     assert len(heads) == 3
     for name in heads:
         node, chain = prod[name], []
@@ -145,10 +163,11 @@ def test_qdq_graph_structure(bn_folding, pow2, tmp_path_factory):
             last, node = node, prod[node.input[0]]
         # the integer output (scale 1) times the per-channel scales of its quantizer
         assert chain == ["Cast", "Transpose", "Reshape", "Mul"]
+        assert float(inits[node.input[1]]) == 1.0 and node.input[1].endswith(".unit_scale")
         conv = prod[prod[node.input[0]].input[0]]
         weight = prod[conv.input[1]].input[0]
         assert conv.op_type == "Conv" and weight.startswith("model.24.m.")
-        qat = model.get_submodule(weight.rsplit(".weight_int", 1)[0])
+        qat = model.get_submodule(weight.rsplit(".weight_int8", 1)[0])
         mul_scale = next(inits[i] for i in last.input if i in inits)
         assert np.array_equal(mul_scale.ravel(), qat.activation_post_process.scale.numpy())
 
@@ -157,15 +176,15 @@ def test_qdq_graph_structure(bn_folding, pow2, tmp_path_factory):
                                                     (False, False, None), (True, True, "mse_per_tensor.yaml")])
 def test_onnxruntime_within_one_output_step(bn_folding, pow2, recipe, tmp_path_factory):
     model, f, _, _ = exported(tmp_path_factory, bn_folding=bn_folding, pow2=pow2, recipe=recipe)
-    im = export.sample_batch((1, 3, H, W), seed=5)
-    r = export.verify_onnx_qdq(model, f, im)
+    im = sample_batch((1, 3, H, W), seed=5)
+    r = verify_onnx_qdq(model, f, im)
     det = model.model[-1]
     scales = [c.activation_post_process.scale for c in det.m]
     per_channel = recipe is None  # the default recipe: one output scale per Detect channel
     assert all(s.numel() == (det.no * det.na if per_channel else 1) and (s > 0).all() for s in scales)
     steps = [(float(s.min()), float(s.max())) if per_channel else float(s) for s in scales]
     assert r["ok"] and r["steps"] == steps
-    for got, ref, s in zip(r["raw_output"], export.qdq_reference(model, im)["raw"], scales):
+    for got, ref, s in zip(r["raw_output"], qdq_reference(model, im)["raw"], scales):
         diff = np.abs(got - ref)
         step = s.numpy().reshape(1, det.na, 1, 1, det.no) if per_channel else float(s)
         assert (diff <= step * (1 + 1e-4)).all()  # at most one output step
@@ -173,15 +192,13 @@ def test_onnxruntime_within_one_output_step(bn_folding, pow2, recipe, tmp_path_f
         assert (diff > 0).mean() < 0.05
     if pow2:
         # power-of-two grids make every product and sum exact in float32: onnxruntime computes the numbers of the
-        # export form (BN folded) exactly; without folding that is the fake-quant model's numbers too
-        export_form = export.prepare_for_export(export.qdq_model(model))
-        det_q = export_form.model[-1]
-        det_q.export = False
+        # converted model (bst.convert, whose ONNX form the file is), which are the fake-quant model's numbers
+        converted = export.prepare_for_export(convert_yolo(model))
+        converted.model[-1].export = False
         with torch.no_grad():
-            raw = [t.numpy() for t in export_form(im)[1]]
+            raw = [t.numpy() for t in converted(im)[1]]
         assert all(np.array_equal(a, b) for a, b in zip(raw, r["raw_output"]))
-        if not bn_folding:
-            assert r["raw_share_differ"] == 0 and r["decoded"]["max_abs_diff"] < 1e-3
+        assert r["raw_share_differ"] == 0 and r["decoded"]["max_abs_diff"] < 1e-3
     # onnxruntime's own int8 kernels: reported, and within one step of the coarse per-tensor head steps here
     k = r["int8_kernels"]
     assert 0 <= k["raw_share_differ"] < 1 and k["raw_worst"] >= 0
@@ -193,9 +210,10 @@ def test_silu_activations_get_their_own_quantizers(tmp_path_factory):
     model, f, proto, _ = exported(tmp_path_factory, act="silu")
     ops = [n.op_type for n in proto.graph.node]
     # SiLU is not fused into the conv: the conv output and the SiLU output are each quantized (57 + 57)
-    assert ops.count("QuantizeLinear") == 1 + 2 * 57 + 7 + 13 + 3 and ops.count("DequantizeLinear") == 138 + 60
+    # (138 QDQ pairs, and a DequantizeLinear on each of the 60 int8 weights and 60 int32 biases)
+    assert ops.count("QuantizeLinear") == 1 + 2 * 57 + 7 + 13 + 3 and ops.count("DequantizeLinear") == 138 + 2 * 60
     assert ops.count("Sigmoid") == 57 + 3  # SiLU = x * sigmoid(x), in float between DequantizeLinear and Quantize
-    assert export.verify_onnx_qdq(model, f, export.sample_batch((1, 3, H, W), seed=2))["ok"]
+    assert verify_onnx_qdq(model, f, sample_batch((1, 3, H, W), seed=2))["ok"]
 
 
 def test_learnable_scales_export(tmp_path):
@@ -212,14 +230,15 @@ def test_learnable_scales_export(tmp_path):
     (f,) = export.run(weights=pt, imgsz=(H, W), include=["onnx"])
     proto = onnx.load(f)
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    s = export.qdq_structure(proto)
-    assert s["quantize"] == 81 and s["dequantize"] == 141
+    s = qdq_structure(proto)
+    assert s["quantize"] == 81 and s["dequantize"] == 201 and len(s["weight_dq"]) == len(s["bias_dq"]) == 60
     assert all(_is_pow2(v).all() for v in s["scales"].values())
     loaded = load_pytorch_model(pt)
-    for name in ("model.0.conv.activation_post_process", "model.24.m.0.activation_post_process"):
-        scale = loaded.get_submodule(name).calculate_qparams()[0]  # the power of two of the learned log2_scale
-        assert float(inits[f"{name}.scale"]) == float(scale)
-    assert export.verify_onnx_qdq(export.prepare_for_export(loaded), f, export.sample_batch((1, 3, H, W)))["ok"]
+    for name in ("model.0.conv", "model.24.m.0"):
+        # the power of two of the learned log2_scale
+        scale = loaded.get_submodule(f"{name}.activation_post_process").calculate_qparams()[0]
+        assert float(inits[f"{name}.output_scale"]) == float(scale)
+    assert verify_onnx_qdq(export.prepare_for_export(loaded), f, sample_batch((1, 3, H, W)))["ok"]
 
 
 def test_float_detect_head(tmp_path):
@@ -227,14 +246,15 @@ def test_float_detect_head(tmp_path):
     one step of the quantizer feeding them times sum |w| per output channel."""
     model = small_qat(recipe={"rules": [{"match": "24", "mode": "float"}]})
     (f,) = export.run(weights=save_qat(model, tmp_path / "head_float.pt"), imgsz=(H, W), include=["onnx"])
-    s = export.qdq_structure(onnx.load(f))
-    assert (s["quantize"], s["dequantize"], len(s["weight_dq"])) == (1 + 57 + 7 + 13, 78 + 57, 57)
-    r = export.verify_onnx_qdq(model, f, export.sample_batch((1, 3, H, W), seed=4))
+    s = qdq_structure(onnx.load(f))
+    assert (s["quantize"], s["dequantize"], len(s["weight_dq"]), len(s["bias_dq"])) == \
+        (1 + 57 + 7 + 13, 78 + 2 * 57, 57, 57)
+    r = verify_onnx_qdq(model, f, sample_batch((1, 3, H, W), seed=4))
     assert r["ok"] and r["steps"] == [None, None, None]
-    tol = export.qdq_reference(model, export.sample_batch((1, 3, H, W), seed=4))["raw_tol"]
+    tol = qdq_reference(model, sample_batch((1, 3, H, W), seed=4))["raw_tol"]
     step_in = float(model.model[23].cv3.conv.activation_post_process.scale)
     w = model.model[24].m[2].weight.detach().abs().sum((1, 2, 3)).numpy()
-    assert np.allclose(tol[2].reshape(-1), step_in * w + export.FLOAT_RTOL * np.abs(r["raw_output"][2]).max(),
+    assert np.allclose(tol[2].reshape(-1), step_in * w + export_verify.FLOAT_RTOL * np.abs(r["raw_output"][2]).max(),
                        rtol=1e-3)
 
 
@@ -245,15 +265,15 @@ def test_dynamic_torchscript_and_backend(tmp_path_factory):
         ["batch", 3, "height", "width"]
     backend = DetectMultiBackend(f)
     assert backend.quantized and backend.pow2 and backend.dynamic and backend.names == model.names
-    im = export.sample_batch((2, 3, 96, 64), seed=3)
+    im = sample_batch((2, 3, 96, 64), seed=3)
     with torch.no_grad():
         y = model(im)[0]
     out = backend(im)
     assert out.shape == y.shape == (2, 3 * (12 * 8 + 6 * 4 + 3 * 2), 15)
-    assert export.verify_onnx_qdq(model, f, im)["ok"]
+    assert verify_onnx_qdq(model, f, im)["ok"]
     ts = next(x for x in files if x.endswith(".torchscript"))
-    r = export.verify_torchscript_qdq(model, ts, im)
-    assert r["ok"] and r["max_abs_diff"] == 0  # the traced export form computes the fake-quant model's numbers
+    r = verify_torchscript_qdq(model, ts, im)
+    assert r["ok"] and r["max_abs_diff"] == 0  # the traced converted model computes the fake-quant model's numbers
 
 
 def test_verification_catches_a_wrong_file(tmp_path_factory, tmp_path):
@@ -265,31 +285,64 @@ def test_verification_catches_a_wrong_file(tmp_path_factory, tmp_path):
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
     path = tmp_path / "tampered.onnx"
     onnx.save(bad, str(path))
-    im = export.sample_batch((1, 3, H, W))
-    r = export.verify_onnx_qdq(model, path, im, check=False)
+    im = sample_batch((1, 3, H, W))
+    r = verify_onnx_qdq(model, path, im, check=False)
     assert not r["ok"] and r["raw_worst"] > 2
     with pytest.raises(UserError, match="disagrees with the PyTorch fake-quant model"):
-        export.verify_onnx_qdq(model, path, im)
+        verify_onnx_qdq(model, path, im)
+
+
+class _Quantizer(nn.Module):
+    """A converted module's output quantizer, as bst's ONNX form writes it."""
+
+    def __init__(self, scale, zero_point, quant_min, quant_max, rounding="half_even"):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([scale]))
+        self.register_buffer("zero_point", torch.tensor([zero_point], dtype=torch.int32))
+        self.range, self.rounding = (quant_min, quant_max), rounding
+
+    def forward(self, x):
+        return onnx_form.quantize_dequantize(x, self.scale, self.zero_point, *self.range, rounding=self.rounding)
+
+
+def _to_onnx(module, x, f):
+    with export_verify.quiet_tracing():
+        torch.onnx.export(module, (x,), str(f), opset_version=export.DEFAULT_OPSET, dynamo=False)
+    return onnx.load(str(f))
 
 
 def test_qdq_module_ranges(tmp_path):
     """A narrow range becomes Clip + QuantizeLinear/DequantizeLinear and computes the fake-quant numbers; a range
-    wider than 8 bits is refused in one line."""
-    q = export.QuantDequant(torch.tensor(0.05), torch.tensor(3, dtype=torch.int32), 0, 127)
+    wider than 8 bits and rounding half up are refused in one line."""
     x = torch.linspace(-1, 8, 301).reshape(1, 1, 7, 43)
-    f = tmp_path / "narrow.onnx"
-    with export._quiet_tracing():
-        torch.onnx.export(q, (x,), str(f), opset_version=export.DEFAULT_OPSET, dynamo=False)
-    proto = onnx.load(str(f))
+    proto = _to_onnx(_Quantizer(0.05, 3, 0, 127), x, tmp_path / "narrow.onnx")
     assert [n.op_type for n in proto.graph.node if n.op_type != "Constant"] == \
         ["Clip", "QuantizeLinear", "DequantizeLinear"]
     from models.backend import onnxruntime_session
 
-    out = onnxruntime_session(str(f)).run(None, {proto.graph.input[0].name: x.numpy()})[0]
+    out = onnxruntime_session(str(tmp_path / "narrow.onnx")).run(None, {proto.graph.input[0].name: x.numpy()})[0]
     ref = torch.fake_quantize_per_tensor_affine(x, 0.05, 3, 0, 127).numpy()
     assert np.array_equal(out, ref) and ref.max() == pytest.approx((127 - 3) * 0.05)
-    with pytest.raises(UserError, match=r"range \[-1000, 1000\] fits neither int8"):
-        export.QuantDequant(torch.tensor(0.1), torch.tensor(0), -1000, 1000)
+    with pytest.raises(ValueError, match=r"range \[-1000, 1000\] fits neither int8"):
+        _to_onnx(_Quantizer(0.1, 0, -1000, 1000), x, tmp_path / "wide.onnx")
+    with pytest.raises(ValueError, match="rounds ties half up; ONNX QuantizeLinear rounds half to even"):
+        _to_onnx(_Quantizer(0.25, 0, 0, 255, "half_up"), x, tmp_path / "half_up.onnx")
+
+
+def test_own_initializers_names_every_qdq_constant(tmp_path_factory):
+    """Every scale and zero point a QDQ node reads is an initializer of its own, named after its module and role; a
+    second pass changes nothing."""
+    _, _, proto, _ = exported(tmp_path_factory)
+    inits = {i.name for i in proto.graph.initializer}
+    qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    roles = (".output_scale", ".output_zero_point", ".unit_scale", ".unit_zero_point", ".weight_scale",
+             ".weight_zero_point", ".bias_scale")
+    for n in qdq:
+        assert all(i in inits and i.endswith(roles) for i in n.input[1:]), (n.name, list(n.input))
+    assert "model.0.conv.output_scale" in inits and "input_quant.output_zero_point" in inits
+    again = onnx.ModelProto()
+    again.CopyFrom(proto)
+    assert onnx_form.own_initializers(again) == 0 and again == proto
 
 
 @pytest.mark.parametrize("args, message", [

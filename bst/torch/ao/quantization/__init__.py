@@ -18,6 +18,8 @@ from .fake_quantize import (
     enable_fake_quant,
     enable_observer,
     fake_quant_enabled,
+    frozen_qparams,
+    output_quantizer,
     qparams_of,
 )
 from .fuse import SUPPORTED_PATTERNS, fuse_conv_bn_weights, fuse_modules, fuse_modules_qat
@@ -33,7 +35,14 @@ from .observer import (
 )
 from .pow2 import is_pow2
 from .qconfig import QConfig, get_default_calibration_qconfig, get_default_qat_qconfig
-from .quantize import convert, freeze_qparams, prepare_qat, propagate_qconfig_, trace_input_quantizers
+from .quantize import (
+    convert,
+    freeze_qparams,
+    output_quantizer_hook,
+    prepare_qat,
+    propagate_qconfig_,
+    trace_input_quantizers,
+)
 from .state import (
     QuantizerModule,
     copy_quantizer_state_,
@@ -49,7 +58,7 @@ __all__ = [
     "MSEObserver", "PercentileObserver", "TRAINING_UPDATES", "Factory",
     "FakeQuantize", "FakeQuantizeBase", "FixedQParamsFakeQuantize", "FusedMovingAvgObsFakeQuantize",
     "LearnableFakeQuantize", "disable_fake_quant", "disable_observer", "enable_fake_quant", "enable_observer",
-    "fake_quant_enabled", "qparams_of",
+    "fake_quant_enabled", "frozen_qparams", "output_quantizer", "qparams_of",
     "SUPPORTED_PATTERNS", "fuse_conv_bn_weights", "fuse_modules", "fuse_modules_qat",
     "QTensor", "integer_mode",
     "get_default_convert_module_mappings", "get_default_qat_module_mappings",
@@ -57,7 +66,7 @@ __all__ = [
     "ObserverBase", "PerChannelMinMaxObserver",
     "is_pow2",
     "QConfig", "get_default_calibration_qconfig", "get_default_qat_qconfig",
-    "convert", "freeze_qparams", "prepare_qat", "propagate_qconfig_", "trace_input_quantizers",
+    "convert", "freeze_qparams", "output_quantizer_hook", "prepare_qat", "propagate_qconfig_", "trace_input_quantizers",
     "QuantizerModule", "copy_quantizer_state_", "is_quantizer_state", "quantizer_parameters", "quantizer_state_keys",
     "DeQuantStub", "QuantStub", "module_attributes", "load_module_attributes",
 ]

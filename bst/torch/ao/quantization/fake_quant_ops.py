@@ -58,7 +58,9 @@ class _VectorizedFakeQuantize(torch.autograd.Function):
 
 
 def _use_vectorized(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32
+    # torch.jit.trace cannot save a custom autograd function: a traced model (TorchScript) gets the core kernels,
+    # which compute the same numbers
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.jit.is_tracing()
 
 
 def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,

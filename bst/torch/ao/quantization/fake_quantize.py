@@ -449,6 +449,30 @@ def qparams_of(quantizer: FakeQuantizeBase) -> tuple[torch.Tensor, torch.Tensor,
             quantizer.quant_max)
 
 
+@torch.no_grad()
+def frozen_qparams(quantizer: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale float32, zero_point int32) that fake quantizer `quantizer` applies in eval mode with its observer off,
+    or None when it is not a fake quantizer with fake quantization on. Per-tensor qparams come back 0-d, per-channel
+    ones 1-d. A scale that is not a positive finite number (an uncalibrated quantizer) raises ValueError."""
+    if not fake_quant_enabled(quantizer):
+        return None
+    scale, zero_point = qparams_of(quantizer)[:2]
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise ValueError(f"scale={scale.flatten()[:4].tolist()}: not a positive finite number; calibrate the quantizer "
+                         "first")
+    if not quantizer.is_per_channel:
+        if scale.numel() != 1:
+            raise ValueError(f"scale: a per-tensor quantizer holds {scale.numel()} scales")
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    return scale, zero_point
+
+
+def output_quantizer(module: nn.Module) -> FakeQuantizeBase | None:
+    """The output quantizer `prepare_qat` attached to `module` (its ``activation_post_process``), or None."""
+    quantizer = module._modules.get("activation_post_process")
+    return quantizer if isinstance(quantizer, FakeQuantizeBase) else None
+
+
 def fake_quant_enabled(quantizer: nn.Module | None) -> bool:
     """True when `quantizer` is a fake quantizer with fake quantization on."""
     return isinstance(quantizer, FakeQuantizeBase) and quantizer._flag("fake_quant_enabled")

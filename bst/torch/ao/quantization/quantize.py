@@ -19,6 +19,7 @@ import torch.nn as nn
 from bst.torch.ao.nn.intrinsic.qat.conv_fused import ConvBn2d
 from bst.torch.ao.nn.qat.conv import Conv2d, set_input_scale
 from bst.torch.ao.nn.quantized.functional_modules import FloatFunctional
+from bst.torch.ao.nn.quantized.reference import Quantize
 
 from .fake_quantize import FakeQuantizeBase, disable_observer, fake_quant_enabled, qparams_of
 from .mappings import get_default_convert_module_mappings, get_default_qat_module_mappings
@@ -55,9 +56,14 @@ def propagate_qconfig_(module: nn.Module,
     return module
 
 
-def _output_quantizer_hook(module, inputs, output):
+def _output_quantizer_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook for mapped modules that do not apply their output quantizer themselves."""
     return module.activation_post_process(output)
+
+
+# The public name of the hook `prepare_qat` registers (pickles of prepared models refer to `_output_quantizer_hook`;
+# an allowlist for safe unpickling lists this object).
+output_quantizer_hook = _output_quantizer_hook
 
 
 def _swap(module, mapping):
@@ -215,6 +221,11 @@ def _swap_converted(module, mapping, inputs, prefix=""):
     for name, child in module.named_children():
         full = f"{prefix}.{name}" if prefix else name
         build = mapping.get(type(child))
+        if build is None and isinstance(child, FakeQuantizeBase):
+            # a quantizer no converted module takes over (the output quantizer of a module left in float, e.g. an
+            # activation applied as a lookup table): its frozen quantize-dequantize
+            setattr(module, name, Quantize.from_fake_quant(child))
+            continue
         if build is None:
             _swap_converted(child, mapping, inputs, full)
             continue
@@ -242,7 +253,9 @@ def convert(model: nn.Module, example_inputs: tuple | None = None,
     and zero points, and, when ``example_inputs`` (a tuple of model inputs) is given, the scale and
     zero point of the quantizer that produced its input plus the int32 bias on that grid. Without
     ``example_inputs`` input qparams and ``bias_int32`` stay None (the float bias is kept).
-    Quantizer state is read as it is: disable observers first to convert frozen scales.
+    Quantizer state is read as it is: disable observers first to convert frozen scales. A fake quantizer that
+    no converted module takes over (the output quantizer of a module that stays float) becomes a `Quantize`
+    with its frozen qparams (the identity when its fake quantization is off).
     """
     if not inplace:
         model = copy.deepcopy(model)

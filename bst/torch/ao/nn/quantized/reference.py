@@ -3,7 +3,9 @@
 Each holds what an integer kernel needs: int8 weights, int32 bias, weight / input / output scales and
 zero points. On float tensors they compute the fake-quantized result (weights dequantized, bias on
 its int32 grid, output fake-quantized); on `QTensor` inputs (see `integer_mode` below)
-they run the integer-only reference. Scales stay float32 through ``.half()`` like all quantizer state.
+they run the integer-only reference; under ``torch.onnx.export`` they write their ONNX form
+(QuantizeLinear / DequantizeLinear, int8 weight and int32 bias initializers; see `onnx_form`).
+Scales stay float32 through ``.half()`` like all quantizer state.
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 import bst.torch.ao.quantization.integer_reference as iref
-from bst.torch.ao.quantization.fake_quant_ops import fake_quantize_per_channel, fake_quantize_per_tensor, round_
-from bst.torch.ao.quantization.fake_quantize import qparams_of
+from bst.torch.ao.quantization.fake_quant_ops import round_
+from bst.torch.ao.quantization.fake_quantize import FakeQuantizeBase, fake_quant_enabled, output_quantizer, qparams_of
 from bst.torch.ao.quantization.qparams import INT32_MAX, INT32_MIN, bias_on_grid
 from bst.torch.ao.quantization.state import QuantizerModule
+
+from . import onnx_form
 
 if TYPE_CHECKING:
     from bst.torch.ao.nn.quantized.functional_modules import FloatFunctional
@@ -51,27 +55,33 @@ class _OutputQParams(QuantizerModule):
     def _quantize_output(self, y):
         if self.output_scale is None:
             return y
-        if self.output_axis is not None:
-            return fake_quantize_per_channel(y, self.output_scale.to(y.device), self.output_zero_point.to(y.device),
-                                             self.output_axis % y.dim(), self.output_quant_min, self.output_quant_max,
-                                             self.output_rounding)
-        return fake_quantize_per_tensor(y, self.output_scale.to(y.device), self.output_zero_point.to(y.device),
-                                        self.output_quant_min, self.output_quant_max, self.output_rounding)
+        axis = None if self.output_axis is None else self.output_axis % y.dim()
+        return onnx_form.quantize_dequantize(y, self.output_scale.to(y.device), self.output_zero_point.to(y.device),
+                                             self.output_quant_min, self.output_quant_max, axis, self.output_rounding,
+                                             f"{type(self).__name__} output quantizer")
 
 
 class Quantize(_OutputQParams):
-    """Converted QuantStub: fake-quantizes its float input, or emits a `QTensor` in integer mode."""
+    """Converted QuantStub: fake-quantizes its float input, or emits a `QTensor` in integer mode. Also the
+    converted form of a fake quantizer no other converted module takes over (`from_fake_quant`)."""
 
     def __init__(self, qparams: tuple[torch.Tensor, torch.Tensor, int, int] | None,
-                 rounding: str = "half_even") -> None:
+                 rounding: str = "half_even", axis: int | None = None) -> None:
         super().__init__()
-        self._set_output(qparams, rounding=rounding)
+        self._set_output(qparams, axis, rounding=rounding)
         self.integer_output = False
 
     @classmethod
     def from_stub(cls, stub: QuantStub) -> Quantize:
         fq = stub.activation_post_process
         return cls(qparams_of(fq), fq.rounding)
+
+    @classmethod
+    def from_fake_quant(cls, fq: FakeQuantizeBase) -> Quantize:
+        """The frozen quantize-dequantize of fake quantizer `fq`; with its fake quantization off, the identity."""
+        if not fake_quant_enabled(fq):
+            return cls(None)
+        return cls(qparams_of(fq), fq.rounding, fq.ch_axis if fq.is_per_channel else None)
 
     def forward(self, x: torch.Tensor | iref.QTensor) -> torch.Tensor | iref.QTensor:
         if isinstance(x, iref.QTensor):
@@ -161,17 +171,36 @@ class Conv2d(_OutputQParams):
         return self._bias_on_grid(float(input_scale))
 
     def dequantized_weight(self) -> torch.Tensor:
-        zp = self.weight_zero_point.reshape(-1, 1, 1, 1).to(torch.float32)
-        return (self.weight_int8.to(torch.float32) - zp) * self.weight_scale.reshape(-1, 1, 1, 1)
+        """(weight_int8 - weight_zero_point) * weight_scale as float32."""
+        return onnx_form.dequantize(self.weight_int8, self.weight_scale, self.weight_zero_point, 0, "weights")
+
+    def _folds_output_scales(self) -> bool:
+        """In the ONNX form, per-channel output scales go into the weight and bias scales (see `onnx_form`)."""
+        return (onnx_form.exporting() and self.output_scale is not None and self.output_axis is not None
+                and self.activation != "relu6")
 
     def forward(self, x: torch.Tensor | iref.QTensor) -> torch.Tensor | iref.QTensor:
         if isinstance(x, iref.QTensor):
             return iref.conv2d(self, x)
-        weight = self.dequantized_weight().to(x.dtype)
-        if self.bias_int32 is not None:
-            bias = (self.bias_int32.to(torch.float32) * (self.weight_scale * self.input_scale)).to(x.dtype)
+        fold = self._folds_output_scales()
+        if fold:
+            if bool(self.output_zero_point.any()):
+                raise ValueError("output_zero_point: a per-channel conv output is written to ONNX with zero points 0")
+            onnx_form.int_type(self.weight_quant_min, self.weight_quant_max, "weight")
+            s_out = self.output_scale.float()
+            weight = onnx_form.dequantize(self.weight_int8, self.weight_scale / s_out, self.weight_zero_point, 0,
+                                          "weights")
         else:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
+            weight = self.dequantized_weight()
+        if self.bias_int32 is not None:
+            grid = self.weight_scale * self.input_scale
+            bias = onnx_form.dequantize(self.bias_int32, grid / s_out if fold else grid, None, 0, "biases")
+        else:
+            bias = None if self.bias is None else (self.bias / s_out if fold else self.bias)
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         if self.padding_mode != "zeros":
             pad = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
             y = F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, bias, self.stride, 0, self.dilation,
@@ -181,6 +210,9 @@ class Conv2d(_OutputQParams):
         act = _ACTIVATIONS[self.activation]
         if act is not None:
             y = act(y)
+        if fold:
+            return onnx_form.round_then_scale(y, self.output_scale, self.output_quant_min, self.output_quant_max,
+                                              "Conv2d output quantizer")
         return self._quantize_output(y)
 
     @classmethod
@@ -201,7 +233,7 @@ class Conv2d(_OutputQParams):
         zp_b = w_zp.expand(weight.shape[0]).reshape(shape)
         # the same arithmetic as the fake quantizer: round(w * (1 / s)) + z, clamped
         q = torch.clamp(round_(weight * (1.0 / scale_b), weight_fq.rounding) + zp_b, qmin, qmax)
-        output = mod._modules.get("activation_post_process")
+        output = output_quantizer(mod)
         output_axis = None
         if output is not None and output.is_per_channel:
             output_axis = output.ch_axis % 4
