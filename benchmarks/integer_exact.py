@@ -1,13 +1,14 @@
-"""One integer network, computed four ways: the PyTorch QAT model (eval, frozen), bst's integer reference, the numpy
-runner of `export.py --include integer` and the ONNX QDQ file run by onnxruntime as written. On validation images, how
-many raw head outputs (the Detect convs' outputs, before the sigmoid) differ between them.
+"""One integer network, computed five ways: the PyTorch QAT model (eval, frozen), bst's integer reference, the numpy
+runner of `export.py --include integer` and the ONNX QDQ file run by onnxruntime, as written and with its int8 kernels
+(QLinearConv ..., as val.py and detect.py run it). On validation images, how many raw head outputs (the Detect convs'
+outputs, before the sigmoid) differ between them.
 
     python benchmarks/integer_exact.py --weights runs/train/qat/weights/best.pt --data shapes.yaml --img 256
 
 The images are the first --images of the dataset's val split, letterboxed to --img (square). The checkpoint is copied
 to a temporary folder and exported there (ONNX and the integer model), so nothing is written beside it. A model that
-rounds half up (train.py --rounding half_up) has no ONNX form; its ONNX column is skipped. Exit status 1 when any
-output differs: for a power-of-two QAT model all four must be identical.
+rounds half up (train.py --rounding half_up) has no ONNX form; its ONNX columns are skipped. Exit status 1 when any
+output differs: for a power-of-two QAT model all five must be identical.
 """
 from __future__ import annotations
 
@@ -69,17 +70,20 @@ def main(opt):
             for name in names:
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
             probe = onnxruntime_session(proto.SerializeToString(), as_written=True)
+            kernels = onnxruntime_session(proto.SerializeToString())  # int8 kernels, as val.py runs them
         images = sample_batch((opt.images, 3, opt.img, opt.img), data=data)
         pairs = {"integer reference vs PyTorch": 0, "numpy runner vs integer reference": 0}
         if with_onnx:
             pairs["onnxruntime (as written) vs PyTorch"] = 0
+            pairs["onnxruntime (int8 kernels) vs PyTorch"] = 0
         total = 0
         for x in images.split(1):
             raw = raw_outputs(model, x)
             ints = integer_head(converted, x)
             ran = runner.run(x.numpy())
-            ort = probe.run(names, {probe.get_inputs()[0].name: x.numpy()}) if with_onnx else None
-            by_shape = {r.shape: r for r in ort} if with_onnx else {}
+            feed = {probe.get_inputs()[0].name: x.numpy()} if with_onnx else None
+            by_shape = {r.shape: r for r in probe.run(names, feed)} if with_onnx else {}
+            by_shape_k = {r.shape: r for r in kernels.run(names, feed)} if with_onnx else {}
             for r, q, name in zip(raw, ints, runner.graph["outputs"]):
                 bs, _, ny, nx = q.int_repr.shape
                 ref = q.dequantize().view(bs, detect.na, detect.no, ny, nx).permute(0, 1, 3, 4, 2)
@@ -87,6 +91,8 @@ def main(opt):
                 pairs["numpy runner vs integer reference"] += int((ran[name] != q.int_repr.numpy()).sum())
                 if with_onnx:
                     pairs["onnxruntime (as written) vs PyTorch"] += int((by_shape[tuple(r.shape)] != r.numpy()).sum())
+                    pairs["onnxruntime (int8 kernels) vs PyTorch"] += int(
+                        (by_shape_k[tuple(r.shape)] != r.numpy()).sum())
                 total += r.numel()
     print(f"\n{weights}: {opt.images} val images of {opt.data} at {opt.img}x{opt.img}, raw head outputs "
           f"({total} per column), rounding {model_rounding(model)}")

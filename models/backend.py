@@ -2,7 +2,9 @@
 
 val.py and detect.py call `model(im)` and get `(pred, ...)` with pred (bs, N, 5 + nc) in pixels,
 whatever the file type. ONNX runs through onnxruntime, or OpenCV DNN with `dnn=True` (meant for float ONNX); an
-int8 QDQ file runs as written (see ORT_QDQ_REWRITES), so val.py measures the numbers the exported model defines.
+int8 QDQ file runs with onnxruntime's int8 kernels when, on the first batch, they compute exactly what the graph
+defines (onnxruntime_kernel_form makes them exact), and as written otherwise, so val.py measures the numbers the
+exported model defines.
 Exported files carry what the loader needs (export.py writes it): TorchScript an extra file config.txt with json
 {shape, stride, names[, dynamic]}, ONNX metadata_props stride, names, quantized (an int8 QDQ export of a QAT model)
 and, for those, pow2. A file exported at a fixed shape only accepts that shape; a mismatch is a UserError saying
@@ -31,23 +33,79 @@ SUFFIXES = {".pt": "pt", ".torchscript": "jit", ".onnx": "onnx"}
 
 # onnxruntime graph rewrites that change the numbers of a QDQ graph: WeightBiasQuantization rounds float conv biases
 # to the int32 grid input_scale * weight_scale; QDQSelectorActionTransformer fuses DequantizeLinear -> op ->
-# QuantizeLinear into int8 kernels (QLinearConv, QLinearAdd, QLinearConcat ...), whose QLinearAdd rounds ties after
-# adding the zero point (QuantizeLinear rounds half to even before it): with power-of-two scales ties are frequent and
-# up to ~40% of a skip-add's outputs land one step apart. Without them the graph runs as the ONNX spec defines it.
+# QuantizeLinear into int8 kernels (QLinearConv, QLinearAdd, QLinearConcat ...). Without them the graph runs as the
+# ONNX spec defines it (float arithmetic on the dequantized values).
 ORT_QDQ_REWRITES = ("WeightBiasQuantization", "QDQSelectorActionTransformer")
 
 
+def onnxruntime_kernel_form(proto):
+    """`proto` (an onnx ModelProto, changed in place and returned) with every int8 initializer that feeds a
+    DequantizeLinear stored as uint8 (value + 128) with its zero point + 128: the same integers and the same
+    dequantized values, so the graph means exactly what it meant.
+
+    Why: with int8 weights onnxruntime's x86 QLinearConv uses its u8 x s8 kernel, which on CPUs without VNNI multiplies
+    with VPMADDUBSW; that instruction adds pairs of products in 16 bits and saturates (255 x 127 x 2 > 32767), so a
+    conv's int32 accumulator is wrong wherever two large products meet (40% of an exported yolov5n's raw head outputs
+    were then off, by up to 11 steps). With uint8 weights the u8 x u8 kernel widens to 16 bits before multiplying
+    and accumulates in 32 bits: exact on every CPU. Returns the number of initializers re-encoded as well."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    users = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    changed = 0
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        tensor = inits[node.input[0]]
+        if tensor.data_type != onnx.TensorProto.INT8 or len(users[tensor.name]) != 1:
+            continue
+        if len(node.input) > 2 and node.input[2]:
+            zp_name = node.input[2]
+            if zp_name not in inits:
+                continue
+            zp = numpy_helper.to_array(inits[zp_name])
+        else:
+            scale = inits.get(node.input[1])
+            if scale is None:
+                continue
+            zp = np.zeros(numpy_helper.to_array(scale).shape, np.int8)
+        w = numpy_helper.to_array(tensor)
+        tensor.CopyFrom(numpy_helper.from_array((w.astype(np.int16) + 128).astype(np.uint8), tensor.name))
+        new_zp = numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), f"{tensor.name}_zero_point_u8")
+        proto.graph.initializer.append(new_zp)
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = new_zp.name
+        changed += 1
+    if changed:  # zero points no longer used by any node would make onnxruntime warn once per initializer
+        used = {name for node in proto.graph.node for name in node.input}
+        keep = [t for t in proto.graph.initializer if t.name in used]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+    return proto, changed
+
+
 def onnxruntime_session(model, providers=("CPUExecutionProvider",), as_written=False, threads=0):
-    """An onnxruntime InferenceSession of `model` (a path or serialized bytes) with its default optimizations;
-    as_written=True turns off ORT_QDQ_REWRITES, so a QDQ graph computes exactly its QuantizeLinear/DequantizeLinear
-    semantics (= the PyTorch fake-quant model's numbers, up to float rounding). threads: intra-op threads (0: ORT's
-    default)."""
+    """An onnxruntime InferenceSession of `model` (a path or serialized bytes) with its default optimizations, int8
+    weights of a QDQ graph given to onnxruntime in onnxruntime_kernel_form (exact int8 kernels); as_written=True turns
+    off ORT_QDQ_REWRITES instead, so a QDQ graph computes exactly its QuantizeLinear/DequantizeLinear semantics with
+    float kernels. threads: intra-op threads (0: ORT's default)."""
+    import onnx
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     disabled = list(ORT_QDQ_REWRITES) if as_written else []
     model = str(model) if isinstance(model, Path) else model
+    if not as_written:
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+        proto, changed = onnxruntime_kernel_form(proto)
+        if changed:
+            model = proto.SerializeToString()
     return ort.InferenceSession(model, so, providers=list(providers), disabled_optimizers=disabled)
 
 
@@ -158,7 +216,7 @@ class DetectMultiBackend(nn.Module):
         shape = meta.get("_input_shape")
         self.dynamic = shape is None or any(s is None or s == 0 for s in shape)
         self.input_shape = None if self.dynamic else shape
-        self.session = None
+        self.session = self.as_written = None
         if dnn:
             LOGGER.info(f"Loading {w} for ONNX OpenCV DNN inference...")
             if self.quantized:
@@ -178,11 +236,13 @@ class DetectMultiBackend(nn.Module):
                 raise UserError(f"{w}: OpenCV DNN {cv2.__version__} cannot read this graph (it holds operations "
                                 f"OpenCV does not support); drop --dnn to run it with onnxruntime")
         else:
-            kind = f" (int8 QDQ{', power-of-two scales' if self.pow2 else ''}, run as written: no int8-kernel " \
-                   f"rewrites)" if self.quantized else ""
+            kind = f" (int8 QDQ{', power-of-two scales' if self.pow2 else ''})" if self.quantized else ""
             LOGGER.info(f"Loading {w}{kind} for ONNX Runtime inference...")
+            providers = self._ort_providers(device)
             try:
-                self.session = onnxruntime_session(w, self._ort_providers(device), as_written=self.quantized)
+                self.session = onnxruntime_session(w, providers)
+                if self.quantized:  # the float-kernel session the int8 kernels are checked against on the first batch
+                    self.as_written = onnxruntime_session(w, providers, as_written=True)
             except Exception as e:
                 raise UserError(f"{w}: onnxruntime could not load it ({str(e).splitlines()[0][:150]})") from None
             self.input_name = self.session.get_inputs()[0].name
@@ -233,10 +293,29 @@ class DetectMultiBackend(nn.Module):
             self._check_shape(im)
             arr = im.cpu().numpy().astype(self.input_dtype)
             y = self.session.run(self.output_names, {self.input_name: arr})[0]
+            if self.as_written is not None:
+                y = self._choose_kernels(arr, y)
             y = torch.from_numpy(y).to(self.device)
         if isinstance(y, (list, tuple)):
             return y[0] if len(y) == 1 else y
         return y
+
+    def _choose_kernels(self, arr, y):
+        """First batch of a QDQ file: keep onnxruntime's int8 kernels when their output equals the graph run as
+        written (float kernels on the dequantized values, what the ONNX spec defines), else run as written from now
+        on. Returns the as-written output of this batch."""
+        ref = self.as_written.run(self.output_names, {self.input_name: arr})[0]
+        differ = float((ref != y).mean())
+        if differ == 0:
+            LOGGER.info(f"{self.weights}: onnxruntime's int8 kernels give exactly the graph's numbers on the first "
+                        f"batch {tuple(arr.shape)}: running with them")
+        else:
+            LOGGER.warning(f"WARNING: {self.weights}: onnxruntime's int8 kernels differ from the graph as written on "
+                           f"{100 * differ:.2f}% of the first batch's outputs (max |diff| {np.abs(ref - y).max():.3g}): "
+                           f"running it as written (float kernels, slower)")
+            self.session = self.as_written
+        self.as_written = None
+        return ref
 
     def warmup(self, imgsz=(1, 3, 640, 640)):
         if self.backend == "pt" and self.device.type != "cpu":

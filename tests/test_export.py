@@ -3,6 +3,7 @@ val.py / detect.py through DetectMultiBackend; bad input ends in one line."""
 import ast
 import functools
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -304,42 +305,123 @@ def test_benchmark_int8_kernel_inspection(tmp_path):
     assert row["run"]()[0].shape == (1, 8, 16, 16)
 
 
-def test_backend_runs_qdq_graphs_as_written(tmp_path):
-    """onnxruntime's QLinearAdd (its int8 kernel for DequantizeLinear -> Add -> QuantizeLinear) rounds ties after adding
-    the zero point; QuantizeLinear rounds half to even before it. With power-of-two scales ties are frequent. The
-    session DetectMultiBackend opens for QDQ files (as_written) keeps the graph's own numbers."""
+def _qdq_file(path, nodes, inits, shape, out, quantized=True):
+    """A one-input QDQ graph saved at `path` with the metadata DetectMultiBackend reads."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for k, v in {"stride": "32", "names": "{0: 'a'}", "quantized": "1" if quantized else "0", "pow2": "1"}.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
+    return path
+
+
+def _saturating_conv(path, rng):
+    """DequantizeLinear(uint8 x) -> Conv(int8 weights, int32 bias) -> QuantizeLinear, power-of-two scales, with
+    activations and weights large enough that two neighbouring products overflow 16 bits (255 x 127 x 2 > 32767)."""
+    from onnx import helper, numpy_helper
+
+    cin, cout, sx, sw = 32, 8, 2.0 ** -7, 2.0 ** -7
+    w = (rng.integers(64, 128, (cout, cin, 3, 3)) * rng.choice([-1, 1], (cout, cin, 3, 3))).astype(np.int8)
+    w[:, : cin // 2] = np.abs(w[:, : cin // 2])  # some all-positive runs along the reduction
+    bias = rng.integers(-2000, 2000, cout).astype(np.int32)
+    acc_max = 255 * np.abs(w.astype(np.int64)).sum((1, 2, 3)).max() + 2000
+    sy = 2.0 ** np.ceil(np.log2(acc_max * sx * sw / 255))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xdq"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wdq"], axis=0),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bdq"], axis=0),
+             helper.make_node("Conv", ["xdq", "wdq", "bdq"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["y"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "sy", "zy"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["out"])]
+    f32, arr = np.float32, numpy_helper.from_array
+    inits = [arr(np.array(sx, f32), "sx"), arr(np.array(0, np.uint8), "zx"), arr(w, "w"),
+             arr(np.full(cout, sw, f32), "sw"), arr(np.zeros(cout, np.int8), "zw"), arr(bias, "b"),
+             arr(np.full(cout, sx * sw, f32), "sb"), arr(np.zeros(cout, np.int32), "zb"),
+             arr(np.array(sy, f32), "sy"), arr(np.array(0, np.uint8), "zy")]
+    x = (rng.integers(128, 256, (1, cin, 12, 12)) * sx).astype(np.float32)
+    exact = np.zeros((1, cout, 12, 12))  # the integer network in int64, half-to-even requantization
+    xi = np.pad(np.round(x / sx).astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    for i in range(3):
+        for j in range(3):
+            exact += np.einsum("nchw,oc->nohw", xi[:, :, i:i + 12, j:j + 12], w[:, :, i, j].astype(np.int64))
+    exact = np.maximum(exact + bias[None, :, None, None], 0) * (sx * sw)
+    exact = np.clip(np.round(exact / sy), 0, 255) * sy
+    return _qdq_file(path, nodes, inits, list(x.shape), "out"), x, exact.astype(np.float32)
+
+
+def test_int8_kernels_are_exact_in_kernel_form(tmp_path):
+    """onnxruntime_session gives int8 weights to onnxruntime as uint8 + 128 (onnxruntime_kernel_form): same integers,
+    and its QLinearConv then accumulates exactly in 32 bits, so the int8 kernels equal the integer network and the
+    graph as written even where neighbouring products overflow 16 bits (onnxruntime's u8 x s8 kernel saturates there
+    on x86 CPUs without VNNI)."""
     import importlib.util
 
-    from onnx import TensorProto, helper, numpy_helper
-
-    from models.backend import onnxruntime_session
+    from models.backend import onnxruntime_kernel_form, onnxruntime_session
 
     spec = importlib.util.spec_from_file_location("export_speed", ROOT / "benchmarks" / "export_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    f, x, exact = _saturating_conv(tmp_path / "conv.onnx", np.random.default_rng(0))
+    written = onnxruntime_session(f, as_written=True).run(None, {"x": x})[0]
+    assert np.array_equal(written, exact)
+    kernels = onnxruntime_session(f).run(None, {"x": x})[0]
+    assert np.array_equal(kernels, exact)
+    form, changed = onnxruntime_kernel_form(onnx.load(str(f)))
+    assert changed == 1
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in form.graph.initializer}
+    assert w["w"].dtype == np.uint8 and np.array_equal(w["w"].astype(np.int16) - 128,
+                                                       onnx.numpy_helper.to_array(onnx.load(str(f)).graph.initializer[2]))
+    assert (w["w_zero_point_u8"] == 128).all() and "zw" not in w  # the unused int8 zero point is dropped
+    assert bench.kernels_run(f)["int8"] == {"QLinearConv": 1}  # and it still runs as an int8 kernel
 
-    shape = [1, 8, 16, 16]
-    qparams = {"a": (2.0 ** -9, 20), "b": (2.0 ** -9, 22), "y": (2.0 ** -8, 97)}  # as a skip-add of a pow2 QAT model
+
+def test_backend_uses_int8_kernels_only_where_they_equal_the_graph(tmp_path):
+    """DetectMultiBackend runs a QDQ file with onnxruntime's int8 kernels when, on the first batch, they give the
+    graph's own numbers, and as written otherwise. The second file is a skip-add whose QLinearAdd rounds ties after
+    adding a non-zero zero point (QuantizeLinear rounds half to even before it): its kernel differs on ties."""
+    from onnx import helper, numpy_helper
+
+    from utils.general import LOGGER
+
+    f, x, exact = _saturating_conv(tmp_path / "conv.onnx", np.random.default_rng(1))
+    model = DetectMultiBackend(str(f))
+    y = model(torch.from_numpy(x)).numpy()
+    assert np.array_equal(y, exact) and model.as_written is None
+    assert model.session.get_session_options().graph_optimization_level.name == "ORT_ENABLE_ALL"
+    assert np.array_equal(model(torch.from_numpy(x)).numpy(), exact)  # the kernel session, kept
+
+    qparams = {"a": (2.0 ** -9, 20, 1.0), "b": (2.0 ** -9, 22, -0.75), "y": (2.0 ** -8, 97, None)}
     nodes, inits = [], []
-    for name, (scale, zp) in qparams.items():
-        src = "sum" if name == "y" else name
+    for name, (scale, zp, gain) in qparams.items():
+        src = "sum" if name == "y" else f"{name}_in"
+        if gain is not None:
+            nodes.append(helper.make_node("Mul", ["x", f"{name}_g"], [src]))
+            inits.append(numpy_helper.from_array(np.array(gain, np.float32), f"{name}_g"))
         nodes += [helper.make_node("QuantizeLinear", [src, f"{name}_s", f"{name}_z"], [f"{name}_q"]),
                   helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_dq"])]
         inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{name}_s"),
                   numpy_helper.from_array(np.array(zp, np.uint8), f"{name}_z")]
     nodes.append(helper.make_node("Add", ["a_dq", "b_dq"], ["sum"]))
-    graph = helper.make_graph(nodes, "skip_add", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
-                                                  for n in ("a", "b")],
-                              [helper.make_tensor_value_info("y_dq", TensorProto.FLOAT, shape)], initializer=inits)
-    f = tmp_path / "add.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(f))
-
+    shape = [1, 8, 16, 16]
+    add = _qdq_file(tmp_path / "add.onnx", nodes, inits, shape, "y_dq")
     rng = np.random.default_rng(0)
-    feeds = {n: ((rng.integers(0, 256, shape) - qparams[n][1]) * qparams[n][0]).astype(np.float32) for n in "ab"}
-    s, z = qparams["y"]
-    exact = (np.clip(np.round((feeds["a"] + feeds["b"]) / s) + z, 0, 255) - z) * s  # numpy rounds half to even
-    assert bench.kernels_run(f)["int8"] == {"QLinearAdd": 1} and not bench.kernels_run(f, as_written=True)["int8_ran"]
-    written = onnxruntime_session(f, as_written=True).run(None, feeds)[0]
-    assert np.array_equal(written, exact.astype(np.float32))
-    fused = onnxruntime_session(f).run(None, feeds)[0]
-    assert np.abs(fused - exact).max() <= s  # the int8 kernel: within one step
+    x = ((rng.integers(0, 200, shape) - 20) * 2.0 ** -9).astype(np.float32)
+    a = np.clip(np.round(x / 2.0 ** -9) + 20, 0, 255) - 20
+    b = np.clip(np.round(-0.75 * x / 2.0 ** -9) + 22, 0, 255) - 22
+    exact = ((np.clip(np.round((a + b) / 2) + 97, 0, 255) - 97) * 2.0 ** -8).astype(np.float32)  # half to even
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    LOGGER.addHandler(handler)
+    try:
+        model = DetectMultiBackend(str(add))
+        assert np.array_equal(model(torch.from_numpy(x)).numpy(), exact)  # the first batch: the graph's numbers
+        assert np.array_equal(model(torch.from_numpy(x)).numpy(), exact)  # and from then on, as written
+    finally:
+        LOGGER.removeHandler(handler)
+    assert any("int8 kernels differ from the graph as written" in m and "running it as written" in m
+               for m in messages), messages

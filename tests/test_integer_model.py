@@ -165,7 +165,7 @@ def test_half_up_rounding_is_honoured_end_to_end(tmp_path):
 
 def test_integer_exact_benchmark(integer_export, tmp_path, capsys):
     """benchmarks/integer_exact.py on val images: PyTorch, the integer reference, the numpy runner and onnxruntime
-    (as written) count 0 differing raw outputs, and the report says so for each pair."""
+    (as written and with its int8 kernels) count 0 differing raw outputs, and the report says so for each pair."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("integer_exact", ROOT / "benchmarks" / "integer_exact.py")
@@ -177,5 +177,5 @@ def test_integer_exact_benchmark(integer_export, tmp_path, capsys):
     out = capsys.readouterr().out
     rows = {m[1]: int(m[2]) for m in re.finditer(r"^(\S.* vs \S.*?) +(\d+)$", out, re.M)}
     assert rows == {"integer reference vs PyTorch": 0, "numpy runner vs integer reference": 0,
-                    "onnxruntime (as written) vs PyTorch": 0}
+                    "onnxruntime (as written) vs PyTorch": 0, "onnxruntime (int8 kernels) vs PyTorch": 0}
     assert f"raw head outputs ({3 * 3 * 15 * (8 * 8 + 4 * 4 + 2 * 2)} per column)" in out
