@@ -310,9 +310,10 @@ class DetectMultiBackend(nn.Module):
             LOGGER.info(f"{self.weights}: onnxruntime's int8 kernels give exactly the graph's numbers on the first "
                         f"batch {tuple(arr.shape)}: running with them")
         else:
+            worst = np.abs(ref - y).max()
             LOGGER.warning(f"WARNING: {self.weights}: onnxruntime's int8 kernels differ from the graph as written on "
-                           f"{100 * differ:.2f}% of the first batch's outputs (max |diff| {np.abs(ref - y).max():.3g}): "
-                           f"running it as written (float kernels, slower)")
+                           f"{100 * differ:.2f}% of the first batch's outputs (max |diff| {worst:.3g}): running it as "
+                           f"written (float kernels, slower)")
             self.session = self.as_written
         self.as_written = None
         return ref
