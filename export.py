@@ -8,6 +8,8 @@ Usage:
 Format        --include     file written beside the weights
 TorchScript   torchscript   yolov5s.torchscript  (extra file config.txt: json {shape, stride, names})
 ONNX          onnx          yolov5s.onnx         (metadata_props: stride, names, quantized[, pow2])
+OpenVINO      openvino      yolov5s_openvino_model/  (yolov5s.xml/.bin converted from the ONNX file, which is written
+                                                  too; yolov5s.yaml: stride, names, quantized, pow2, shape, dynamic)
 Integer       integer       best_integer_model/  (QAT, power-of-two scales: the integer network as data, with a
                                                   numpy-only runner; see `export_integer`)
 
@@ -25,11 +27,13 @@ outputs of the fake-quant model exactly, one of linear scales within one step of
 with:
     python val.py --weights yolov5s.onnx --img 640          (onnxruntime; --dnn for OpenCV DNN)
     python detect.py --weights yolov5s.onnx
+    python val.py --weights yolov5s_openvino_model --img 640   (OpenVINO)
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -52,7 +56,7 @@ from bst.torch.ao.nn.quantized.onnx_form import own_initializers, qdq_counts
 from bst.torch.ao.quantization import frozen_qparams
 from bst.torch.ao.quantization.integer_graph import record
 from bst.torch.ao.quantization.integer_runner import IntegerModel
-from models.backend import load_pytorch_model
+from models.backend import OPENVINO_DIR, load_pytorch_model
 from models.quant import convert_yolo, freeze, integer_head, is_quantized, model_pow2, model_rounding
 from models.yolo import Detect
 from utils.export_verify import (
@@ -63,14 +67,25 @@ from utils.export_verify import (
     sample_batch,
     verify_onnx,
     verify_onnx_qdq,
+    verify_openvino,
     verify_torchscript,
     verify_torchscript_qdq,
 )
-from utils.general import LOGGER, UserError, check_file, check_img_size, colorstr, print_args, run_cli
+from utils.general import (
+    LOGGER,
+    UserError,
+    check_file,
+    check_img_size,
+    colorstr,
+    print_args,
+    run_cli,
+    yaml_save,
+)
 from utils.onnx_checks import check_qdq_file, describe_qdq
 from utils.torch_utils import select_device
 
-FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx", "integer": "_integer_model"}  # --include -> suffix
+FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx", "openvino": OPENVINO_DIR,  # --include -> suffix
+           "integer": "_integer_model"}
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear take a per-channel `axis` from opset 13 on (QAT exports need it)
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
@@ -213,6 +228,35 @@ def export_onnx(model, im, file, metadata, opset=DEFAULT_OPSET, dynamic=False, s
     return f
 
 
+def export_openvino(onnx_file, metadata, shape, dynamic=False, half=False, prefix=colorstr("OpenVINO:")) -> Path:
+    """OpenVINO IR converted from the ONNX file export_onnx wrote (openvino.convert_model), in upstream's layout:
+    <stem>_openvino_model/<stem>.xml and .bin, plus <stem>.yaml with stride and names and, for DetectMultiBackend,
+    quantized, pow2, shape and dynamic. --half stores the weights as float16 (compress_to_fp16). A QDQ file's
+    QuantizeLinear/DequantizeLinear pairs become FakeQuantize nodes with the same scales, which OpenVINO's CPU plugin
+    runs as int8 convolutions."""
+    import openvino as ov
+
+    LOGGER.info(f"\n{prefix} starting export with openvino {ov.get_version().split('-')[0]}...")
+    onnx_file = Path(onnx_file)
+    folder = onnx_file.with_name(onnx_file.stem + FORMATS["openvino"])
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        ov.save_model(ov.convert_model(str(onnx_file)), str(tmp / f"{onnx_file.stem}.xml"), compress_to_fp16=half)
+    except Exception as e:  # OpenVINO's own exception types
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{onnx_file}: OpenVINO could not convert it ({str(e).strip().splitlines()[0][:200]})") \
+            from None
+    meta = {"stride": int(metadata["stride"]), "names": dict(metadata["names"]),
+            "quantized": bool(metadata.get("quantized")), "pow2": bool(metadata.get("pow2")),
+            "shape": list(shape), "dynamic": bool(dynamic)}
+    yaml_save(tmp / f"{onnx_file.stem}.yaml", meta)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
 def converted_model(model, path) -> nn.Module:
     """bst.convert's integer network of QAT `model` (models.quant.convert_yolo; activations without an integer form,
     e.g. SiLU, stay float between their quantizers): what the ONNX and TorchScript exports of a QAT model trace.
@@ -306,6 +350,11 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
         raise UserError(f"--include {' '.join(bad)}: unsupported format; choose from {', '.join(FORMATS)}")
     if not include:
         raise UserError(f"--include: name at least one format ({', '.join(FORMATS)})")
+    if "openvino" in include:
+        if importlib.util.find_spec("openvino") is None:
+            raise UserError("--include openvino: needs the openvino package; pip install openvino")
+        if "onnx" not in include:  # OpenVINO converts the ONNX file, which is written too (as upstream)
+            include.insert(include.index("openvino"), "onnx")
     if "onnx" in include:
         if opset < MIN_OPSET:
             raise UserError(f"--opset {opset}: too low, per-channel QuantizeLinear/DequantizeLinear (the axis "
@@ -376,7 +425,7 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
     checks = [im]
     if dynamic:
         checks.append(sample_batch(_second_shape(im.shape, gs), data=data, seed=1, device=device, dtype=dtype))
-    written = []
+    written, onnx_file = [], None  # include lists onnx before openvino, which converts it
     for fmt in include:
         t = time.time()
         if fmt == "torchscript":
@@ -390,9 +439,14 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
         elif fmt == "integer":
             f = export_integer(model, im, w, checks)
             prefix = colorstr("Integer:")
+        elif fmt == "openvino":
+            prefix = colorstr("OpenVINO:")
+            f = export_openvino(onnx_file, metadata, im.shape, dynamic=dynamic, half=half, prefix=prefix)
+            for x in checks:
+                verify_openvino(model, f, onnx_file, x, quantized, rtol=rtol, prefix=prefix)
         else:
-            f = export_onnx(export_model, im, w, metadata, opset=opset, dynamic=dynamic, simplify=simplify,
-                            verbose=verbose)
+            f = onnx_file = export_onnx(export_model, im, w, metadata, opset=opset, dynamic=dynamic,
+                                        simplify=simplify, verbose=verbose)
             prefix = colorstr("ONNX:")
             if quantized:
                 import onnx

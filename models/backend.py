@@ -26,7 +26,7 @@ import torch.nn as nn
 from models.experimental import attempt_load
 from models.quant import is_quantized
 from utils.dataset_yaml import check_dataset
-from utils.general import LOGGER, UserError
+from utils.general import LOGGER, UserError, yaml_load
 
 SUFFIXES = {".pt": "pt", ".torchscript": "jit", ".onnx": "onnx"}
 
@@ -109,6 +109,34 @@ def onnxruntime_session(model, providers=("CPUExecutionProvider",), as_written=F
     return ort.InferenceSession(model, so, providers=list(providers), disabled_optimizers=disabled)
 
 
+OPENVINO_DIR = "_openvino_model"  # export.py --include openvino writes <stem>_openvino_model/<stem>.xml/.bin/.yaml
+
+
+def openvino_xml(path) -> Path | None:
+    """The OpenVINO IR .xml of `path` (an .xml file, or a *_openvino_model folder holding one); None if neither."""
+    path = Path(path)
+    if path.suffix.lower() == ".xml":
+        return path
+    if path.name.endswith(OPENVINO_DIR) or path.is_dir():
+        found = sorted(path.glob("*.xml")) if path.is_dir() else []
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def openvino_compiled(model, threads=0):
+    """OpenVINO's CPU plugin compiling `model` (an .xml path or an openvino.Model) for latency; threads: inference
+    threads (0: OpenVINO's default). A QDQ model's QuantizeLinear/DequantizeLinear become FakeQuantize, which the CPU
+    plugin runs as int8 convolutions (see the export_speed benchmark for what ran in int8)."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return core.compile_model(core.read_model(str(model)) if isinstance(model, (str, Path)) else model, "CPU",
+                              config)
+
+
 def load_pytorch_model(weights, device=None, inplace=True, fuse=True, trust=False):
     """attempt_load, with the unpickler's own errors on a file that is no checkpoint turned into a UserError."""
     try:
@@ -152,9 +180,13 @@ class DetectMultiBackend(nn.Module):
         super().__init__()
         w = str(weights[0] if isinstance(weights, (list, tuple)) and len(weights) == 1 else weights)
         suffix = Path(w).suffix.lower() if not isinstance(weights, (list, tuple)) or len(weights) == 1 else ".pt"
-        if suffix not in SUFFIXES:
-            raise UserError(f"{w}: unsupported weights format {suffix!r}; use a .pt checkpoint, .torchscript or .onnx")
-        self.backend = SUFFIXES[suffix]
+        if suffix == ".xml" or w.rstrip("/").endswith(OPENVINO_DIR):
+            self.backend = "openvino"
+        elif suffix in SUFFIXES:
+            self.backend = SUFFIXES[suffix]
+        else:
+            raise UserError(f"{w}: unsupported weights format {suffix!r}; use a .pt checkpoint, .torchscript, .onnx "
+                            f"or an OpenVINO *{OPENVINO_DIR} folder")
         self.device = device
         self.weights = w
         self.fp16 = fp16 and self.backend == "pt" and device.type != "cpu"
@@ -176,10 +208,12 @@ class DetectMultiBackend(nn.Module):
             self.pt = True
         else:
             self.pt = False
-            if not Path(w).is_file():
+            if not Path(w).exists():
                 raise UserError(f"{w}: file not found")
             if self.backend == "jit":
                 self._load_torchscript(w, device)
+            elif self.backend == "openvino":
+                self._load_openvino(w)
             else:
                 self._load_onnx(w, device, dnn)
         if data and self.names is None:
@@ -249,6 +283,32 @@ class DetectMultiBackend(nn.Module):
             self.input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
             self.output_names = [o.name for o in self.session.get_outputs()]
 
+    def _load_openvino(self, w):
+        """An export.py --include openvino folder: <stem>.xml/.bin and <stem>.yaml (stride, names, quantized, pow2,
+        shape, dynamic), as upstream's folder plus the quantization keys."""
+        try:
+            import openvino  # noqa: F401  (the import is the check)
+        except ImportError:
+            raise UserError(f"{w}: OpenVINO models need the openvino package; pip install openvino") from None
+        xml = openvino_xml(w)
+        if xml is None or not xml.is_file():
+            raise UserError(f"{w}: no single OpenVINO .xml inside; point --weights at an export.py --include openvino "
+                            f"folder") from None
+        meta_file = xml.with_suffix(".yaml")
+        meta = yaml_load(meta_file) if meta_file.is_file() else {}
+        self.stride, self.names = int(meta.get("stride", 32)), meta.get("names")
+        self.quantized = bool(meta.get("quantized", False))
+        self.pow2 = self.quantized and bool(meta.get("pow2", False))
+        self.dynamic = bool(meta.get("dynamic", False))
+        if meta.get("shape") and not self.dynamic:
+            self.input_shape = list(meta["shape"])
+        kind = " (int8: QDQ run by OpenVINO's int8 kernels)" if self.quantized else ""
+        LOGGER.info(f"Loading {xml}{kind} for OpenVINO inference...")
+        try:
+            self.ov_model = openvino_compiled(xml)
+        except RuntimeError as e:
+            raise UserError(f"{w}: OpenVINO could not load it ({str(e).strip().splitlines()[0][:150]})") from None
+
     @staticmethod
     def _ort_providers(device):
         import onnxruntime as ort
@@ -280,6 +340,9 @@ class DetectMultiBackend(nn.Module):
         elif self.backend == "jit":
             self._check_shape(im)
             y = self.model(im.to(self.jit_dtype))
+        elif self.backend == "openvino":
+            self._check_shape(im)
+            y = torch.from_numpy(self.ov_model(im.cpu().numpy().astype(np.float32))[0]).to(self.device)
         elif self.session is None:  # OpenCV DNN
 
             self._check_shape(im)

@@ -14,13 +14,15 @@ the next quantizer then lands one step apart: they get the one-step bound.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from bst.torch.ao.quantization import FakeQuantizeBase, fake_quant_enabled, frozen_qparams, output_quantizer
-from models.backend import onnxruntime_session
+from models.backend import onnxruntime_session, openvino_compiled, openvino_xml
 from models.quant import model_pow2
 from utils.dataloaders import LoadImages, _list_image_files
 from utils.dataset_yaml import check_dataset
@@ -232,6 +234,25 @@ def _describe_steps(steps):
     return ", ".join(one(s) for s in steps)
 
 
+def raw_output_probe(onnx_path):
+    """(serialized graph, names): the ONNX file with Detect's raw outputs (the Sigmoid inputs) as extra outputs."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path))
+    names = detect_raw_outputs(proto)
+    for name in names:
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return proto.SerializeToString(), names
+
+
+def _raw_by_shape(raw_out, ref, path):
+    by_shape = {r.shape: r for r in raw_out}
+    if len(raw_out) != len(ref["raw"]) or any(r.shape not in by_shape for r in ref["raw"]):
+        raise UserError(f"{path}: cannot find Detect's {len(ref['raw'])} raw outputs (Sigmoid inputs) in the "
+                        f"graph (found shapes {[r.shape for r in raw_out]})")
+    return by_shape
+
+
 def _run_qdq_file(onnx_path, probe, names, x, as_written):
     """onnxruntime's decoded output of the file itself and the raw head outputs of `probe` (the same graph with those
     tensors as extra outputs; a second session, so the first is exactly what users run)."""
@@ -254,16 +275,11 @@ def verify_onnx_qdq(model, onnx_path, im, check=True, prefix=colorstr("ONNX:")) 
 
     Returns {"raw": [_within per level], "decoded": _within, "ok", "output" (decoded), "raw_output" (per level),
     "raw_share_differ", "int8_kernels": the same keys for the default run, "steps", "shape"}."""
-    import onnx
     import onnxruntime as ort
 
     ref = qdq_reference(model, im)
     x = im.detach().float().cpu().numpy()
-    proto = onnx.load(str(onnx_path))
-    names = detect_raw_outputs(proto)
-    for name in names:
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    probe = proto.SerializeToString()
+    probe, names = raw_output_probe(onnx_path)
     n_raw = sum(r.size for r in ref["raw"])
     runs = {}
     for as_written in (True, False):
@@ -272,10 +288,7 @@ def verify_onnx_qdq(model, onnx_path, im, check=True, prefix=colorstr("ONNX:")) 
         except Exception as e:  # onnxruntime's own exception types
             raise UserError(f"{onnx_path}: onnxruntime {ort.__version__} cannot run the exported file "
                             f"({str(e).strip().splitlines()[0][:200]})") from None
-        by_shape = {r.shape: r for r in raw_out}
-        if len(raw_out) != len(ref["raw"]) or any(r.shape not in by_shape for r in ref["raw"]):
-            raise UserError(f"{onnx_path}: cannot find Detect's {len(ref['raw'])} raw outputs (Sigmoid inputs) in the "
-                            f"graph (found shapes {[r.shape for r in raw_out]})")
+        by_shape = _raw_by_shape(raw_out, ref, onnx_path)
         # exact where a power-of-two model quantizes the head's output (a float Detect conv is float arithmetic);
         # onnxruntime's int8 kernels are reported, never required to be exact
         exact = [ref["exact"] and as_written and step is not None for step in ref["steps"]]
@@ -331,3 +344,56 @@ def verify_torchscript_qdq(model, ts_path, im, check=True, prefix=colorstr("Torc
         raise UserError(f"{ts_path}: the TorchScript export disagrees with the PyTorch fake-quant model (up to "
                         f"{r['worst_ratio']:.3g}x the one-quantization-step bound); do not deploy it")
     return r
+
+
+@torch.no_grad()
+def verify_openvino(model, folder, onnx_path, im, quantized, rtol=FLOAT_RTOL, check=True,
+                    prefix=colorstr("OpenVINO:")) -> dict:
+    """Run the OpenVINO IR in `folder` (CPU plugin) on `im` and compare it with the PyTorch model.
+
+    Float models: as verify_onnx (FLOAT_RTOL, HALF_RTOL for float16 weights); a failure raises UserError with
+    check=True. QAT models: OpenVINO runs the QDQ graph with its own int8 convolutions, whose arithmetic this project
+    does not control (on x86 CPUs without VNNI, where 8-bit products are summed in 16 bits, they do not compute the
+    exact integers; see README); the raw head outputs (read through a probe converted from `onnx_path`) and the
+    decoded output are compared with the fake-quant model and reported, with a warning beyond one output step; an
+    output that is not finite or missing is an error. Returns the comparison with `output` (decoded) and `shape`."""
+    import openvino as ov
+
+    x = im.detach().float().cpu().numpy()
+    try:
+        out = openvino_compiled(openvino_xml(folder))(x)[0]
+    except RuntimeError as e:
+        raise UserError(f"{folder}: OpenVINO {ov.get_version()} cannot run the exported model "
+                        f"({str(e).strip().splitlines()[0][:200]})") from None
+    if not quantized:
+        ref = first_output(model(im)).float().cpu().numpy()
+        result = compare_outputs(ref, out.astype(np.float32), rtol=rtol)
+        result.update(shape=tuple(im.shape), output=out)
+        return _report(result, "OpenVINO", folder, check, prefix)
+    ref = qdq_reference(model, im)
+    probe, names = raw_output_probe(onnx_path)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "probe.onnx").write_bytes(probe)
+        compiled = openvino_compiled(ov.convert_model(str(Path(d) / "probe.onnx")))
+        res = compiled(x)
+        raw_out = [res[compiled.output(i)] for i in range(1, len(compiled.outputs))]
+    by_shape = _raw_by_shape(raw_out, ref, folder)
+    raw = [_within(r, by_shape[r.shape], t) for r, t in zip(ref["raw"], ref["raw_tol"])]
+    decoded = _within(ref["decoded"], out.astype(np.float32), ref["decoded_tol"])
+    n_raw = sum(r.size for r in ref["raw"])
+    share = sum(w["share_differ"] * r.size for w, r in zip(raw, ref["raw"])) / n_raw
+    worst = max(w["worst_ratio"] for w in raw)
+    result = {"raw": raw, "decoded": decoded, "output": out, "raw_share_differ": share, "raw_worst": worst,
+              "ok": all(w["ok"] for w in raw) and decoded["ok"], "shape": tuple(im.shape)}
+    LOGGER.info(f"{prefix} OpenVINO (int8 kernels) vs PyTorch fake-quant on {tuple(im.shape)}: raw head outputs "
+                f"{100 * share:.2f}% of {n_raw} differ, worst {worst:.2f} of one output step; decoded output max "
+                f"|diff| {decoded['max_abs_diff']:.3g}, worst {decoded['worst_ratio']:.2f} of the bound one step "
+                f"implies")
+    if not np.isfinite(out).all() or not all(np.isfinite(r).all() for r in raw_out):
+        raise UserError(f"{folder}: OpenVINO's output is not finite; the folder is left for inspection, do not deploy "
+                        f"it")
+    if not result["ok"]:
+        LOGGER.warning(f"WARNING: {folder}: OpenVINO's int8 kernels are off by up to "
+                       f"{max(worst, decoded['worst_ratio']):.3g}x one output step; the ONNX file computes the model "
+                       f"exactly")
+    return result
