@@ -1,22 +1,20 @@
-"""Deployment latency on CPU: the float model in PyTorch and onnxruntime, and an int8 QDQ export of a pow2 QAT model
-in onnxruntime, batch 1, measured side by side.
+"""Deployment latency on CPU, int8 against float in each runtime: a float YOLOv5 model in PyTorch, onnxruntime and
+OpenVINO, and a power-of-two QAT model of the same architecture exported by export.py (ONNX QDQ, OpenVINO IR) in
+onnxruntime and OpenVINO, measured side by side in one run.
 
-    python benchmarks/export_speed.py [--weights ../shared/reference/yolov5n_silu.pt] [--sizes 320 640]
-                                      [--qat-weights ../shared/reference/yolov5n_relu.pt] [--qat-recipe R.yaml]
-                                      [--runs 20] [--threads 1] [--qdq model_320.onnx model_640.onnx]
+    python benchmarks/export_speed.py [--weights ../shared/reference/yolov5n_relu.pt] [--sizes 320 640]
+                                      [--batch-sizes 1 8] [--threads 1 2] [--runs 10] [--qat-recipe R.yaml]
 
-For each image size the float checkpoint is exported with export.py (which checks the file against PyTorch), then
-the runtimes are called in interleaved rounds (one call each per round, so load from other processes hits all alike);
-the table shows medians and the ratio to PyTorch fp32.
-
-int8: `--qat-weights` (a float checkpoint; default the ReLU reference model, as the seed quantizes ReLU models) is
-prepared for QAT here (bn_folding, pow2, default recipe), calibrated on a few shapes val images (seeded noise when the
-dataset is absent), saved as a checkpoint and exported by export.py at each size: a real QDQ file of a QAT model,
-verified against the PyTorch fake-quant model. It is timed in onnxruntime twice: with onnxruntime's defaults (its
-QDQ -> int8 kernel fusions) and as written (those rewrites off, as DetectMultiBackend runs it for val.py). For each,
-the graph onnxruntime actually runs (SessionOptions.optimized_model_filepath) is inspected for integer kernels
-(QLinearConv / ConvInteger ...), so the report says whether int8 kernels ran instead of assuming it. `--qdq FILE`
-adds a row per given QDQ file (its input shape picks the size); `--no-qat` skips the QAT model.
+The QAT model is `--weights` prepared for QAT here (BN folding, power-of-two scales, the default recipe or
+--qat-recipe) and calibrated on a few shapes val images (seeded noise when the dataset is absent): a real QAT model,
+whose accuracy does not matter for latency. For each size and batch size both checkpoints are exported by export.py
+at that fixed shape (--include onnx openvino, each file checked against PyTorch), then for each thread count the
+runtimes are called in interleaved rounds (one call each per round, so load from other processes hits all alike).
+The table shows medians, the speed relative to PyTorch fp32 and, for int8 rows, relative to the fp32 model in the
+same runtime. What ran in int8 is read from the runtimes, not assumed: onnxruntime's optimized graph
+(SessionOptions.optimized_model_filepath: QLinearConv ... nodes) and OpenVINO's runtime model (the precision each
+Convolution ran in). onnxruntime gets the QDQ file as DetectMultiBackend gives it (models.backend.onnxruntime_session:
+int8 weights as uint8 + 128, which its exact int8 kernels need).
 """
 from __future__ import annotations
 
@@ -37,10 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import export
-from models.backend import (
-    ORT_QDQ_REWRITES,
-    load_pytorch_model,
-)
+from models.backend import load_pytorch_model, onnxruntime_session, openvino_compiled, openvino_xml
 from models.checkpoint import save_checkpoint
 from models.quant import calibrate, prepare_yolo_qat
 from utils.dataloaders import LoadImages
@@ -49,25 +44,6 @@ from utils.general import LOGGER
 INT8_KERNELS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QLinearAdd", "QLinearConcat",
                 "QLinearSigmoid", "QLinearMul", "QGemm", "DynamicQuantizeLinear")
 FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
-
-
-def ort_session(onnx_path, threads, optimized_model_filepath=None, as_written=False):
-    """onnxruntime CPU session with all graph optimizations; as_written=True turns off the rewrites that change a QDQ
-    graph's numbers (models.backend.ORT_QDQ_REWRITES, as DetectMultiBackend does for QDQ files)."""
-    import onnxruntime as ort
-
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3  # no notice about hardware-specific layouts in the saved optimized graph
-    # idle onnxruntime threads spin by default, which would steal the CPU from the PyTorch calls interleaved with them
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if optimized_model_filepath:
-        so.optimized_model_filepath = str(optimized_model_filepath)
-    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(ORT_QDQ_REWRITES) if as_written else [])
 
 
 def kernels_run(onnx_path, threads=1, as_written=False) -> dict:
@@ -81,11 +57,22 @@ def kernels_run(onnx_path, threads=1, as_written=False) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         opt = Path(d) / "optimized.onnx"
-        ort_session(onnx_path, threads, optimized_model_filepath=opt, as_written=as_written)
+        onnxruntime_session(onnx_path, threads=threads, as_written=as_written, optimized_model_filepath=opt)
         ops = Counter(n.op_type for n in onnx.load(str(opt), load_external_data=False).graph.node)
     int8 = {k: ops[k] for k in INT8_KERNELS if ops[k]}
     return {"ops": ops, "int8": int8, "float_convs": sum(ops[k] for k in FLOAT_CONVS),
             "qdq_left": ops["QuantizeLinear"] + ops["DequantizeLinear"], "int8_ran": bool(int8)}
+
+
+def openvino_conv_precisions(compiled) -> Counter:
+    """How many convolutions OpenVINO's CPU plugin runs in each precision (u8/i8: int8 kernels), from its runtime
+    model."""
+    found = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":
+            found[info["runtimePrecision"].astype(str)] += 1
+    return found
 
 
 def interleaved_ms(fns: dict, runs: int, warmup: int = 3) -> dict:
@@ -100,13 +87,6 @@ def interleaved_ms(fns: dict, runs: int, warmup: int = 3) -> dict:
             fn()
             times[k].append((time.perf_counter() - t) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def onnx_input_shape(onnx_path):
-    import onnx
-
-    dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_value or None for d in dims]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -132,19 +112,6 @@ def qat_checkpoint(float_weights, out_path, size=320, n_batches=2, batch_size=2,
     return Path(out_path)
 
 
-def qdq_row(onnx_path, threads=1, label="int8 QDQ (onnxruntime)", as_written=False) -> dict:
-    """How onnxruntime runs an int8 QDQ file: the kernels it really executes and a callable for timing.
-
-    Returns {"label", "run": callable running one batch-1 inference on the file's input shape, "kernels": kernels_run}.
-    """
-    session = ort_session(onnx_path, threads, as_written=as_written)
-    inp = session.get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-    x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    return {"label": label, "run": lambda: session.run(None, {inp.name: x}),
-            "kernels": kernels_run(onnx_path, threads, as_written=as_written)}
-
-
 def _kernel_note(k: dict) -> str:
     if k["int8_ran"]:
         int8 = ", ".join(f"{n} {op}" for op, n in k["int8"].items())
@@ -153,74 +120,83 @@ def _kernel_note(k: dict) -> str:
             f"(fake-quant in float)")
 
 
+def exports(weights, folder, size, batch):
+    """export.py of `weights` (copied into `folder`) at (batch, 3, size, size): (onnx path, OpenVINO folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pt = folder / Path(weights).name
+    shutil.copy(weights, pt)
+    level = LOGGER.level
+    LOGGER.setLevel("WARNING")  # the table is the output; export.py's warnings still show
+    try:
+        onnx_file, ov_folder = export.run(weights=pt, imgsz=(size, size), batch_size=batch,
+                                          include=["onnx", "openvino"])
+    finally:
+        LOGGER.setLevel(level)
+    return onnx_file, ov_folder
+
+
+def measure(model, files, size, batch, threads, runs):
+    """Median ms of each runtime at one (size, batch, threads); returns (times, notes)."""
+    torch.set_num_threads(threads)
+    im = export.sample_batch((batch, 3, size, size))
+    x = im.numpy()
+    (f32_onnx, f32_ov), (q_onnx, q_ov) = files
+    ort_f32 = onnxruntime_session(f32_onnx, threads=threads, spinning=False)
+    ort_q = onnxruntime_session(q_onnx, threads=threads, spinning=False)
+    ov_f32 = openvino_compiled(openvino_xml(f32_ov), threads=threads)
+    ov_q = openvino_compiled(openvino_xml(q_ov), threads=threads)
+    fns = {"PyTorch fp32": lambda: model(im),
+           "onnxruntime fp32": lambda: ort_f32.run(None, {"images": x}),
+           "onnxruntime int8": lambda: ort_q.run(None, {"images": x}),
+           "OpenVINO fp32": lambda: ov_f32(x),
+           "OpenVINO int8": lambda: ov_q(x)}
+    with torch.no_grad():
+        ms = interleaved_ms(fns, runs)
+    conv = openvino_conv_precisions(ov_q)
+    notes = [f"onnxruntime int8: {_kernel_note(kernels_run(q_onnx, threads))}",
+             "OpenVINO int8: convolutions by runtime precision " + ", ".join(f"{k} {v}" for k, v in conv.items())]
+    return ms, notes
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--weights", default=str(ROOT.parent / "shared/reference/yolov5n_silu.pt"), help="float .pt")
-    p.add_argument("--qat-weights", default=str(ROOT.parent / "shared/reference/yolov5n_relu.pt"),
-                   help="float .pt the QAT model is prepared from (pow2, BN folding, calibrated here)")
+    p.add_argument("--weights", default=str(ROOT.parent / "shared/reference/yolov5n_relu.pt"),
+                   help="float .pt; the QAT model is prepared from it")
     p.add_argument("--qat-recipe", default=None, help="QAT recipe yaml (data/quant/*.yaml; default: the default one)")
-    p.add_argument("--no-qat", action="store_true", help="skip the QAT model")
     p.add_argument("--sizes", nargs="+", type=int, default=[320, 640], help="square image sizes")
-    p.add_argument("--runs", type=int, default=20, help="timed rounds per size")
-    p.add_argument("--threads", type=int, default=1,
-                   help="threads for both PyTorch and onnxruntime (on a busy machine more than 1 mostly measures "
-                        "PyTorch's OpenMP threads waiting for each other)")
-    p.add_argument("--qdq", nargs="*", default=[], help="more int8 QDQ .onnx files (batch 1, one of --sizes)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="batch sizes")
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="thread counts (every runtime gets the same)")
+    p.add_argument("--runs", type=int, default=10, help="timed rounds per configuration")
     opt = p.parse_args(argv)
-    torch.set_num_threads(opt.threads)
-
-    qdq_by_size = {}
-    for f in opt.qdq:
-        shape = onnx_input_shape(f)
-        if len(shape) != 4 or shape[0] not in (1, None) or shape[2] != shape[3] or shape[3] not in opt.sizes:
-            raise SystemExit(f"--qdq {f}: input shape {shape} is not batch 1 at one of --sizes {opt.sizes}")
-        qdq_by_size.setdefault(shape[3], []).append(f)
 
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        pt = Path(tmp) / Path(opt.weights).name
-        shutil.copy(opt.weights, pt)  # export.py writes beside the weights
-        model = load_pytorch_model(pt)
-        export.prepare_for_export(model)
-        qat_pt, qat_model = None, None
-        if not opt.no_qat:
-            qat_pt = qat_checkpoint(opt.qat_weights, Path(tmp) / "qat.pt", size=min(opt.sizes), recipe=opt.qat_recipe)
-            qat_model = export.prepare_for_export(load_pytorch_model(qat_pt))
+        tmp = Path(tmp)
+        model = export.prepare_for_export(load_pytorch_model(opt.weights))
+        qat_pt = qat_checkpoint(opt.weights, tmp / "qat.pt", size=min(opt.sizes), recipe=opt.qat_recipe)
         for size in opt.sizes:
-            sub = Path(tmp) / str(size)
-            sub.mkdir()
-            shutil.copy(pt, sub / pt.name)
-            (onnx_file,) = export.run(weights=sub / pt.name, imgsz=(size, size), include=["onnx"])
-            im = export.sample_batch((1, 3, size, size))
-            x = im.numpy()
-            session = ort_session(onnx_file, opt.threads)
-            fns = {"PyTorch fp32": lambda: model(im), "onnxruntime fp32": lambda: session.run(None, {"images": x})}
-            extra = []
-            if qat_pt is not None:
-                shutil.copy(qat_pt, sub / qat_pt.name)
-                (q_file,) = export.run(weights=sub / qat_pt.name, imgsz=(size, size), include=["onnx"])
-                fns["PyTorch QAT fake-quant (fp32 ops)"] = lambda: qat_model(im)
-                extra += [qdq_row(q_file, opt.threads, "onnxruntime int8 QDQ of the QAT model, defaults"),
-                          qdq_row(q_file, opt.threads, "onnxruntime int8 QDQ of the QAT model, as written",
-                                  as_written=True)]
-            extra += [qdq_row(f, opt.threads, f"onnxruntime int8 QDQ {Path(f).name}")
-                      for f in qdq_by_size.get(size, [])]
-            for r in extra:
-                fns[r["label"]] = r["run"]
-                notes.append(f"{size}: {r['label']}: {_kernel_note(r['kernels'])}")
-            with torch.no_grad():
-                ms = interleaved_ms(fns, opt.runs)
-            base = ms["PyTorch fp32"]
-            rows += [(size, k, v, base / v) for k, v in ms.items()]
+            for batch in opt.batch_sizes:
+                files = [exports(w, tmp / f"{size}_{batch}" / kind, size, batch)
+                         for w, kind in ((opt.weights, "fp32"), (qat_pt, "qat"))]
+                for threads in opt.threads:
+                    ms, found = measure(model, files, size, batch, threads, opt.runs)
+                    base = ms["PyTorch fp32"]
+                    for k, v in ms.items():
+                        fp32 = ms.get(k.replace("int8", "fp32")) if k.endswith("int8") else None
+                        rows.append((size, batch, threads, k, v, base / v, fp32 / v if fp32 else None))
+                    notes += [f"{size} batch {batch} threads {threads}: {n}" for n in found]
 
     import onnxruntime as ort
+    import openvino as ov
 
-    qat = "" if opt.no_qat else f", QAT from {Path(opt.qat_weights).name}, recipe {opt.qat_recipe or 'default'}"
-    LOGGER.info(f"\nCPU latency, batch 1, {opt.threads} thread(s), median of {opt.runs} interleaved rounds "
-                f"(torch {torch.__version__}, onnxruntime {ort.__version__}, float {Path(opt.weights).name}{qat})")
-    LOGGER.info(f"{'size':>6} {'runtime':<58} {'ms':>9} {'speed vs PyTorch':>17}")
-    for size, k, v, ratio in rows:
-        LOGGER.info(f"{size:>6} {k:<58} {v:>9.2f} {ratio:>16.2f}x")
+    LOGGER.info(f"\nCPU latency, median of {opt.runs} interleaved rounds (torch {torch.__version__}, onnxruntime "
+                f"{ort.__version__}, openvino {ov.get_version().split('-')[0]}; {Path(opt.weights).name} and its "
+                f"pow2 QAT model, recipe {opt.qat_recipe or 'default'})")
+    LOGGER.info(f"{'size':>5} {'batch':>5} {'threads':>7}  {'runtime':<18} {'ms':>9} {'vs PyTorch fp32':>16} "
+                f"{'int8 vs fp32':>13}")
+    for size, batch, threads, k, v, ratio, vs_fp32 in rows:
+        same = f"{vs_fp32:>12.2f}x" if vs_fp32 else f"{'':>13}"
+        LOGGER.info(f"{size:>5} {batch:>5} {threads:>7}  {k:<18} {v:>9.1f} {ratio:>15.2f}x {same}")
     for n in notes:
         LOGGER.info(n)
     return rows

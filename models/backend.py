@@ -89,16 +89,24 @@ def onnxruntime_kernel_form(proto):
     return proto, changed
 
 
-def onnxruntime_session(model, providers=("CPUExecutionProvider",), as_written=False, threads=0):
+def onnxruntime_session(model, providers=("CPUExecutionProvider",), as_written=False, threads=0,
+                        optimized_model_filepath=None, spinning=True):
     """An onnxruntime InferenceSession of `model` (a path or serialized bytes) with its default optimizations, int8
     weights of a QDQ graph given to onnxruntime in onnxruntime_kernel_form (exact int8 kernels); as_written=True turns
     off ORT_QDQ_REWRITES instead, so a QDQ graph computes exactly its QuantizeLinear/DequantizeLinear semantics with
-    float kernels. threads: intra-op threads (0: ORT's default)."""
+    float kernels. threads: intra-op threads (0: ORT's default); optimized_model_filepath: where onnxruntime saves the
+    graph it runs; spinning=False stops idle threads from spinning (for timing it beside other runtimes)."""
     import onnx
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    if optimized_model_filepath:
+        so.optimized_model_filepath = str(optimized_model_filepath)
+        so.log_severity_level = 3  # no notice that the saved graph holds hardware-specific layouts
+    if not spinning:
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     disabled = list(ORT_QDQ_REWRITES) if as_written else []
     model = str(model) if isinstance(model, Path) else model
     if not as_written:

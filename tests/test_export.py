@@ -301,8 +301,6 @@ def test_benchmark_int8_kernel_inspection(tmp_path):
         found[quantize] = bench.kernels_run(f)
     assert found[True]["int8_ran"] and found[True]["int8"] == {"QLinearConv": 1} and found[True]["float_convs"] == 0
     assert not found[False]["int8_ran"] and found[False]["float_convs"] == 1
-    row = bench.qdq_row(tmp_path / "conv_True.onnx")
-    assert row["run"]()[0].shape == (1, 8, 16, 16)
 
 
 def _qdq_file(path, nodes, inits, shape, out, quantized=True):
