@@ -1,7 +1,7 @@
 """The whole point of yolov5-qat in one command (`make demo`): on the embedded shapes dataset with yolov5n, from
 the converged FP32 ReLU parent: FP32 fine-tune (the reference) and QAT with power-of-two scales on every layer, the
-same epochs, hyp and seed -> val.py of each (pycocotools) -> ONNX QDQ export checked by onnxruntime -> val.py of the
-ONNX, then one summary table with QAT's retention against the fine-tune.
+same epochs, hyp and seed -> val.py of each (pycocotools) -> ONNX QDQ and OpenVINO export checked against PyTorch ->
+val.py of both, then one summary table with QAT's retention against the fine-tune.
 
 Every stage runs the real CLI (train.py / val.py / export.py) and prints its usual output. Finished stages
 are reused when the demo runs again (delete runs/demo to start over). The parent is the shipped checkpoint
@@ -101,6 +101,13 @@ def finished(ckpt):
     return load_checkpoint(ckpt).get("epoch") == -1
 
 
+def size_mb(path) -> float:
+    """A file's size, or the total of a folder's files (an OpenVINO model), in MB."""
+    path = Path(path)
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
 def train_stage(name, args):
     best = OUT / name / "weights" / "best.pt"
     if finished(best):
@@ -145,25 +152,27 @@ def main(opt):
     rows = [("FP32 ReLU parent", relu, *val(relu, "parent")), ("FP32 fine-tune", tune, *val(tune, "fp32_tune")),
             ("QAT pow2 int8", qat, *val(qat, "qat"))]
 
-    stage(5, total, "export.py: ONNX with QuantizeLinear/DequantizeLinear (dynamic shapes), checked by onnxruntime")
+    stage(5, total, "export.py: ONNX with QuantizeLinear/DequantizeLinear and OpenVINO (dynamic shapes), checked "
+                    "against PyTorch")
     onnx = qat.with_suffix(".onnx")
-    if onnx.exists() and onnx.stat().st_mtime > qat.stat().st_mtime:
-        print(f"(reusing {onnx.relative_to(ROOT)})")
+    openvino = qat.with_name(qat.stem + "_openvino_model")
+    if onnx.exists() and onnx.stat().st_mtime > qat.stat().st_mtime and openvino.is_dir():
+        print(f"(reusing {onnx.relative_to(ROOT)} and {openvino.relative_to(ROOT)})")
     else:
-        # --dynamic: val.py then runs the file with the same rectangular batches as the .pt, so the two rows compare
-        run(["export.py", "--weights", qat, "--include", "onnx", "--dynamic", "--imgsz", IMG, IMG, "--data",
-             "shapes.yaml"], OUT / "export.log")
+        # --dynamic: val.py then runs the files with the same rectangular batches as the .pt, so the rows compare
+        run(["export.py", "--weights", qat, "--include", "onnx", "openvino", "--dynamic", "--imgsz", IMG, IMG,
+             "--data", "shapes.yaml"], OUT / "export.log")
 
-    stage(6, total, "val.py of the ONNX file (onnxruntime)")
+    stage(6, total, "val.py of the ONNX file (onnxruntime's int8 kernels) and of the OpenVINO folder")
     rows.append(("ONNX QDQ (onnxruntime)", onnx, *val(onnx, "onnx")))
+    rows.append(("OpenVINO int8", openvino, *val(openvino, "openvino")))
 
     stage(7, total, "summary")
     reference = rows[1][3]
     print(f"\n{'stage':<24}{'mAP50':>8}{'mAP50-95':>10}{'retention':>11}  {'source':<12}{'size MB':>8}  file")
     for name, f, m50, m, src in rows:
         ret = f"{m / reference * 100:.1f}%" if reference and name != "FP32 ReLU parent" else "-"
-        print(f"{name:<24}{m50:>8.3f}{m:>10.3f}{ret:>11}  {src:<12}{Path(f).stat().st_size / 1e6:>8.1f}  "
-              f"{Path(f).relative_to(ROOT)}")
+        print(f"{name:<24}{m50:>8.3f}{m:>10.3f}{ret:>11}  {src:<12}{size_mb(f):>8.1f}  {Path(f).relative_to(ROOT)}")
     print(f"retention: mAP50-95 relative to the FP32 fine-tune (the parent trained for the same {EPOCHS} epochs with "
           f"the same hyp and seed as QAT)")
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min")
