@@ -64,8 +64,8 @@ def test_train_refuses_logger_options_in_one_line(args, fragment):
 
 def test_export_refuses_other_formats_options_in_one_line():
     with pytest.raises(UserError, match=r"--int8: options of upstream's CoreML/TensorFlow/TensorRT exports; this "
-                                        r"export writes torchscript, onnx, integer only \(--include\); for an int8 "
-                                        r"model train with --qat"):
+                                        r"export writes torchscript, onnx, openvino, integer only \(--include\); "
+                                        r"for an int8 model train with --qat"):
         export.main(export.parse_opt(["--weights", "a.pt", "--int8"]))
     with pytest.raises(UserError, match="--nms, --topk-all: options of upstream's"):
         export.run(weights="a.pt", nms=True, topk_all=10)
