@@ -35,9 +35,10 @@ from utils.torch_utils import select_device as _select_device
 def _create(name, pretrained=True, channels=3, classes=80, autoshape=True, verbose=True, device=None):
     """A YOLOv5 model by release name ('yolov5s': weights/yolov5s.pt) or weights path ('path/to/best.pt').
 
-    pretrained with channels=3 and classes=80: the weights file through DetectMultiBackend (.pt, .torchscript, .onnx),
-    wrapped in AutoShape when autoshape (images in, Detections out; else the DetectMultiBackend itself). A release file
-    missing from weights/ is downloaded; without a network that is one error saying where to put it.
+    pretrained with channels=3 and classes=80: the weights file through DetectMultiBackend (.pt, .torchscript, .onnx,
+    an OpenVINO *_openvino_model folder), wrapped in AutoShape when autoshape (images in, Detections out; else the
+    DetectMultiBackend itself). A release file missing from weights/ is downloaded; without a network that is one error
+    saying where to put it.
     Other channels/classes, or pretrained=False: a DetectionModel built from models/<name>.yaml, with (pretrained) the
     checkpoint's weights of matching shape copied in, returned as it is (no AutoShape), as upstream.
     verbose=False: warnings only while loading. device: 'cpu', '0', 'cuda:0', a torch.device, None (CUDA if present).

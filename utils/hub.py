@@ -7,10 +7,10 @@
     results.save()                 # runs/detect/exp*/<image>.jpg with boxes drawn
     crops = results.crop()         # runs/detect/exp*/crops/<class>/<image>.jpg, and the crops as arrays
 
-The model behind an AutoShape is DetectMultiBackend, so a float or QAT .pt checkpoint, a .torchscript or an .onnx
-file all work the same way. Pre- and post-processing are detect.py's (letterbox, non_max_suppression, scale_boxes): one
-image gives the boxes `detect.py --save-txt` writes for it at the same size and thresholds (detect.py rounds them to
-whole pixels, AutoShape does not).
+The model behind an AutoShape is DetectMultiBackend, so a float or QAT .pt checkpoint, a .torchscript, an .onnx
+file or an OpenVINO folder all work the same way. Pre- and post-processing are detect.py's (letterbox,
+non_max_suppression, scale_boxes): one image gives the boxes `detect.py --save-txt` writes for it at the same size and
+thresholds (detect.py rounds them to whole pixels, AutoShape does not).
 
 Layering: a utils module over models/ (it wraps models.backend.DetectMultiBackend and uses utils.augmentations and
 utils.plots); only hubconf.py imports it.
