@@ -134,11 +134,13 @@ def openvino_xml(path) -> Path | None:
 def openvino_compiled(model, threads=0):
     """OpenVINO's CPU plugin compiling `model` (an .xml path or an openvino.Model) for latency; threads: inference
     threads (0: OpenVINO's default). A QDQ model's QuantizeLinear/DequantizeLinear become FakeQuantize, which the CPU
-    plugin runs as int8 convolutions (see the export_speed benchmark for what ran in int8)."""
+    plugin runs as int8 convolutions (see the export_speed benchmark for what ran in int8). Float layers run in
+    float32: on CPUs with bfloat16 units (AMX, AVX512_BF16) the plugin would otherwise run them in bfloat16, whose
+    8-bit mantissa moves outputs by about 1e-3 of their range."""
     import openvino as ov
 
     core = ov.Core()
-    config = {"PERFORMANCE_HINT": "LATENCY"}
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     return core.compile_model(core.read_model(str(model)) if isinstance(model, (str, Path)) else model, "CPU",

@@ -24,6 +24,16 @@ def _eval_output(model, x):
         return m(x)[0]
 
 
+def _computes_as_saved(model, format1):
+    """The model's output on the saved input is the saved output. Everything up to the Detect quantizers is
+    integer arithmetic and must match exactly; the sigmoid and box decoding after them run in float, whose
+    vectorised kernels round the last bit differently on other CPUs (2 of 3024 values, 2 ulp, between an AVX2 and an
+    AVX-512 machine), so 1e-6 relative is allowed: one quantization step of any tensor moves outputs by far more."""
+    torch.testing.assert_close(_eval_output(model, format1["expected"]["input"]), format1["expected"]["output"],
+                               rtol=1e-6, atol=0)
+    return True
+
+
 @pytest.fixture(scope="module")
 def format1():
     return load_checkpoint(FORMAT1)
@@ -32,7 +42,7 @@ def format1():
 def test_format1_checkpoint_loads_and_computes_as_saved(format1):
     model = format1["model"]
     assert is_quantized(model) and model.qat["pow2"] and model.model[0].conv.freeze_bn
-    assert torch.equal(_eval_output(model, format1["expected"]["input"]), format1["expected"]["output"])
+    assert _computes_as_saved(model, format1)
 
 
 def test_qat_model_saved_as_float_part_settings_and_state_dict(format1, tmp_path):
@@ -54,8 +64,7 @@ def test_qat_model_saved_as_float_part_settings_and_state_dict(format1, tmp_path
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
         assert back[key].model[0].conv.freeze_bn and not back[key].model[1].conv.freeze_bn
         assert back[key].qat == format1["model"].qat and back[key].training == format1["model"].training
-        x = format1["expected"]["input"]
-        assert torch.equal(_eval_output(back[key], x), format1["expected"]["output"])
+        assert _computes_as_saved(back[key], format1)
 
 
 def test_the_float_part_runs_as_the_qat_model_without_fake_quantization(format1):
@@ -82,8 +91,7 @@ def test_a_renamed_bst_class_does_not_break_saved_qat_checkpoints(format1, tmp_p
     try:
         assert bq.FakeQuantize is cls  # the code that builds quantizers follows the rename
         back = load_checkpoint(path)
-        x = format1["expected"]["input"]
-        assert torch.equal(_eval_output(back["model"], x), format1["expected"]["output"])
+        assert _computes_as_saved(back["model"], format1)
         with pytest.raises(UserError, match="qat_checkpoint_format1.pt: "):
             load_checkpoint(FORMAT1)
     finally:
@@ -119,7 +127,7 @@ def test_settings_that_did_not_exist_yet_take_their_defaults(format1, tmp_path):
     torch.save(raw, tmp_path / "older.pt")
     model = load_checkpoint(tmp_path / "older.pt")["model"]
     assert model.qat["rounding"] == "half_even" and model.qat["pow2_rounding"] == "ceil"
-    assert torch.equal(_eval_output(model, format1["expected"]["input"]), format1["expected"]["output"])
+    assert _computes_as_saved(model, format1)
 
 
 def test_the_file_stores_each_tensor_once(format1, tmp_path):
