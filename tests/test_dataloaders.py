@@ -15,7 +15,7 @@ import utils.dataloaders as dl
 from utils import dataset_yaml
 from utils.dataloaders import InfiniteDataLoader, LoadImages, LoadImagesAndLabels, create_dataloader, img2label_paths
 from utils.dataset_yaml import check_dataset
-from utils.general import LOGGER, UserError
+from utils.general import LOGGER, ROOT, UserError
 
 HYP = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=0.0, translate=0.1, scale=0.5, shear=0.0, perspective=0.0,
            flipud=0.0, fliplr=0.5, mosaic=1.0, mixup=0.0, copy_paste=0.0)
@@ -585,7 +585,8 @@ def test_check_dataset_downloads_and_unzips_url(tmp_path):
 
 def test_repo_yamls_are_valid():
     from utils.general import ROOT, yaml_load
-    for name, nc in (("coco.yaml", 80), ("coco128.yaml", 80), ("shapes.yaml", 10)):
+    for name, nc in (("coco.yaml", 80), ("coco128.yaml", 80), ("shapes.yaml", 10),
+                     ("shapes_val1200.yaml", 10)):
         raw = yaml_load(ROOT / "data" / name)
         assert len(raw["names"]) == nc and len(raw["category_ids"]) == nc
         with pytest.raises(UserError, match="autodownload is off"):  # not present here; nothing is fetched
@@ -647,3 +648,24 @@ def test_load_image_rounds_resized_sides_up_as_upstream(tmp_path, w, h):
     r = 256 / max(w, h)
     assert hw0 == (h, w)
     assert hw == im.shape[:2] == (math.ceil(h * r), math.ceil(w * r))
+
+
+def test_shapes_val1200_is_shapes_with_more_val_images(tmp_path, monkeypatch):
+    """data/shapes_val1200.yaml: shapes' train split and val images, then more val images from the same stream."""
+    from utils.shapes import generate
+    small, big = generate(tmp_path / "small", n_train=1, n_val=2), generate(tmp_path / "big", n_train=1, n_val=4)
+    for split, n in (("train", 1), ("val", 2)):
+        for i in range(1, n + 1):
+            for kind, ext in (("images", "jpg"), ("labels", "txt")):
+                f = f"{kind}/{split}/{i:06d}.{ext}"
+                assert (small / f).read_bytes() == (big / f).read_bytes(), f
+    assert len(list((big / "images/val").glob("*.jpg"))) == 4
+
+    calls = []
+    monkeypatch.setattr(dataset_yaml, "generate", lambda root, **kw: calls.append((Path(root), kw)))
+    yaml_text = (ROOT / "data" / "shapes_val1200.yaml").read_text().replace("datasets/shapes_val1200",
+                                                                           str(tmp_path / "v1200"))
+    f = write_yaml(tmp_path / "v.yaml", yaml_text)
+    with pytest.raises(UserError):  # the monkeypatched generator wrote nothing, so the val split is still missing
+        check_dataset(f)
+    assert calls == [(tmp_path / "v1200", {"n_val": 1200})]

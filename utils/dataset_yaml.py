@@ -31,7 +31,12 @@ def _generate_shapes(root: Path):
     generate(root)
 
 
-GENERATORS = {"shapes": _generate_shapes}  # name -> callable(dataset_root), for `download: generate:NAME`
+def _generate_shapes_val1200(root: Path):
+    generate(root, n_val=1200)  # the same 600 train images; val images 1-150 are shapes' val split
+
+
+GENERATORS = {"shapes": _generate_shapes,  # name -> callable(dataset_root), for `download: generate:NAME`
+              "shapes-val1200": _generate_shapes_val1200}
 
 
 def _names_dict(names, where):
