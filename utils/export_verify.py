@@ -353,10 +353,10 @@ def verify_openvino(model, folder, onnx_path, im, quantized, rtol=FLOAT_RTOL, ch
 
     Float models: as verify_onnx (FLOAT_RTOL, HALF_RTOL for float16 weights); a failure raises UserError with
     check=True. QAT models: OpenVINO runs the QDQ graph with its own int8 convolutions, whose arithmetic this project
-    does not control (on x86 CPUs without VNNI, where 8-bit products are summed in 16 bits, they do not compute the
-    exact integers; see README); the raw head outputs (read through a probe converted from `onnx_path`) and the
-    decoded output are compared with the fake-quant model and reported, with a warning beyond one output step; an
-    output that is not finite or missing is an error. Returns the comparison with `output` (decoded) and `shape`."""
+    does not control (they do not compute the exact integers, with or without VNNI; see README); the raw head
+    outputs (read through a probe converted from `onnx_path`) and the decoded output are compared with the
+    fake-quant model and reported, with a warning beyond one output step; an output that is not finite or missing
+    is an error. Returns the comparison with `output` (decoded) and `shape`."""
     import openvino as ov
 
     x = im.detach().float().cpu().numpy()
