@@ -302,10 +302,13 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False, save_hybrid=False,
         save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False, half=True,
         dnn=False, model=None, dataloader=None, save_dir=Path(""), plots=True, callbacks=None, compute_loss=None,
-        ptq=False, pow2_scale=False, bn_folding=False, qat_recipe="", calib_batches=32, ptq_save=""):
+        ptq=False, pow2_scale=False, bn_folding=False, qat_recipe="", calib_batches=32, ptq_save="",
+        image_stats=None):
     """Evaluate `model` on `dataloader` (train.py), or the weights file(s) on data's --task split (val.py), which
     --ptq first quantizes (post_training_quantize). Returns ((P, R, mAP50, mAP50-95, *losses), mAP per class,
-    (pre-process, inference, NMS) ms per image)."""
+    (pre-process, inference, NMS) ms per image). image_stats: a list that gets (image path, that image's
+    (correct, conf, pred class, label class) tensors, or None when it has neither predictions nor labels) for every
+    image, in the loader's order: what the metrics are computed from, for statistics over images."""
     training = model is not None
     if training:  # called by train.py
         device, pt = next(model.parameters()).device, True
@@ -373,8 +376,11 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         for si, pred in enumerate(preds):
             path = Path(paths[si])
             seen += 1
+            n_stats = len(stats)
             predn = image_statistics(pred, targets[targets[:, 0] == si, 1:], im[si].shape[1:], shapes[si], iouv, nc,
                                      single_cls, stats, confusion_matrix if plots else None)
+            if image_stats is not None:
+                image_stats.append((str(path), stats[-1] if len(stats) > n_stats else None))
             if predn is None:
                 continue
             if save_txt:

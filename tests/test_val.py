@@ -467,3 +467,31 @@ def test_ptq_quantizes_evaluates_and_saves_the_float_checkpoint(shapes_subset, t
     assert is_quantized(attempt_load(str(saved), "cpu", fuse=False))
     with pytest.raises(UserError, match="needs a float PyTorch .pt checkpoint"):
         val.run(str(data_yaml), weights=str(saved), ptq=True, calib_batches=1, **kw)
+
+
+def test_image_stats_give_back_the_metrics_and_bootstrap_the_spread(shapes_subset, tmp_path):
+    """val.run(image_stats=[...]) records what each image contributed; benchmarks/val_batch.py recomputes mAP50-95
+    from it (all weights 1: val.run's own number), and the bootstrap of two identical
+    checkpoints gives a spread difference of 0 on every resample while a different one does not."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("val_batch", ROOT / "benchmarks" / "val_batch.py")
+    vb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vb)
+    data_yaml, n_images, _ = shapes_subset
+    flats, maps = [], []
+    for b in (1, 4):
+        image_stats = []
+        r = val.run(str(data_yaml), weights=str(ROOT / "weights" / "shapes_yolov5n_relu.pt"), imgsz=256, batch_size=b,
+                    workers=0, plots=False, project=tmp_path, name="v", exist_ok=True, device="cpu",
+                    image_stats=image_stats)[0]
+        assert r[3] > 0.2 and len(image_stats) == n_images and len({p for p, _ in image_stats}) == n_images
+        flat = vb.flatten(image_stats)
+        ones = np.ones(n_images, dtype=int)
+        assert vb.weighted_map(flat, ones) == pytest.approx(r[3], abs=1e-12)
+        flats.append(flat)
+        maps.append(r[3])
+    same = vb.bootstrap_spreads([flats, flats], 5)
+    assert same.shape == (5, 2) and (same[:, 0] == same[:, 1]).all()
+    shuffled = [flats[0], (*flats[1][:1], flats[1][1][::-1].copy(), *flats[1][2:])]  # confidences of b4 reversed
+    other = vb.bootstrap_spreads([flats, shuffled], 5)
+    assert (other[:, 0] != other[:, 1]).any()
