@@ -14,7 +14,8 @@ The table shows medians, the speed relative to PyTorch fp32 and, for int8 rows, 
 same runtime. What ran in int8 is read from the runtimes, not assumed: onnxruntime's optimized graph
 (SessionOptions.optimized_model_filepath: QLinearConv ... nodes) and OpenVINO's runtime model (the precision each
 Convolution ran in). onnxruntime gets the QDQ file as DetectMultiBackend gives it (models.backend.onnxruntime_session:
-int8 weights as uint8 + 128, which its exact int8 kernels need).
+int8 weights as stored on a CPU with VNNI, else as uint8 + 128, so that its int8 kernels are exact); the header says
+which.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import export
-from models.backend import load_pytorch_model, onnxruntime_session, openvino_compiled, openvino_xml
+from models.backend import int8_weight_form, load_pytorch_model, onnxruntime_session, openvino_compiled, openvino_xml
 from models.checkpoint import save_checkpoint
 from models.quant import calibrate, prepare_yolo_qat
 from utils.dataloaders import LoadImages
@@ -191,7 +192,8 @@ def main(argv=None):
 
     LOGGER.info(f"\nCPU latency, median of {opt.runs} interleaved rounds (torch {torch.__version__}, onnxruntime "
                 f"{ort.__version__}, openvino {ov.get_version().split('-')[0]}; {Path(opt.weights).name} and its "
-                f"pow2 QAT model, recipe {opt.qat_recipe or 'default'})")
+                f"pow2 QAT model, recipe {opt.qat_recipe or 'default'}; onnxruntime int8 weights given as "
+                f"{int8_weight_form()}, CPU {'with' if int8_weight_form() == 'int8' else 'without'} VNNI)")
     LOGGER.info(f"{'size':>5} {'batch':>5} {'threads':>7}  {'runtime':<18} {'ms':>9} {'vs PyTorch fp32':>16} "
                 f"{'int8 vs fp32':>13}")
     for size, batch, threads, k, v, ratio, vs_fp32 in rows:

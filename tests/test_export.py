@@ -366,8 +366,8 @@ def test_int8_kernels_are_exact_in_kernel_form(tmp_path):
     f, x, exact = _saturating_conv(tmp_path / "conv.onnx", np.random.default_rng(0))
     written = onnxruntime_session(f, as_written=True).run(None, {"x": x})[0]
     assert np.array_equal(written, exact)
-    kernels = onnxruntime_session(f).run(None, {"x": x})[0]
-    assert np.array_equal(kernels, exact)
+    for weights in ("uint8", None):  # the kernel form, and what this CPU gets by default
+        assert np.array_equal(onnxruntime_session(f, weights=weights).run(None, {"x": x})[0], exact)
     form, changed = onnxruntime_kernel_form(onnx.load(str(f)))
     assert changed == 1
     w = {t.name: onnx.numpy_helper.to_array(t) for t in form.graph.initializer}
@@ -375,6 +375,27 @@ def test_int8_kernels_are_exact_in_kernel_form(tmp_path):
                                                        onnx.numpy_helper.to_array(onnx.load(str(f)).graph.initializer[2]))
     assert (w["w_zero_point_u8"] == 128).all() and "zw" not in w  # the unused int8 zero point is dropped
     assert bench.kernels_run(f)["int8"] == {"QLinearConv": 1}  # and it still runs as an int8 kernel
+
+
+def test_int8_weights_stay_int8_only_on_cpus_with_vnni(tmp_path, monkeypatch):
+    """With VNNI (VPDPBUSD sums u8 x s8 products in 32 bits) onnxruntime's kernel for int8 weights is exact, and the
+    faster one, so onnxruntime_session keeps the weights as stored there; elsewhere it hands them over as uint8."""
+    import platform
+
+    import models.backend as backend
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for flags, form in (({"avx2", "fma"}, "uint8"), ({"avx2", "avx512_vnni"}, "int8"), ({"avx_vnni"}, "int8")):
+        monkeypatch.setattr(backend, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert backend.int8_weight_form() == form
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert backend.int8_weight_form() == "uint8"
+    monkeypatch.undo()
+    if backend.int8_weight_form() == "int8":  # this CPU has VNNI: the stored int8 weights must give the exact numbers
+        f, x, exact = _saturating_conv(tmp_path / "conv.onnx", np.random.default_rng(2))
+        assert np.array_equal(backend.onnxruntime_session(f, weights="int8").run(None, {"x": x})[0], exact)
+    with pytest.raises(ValueError, match="weights='int4'"):
+        backend.onnxruntime_session(tmp_path / "conv.onnx", weights="int4")
 
 
 def test_backend_uses_int8_kernels_only_where_they_equal_the_graph(tmp_path):
