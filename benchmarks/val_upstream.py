@@ -55,7 +55,12 @@ print("OURS_RESULT " + json.dumps([float(x) for x in r[0][:4]]))
 
 DRIVER = """
 import json, sys
-import yolov5.models.common, yolov5.utils.downloads, yolov5.utils.general
+import yolov5.models, yolov5.models.common, yolov5.models.experimental, yolov5.models.yolo
+import yolov5.utils.downloads, yolov5.utils.general
+# a checkpoint pickles its classes as models.common.Conv etc.; resolved to the package's own modules, upstream's fuse()
+# recognises them (isinstance) and folds Conv+BN as a v7.0 clone does, instead of running BN unfused
+sys.modules.update({name: getattr(yolov5.models, name.split(".")[1]) if "." in name else yolov5.models
+                    for name in ("models", "models.common", "models.experimental", "models.yolo")})
 from yolov5 import val
 for m in (yolov5.models.common, yolov5.utils.downloads):  # the pip package's hub lookup (network, not v7.0's code)
     m.attempt_download_from_hub = lambda *a, **k: None

@@ -20,6 +20,7 @@ utils/checkpoint.py.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from copy import deepcopy
 from datetime import datetime
@@ -51,8 +52,10 @@ def safe_globals() -> list:
     # class to eval/exec), imports, evaluates or calls what it is given (tests/test_checkpoint_security.py)
     extra = [set, tuple, slice]
     # upstream training checkpoints may store numpy scalars/arrays (best_fitness, results)
-    core = getattr(np, "_core", None) or np.core
-    extra += [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    # numpy 2 keeps them in numpy._core; numpy 1.26 also has a numpy._core shim, loaded or not, so ask by version
+    multiarray = importlib.import_module("numpy._core.multiarray" if int(np.__version__.split(".")[0]) >= 2
+                                         else "numpy.core.multiarray")
+    extra += [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
     extra += [type(np.dtype(t)) for t in ("float64", "float32", "int64")]
     return project + list(_NN_CLASSES) + extra + checkpoint_classes()
 

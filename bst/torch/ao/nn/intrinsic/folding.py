@@ -26,6 +26,10 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d,
     if dtype is not None:
         weight, mean, beta = weight.to(dtype), mean.to(dtype), beta.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    if bias is None:
-        bias = torch.zeros_like(mean)
-    return weight * factor.reshape(-1, 1, 1, 1), beta + (bias - mean) * factor
+    gamma, std = bn.weight, torch.sqrt(bn.running_var + bn.eps)
+    if dtype is not None:
+        gamma, std = gamma.to(dtype), std.to(dtype)
+    # rounded in the order YOLOv5 v7.0's fuse_conv_and_bn rounds (factor x conv bias, plus beta - gamma x mean / std),
+    # so a fused float model computes bit for bit what upstream's does
+    shift = beta - gamma * mean / std
+    return weight * factor.reshape(-1, 1, 1, 1), shift if bias is None else factor * bias + shift
