@@ -88,11 +88,12 @@ def initialize_weights(model):
 
 
 def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A Conv2d equal to bn(conv(x)) in eval mode: w' = w * g / s, b' = beta + (b - mean) * g / s."""
+    """A Conv2d equal to bn(conv(x)) in eval mode: w' = w * g / s, b' = b * g / s + beta - g * mean / s, rounded as
+    upstream rounds it (a fused float model computes bit for bit what upstream's computes)."""
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, conv.groups, bias=True).requires_grad_(False).to(conv.weight.device)
     with torch.no_grad():
-        w, b = fold_bn(conv.weight, conv.bias, bn, dtype=torch.float32)
+        w, b = fold_bn(conv.weight, conv.bias, bn, dtype=torch.float32, upstream_rounding=True)
     fused.weight.copy_(w.to(fused.weight.dtype))
     fused.bias.copy_(b.to(fused.bias.dtype))
     return fused

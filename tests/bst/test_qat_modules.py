@@ -142,7 +142,9 @@ def test_to_float_folds_bn_exactly_enough():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_bn_folding_is_one_computation(bias):
-    """fuse_modules, ConvBn2d.folded_weight_bias and the YOLO fuse_conv_and_bn fold BN bit-identically."""
+    """fuse_modules and ConvBn2d.folded_weight_bias fold BN bit-identically; the YOLO fuse_conv_and_bn gives the
+    same weight and rounds the bias in upstream's order (factor x bias + beta - gamma x mean / std), which differs
+    from the QAT order in the last bit at most."""
     import copy
 
     from utils.torch_utils import fuse_conv_and_bn
@@ -162,8 +164,18 @@ def test_bn_folding_is_one_computation(bias):
     assert type(qat) is nniqat.ConvBn2d
     qat_w, qat_b = qat.folded_weight_bias()
     yolo = fuse_conv_and_bn(conv, bn)
-    for w, b in ((qat_w, qat_b), (yolo.weight, yolo.bias)):
-        assert torch.equal(folded.weight, w) and torch.equal(folded.bias, b)
+    assert torch.equal(folded.weight, qat_w) and torch.equal(folded.bias, qat_b)
+    assert torch.equal(folded.weight, yolo.weight)
+    with torch.no_grad():
+        std = torch.sqrt(bn.running_var + bn.eps)
+        factor = bn.weight / std
+        upstream_bias = bn.bias - bn.weight * bn.running_mean / std
+        if bias:
+            upstream_bias = factor * conv.bias + upstream_bias
+        qat_order = bn.bias + ((conv.bias if bias else torch.zeros(6)) - bn.running_mean) * factor
+    assert torch.equal(qat_b, qat_order)  # what trained QAT checkpoints were rounded with: must never change
+    assert torch.equal(yolo.bias, upstream_bias)
+    torch.testing.assert_close(yolo.bias, folded.bias, rtol=2e-7, atol=1e-7)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(folded(x), bn(conv(x)), atol=1e-5, rtol=0)
