@@ -190,10 +190,11 @@ def main(argv=None):
     import onnxruntime as ort
     import openvino as ov
 
+    form = int8_weight_form()
     LOGGER.info(f"\nCPU latency, median of {opt.runs} interleaved rounds (torch {torch.__version__}, onnxruntime "
                 f"{ort.__version__}, openvino {ov.get_version().split('-')[0]}; {Path(opt.weights).name} and its "
-                f"pow2 QAT model, recipe {opt.qat_recipe or 'default'}; onnxruntime int8 weights given as "
-                f"{int8_weight_form()}, CPU {'with' if int8_weight_form() == 'int8' else 'without'} VNNI)")
+                f"pow2 QAT model, recipe {opt.qat_recipe or 'default'}; onnxruntime int8 weights given as {form}, "
+                f"CPU {'with' if form == 'int8' else 'without'} VNNI)")
     LOGGER.info(f"{'size':>5} {'batch':>5} {'threads':>7}  {'runtime':<18} {'ms':>9} {'vs PyTorch fp32':>16} "
                 f"{'int8 vs fp32':>13}")
     for size, batch, threads, k, v, ratio, vs_fp32 in rows:

@@ -78,7 +78,7 @@ def bootstrap_spreads(flats, n, seed=0):
 
 def main(opt):
     for w in opt.weights:
-        if not Path(w).is_file() and not Path(w).is_dir():
+        if not Path(w).exists():  # a file, or an exported model's folder
             raise UserError(f"--weights {w}: file not found")
     if opt.bootstrap < 0:
         raise UserError(f"--bootstrap {opt.bootstrap}: give a number of resamples, 0 for none")

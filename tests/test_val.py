@@ -478,7 +478,7 @@ def test_image_stats_give_back_the_metrics_and_bootstrap_the_spread(shapes_subse
     vb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vb)
     data_yaml, n_images, _ = shapes_subset
-    flats, maps = [], []
+    flats = []
     for b in (1, 4):
         image_stats = []
         r = val.run(str(data_yaml), weights=str(ROOT / "weights" / "shapes_yolov5n_relu.pt"), imgsz=256, batch_size=b,
@@ -489,7 +489,6 @@ def test_image_stats_give_back_the_metrics_and_bootstrap_the_spread(shapes_subse
         ones = np.ones(n_images, dtype=int)
         assert vb.weighted_map(flat, ones) == pytest.approx(r[3], abs=1e-12)
         flats.append(flat)
-        maps.append(r[3])
     same = vb.bootstrap_spreads([flats, flats], 5)
     assert same.shape == (5, 2) and (same[:, 0] == same[:, 1]).all()
     shuffled = [flats[0], (*flats[1][:1], flats[1][1][::-1].copy(), *flats[1][2:])]  # confidences of b4 reversed
