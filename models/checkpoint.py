@@ -20,12 +20,11 @@ utils/checkpoint.py.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from copy import deepcopy
 from datetime import datetime
 
-import numpy as np
+import torch
 import torch.nn as nn
 
 from bst.torch.ao import quantization as bq
@@ -34,10 +33,12 @@ from models.quant import checkpoint_classes, float_model, is_quantized, prepare_
 from models.yolo import Detect, DetectionModel, Ensemble
 from utils.checkpoint import atomic_save, safe_load
 from utils.general import LOGGER, UserError
+from utils.safe_pickle import object_name
 
 QAT_FORMAT = 2  # 1: the QAT modules pickled whole (read as they are); 2: float part + settings + state_dict
 QAT_KEYS = ("model", "ema")
 
+RELEASE_ALIASES = ("Model",)  # models.yolo names of DetectionModel in earlier release generations
 _NN_CLASSES = (
     nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Linear, nn.Dropout, nn.Identity,
     nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Sigmoid, nn.Sequential, nn.ModuleList,
@@ -45,19 +46,17 @@ _NN_CLASSES = (
 )
 
 
-def safe_globals() -> list:
-    """Every class and constructor a YOLOv5 checkpoint may unpickle."""
+def safe_globals() -> dict:
+    """Every class a YOLOv5 checkpoint may hold ("module.Name" -> class), under the names torch pickles them by.
+
+    Only classes (allocated by the reader, never called) and the QAT output hook (a value); the plain-data
+    reconstructors (tensors, OrderedDict, numpy values) belong to utils/safe_pickle.py. Releases before v7.0 pickle
+    the detection model as models.yolo.Model, the name v7.0 keeps as an alias of DetectionModel."""
     project = [DetectionModel, Detect, Conv, DWConv, Bottleneck, C3, SPP, SPPF, Focus, Concat, Ensemble]
-    # plain-data constructors only: never a callable that reads attributes (getattr let a pickle walk from an allowed
-    # class to eval/exec), imports, evaluates or calls what it is given (tests/test_checkpoint_security.py)
-    extra = [set, tuple, slice]
-    # upstream training checkpoints may store numpy scalars/arrays (best_fitness, results)
-    # numpy 2 keeps them in numpy._core; numpy 1.26 also has a numpy._core shim, loaded or not, so ask by version
-    multiarray = importlib.import_module("numpy._core.multiarray" if int(np.__version__.split(".")[0]) >= 2
-                                         else "numpy.core.multiarray")
-    extra += [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
-    extra += [type(np.dtype(t)) for t in ("float64", "float32", "int64")]
-    return project + list(_NN_CLASSES) + extra + checkpoint_classes()
+    allowed = {object_name(o): o for o in project + list(_NN_CLASSES) + checkpoint_classes()}
+    allowed.update({f"models.yolo.{alias}": DetectionModel for alias in RELEASE_ALIASES})
+    allowed["models.experimental.Ensemble"] = Ensemble  # upstream's home of Ensemble
+    return allowed
 
 
 def build_checkpoint(model, *, ema=None, updates=None, epoch=-1, best_fitness=None, optimizer=None, last_opt_step=None,
@@ -73,16 +72,131 @@ def build_checkpoint(model, *, ema=None, updates=None, epoch=-1, best_fitness=No
 
 
 def load_checkpoint(path, map_location="cpu", trust=False):
-    """A YOLOv5 checkpoint dict, unpickled with the allowlist above (everything when trusted), its QAT models
-    rebuilt (see the module docstring)."""
+    """A YOLOv5 checkpoint dict, unpickled with the allowlist above (everything when trusted), its models checked
+    (`check_model`) and its QAT models rebuilt (see the module docstring)."""
     ckpt = safe_load(path, safe_globals(), map_location=map_location, trust=trust)
-    if isinstance(ckpt, dict) and ckpt.get("qat_state") is not None:
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: not a YOLOv5 checkpoint (torch.save of a {type(ckpt).__name__}, not of a dict with "
+                        f"'model'); give a .pt file written by train.py or a YOLOv5 release")
+    for key in QAT_KEYS:
+        if ckpt.get(key) is not None:
+            check_model(ckpt[key], f"{path}: '{key}'")
+    if ckpt.get("qat_state") is not None:
         states = ckpt.pop("qat_state")
         if not isinstance(states, dict) or not set(states) <= set(QAT_KEYS):
             raise UserError(f"{path}: corrupt QAT checkpoint (qat_state must map model/ema to their QAT state)")
         for key, state in states.items():
             ckpt[key] = rebuild_qat_model(ckpt.get(key), state, path)
     return ckpt
+
+
+_HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_forward_pre_hooks", "_state_dict_hooks",
+          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_DATA_OVER_METHODS = {"type": str}  # parse_model's layer attribute `type` (the module's name) hides nn.Module.type
+_MODULE_DICTS = {"_parameters": (nn.Parameter, torch.Tensor), "_buffers": (torch.Tensor,), "_modules": (nn.Module,)}
+
+
+def check_model(model, where: str):
+    """What a checkpoint's model must be before anything runs it: a DetectionModel whose layers are wired as
+    parse_model wires them, with the attribute types the code reads, no hooks (a QAT model's output-quantizer hook
+    aside), no instance attribute shadowing a method, and a float model must run a 64x64 image. UserError (one line,
+    naming `where`) otherwise."""
+    def bad(what):
+        raise UserError(f"{where} {what}; give a checkpoint written by train.py or a YOLOv5 release")
+
+    if not isinstance(model, DetectionModel):
+        bad(f"is a {type(model).__name__}, not a YOLOv5 DetectionModel")
+    for name, m in model.named_modules():
+        at = f"module {name or 'model'} ({type(m).__name__})"
+        for attr, kinds in _MODULE_DICTS.items():
+            d = m.__dict__.get(attr)
+            if not isinstance(d, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, kinds))
+                                                  for k, v in d.items()):
+                bad(f"has a malformed {at}: {attr}")
+        for attr in _HOOKS:
+            hooks = m.__dict__.get(attr, {})
+            allowed = (bq.output_quantizer_hook,) if attr == "_forward_hooks" else ()
+            if not isinstance(hooks, dict) or any(h not in allowed for h in hooks.values()):
+                bad(f"has {attr.strip('_').replace('_', ' ')} on {at} (a checkpoint stores none)")
+        for attr, value in m.__dict__.items():
+            if attr.startswith("_") or not callable(getattr(type(m), attr, None)):
+                continue
+            if not (attr in _DATA_OVER_METHODS and isinstance(value, _DATA_OVER_METHODS[attr])):
+                bad(f"has an attribute '{attr}' on {at} that shadows its method")
+    layers = model.__dict__["_modules"].get("model")
+    detect = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
+    if not isinstance(detect, Detect):
+        bad("has no Detect layer at the end of model.model")
+    _check_wiring(model, layers, bad)
+    _check_detect(detect, bad)
+    names = getattr(model, "names", None)
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names)] if all(isinstance(k, int) for k in names) else None
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        bad(f"has names of type {type(getattr(model, 'names', None)).__name__}; they must be a list of class names "
+            f"or an {{index: name}} dict")
+    stride = getattr(model, "stride", None)
+    if stride is not None and not (isinstance(stride, torch.Tensor) and stride.ndim <= 1 and stride.numel()
+                                   and bool(torch.isfinite(stride).all() and (stride > 0).all())):
+        bad("has a stride that is not a tensor of positive numbers")
+    if not is_quantized(model):
+        _run_probe(model, bad)
+
+
+def _check_wiring(model, layers, bad):
+    save = getattr(model, "save", None)
+    if not isinstance(save, list) or not all(isinstance(i, int) and 0 <= i < len(layers) for i in save):
+        bad("has a 'save' list that does not name its layers")
+    for i, m in enumerate(layers):
+        f = getattr(m, "f", None)
+        ok = isinstance(f, int) and (f == -1 or 0 <= f < i) or isinstance(f, list) and f and all(
+            isinstance(j, int) and (j == -1 or 0 <= j < i) for j in f)
+        if getattr(m, "i", None) != i or not ok or (i == 0 and f != -1):
+            bad(f"has layer {i} wired from {f!r} (index {getattr(m, 'i', None)!r}); layers take earlier layers")
+        for j in [f] if isinstance(f, int) else f:
+            if j not in (-1, i - 1) and j not in save:
+                bad(f"has layer {i} reading layer {j}, which the model does not keep ('save')")
+
+
+def _check_detect(m, bad):
+    ints = {k: getattr(m, k, None) for k in ("nc", "no", "nl", "na")}
+    if not all(isinstance(v, int) and v > 0 for v in ints.values()) or ints["no"] != ints["nc"] + 5:
+        bad(f"has a Detect layer with counts {ints} (nc, no = nc + 5, nl, na must be positive integers)")
+    anchors, convs = getattr(m, "anchors", None), getattr(m, "m", None)
+    if not isinstance(anchors, torch.Tensor) or tuple(anchors.shape) != (m.nl, m.na, 2):
+        bad(f"has Detect anchors that are not a ({m.nl}, {m.na}, 2) tensor")
+    if not isinstance(convs, nn.ModuleList) or len(convs) != m.nl:
+        bad(f"has a Detect layer with {len(convs) if isinstance(convs, nn.ModuleList) else 'no'} convs for {m.nl} "
+            f"levels")
+    stride = getattr(m, "stride", None)
+    if stride is not None and not (isinstance(stride, torch.Tensor) and stride.numel() == m.nl):
+        bad(f"has a Detect stride that is not a tensor of {m.nl} strides")
+    for k in ("grid", "anchor_grid"):
+        if not isinstance(getattr(m, k, []), (list, torch.Tensor)):
+            bad(f"has a Detect {k} that is neither a list nor a tensor")
+
+
+@torch.no_grad()
+def _run_probe(model, bad):
+    """One eval forward of a 64x64 zero image in the model's dtype (grids are rebuilt by the loaders anyway)."""
+    detect = model.model[-1]
+    training, grid, anchor_grid = model.training, detect.grid, detect.anchor_grid
+    p = next(model.parameters(), None)
+    try:
+        detect.grid, detect.anchor_grid = [torch.empty(0)] * detect.nl, [torch.empty(0)] * detect.nl
+        x = torch.zeros(1, model.yaml.get("ch", 3) if isinstance(getattr(model, "yaml", None), dict) else 3, 64, 64,
+                        dtype=p.dtype if p is not None else torch.float32,
+                        device=p.device if p is not None else "cpu")
+        out = model.eval()(x)
+        if not isinstance(out, tuple) or not isinstance(out[0], torch.Tensor) or out[0].shape[-1] != detect.no:
+            bad("does not compute detections")
+    except UserError:
+        raise
+    except Exception as e:  # wrong layer types or shapes fail in many ways; the user gets one line
+        bad(f"does not run as a detection model ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+    finally:
+        model.train(training)
+        detect.grid, detect.anchor_grid = grid, anchor_grid
 
 
 def save_checkpoint(obj, path):

@@ -35,7 +35,7 @@ def _getattr(obj: bytes, name: str) -> bytes:
 def exploit_pickle(marker, cls=("torch.nn.modules.linear", "Identity"), via=("models.common", "Conv")) -> bytes:
     """{'epoch': 1, 'x': <allowlisted instance that ran `open(marker, 'w')` while being unpickled>} (protocol 2)."""
     code = f"open({str(marker)!r}, 'w').close()"
-    inst = _global(*cls) + b")R" + b"q\x01"  # an allowlisted module instance, memo 1
+    inst = _global(*cls) + b")\x81" + b"q\x01"  # an allowlisted module instance (NEWOBJ, as torch pickles), memo 1
     globals_dict = _getattr(_getattr(_global(*via), "forward"), "__globals__")
     builtins_dict = _getattr(b"h\x01", "__builtins__")
     setstate = b"}" + _str("__setstate__") + _getattr(b"h\x01", "exec") + b"s"
@@ -97,14 +97,14 @@ def test_allowlist_holds_no_callable_that_reaches_arbitrary_objects():
     import functools
     import operator
 
-    allowed = safe_globals()
+    allowed = list(safe_globals().values())
     dangerous = [getattr, setattr, delattr, eval, exec, compile, __import__, globals, vars, open, builtins.input,
                  functools.partial, functools.reduce, operator.attrgetter, operator.itemgetter, operator.methodcaller]
     assert not [d for d in dangerous if any(a is d for a in allowed)]
     functions = [a for a in allowed if not isinstance(a, type)]
     names = sorted(f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', f)}" for f in functions)
-    # numpy's array/scalar reconstructors (upstream checkpoints store numpy values) and the QAT output hook
-    assert all(n.startswith(("numpy.", "bst.")) for n in names), names
+    # classes only (the reader allocates them, never calls them), and the QAT output hook as a value
+    assert names == ["bst.torch.ao.quantization.quantize._output_quantizer_hook"], names
 
 
 def test_legitimate_checkpoints_still_load(tmp_path):

@@ -1,9 +1,10 @@
 """Loading and saving checkpoint files safely (what a checkpoint holds is models/checkpoint.py's business).
 
-Loading: a YOLOv5 checkpoint pickles whole modules, and unpickling can run arbitrary code. `safe_load` loads with
-`torch.load(weights_only=True)` and an explicit allowlist of classes given by the caller. A file that needs anything
-else is refused with a message naming the class. To load a file you trust anyway, pass `trust=True` or set the
-environment variable YOLOV5_TRUST_CHECKPOINTS=1.
+Loading: a YOLOv5 checkpoint pickles whole modules, and unpickling can run arbitrary code. `safe_load` reads the
+file as data (utils/safe_pickle.py): only the classes of an allowlist given by the caller, allocated and given their
+state as torch pickles them, never constructed or called by the file. A file that needs anything else is refused in
+one line naming what it asked for. To load a file you trust anyway, pass `trust=True` or set the environment variable
+YOLOV5_TRUST_CHECKPOINTS=1.
 
 Saving: written to a temporary file in the same folder and renamed over the target, so a kill during
 a save never leaves a truncated checkpoint.
@@ -14,12 +15,12 @@ import os
 import pickle
 import socket
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 
 from utils.general import LOGGER, ROOT, UserError
+from utils.safe_pickle import object_name, pickle_module
 
 TRUST_ENV = "YOLOV5_TRUST_CHECKPOINTS"
 RELEASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.0/{}"
@@ -59,40 +60,45 @@ def _trusted(trust) -> bool:
 
 
 def safe_load(path, allowed, map_location="cpu", trust=False):
-    """torch.load a checkpoint allowing only the classes in `allowed` to be unpickled (everything, when trusted);
-    clear one-line errors for bad files."""
+    """Load a torch.save checkpoint as data (utils/safe_pickle.py): only the classes and values of `allowed`
+    ("module.Name" -> object, or a list of objects) may appear, and classes are allocated, never called. Everything
+    is unpickled when trusted. Any problem with the file is one UserError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     with open(path, "rb") as f:
         head = f.read(4)
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or its legacy pickle
+    if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":  # torch's zip format, or its legacy pickle
         raise UserError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor its legacy format); "
                         f"give a .pt file written by train.py or torch.save")
+    if _trusted(trust):
+        return _torch_load(path, map_location, None)
+    if not head.startswith(b"PK\x03\x04"):
+        raise UserError(f"{path}: written in torch's legacy (pre-1.6) format, which is read only from trusted files; "
+                        f"set {TRUST_ENV}=1 if you trust it, or torch.save it again with a current torch")
+    if not isinstance(allowed, dict):
+        allowed = {object_name(o): o for o in allowed}
     try:
-        if _trusted(trust):
-            return torch.load(path, map_location=map_location, weights_only=False)
-        with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return _torch_load(path, map_location, pickle_module(allowed))
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Unsupported global" in msg or "not an allowed global" in msg or "GLOBAL" in msg:
-            names = _unsafe_globals(path, allowed)
-            what = ", ".join(names) if names else msg.splitlines()[0]
-            raise UserError(f"{path}: refused to load, it pickles {what}, which is not on the YOLOv5 checkpoint "
-                            f"allowlist; if you trust this file, set {TRUST_ENV}=1") from None
-        raise UserError(f"{path}: corrupt or not a PyTorch checkpoint ({msg.splitlines()[0][:120]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, TypeError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"{path}: corrupt or not a PyTorch checkpoint ({first})") from None
+        why = str(e).splitlines()[0][:200] if str(e) else "unreadable pickle"
+        if why.startswith("it "):  # a rule of the safe reader, not damage
+            raise UserError(f"{path}: refused to load, {why}; a YOLOv5 checkpoint holds only layers and tensors "
+                            f"(if you trust this file, set {TRUST_ENV}=1)") from None
+        raise UserError(f"{path}: corrupt or not a PyTorch checkpoint ({why})") from None
 
 
-def _unsafe_globals(path, allowed) -> list:
+def _torch_load(path, map_location, module):
+    kwargs = {"weights_only": False} if module is None else {"weights_only": False, "pickle_module": module}
     try:
-        names = {f"{o.__module__}.{o.__qualname__}" for o in allowed if hasattr(o, "__qualname__")}
-        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in names]
-    except Exception:
-        return []
+        return torch.load(path, map_location=map_location, **kwargs)
+    except pickle.UnpicklingError:
+        raise
+    except MemoryError:
+        raise UserError(f"{path}: corrupt checkpoint (it asks for more memory than this machine has)") from None
+    except Exception as e:  # a damaged file fails in many ways inside torch and pickle: one line for all of them
+        first = (str(e).splitlines() or [""])[0][:120] or type(e).__name__
+        raise UserError(f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {first})") from None
 
 
 def _umask() -> int:
