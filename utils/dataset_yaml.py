@@ -6,12 +6,20 @@ an {index: name} dict) and optional `nc`, `annotations` (COCO json of the val sp
 
 `download` is data, never code (upstream YOLOv5 exec()s it; this project does not):
   - `generate:NAME`     run the registered generator NAME (GENERATORS) with the dataset root as output folder;
-  - a URL               fetch it into the parent of `path` and unpack it there (.zip, .tar, .tar.gz, .tgz);
+  - a URL               fetch it and unpack it into the parent of `path` (.zip, .tar, .tar.gz, .tgz): the archive
+                        holds the dataset's own folder (coco128.zip holds coco128/...);
   - {url: U, dir: D}    fetch U and unpack it into `path`/D;
-  - a list of the two above.
+  - a list of the above.
+
+A yaml that comes with a dataset is untrusted data, so a download writes only new files and only inside the
+dataset's folder `path`: that folder may not lie in the project's code or the Python installation (the project's
+datasets/ folder is fine), a URL download needs it new or empty, `dir` stays inside it, and every archive member must
+land inside it without replacing a file. Links in tar archives are refused. All of this is checked before a byte is
+fetched, or before a byte is unpacked for the archive's members.
 """
 from __future__ import annotations
 
+import functools
 import os
 import tarfile
 import zipfile
@@ -140,60 +148,135 @@ def check_dataset(data, autodownload=True) -> dict:
 
 def run_download(spec, root: Path, where="dataset yaml"):
     """Carry out a `download` entry (see the module docstring) for the dataset rooted at `root`. Every entry of a
-    list is checked before the first one runs, so a bad entry never leaves half a dataset behind."""
+    list, and where each one would write, is checked before the first one runs, so a bad entry never leaves half a
+    dataset behind and nothing is fetched for a refused one."""
     items = spec if isinstance(spec, list) else [spec]
+    root = check_download_root(root, where)
     steps = [_download_step(item, root, where) for item in items]
+    fetches = [s for s in steps if s.func is _fetch_and_unpack]
+    if fetches and root.exists() and any(root.iterdir()):
+        raise UserError(f"{where}: dataset folder {root} exists and is not empty, but a download only fills a new "
+                        f"folder (it never writes among files already there); empty or remove it, or put the "
+                        f"missing files there by hand")
     for step in steps:
         step()
 
 
+def protected_folders() -> list:
+    """Where a dataset may never be written: the project's tree (its datasets/ folder aside) and the Python
+    installation running it (site-packages holds .pth files that run at start-up)."""
+    import site
+    import sys
+
+    places = [ROOT, Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix)]
+    places += [Path(p) for p in site.getsitepackages() + [site.getusersitepackages()]]
+    return [p.resolve() for p in places]
+
+
+def check_download_root(root: Path, where: str) -> Path:
+    """The resolved dataset folder a download may write into, or a UserError: it must not lie in the project's code
+    or the Python installation, nor contain them."""
+    root = Path(root).resolve()
+    allowed_inside = (ROOT / "datasets").resolve()
+    for place in protected_folders():
+        inside = root.is_relative_to(place) and not (place == ROOT.resolve() and root.is_relative_to(allowed_inside)
+                                                      and root != allowed_inside)
+        if inside or place.is_relative_to(root):
+            raise UserError(f"{where}: 'path' {root} lies {'in' if inside else 'around'} {place}, where a download "
+                            f"may not write; put the dataset in a folder of its own (for example ../datasets/NAME or "
+                            f"datasets/NAME)")
+    return root
+
+
 def _download_step(item, root: Path, where):
-    """The action for one `download` entry, or a UserError saying why the entry is not supported."""
+    """The action for one `download` entry (a functools.partial), or a UserError saying why it is not supported.
+    A URL is unpacked into `root`'s parent only when the archive holds `root`'s own folder; every member must land
+    in `root` (checked in _unpack)."""
     if isinstance(item, dict):
-        if "url" not in item:
+        if "url" not in item or not set(item) <= {"url", "dir"}:
             raise UserError(f"{where}: a 'download' mapping needs 'url' (and optionally 'dir'), got {item}")
-        return lambda: _fetch_and_unpack(str(item["url"]), root / str(item.get("dir", "")), where)
+        sub = str(item.get("dir") or "")
+        dest = (root / sub).resolve()
+        if Path(sub).is_absolute() or not dest.is_relative_to(root):
+            raise UserError(f"{where}: download dir {sub!r} leaves the dataset folder {root}; 'dir' is a folder "
+                            f"inside 'path', such as images")
+        return functools.partial(_fetch_and_unpack, _url(item["url"], where), dest, root, where)
     if isinstance(item, str) and item.startswith("generate:"):
         name = item.split(":", 1)[1].strip()
         if name not in GENERATORS:
             raise UserError(f"{where}: download '{item}': no generator named '{name}', "
                             f"known: {', '.join(sorted(GENERATORS))}")
-        return lambda: GENERATORS[name](root)
+        return functools.partial(GENERATORS[name], root)
     if isinstance(item, str) and urlparse(item).scheme in ("http", "https", "file"):
-        return lambda: _fetch_and_unpack(item, root.parent, where)
+        return functools.partial(_fetch_and_unpack, item, root.parent, root, where)
     raise UserError(f"{where}: download entry {item!r} is not supported; use a URL, {{url, dir}} or "
                     f"'generate:NAME' (code in a yaml is never run)")
 
 
-def _fetch_and_unpack(url: str, dest: Path, where: str):
-    dest.mkdir(parents=True, exist_ok=True)
+def _url(url, where):
+    if not isinstance(url, str) or urlparse(url).scheme not in ("http", "https", "file"):
+        raise UserError(f"{where}: download url {url!r} must be an http, https or file URL")
+    return url
+
+
+def _fetch_and_unpack(url: str, dest: Path, root: Path, where: str):
+    """Fetch `url` into a temporary file inside `root`, then unpack it into `dest` (a plain file is kept in `dest`
+    as downloaded); nothing is written outside `root` and no existing file is replaced."""
+    root.mkdir(parents=True, exist_ok=True)
     name = Path(urlparse(url).path).name or "download"
-    file = dest / name
-    if not file.exists():
-        LOGGER.info(f"Downloading {url} to {file}...")
-        tmp = file.with_name(file.name + ".part")
-        try:
-            torch.hub.download_url_to_file(url, str(tmp), progress=True)
-        except Exception as e:  # network errors come in many types
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"{where}: could not download {url} ({type(e).__name__}: {e}); "
-                            f"check the network or fetch it by hand into {dest}") from None
-        os.replace(tmp, file)
+    tmp = root / f".{name}.part"
+    LOGGER.info(f"Downloading {url} to {root}...")
+    try:
+        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+    except Exception as e:  # network errors come in many types
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{where}: could not download {url} ({type(e).__name__}: {e}); "
+                        f"check the network or fetch it by hand into {dest}") from None
+    try:
+        _unpack(tmp, name, dest, root, where)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _unpack(file: Path, name: str, dest: Path, root: Path, where: str):
     lower = name.lower()
     try:
         if lower.endswith(".zip"):
-            LOGGER.info(f"Unzipping {file} into {dest}...")
             with zipfile.ZipFile(file) as z:
-                for member in z.namelist():  # refuse entries that would land outside dest
-                    if not (dest / member).resolve().is_relative_to(dest.resolve()):
-                        raise UserError(f"{file}: archive entry {member} points outside {dest}; refusing to unpack")
-                z.extractall(dest)
+                members = [m for m in z.namelist() if not m.endswith("/")]
+                _check_members(members, dest, root, name)
+                LOGGER.info(f"Unzipping {name} into {dest}...")
+                z.extractall(dest, members=[m for m in z.namelist() if _lands_in(dest / m, root)])
         elif lower.endswith((".tar", ".tar.gz", ".tgz")):
-            LOGGER.info(f"Unpacking {file} into {dest}...")
             with tarfile.open(file) as t:
-                t.extractall(dest, filter="data")
+                members = t.getmembers()
+                bad = [m.name for m in members if not (m.isfile() or m.isdir())]
+                if bad:
+                    raise UserError(f"{name}: archive entry {bad[0]} is a link or device; a dataset archive holds "
+                                    f"files and folders only; refusing to unpack")
+                _check_members([m.name for m in members if m.isfile()], dest, root, name)
+                LOGGER.info(f"Unpacking {name} into {dest}...")
+                t.extractall(dest, members=[m for m in members if _lands_in(dest / m.name, root)], filter="data")
         else:
-            return  # a plain file: keep it as downloaded
+            target = dest / name
+            _check_members([name], dest, root, name)
+            dest.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)  # a plain file: kept as downloaded
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
-        raise UserError(f"{file}: damaged archive ({e}); delete it and run again") from None
-    file.unlink()
+        raise UserError(f"{where}: {name} is a damaged archive ({e}); run again to fetch it anew") from None
+
+
+def _lands_in(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root)
+
+
+def _check_members(members, dest: Path, root: Path, archive: str):
+    """Every file of an archive must land inside the dataset folder `root` as a new file."""
+    for member in members:
+        target = dest / member
+        if not _lands_in(target, root):
+            raise UserError(f"{archive}: archive entry {member} would land outside the dataset folder {root}; "
+                            f"refusing to unpack")
+        if target.exists():
+            raise UserError(f"{archive}: archive entry {member} would replace {target.resolve()}; a download never "
+                            f"overwrites a file; refusing to unpack")

@@ -298,7 +298,7 @@ def _write_split(root, split, n, seed, split_id):
 def generate(out, n_train=600, n_val=150, seed=0, overwrite=False):
     """Write the shapes dataset under `out` and return its path.
 
-    It is built in a temporary sibling folder and moved into place at the end, so an interrupted run leaves no
+    It is built in a temporary folder inside `out` and moved into place at the end, so an interrupted run leaves no
     half-written dataset behind. Existing images/, labels/ or annotations/ under `out` are replaced only with
     overwrite=True.
     """
@@ -310,8 +310,8 @@ def generate(out, n_train=600, n_val=150, seed=0, overwrite=False):
     if existing and not overwrite:
         raise UserError(f"{out}: already holds {', '.join(p.name for p in existing)}; "
                         f"delete the folder or pass --overwrite to regenerate it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".partial-{os.getpid()}"  # inside the dataset folder: a generator writes nowhere else
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
     try:
@@ -320,7 +320,6 @@ def generate(out, n_train=600, n_val=150, seed=0, overwrite=False):
         (tmp / "annotations").mkdir()
         with open(tmp / "annotations" / "instances_val.json", "w") as f:
             json.dump(_coco_json(val_records), f)
-        out.mkdir(exist_ok=True)
         for p in parts:
             if (out / p).exists():
                 if not overwrite:  # written by a concurrent run (another DDP rank) meanwhile: keep that one
