@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -30,6 +29,7 @@ from models.quant import (
     load_recipe,
     observers_frozen,
 )
+from utils.coco import category_ids, coco_eval, json_from_labels, save_one_json
 from utils.dataloaders import create_dataloader
 from utils.dataset_yaml import check_dataset
 from utils.general import (
@@ -37,7 +37,6 @@ from utils.general import (
     UserError,
     check_file,
     check_img_size,
-    coco80_to_coco91_class,
     colorstr,
     increment_path,
     make_run_folder,
@@ -68,51 +67,6 @@ def _as_dict(names):
     if isinstance(names, (list, tuple)):
         return dict(enumerate(names))
     return {int(k): v for k, v in names.items()} if names else {}
-
-
-def image_id(path: Path):
-    return int(path.stem) if path.stem.isnumeric() else path.stem
-
-
-def save_one_json(predn, jdict, path, class_map):
-    """COCO results: {image_id, category_id, bbox [x_min, y_min, w, h], score}."""
-    box = xyxy2xywh(predn[:, :4])
-    box[:, :2] -= box[:, 2:] / 2
-    for p, b in zip(predn.tolist(), box.tolist()):
-        if int(p[5]) >= len(class_map):  # a class the dataset does not have: no category to report it under
-            continue
-        jdict.append({"image_id": image_id(path), "category_id": class_map[int(p[5])],
-                      "bbox": [round(x, 3) for x in b], "score": round(p[4], 5)})
-
-
-def coco_eval(anno_json, pred_json, im_files):
-    """Run pycocotools COCOeval (bbox) restricted to the evaluated images; prints its 12 statistics.
-
-    Returns COCOeval.stats, or None (with a warning naming the cause) when the annotation file does not describe
-    the evaluated images or pycocotools fails: val.py's own metrics then stand.
-    """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    try:
-        anno = COCO(str(anno_json))
-        ids = [image_id(Path(x)) for x in im_files]
-        unknown = [i for i in ids if i not in anno.imgs]
-        if unknown:
-            LOGGER.warning(f"WARNING: {anno_json} has no image with id {unknown[0]!r} ({len(unknown)} of {len(ids)} "
-                           f"evaluated images missing; image id = file stem as int); pycocotools evaluation skipped")
-            return None
-        pred = anno.loadRes(str(pred_json))
-        ev = COCOeval(anno, pred, "bbox")
-        ev.params.imgIds = ids
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    except Exception as e:  # pycocotools raises bare exceptions/assertions on malformed files
-        LOGGER.warning(f"WARNING: pycocotools unable to run on {anno_json} ({type(e).__name__}: {e}); "
-                       f"check that it is a COCO detection annotation file")
-        return None
-    return ev.stats
 
 
 def _qparams_frozen(evaluate):
@@ -197,15 +151,6 @@ def class_names(model, data, nc, single_cls):
     return names, pred_names
 
 
-def category_ids(data):
-    """Class index -> COCO JSON category id: COCO's 91-id map, the dataset's category_ids, or the index itself."""
-    if isinstance(data.get("val"), str) and data["val"].endswith(f"coco{os.sep}val2017.txt"):
-        return coco80_to_coco91_class()
-    if data.get("category_ids"):
-        return list(data["category_ids"])
-    return list(range(1000))
-
-
 def image_statistics(pred, labels, im_shape, shapes, iouv, nc, single_cls, stats, confusion_matrix=None):
     """Match one image's predictions to its labels: appends (correct, conf, cls, label cls) to `stats` and feeds
     `confusion_matrix` (if given). Returns the predictions in original-image coordinates (None if there are none)."""
@@ -275,8 +220,9 @@ def print_metrics(m: Metrics, seen, nc, names, task, per_class):
             LOGGER.info(pf % (names[c], seen, m.nt[c], m.p[i], m.r[i], m.ap50[i], m.ap[i]))
 
 
-def save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thres):
-    """Save the COCO-JSON predictions and score them with pycocotools if the dataset has annotations.
+def save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thres, names):
+    """Save the COCO-JSON predictions and score them with pycocotools against the dataset's annotations file, or,
+    when the dataset has none, against one written from its labels into save_dir.
 
     Returns COCOeval's (mAP50-95, mAP50), or None when it did not run."""
     if not jdict:
@@ -290,8 +236,11 @@ def save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thre
     with open(pred_json, "w") as f:
         json.dump(jdict, f)
     if not anno_json.is_file():
-        LOGGER.warning(f"WARNING: {anno_json} not found, pycocotools evaluation skipped")
-        return None
+        if data.get("annotations"):
+            LOGGER.warning(f"WARNING: {anno_json} not found, pycocotools evaluation skipped")
+            return None
+        anno_json = json_from_labels(dataloader.dataset, category_ids(data), names, save_dir / "labels_coco.json")
+        LOGGER.info(f"{data['path']} has no COCO annotations file: ground truth written from the labels to {anno_json}")
     stats = coco_eval(anno_json, pred_json, dataloader.dataset.im_files)
     return None if stats is None else (float(stats[0]), float(stats[1]))
 
@@ -406,7 +355,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     hook("on_val_end", m.nt, m.tp, m.fp, m.p, m.r, m.f1, m.ap, m.ap50, m.ap_class, confusion_matrix)
 
     mp, mr, map50, map = m.mp, m.mr, m.map50, m.map
-    coco = save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thres) if save_json else None
+    coco = save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thres, names) if save_json \
+        else None
     if coco is not None:
         map, map50 = coco
 

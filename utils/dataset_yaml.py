@@ -69,8 +69,10 @@ def _names_dict(names, where):
 def _resolve(path: Path, entry):
     """A split entry (str or list of str) -> absolute path string(s) under the dataset root."""
     if isinstance(entry, (list, tuple)):
-        return [str((path / str(x)).resolve()) for x in entry]
-    return str((path / str(entry)).resolve())
+        return [os.path.normpath(path / str(x)) for x in entry]
+    # normalised, not resolved: a split folder that is a link keeps its place, so the label cache is written beside
+    # the link (in the dataset's own labels/ folder), never into a shared folder it points to
+    return os.path.normpath(path / str(entry))
 
 
 def _missing(entry):
