@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import functools
 import json
-import pickle
 import platform
 import warnings
 from pathlib import Path
@@ -179,13 +178,9 @@ def openvino_compiled(model, threads=0):
 
 
 def load_pytorch_model(weights, device=None, inplace=True, fuse=True, trust=False):
-    """attempt_load, with the unpickler's own errors on a file that is no checkpoint turned into a UserError."""
-    try:
-        return attempt_load(weights, device=device, inplace=inplace, fuse=fuse, trust=trust)
-    except (KeyError, IndexError, UnicodeDecodeError, pickle.UnpicklingError) as e:
-        # torch's weights-only unpickler reads arbitrary bytes as opcodes and may fail with a KeyError (bad memo id)
-        raise UserError(f"{weights}: corrupt or not a PyTorch checkpoint ({type(e).__name__} while unpickling)") \
-            from None
+    """attempt_load: every way a file can be damaged or hostile is already one UserError naming it
+    (utils/checkpoint.safe_load, models/checkpoint.check_model and check_qat_state)."""
+    return attempt_load(weights, device=device, inplace=inplace, fuse=fuse, trust=trust)
 
 
 def onnx_metadata(path) -> dict:

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 
 from bst.torch.ao import quantization as bq
+from bst.torch.ao.quantization.fake_quant_ops import ROUNDINGS
+from bst.torch.ao.quantization.pow2 import POW2_ROUNDINGS
 from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus
 from models.quant import checkpoint_classes, float_model, is_quantized, prepare_yolo_qat
 from models.yolo import Detect, DetectionModel, Ensemble
@@ -227,6 +229,7 @@ def rebuild_qat_model(float_part, state, path="checkpoint"):
     if state.get("format") != QAT_FORMAT:
         raise UserError(f"{path}: QAT checkpoint format {state.get('format')!r}; this version of yolov5-qat reads "
                         f"format {QAT_FORMAT} (and QAT models pickled whole); update it to read this file")
+    check_qat_state(state, path)
     meta = state["qat"]
     device = next(float_part.parameters()).device
     # models quantized before a setting existed used what is now its default
@@ -241,6 +244,44 @@ def rebuild_qat_model(float_part, state, path="checkpoint"):
         raise UserError(f"{path}: the QAT state does not fit the model rebuilt from its settings ({first})") from None
     model.qat = {**model.qat, **meta}
     return model.train(state["training"])
+
+
+_QAT_SETTINGS = {  # qat_state["qat"] key: (required, check, what it must be); older files lack the optional ones
+    "bn_folding": (True, lambda v: isinstance(v, bool), "true or false"),
+    "pow2": (True, lambda v: isinstance(v, bool), "true or false"),
+    "pow2_rounding": (False, lambda v: v in POW2_ROUNDINGS, f"one of {', '.join(POW2_ROUNDINGS)}"),
+    "rounding": (False, lambda v: v in ROUNDINGS, f"one of {', '.join(ROUNDINGS)}"),
+    "recipe": (False, lambda v: v is None or isinstance(v, dict), "a recipe mapping or null"),
+    "activations": (False, lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "a list of names"),
+}
+
+
+def check_qat_state(state, path="checkpoint"):
+    """What rebuild_qat_model reads from a format-2 `qat_state` entry, checked before any of it is used: one
+    UserError naming the file, the entry and what it must be."""
+    def bad(what, right):
+        raise UserError(f"{path}: damaged QAT state ({what}; it must be {right}); give a QAT checkpoint written by "
+                        f"train.py --qat")
+
+    meta = state.get("qat")
+    if not isinstance(meta, dict):
+        bad(f"'qat' is a {type(meta).__name__}", "a mapping of the QAT settings")
+    for key, (required, ok, right) in _QAT_SETTINGS.items():
+        if key not in meta:
+            if required:
+                bad(f"the setting '{key}' is missing", right)
+        elif not ok(meta[key]):
+            bad(f"the setting '{key}' is {meta[key]!r:.60}", right)
+    sd = state.get("state_dict")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        bad("'state_dict' is not a mapping of names to tensors", "the prepared model's state_dict")
+    attrs = state.get("attributes")
+    if not isinstance(attrs, dict) or not all(isinstance(k, str) and isinstance(v, dict) and all(
+            isinstance(a, str) and isinstance(x, (bool, int, float, str, type(None))) for a, x in v.items())
+            for k, v in attrs.items()):
+        bad("'attributes' is not a mapping of module names to plain settings", "{module name: {attribute: value}}")
+    if not isinstance(state.get("training"), bool):
+        bad(f"'training' is {state.get('training')!r:.40}", "true or false")
 
 
 def strip_optimizer(f="best.pt", s=""):

@@ -1,0 +1,241 @@
+"""Damaged and hostile files given to the CLIs: each ends in one `ERROR:` line naming the file, what is wrong and
+what to give instead, with exit status 2; never a traceback.
+
+Checkpoints (train.py --weights / --resume, val.py --weights, trusted or not), QAT state and a full disk during a
+checkpoint save. The CLIs run in-process (run_cli(main, parse_opt(...)), what `python x.py` runs) to
+keep this fast; the full-disk case needs a process of its own (a file size limit)."""
+import copy
+import subprocess
+import sys
+import zipfile
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from conftest import ROOT
+
+import train
+import val
+from models.checkpoint import load_checkpoint, save_checkpoint
+from utils.general import run_cli, yaml_save
+
+WEIGHTS = ROOT / "weights" / "shapes_yolov5n_silu.pt"
+QAT_FORMAT1 = ROOT / "tests" / "data" / "qat_checkpoint_format1.pt"
+FIX = "give a .pt file written by train.py or torch.save"
+
+
+@pytest.fixture(autouse=True)
+def untrusted(monkeypatch):
+    monkeypatch.delenv("YOLOV5_TRUST_CHECKPOINTS", raising=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A two-image dataset yaml (the CLIs refuse the weights before they read it)."""
+    d = tmp_path_factory.mktemp("hostile_data")
+    (d / "images").mkdir()
+    (d / "labels").mkdir()
+    for i in range(2):
+        cv2.imwrite(str(d / "images" / f"{i}.jpg"), np.full((64, 64, 3), 40 * i, np.uint8))
+        (d / "labels" / f"{i}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    yaml_save(d / "data.yaml", {"path": str(d), "train": "images", "val": "images", "names": ["a", "b", "c"]})
+    return d / "data.yaml"
+
+
+def one_error_line(capsys, module, args) -> str:
+    """Run `python <module>.py args` in-process: it must exit 2 with exactly one line on stderr, the ERROR line."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(module.main, module.parse_opt([str(a) for a in args]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ERROR: "), err
+    return err[0]
+
+
+def with_pickle(dst, data_pkl: bytes):
+    """WEIGHTS with its data.pkl replaced by `data_pkl` (the tensor records stay)."""
+    with zipfile.ZipFile(WEIGHTS) as a, zipfile.ZipFile(dst, "w") as b:
+        for item in a.infolist():
+            b.writestr(item, data_pkl if item.filename.endswith("/data.pkl") else a.read(item.filename))
+    return dst
+
+
+def real_pickle() -> bytes:
+    with zipfile.ZipFile(WEIGHTS) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+DAMAGED = {  # name: (data.pkl, what the one line says in its parentheses)
+    "truncated": (lambda p: p[:len(p) // 2], None),
+    "bad_memo": (lambda p: b"\x80\x02h\xff.", "(Memo value not found at index 255)"),
+    "empty_stack": (lambda p: b"\x80\x02R.", "(IndexError: pop from empty list)"),
+    "text_pid": (lambda p: b"\x80\x02X\x03\x00\x00\x00abcQ.", "(a persistent id must be torch's ('storage', type, "
+                                                              "key, location, numel))"),
+}
+
+
+@pytest.mark.parametrize("cli", ["train --weights", "train --resume", "val --weights"])
+@pytest.mark.parametrize("damage", list(DAMAGED))
+def test_damaged_pickles_are_one_line_in_every_cli(cli, damage, data, tmp_path, capsys):
+    make, why = DAMAGED[damage]
+    f = with_pickle(tmp_path / f"{damage}.pt", make(real_pickle()))
+    runs = ["--project", tmp_path / "runs"]
+    args = {"train --weights": (train, ["--weights", f, "--data", data, "--epochs", 1, "--img", 64, *runs]),
+            "train --resume": (train, ["--resume", f, *runs]),
+            "val --weights": (val, ["--weights", f, "--data", data, *runs])}[cli]
+    line = one_error_line(capsys, *args)
+    assert line.startswith(f"ERROR: {f}: corrupt or not a PyTorch checkpoint (") and FIX in line, line
+    assert why is None or why in line, line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_memo"])
+def test_damaged_files_are_one_line_when_trusted_too(damage, data, tmp_path, capsys, monkeypatch):
+    """A trusted file is unpickled by torch whole; its damage still ends in one line (it was a traceback)."""
+    monkeypatch.setenv("YOLOV5_TRUST_CHECKPOINTS", "1")
+    f = with_pickle(tmp_path / f"{damage}.pt", DAMAGED[damage][0](real_pickle()))
+    line = one_error_line(capsys, train, ["--weights", f, "--data", data, "--project", tmp_path / "runs"])
+    assert line.startswith(f"ERROR: {f}: corrupt or not a PyTorch checkpoint (") and FIX in line, line
+
+
+def test_legacy_checkpoints_are_one_line_trusted_or_not(data, tmp_path, capsys, monkeypatch):
+    ckpt = load_checkpoint(WEIGHTS)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    line = one_error_line(capsys, val, ["--weights", legacy, "--data", data, "--project", tmp_path])
+    assert "legacy.pt: written in torch's legacy (pre-1.6) format, which is read only from trusted files; set " \
+           "YOLOV5_TRUST_CHECKPOINTS=1 if you trust it" in line
+    cut = tmp_path / "legacy_cut.pt"
+    cut.write_bytes(legacy.read_bytes()[:legacy.stat().st_size // 2])
+    monkeypatch.setenv("YOLOV5_TRUST_CHECKPOINTS", "1")
+    line = one_error_line(capsys, val, ["--weights", cut, "--data", data, "--project", tmp_path])
+    assert f"{cut}: corrupt or not a PyTorch checkpoint (RuntimeError: unexpected EOF" in line and FIX in line
+
+
+# --- checkpoints that unpickle but hold no usable detection model -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def valid():
+    return load_checkpoint(WEIGHTS)
+
+
+def _names(m):
+    m.names = 5
+
+
+def _stride(m):
+    m.stride = "32"
+
+
+def _shadow(m):
+    m.model[3].forward = 1  # an instance attribute over a method
+
+
+def _hook(m):
+    m.model[0].register_forward_hook(print)
+
+
+MODELS = {  # change to the model: (trusted file?, what the line says)
+    "not a model": (None, False, "'model' is a Sequential, not a YOLOv5 DetectionModel"),
+    "names": (_names, False, "'model' has names of type int; they must be a list of class names or an {index: name} "
+                             "dict"),
+    "stride": (_stride, False, "'model' has a stride that is not a tensor of positive numbers"),
+    "shadowing": (_shadow, False, "'model' has an attribute 'forward' on module model.3 (Conv) that shadows its "
+                                  "method"),
+    "hook": (_hook, False, "refused to load, it names builtins.print, which is not on the checkpoint allowlist"),
+    "hook, trusted": (_hook, True, "'model' has forward hooks on module model.0 (Conv) (a checkpoint stores none)"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_checkpoints_without_a_sound_model_are_one_line(case, valid, data, tmp_path, capsys, monkeypatch):
+    change, trusted, message = MODELS[case]
+    ckpt = copy.deepcopy(valid)
+    if change is None:
+        ckpt["model"] = nn.Sequential(nn.Conv2d(3, 8, 1))
+    else:
+        change(ckpt["model"])
+    f = tmp_path / "odd.pt"
+    torch.save(ckpt, f)
+    if trusted:
+        monkeypatch.setenv("YOLOV5_TRUST_CHECKPOINTS", "1")
+    line = one_error_line(capsys, val, ["--weights", f, "--data", data, "--project", tmp_path / "runs"])
+    assert line.startswith(f"ERROR: {f}: ") and message in line, line
+    if case in ("names", "hook, trusted"):  # train.py loads through the same check
+        line = one_error_line(capsys, train, ["--weights", f, "--data", data, "--project", tmp_path / "runs"])
+        assert message in line, line
+
+
+# --- QAT state ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qat_raw(tmp_path_factory):
+    f = save_checkpoint(load_checkpoint(QAT_FORMAT1), tmp_path_factory.mktemp("qat") / "qat.pt")
+    return torch.load(f, weights_only=False)
+
+
+def _set(key, value):
+    def change(state):
+        if value is KeyError:
+            del state["qat"][key]
+        elif key in state["qat"]:
+            state["qat"][key] = value
+        else:
+            state[key] = value
+    return change
+
+
+QAT_DAMAGE = {
+    "no bn_folding": (_set("bn_folding", KeyError), "the setting 'bn_folding' is missing; it must be true or false"),
+    "pow2 text": (_set("pow2", "yes"), "the setting 'pow2' is 'yes'; it must be true or false"),
+    "rounding": (_set("rounding", "up"), "the setting 'rounding' is 'up'; it must be one of half_even, half_up"),
+    "recipe path": (_set("recipe", "/etc/passwd"), "the setting 'recipe' is '/etc/passwd'; it must be a recipe "
+                                                   "mapping or null"),
+    "qat list": (_set("qat", [1]), "'qat' is a list; it must be a mapping of the QAT settings"),
+    "state_dict": (_set("state_dict", {"model.0.conv.weight": 1}), "'state_dict' is not a mapping of names to "
+                                                                   "tensors"),
+    "attributes": (_set("attributes", {"model.0.conv": {"freeze_bn": [1]}}), "'attributes' is not a mapping of "
+                                                                             "module names to plain settings"),
+    "training": (_set("training", 3), "'training' is 3; it must be true or false"),
+}
+
+
+@pytest.mark.parametrize("case", list(QAT_DAMAGE))
+def test_damaged_qat_state_is_one_line(case, qat_raw, data, tmp_path, capsys):
+    change, message = QAT_DAMAGE[case]
+    raw = copy.deepcopy(qat_raw)
+    change(raw["qat_state"]["model"])
+    f = tmp_path / "qat.pt"
+    torch.save(raw, f)
+    line = one_error_line(capsys, val, ["--weights", f, "--data", data, "--project", tmp_path / "runs"])
+    assert line.startswith(f"ERROR: {f}: damaged QAT state (") and message in line, line
+    assert line.endswith("give a QAT checkpoint written by train.py --qat")
+
+
+# --- a full disk while a checkpoint is written ----------------------------------------------------------------------
+
+DISK_FULL = """
+import resource, signal, sys, torch
+from models.checkpoint import save_checkpoint
+from utils.general import UserError
+path = sys.argv[1]
+save_checkpoint({"epoch": 1}, path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    save_checkpoint({"epoch": 2, "x": torch.zeros(1_000_000)}, path)
+except UserError as e:
+    print("ERROR:", e)
+"""
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "last.pt"
+    r = subprocess.run([sys.executable, "-c", DISK_FULL, str(path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout == f"ERROR: {path}: cannot write the checkpoint (File too large); the previous one is kept; free " \
+                       f"space there or write somewhere else\n"
+    assert load_checkpoint(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
