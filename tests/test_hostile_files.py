@@ -1,8 +1,9 @@
 """Damaged and hostile files given to the CLIs: each ends in one `ERROR:` line naming the file, what is wrong and
 what to give instead, with exit status 2; never a traceback.
 
-Checkpoints (train.py --weights / --resume, val.py --weights, trusted or not), QAT state and a full disk during a
-checkpoint save. The CLIs run in-process (run_cli(main, parse_opt(...)), what `python x.py` runs) to
+Checkpoints (train.py --weights / --resume, val.py --weights, trusted or not), QAT state, a full disk during a
+checkpoint save, exported models' metadata (ONNX metadata_props, an OpenVINO folder's yaml, TorchScript's config.txt)
+and the integer model's model.json. The CLIs run in-process (run_cli(main, parse_opt(...)), what `python x.py` runs) to
 keep this fast; the full-disk case needs a process of its own (a file size limit)."""
 import copy
 import subprocess
@@ -18,8 +19,9 @@ from conftest import ROOT
 
 import train
 import val
+from models.backend import DetectMultiBackend
 from models.checkpoint import load_checkpoint, save_checkpoint
-from utils.general import run_cli, yaml_save
+from utils.general import UserError, run_cli, yaml_save
 
 WEIGHTS = ROOT / "weights" / "shapes_yolov5n_silu.pt"
 QAT_FORMAT1 = ROOT / "tests" / "data" / "qat_checkpoint_format1.pt"
@@ -239,3 +241,104 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_old_file(tmp_path):
     assert load_checkpoint(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+
+# --- exported models' metadata --------------------------------------------------------------------------------------
+
+def identity_onnx(path, meta):
+    """A 1x3x64x64 Identity graph with these metadata_props (the loader reads them before onnxruntime runs)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])
+    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 3, 64, 64])
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["output0"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(model, str(path))
+    return path
+
+
+ONNX_META = {
+    "stride abc": ({"stride": "abc"}, "metadata_props 'stride' is 'abc'; it must be a whole number from 1 to 1024"),
+    "stride 1e400": ({"stride": "1e400"}, "metadata_props 'stride' is '1e400'; it must be a whole number"),
+    "stride 0": ({"stride": "0"}, "metadata_props 'stride' is '0'; it must be a whole number from 1 to 1024"),
+    "names cut": ({"names": "{0: 'a', 1: "}, "metadata_props 'names' is \"{0: 'a', 1: \"; it must be a list of "
+                                             "class names or an {index: name} mapping"),
+    "names call": ({"names": "__import__('os').system('true')"}, "metadata_props 'names' is \"__import__('os')."),
+    "names keys": ({"names": "{'a': 'b'}"}, "metadata_props 'names' is \"{'a': 'b'}\"; it must be a list"),
+    "quantized": ({"quantized": "yes"}, "metadata_props 'quantized' is 'yes'; it must be '0' or '1'"),
+}
+
+
+@pytest.mark.parametrize("case", list(ONNX_META))
+def test_onnx_metadata_is_checked_in_one_line(case, data, tmp_path, capsys):
+    meta, message = ONNX_META[case]
+    f = identity_onnx(tmp_path / "m.onnx", {"stride": "32", "names": "{0: 'a', 1: 'b', 2: 'c'}", **meta})
+    line = one_error_line(capsys, val, ["--weights", f, "--data", data, "--project", tmp_path / "runs"])
+    assert line.startswith(f"ERROR: {f}: {message}"), line
+    assert line.endswith("(as export.py writes it); export the model again"), line
+
+
+def test_sound_onnx_metadata_is_read():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f = identity_onnx(Path(tmp) / "m.onnx", {"stride": "64", "names": "{0: 'a', 1: 'b'}", "quantized": "0"})
+        backend = DetectMultiBackend(str(f))
+    assert backend.stride == 64 and backend.names == {0: "a", 1: "b"} and backend.input_shape == [1, 3, 64, 64]
+
+
+OPENVINO_YAML = {  # yaml text: what the one line says
+    "stride: abc": "stride' is 'abc'; it must be a whole number from 1 to 1024",
+    "stride: 1e400": "stride' is '1e400'; it must be a whole number from 1 to 1024",
+    "stride: 1.0e+400": "stride' is inf; it must be a whole number from 1 to 1024",
+    "stride: 0": "stride' is 0; it must be a whole number from 1 to 1024",
+    "stride: [8, 16, 32]": "stride' is [8, 16, 32]; it must be a whole number from 1 to 1024",
+    "shape: 5": "shape' is 5; it must be the input shape [batch, 3, height, width] in positive integers",
+    "names: hello": "names' is 'hello'; it must be a list of class names or an {index: name} mapping",
+    "names: {a: b}": "names' is {'a': 'b'}; it must be a list of class names",
+    "dynamic: maybe": "dynamic' is 'maybe'; it must be true or false",
+    "[1, 2]": "content' is [1, 2]; it must be a mapping of stride, names, quantized, pow2, shape, dynamic",
+}
+
+
+@pytest.mark.parametrize("text", list(OPENVINO_YAML))
+def test_openvino_yaml_is_checked_before_openvino_runs(text, tmp_path, capsys):
+    folder = tmp_path / "m_openvino_model"
+    folder.mkdir()
+    (folder / "m.xml").write_text("<net/>")  # never read: the yaml is refused first
+    (folder / "m.yaml").write_text(text + "\n")
+    with pytest.raises(UserError) as e:
+        DetectMultiBackend(str(folder))
+    assert str(e.value).startswith(f"{folder}: m.yaml '") and OPENVINO_YAML[text] in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_openvino_yaml_problem_through_detect(tmp_path, capsys):
+    import detect
+
+    folder = tmp_path / "m_openvino_model"
+    folder.mkdir()
+    (folder / "m.xml").write_text("<net/>")
+    (folder / "m.yaml").write_text("stride: 1e400\nnames: [a]\n")
+    line = one_error_line(capsys, detect, ["--weights", folder, "--source", ROOT / "data" / "images", "--project",
+                                           tmp_path / "runs"])
+    assert line.startswith(f"ERROR: {folder}: m.yaml 'stride' is '1e400'; it must be a whole number"), line
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit's deprecation notices
+def test_torchscript_config_is_checked(tmp_path):
+    f = tmp_path / "m.torchscript"
+    for config, message in (("{not json", "its config.txt is not JSON"),
+                            ('{"stride": "x"}', "config.txt 'stride' is 'x'; it must be a whole number"),
+                            ('{"names": 7}', "config.txt 'names' is 7; it must be a list of class names"),
+                            ('{"shape": [1, 3]}', "config.txt 'shape' is [1, 3]; it must be the input shape"),
+                            ("[]", "config.txt 'config' is []; it must be a mapping")):
+        torch.jit.save(torch.jit.script(nn.Identity()), str(f), _extra_files={"config.txt": config})
+        with pytest.raises(UserError) as e:
+            DetectMultiBackend(str(f))
+        assert str(e.value).startswith(f"{f}: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
