@@ -13,6 +13,7 @@ Results go to runs/detect/exp*: annotated images/videos, labels/*.txt with --sav
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +42,7 @@ from utils.general import (
     UserError,
     check_file,
     check_img_size,
+    check_imgsz_flag,
     colorstr,
     has_display,
     increment_path,
@@ -61,6 +63,8 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
         nosave=False, classes=None, agnostic_nms=False, augment=False, visualize=False, update=False,
         project=ROOT / "runs/detect", name="exp", exist_ok=False, line_thickness=3, hide_labels=False,
         hide_conf=False, half=False, dnn=False, vid_stride=1, nms_time_limit=0.0):
+    check_flags(imgsz=imgsz, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, classes=classes,
+                line_thickness=line_thickness, vid_stride=vid_stride, nms_time_limit=nms_time_limit)
     source = str(source)
     is_file = Path(source).suffix[1:].lower() in IMG_FORMATS + VID_FORMATS
     url = is_url(source)
@@ -245,14 +249,30 @@ def parse_opt(argv=None):
     return opt
 
 
+MAX_LINE_THICKNESS = 1000  # OpenCV refuses to draw lines thicker than 32767 px, after inference
+
+
+def check_flags(imgsz=(640, 640), conf_thres=0.25, iou_thres=0.45, max_det=1000, classes=None, line_thickness=3,
+                vid_stride=1, nms_time_limit=0.0, **_):
+    """Every number detect.py takes, checked before the model or any image is loaded: one UserError naming the flag,
+    the value and what it must be. (--imgsz is also rounded up to a multiple of the model's stride, with a warning,
+    once the model is loaded.)"""
+    check_imgsz_flag(imgsz)
+    for flag, v in (("--conf-thres", conf_thres), ("--iou-thres", iou_thres)):
+        if not 0 <= v <= 1:  # NaN fails too
+            raise UserError(f"{flag} {v}: must be between 0.0 and 1.0")
+    for flag, v, most in (("--max-det", max_det, None), ("--vid-stride", vid_stride, None),
+                          ("--line-thickness", line_thickness, MAX_LINE_THICKNESS)):
+        if v < 1 or most is not None and v > most:
+            raise UserError(f"{flag} {v}: must be an integer >= 1" + (f" and <= {most}" if most else ""))
+    if classes is not None and any(c < 0 for c in classes):
+        raise UserError(f"--classes {' '.join(map(str, classes))}: class indices are >= 0")
+    if not 0 <= nms_time_limit < math.inf:
+        raise UserError(f"--nms-time-limit {nms_time_limit}: give seconds >= 0 (0: no limit)")
+
+
 def main(opt):
-    if len(opt.imgsz) > 2 or min(opt.imgsz) < 1:
-        given = opt.imgsz[:1] if len(set(opt.imgsz)) == 1 else opt.imgsz  # parse_opt doubled a single size
-        raise UserError(f"--imgsz {' '.join(map(str, given))}: give one size or height and width, each >= 1")
-    for flag, value in (("--max-det", opt.max_det), ("--vid-stride", opt.vid_stride), ("--line-thickness",
-                                                                                          opt.line_thickness)):
-        if value < 1:
-            raise UserError(f"{flag} {value}: must be an integer >= 1")
+    check_flags(**vars(opt))
     if opt.data:
         opt.data = check_file(opt.data)
     return run(**vars(opt))

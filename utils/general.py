@@ -171,6 +171,22 @@ def make_divisible(x, divisor):
     return math.ceil(x / divisor) * divisor
 
 
+MAX_IMGSZ = 8192  # --imgsz above this is refused: one 3-channel image of 8192 x 8192 already takes 200 MB
+
+
+def check_imgsz_flag(sizes, flag="--imgsz"):
+    """--imgsz given as one size or (height, width): each a whole number from 1 to MAX_IMGSZ, checked before any work
+    (a larger one fails deep in OpenCV with an allocation error, or exhausts memory). UserError otherwise."""
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    given = " ".join(map(str, sizes[:1] if len(set(sizes)) == 1 else sizes))
+    if not 1 <= len(sizes) <= 2 or not all(isinstance(v, int) and v >= 1 for v in sizes):
+        raise UserError(f"{flag} {given}: give one size or height and width, each >= 1")
+    if max(sizes) > MAX_IMGSZ:
+        h, w = (sizes * 2)[:2]
+        raise UserError(f"{flag} {given}: each size must be at most {MAX_IMGSZ} pixels (a {h}x{w} image takes "
+                        f"{3 * h * w / 1e9:.1f} GB before the model sees it; YOLOv5 models are trained at 320-1280)")
+
+
 def check_img_size(imgsz, s=32, floor=0):
     """Round image size(s) up to a multiple of stride s, warning when it changes."""
     if isinstance(imgsz, int):
