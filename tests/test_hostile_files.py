@@ -6,6 +6,8 @@ checkpoint save, exported models' metadata (ONNX metadata_props, an OpenVINO fol
 and the integer model's model.json. The CLIs run in-process (run_cli(main, parse_opt(...)), what `python x.py` runs) to
 keep this fast; the full-disk case needs a process of its own (a file size limit)."""
 import copy
+import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,6 +21,8 @@ from conftest import ROOT
 
 import train
 import val
+from bst.torch.ao.quantization.integer_runner import FORMAT, VERSION, IntegerModel
+from bst.torch.ao.quantization.integer_runner import main as integer_main
 from models.backend import DetectMultiBackend
 from models.checkpoint import load_checkpoint, save_checkpoint
 from utils.general import UserError, run_cli, yaml_save
@@ -342,3 +346,107 @@ def test_torchscript_config_is_checked(tmp_path):
         with pytest.raises(UserError) as e:
             DetectMultiBackend(str(f))
         assert str(e.value).startswith(f"{f}: ") and message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# --- the integer model's model.json ---------------------------------------------------------------------------------
+
+def integer_model(folder):
+    """A minimal bst-integer-model folder (quantize -> 1x1 conv with ReLU -> 2x2 max-pool), its example.npz computed
+    by the runner itself: (folder, graph)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    graph = {"format": FORMAT, "version": VERSION, "rounding": "half_even",
+             "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "example_shape": [1, 3, 8, 8]},
+             "outputs": ["t3"],
+             "tensors": {"t1": {"exponent": -8, "zero_point": 0, "quant_min": 0, "quant_max": 255, "axis": None},
+                         "t2": {"exponent": -4, "zero_point": 0, "quant_min": -128, "quant_max": 127, "axis": None},
+                         "t3": {"exponent": -4, "zero_point": 0, "quant_min": -128, "quant_max": 127, "axis": None}},
+             "nodes": [{"op": "quantize", "inputs": ["images"], "output": "t1", "rounding": "half_even"},
+                       {"op": "conv2d", "inputs": ["t1"], "output": "t2", "weight": "t2.weight",
+                        "weight_zero_point": [0, 0], "bias": "t2.bias", "shift": "t2.shift", "stride": [1, 1],
+                        "padding": [0, 0], "dilation": [1, 1], "groups": 1, "activation": "relu",
+                        "rounding": "half_even"},
+                       {"op": "max_pool2d", "inputs": ["t2"], "output": "t3", "kernel_size": [2, 2],
+                        "stride": [2, 2], "padding": [0, 0]}]}
+    rng = np.random.default_rng(0)
+    np.savez(folder / "tensors.npz", **{"t2.weight": rng.integers(-50, 50, (2, 3, 1, 1)).astype(np.int8),
+                                        "t2.bias": np.array([100, -100], np.int32),
+                                        "t2.shift": np.array([6, 7], np.int32)})
+    (folder / "model.json").write_text(json.dumps(graph))
+    images = rng.random((1, 3, 8, 8)).astype(np.float32)
+    out = IntegerModel(folder).run(images)
+    np.savez(folder / "example.npz", images=images, **{k: v.astype(np.int32) for k, v in out.items()})
+    return folder, graph
+
+
+def test_the_minimal_integer_model_checks_itself(tmp_path, capsys):
+    folder, _ = integer_model(tmp_path / "m")
+    assert integer_main([str(folder), "--check"]) == 0
+    assert capsys.readouterr().out == "0 of 32 output integers differ from example.npz\n"  # 2 channels of 4x4
+    with np.load(folder / "example.npz") as ex:
+        assert len(np.unique(ex["t3"])) > 5  # real integers, not a saturated or all-zero output
+
+
+def _edit(path, **changes):
+    def apply(g):
+        for where, value in changes.items():
+            *keys, last = where.split("__")
+            d = g
+            for k in keys:
+                d = d[int(k)] if isinstance(d, list) else d[k]
+            d[int(last) if isinstance(d, list) else last] = value
+        return g
+    return apply
+
+
+INTEGER_DAMAGE = {  # change to model.json: what the one line says
+    "not json": ("{\"format\": ", "model.json: not JSON (Expecting value"),
+    "a list": (lambda g: [g], "model.json: not a bst-integer-model version 1 file"),
+    "nodes not a list": (_edit(0, nodes=5), "model.json: 'nodes' must be a non-empty list"),
+    "unknown op": (_edit(0, nodes__1__op="exec"), "model.json: node 1 has op 'exec'; the ops are quantize, conv2d"),
+    "huge padding": (_edit(0, nodes__1__padding=[100000, 1]), "node 1 (conv2d): 'padding' must be two integers in "
+                                                              "[0, 64]"),
+    "huge pool": (_edit(0, nodes__2__kernel_size=[10 ** 9, 1]), "node 2 (max_pool2d): 'kernel_size' must be two "
+                                                                "integers in [1, 64]"),
+    "missing weight": (_edit(0, nodes__1__weight="nope"), "node 1 (conv2d): 'weight' must name a 4-d integer array"),
+    "exponent": (_edit(0, tensors__t1__exponent=-2000), "tensor 't1': 'exponent' must be an integer in [-62, 62]"),
+    "reads the future": (_edit(0, nodes__1__inputs=["t3"]), "node 1 (conv2d) reads ['t3']: a node reads tensors "
+                                                            "computed before it"),
+    "groups": (_edit(0, nodes__1__groups=0), "node 1 (conv2d): 'groups' must be a positive divisor of the 2 output "
+                                             "channels"),
+    "zero points": (_edit(0, nodes__1__weight_zero_point="a"), "node 1 (conv2d): 'weight_zero_point' must be an "
+                                                               "integer or one per output channel"),
+    "rounding": (_edit(0, nodes__1__rounding="up"), "node 1 (conv2d): 'rounding' must be one of"),
+    "outputs": (_edit(0, outputs=["t9"]), "model.json: outputs ['t9'] are computed by no node"),
+}
+
+
+@pytest.mark.parametrize("case", list(INTEGER_DAMAGE))
+def test_a_malformed_model_json_is_one_line(case, tmp_path, capsys):
+    folder, graph = integer_model(tmp_path / "m")
+    change, message = INTEGER_DAMAGE[case]
+    (folder / "model.json").write_text(change if isinstance(change, str) else json.dumps(change(graph)))
+    assert integer_main([str(folder), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ERROR: {folder / 'model.json'}: ") and message in err[0], err
+    assert err[0].endswith("export the model again" + (" (export.py --include integer)" if case != "not json" else ""))
+
+
+def test_the_runner_script_says_it_in_one_line_too(tmp_path):
+    """run_integer.py as export.py writes it (the runner's file, copied), in a process of its own."""
+    folder, graph = integer_model(tmp_path / "m")
+    shutil.copyfile(ROOT / "bst/torch/ao/quantization/integer_runner.py", folder / "run_integer.py")
+    graph["nodes"][2]["stride"] = [0, 1]
+    (folder / "model.json").write_text(json.dumps(graph))
+    r = subprocess.run([sys.executable, str(folder / "run_integer.py"), str(folder), "--check"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == (
+        f"ERROR: {folder / 'model.json'}: node 2 (max_pool2d): 'stride' must be two integers in [1, 64]; export the "
+        f"model again (export.py --include integer)\n")
+    # an input the model cannot take: one line naming the node
+    graph["nodes"][2]["stride"] = [2, 2]
+    (folder / "model.json").write_text(json.dumps(graph))
+    np.save(tmp_path / "x.npy", np.zeros((1, 5, 8, 8), np.float32))
+    r = subprocess.run([sys.executable, str(folder / "run_integer.py"), str(folder), "--input",
+                        str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith(f"ERROR: {folder / 'model.json'}: node 1 (conv2d) cannot run on "
+                                                     f"input [1, 5, 8, 8] (") and r.stderr.count("\n") == 1, r.stderr
