@@ -51,8 +51,10 @@ from utils.general import (
     print_args,
     run_cli,
     scale_boxes,
+    shown,
     xyxy2xywh,
 )
+from utils.imageio import Cv2Paths, imwrite
 from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import select_device, time_sync
 
@@ -94,6 +96,7 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
         dataset = LoadImages(source, img_size=imgsz, stride=stride, auto=model.pt, vid_stride=vid_stride)
     bs = len(dataset) if webcam else 1
     vid_path, vid_writer = [None] * bs, [None] * bs
+    cv2_paths = Cv2Paths()  # where OpenCV can write a video whose name is not UTF-8
     model.warmup(imgsz=(1 if model.pt else bs, 3, *imgsz))
     seen, dt = 0, [0.0, 0.0, 0.0]
     for path, im, im0s, vid_cap, s in dataset:
@@ -146,12 +149,14 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
                                      BGR=True)
             im0 = annotator.result()
             if view_img:
-                show_window(str(p), im0)
+                show_window(shown(p), im0)
             if save_img:
                 if dataset.mode == "image":
-                    cv2.imwrite(save_path, im0)
+                    if not imwrite(save_path, im0):
+                        LOGGER.warning(f"WARNING: {save_path}: could not be written")
                 else:
-                    vid_path[i], vid_writer[i] = _write_video_frame(save_path, vid_path[i], vid_writer[i], vid_cap, im0)
+                    vid_path[i], vid_writer[i] = _write_video_frame(cv2_paths.writable(save_path), vid_path[i],
+                                                                    vid_writer[i], vid_cap, im0)
         LOGGER.info(f"{s}{'' if len(det) else '(no detections), '}{(t3 - t2) * 1e3:.1f}ms")
 
     for w in vid_writer:

@@ -33,9 +33,27 @@ LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
 WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
 
 
+def shown(text) -> str:
+    """`text` as it can be printed, logged or drawn: a file name that is not valid UTF-8 (Python keeps its bytes as
+    surrogate escapes, '\udcff') shows those bytes escaped ('\xff'); everything else is unchanged."""
+    text = str(text)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name produces
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever sys.stdout is when a record is logged (a redirect_stdout, a capture), not to the stream
-    that was current at import."""
+    that was current at import. File names that are not UTF-8 are shown escaped (printing them would fail)."""
+
+    def format(self, record):
+        return shown(super().format(record))
 
     @property
     def stream(self):
@@ -63,7 +81,7 @@ def run_cli(main, *args, **kwargs):
     try:
         return main(*args, **kwargs)
     except UserError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
+        print(f"ERROR: {shown(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
