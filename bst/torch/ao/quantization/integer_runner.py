@@ -83,7 +83,7 @@ def check_graph(graph: object, arrays: dict[str, np.ndarray], where: str | Path)
 
 
 def _check_tensor(name, t, bad):
-    if not isinstance(t, dict) or t.get("axis") not in (None, 1):
+    if not isinstance(t, dict) or "axis" not in t or not (t["axis"] is None or _int(t["axis"], 1, 1)):
         bad(f"tensor {name!r} must be a mapping with 'axis' null or 1")
     per_tensor = t["axis"] is None
     for key, lo, hi in (("exponent", -MAX_EXPONENT, MAX_EXPONENT), ("zero_point", *INT32)):
@@ -99,11 +99,12 @@ def _check_tensor(name, t, bad):
 
 def _check_node(i, node, graph, arrays, defined, bad):
     op = node.get("op") if isinstance(node, dict) else None
-    if op not in INPUTS:
+    if not isinstance(op, str) or op not in INPUTS:
         bad(f"node {i} has op {op!r}; the ops are {', '.join(INPUTS)}")
     at = f"node {i} ({op})"
     ins, out, n = node.get("inputs"), node.get("output"), INPUTS[op]
-    if not isinstance(ins, list) or not ins or (n is not None and len(ins) != n):
+    if not isinstance(ins, list) or not ins or not all(isinstance(x, str) for x in ins) or (
+            n is not None and len(ins) != n):
         bad(f"{at} must read {n or 'one or more'} tensor(s)")
     first = graph["input"]["name"]
     if [x for x in ins if x not in defined or (x == first) != (op == "quantize")]:
@@ -252,10 +253,10 @@ class IntegerModel:
             w = self.arrays[node["weight"]].astype(np.int64) - np.asarray(node["weight_zero_point"],
                                                                          dtype=np.int64).reshape(-1, 1, 1, 1)
             acc = _conv2d(x, w, node["stride"], node["padding"], node["dilation"], node["groups"])
-            if node["bias"] is not None:
+            if node.get("bias") is not None:
                 acc = acc + self.arrays[node["bias"]].astype(np.int64).reshape(1, -1, 1, 1)
             shift = self.arrays[node["shift"]].astype(np.int64).reshape(1, -1, 1, 1)
-            values[out] = self._finish(out, shift_round(acc, shift, rounding), node["activation"], rounding)
+            values[out] = self._finish(out, shift_round(acc, shift, rounding), node.get("activation"), rounding)
         elif op in ("add", "mul"):
             (a, b), (ea, eb) = ins, [self.tensors[n]["exponent"] for n in src]
             a, b = a - self.tensors[src[0]]["zero_point"], b - self.tensors[src[1]]["zero_point"]
