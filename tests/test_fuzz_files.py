@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -261,8 +262,6 @@ def _outside_marks(tmp, candidates):
 @given(path=st.sampled_from(PATHS), downloads=st.lists(st.tuples(ARCHIVE, DIRS, st.booleans()), min_size=1,
                                                        max_size=2), flat=st.booleans())
 def test_dataset_downloads_never_write_outside_their_folder(path, downloads, flat):
-    import sys
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp).resolve()
         fill = {"TMP": str(tmp), "ROOT": str(ROOT), "PREFIX": sys.prefix}

@@ -10,7 +10,9 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 from conftest import ROOT
 
+import detect
 import train
 import val
 from bst.torch.ao.quantization.integer_runner import FORMAT, VERSION, IntegerModel
@@ -287,9 +290,6 @@ def test_onnx_metadata_is_checked_in_one_line(case, data, tmp_path, capsys):
 
 
 def test_sound_onnx_metadata_is_read():
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as tmp:
         f = identity_onnx(Path(tmp) / "m.onnx", {"stride": "64", "names": "{0: 'a', 1: 'b'}", "quantized": "0"})
         backend = DetectMultiBackend(str(f))
@@ -323,8 +323,6 @@ def test_openvino_yaml_is_checked_before_openvino_runs(text, tmp_path, capsys):
 
 
 def test_openvino_yaml_problem_through_detect(tmp_path, capsys):
-    import detect
-
     folder = tmp_path / "m_openvino_model"
     folder.mkdir()
     (folder / "m.xml").write_text("<net/>")

@@ -177,6 +177,9 @@ class _Writer:
     def flush(self):
         self.f.flush()
 
+    def fileno(self):
+        return self.f.fileno()
+
 
 def check_checkpoint_path(path):
     """A folder where a checkpoint file is to be written is a UserError (train.py checks before the first epoch)."""

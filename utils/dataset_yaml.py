@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import os
+import site
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -167,9 +169,6 @@ def run_download(spec, root: Path, where="dataset yaml"):
 def protected_folders() -> list:
     """Where a dataset may never be written: the project's tree (its datasets/ folder aside) and the Python
     installation running it (site-packages holds .pth files that run at start-up)."""
-    import site
-    import sys
-
     places = [ROOT, Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix)]
     places += [Path(p) for p in site.getsitepackages() + [site.getusersitepackages()]]
     return [p.resolve() for p in places]
