@@ -48,12 +48,21 @@ def shown(text) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+class _ShownFilter(logging.Filter):
+    """Every record of the project's logger with file names that are not UTF-8 shown escaped, for every handler
+    (printing such a name fails, and so does sending it to another process, as pytest-xdist does with logs)."""
+
+    def filter(self, record):
+        msg = record.getMessage()
+        safe = shown(msg)
+        if safe != msg:
+            record.msg, record.args = safe, ()
+        return True
+
+
 class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever sys.stdout is when a record is logged (a redirect_stdout, a capture), not to the stream
-    that was current at import. File names that are not UTF-8 are shown escaped (printing them would fail)."""
-
-    def format(self, record):
-        return shown(super().format(record))
+    that was current at import."""
 
     @property
     def stream(self):
@@ -70,6 +79,8 @@ if not LOGGER.handlers:
     LOGGER.addHandler(_h)
     LOGGER.setLevel(logging.INFO if RANK in (-1, 0) else logging.WARNING)
     LOGGER.propagate = False
+if not any(isinstance(f, _ShownFilter) for f in LOGGER.filters):
+    LOGGER.addFilter(_ShownFilter())
 
 
 class UserError(Exception):
