@@ -13,6 +13,7 @@ Results go to runs/detect/exp*: annotated images/videos, labels/*.txt with --sav
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +42,7 @@ from utils.general import (
     UserError,
     check_file,
     check_img_size,
+    check_imgsz_flag,
     colorstr,
     has_display,
     increment_path,
@@ -49,8 +51,10 @@ from utils.general import (
     print_args,
     run_cli,
     scale_boxes,
+    shown,
     xyxy2xywh,
 )
+from utils.imageio import Cv2Paths, imwrite
 from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import select_device, time_sync
 
@@ -61,6 +65,8 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
         nosave=False, classes=None, agnostic_nms=False, augment=False, visualize=False, update=False,
         project=ROOT / "runs/detect", name="exp", exist_ok=False, line_thickness=3, hide_labels=False,
         hide_conf=False, half=False, dnn=False, vid_stride=1, nms_time_limit=0.0):
+    check_flags(imgsz=imgsz, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, classes=classes,
+                line_thickness=line_thickness, vid_stride=vid_stride, nms_time_limit=nms_time_limit)
     source = str(source)
     is_file = Path(source).suffix[1:].lower() in IMG_FORMATS + VID_FORMATS
     url = is_url(source)
@@ -90,6 +96,7 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
         dataset = LoadImages(source, img_size=imgsz, stride=stride, auto=model.pt, vid_stride=vid_stride)
     bs = len(dataset) if webcam else 1
     vid_path, vid_writer = [None] * bs, [None] * bs
+    cv2_paths = Cv2Paths()  # where OpenCV can write a video whose name is not UTF-8
     model.warmup(imgsz=(1 if model.pt else bs, 3, *imgsz))
     seen, dt = 0, [0.0, 0.0, 0.0]
     for path, im, im0s, vid_cap, s in dataset:
@@ -142,12 +149,14 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
                                      BGR=True)
             im0 = annotator.result()
             if view_img:
-                show_window(str(p), im0)
+                show_window(shown(p), im0)
             if save_img:
                 if dataset.mode == "image":
-                    cv2.imwrite(save_path, im0)
+                    if not imwrite(save_path, im0):
+                        LOGGER.warning(f"WARNING: {save_path}: could not be written")
                 else:
-                    vid_path[i], vid_writer[i] = _write_video_frame(save_path, vid_path[i], vid_writer[i], vid_cap, im0)
+                    vid_path[i], vid_writer[i] = _write_video_frame(cv2_paths.writable(save_path), vid_path[i],
+                                                                    vid_writer[i], vid_cap, im0)
         LOGGER.info(f"{s}{'' if len(det) else '(no detections), '}{(t3 - t2) * 1e3:.1f}ms")
 
     for w in vid_writer:
@@ -245,14 +254,30 @@ def parse_opt(argv=None):
     return opt
 
 
+MAX_LINE_THICKNESS = 1000  # OpenCV refuses to draw lines thicker than 32767 px, after inference
+
+
+def check_flags(imgsz=(640, 640), conf_thres=0.25, iou_thres=0.45, max_det=1000, classes=None, line_thickness=3,
+                vid_stride=1, nms_time_limit=0.0, **_):
+    """Every number detect.py takes, checked before the model or any image is loaded: one UserError naming the flag,
+    the value and what it must be. (--imgsz is also rounded up to a multiple of the model's stride, with a warning,
+    once the model is loaded.)"""
+    check_imgsz_flag(imgsz)
+    for flag, v in (("--conf-thres", conf_thres), ("--iou-thres", iou_thres)):
+        if not 0 <= v <= 1:  # NaN fails too
+            raise UserError(f"{flag} {v}: must be between 0.0 and 1.0")
+    for flag, v, most in (("--max-det", max_det, None), ("--vid-stride", vid_stride, None),
+                          ("--line-thickness", line_thickness, MAX_LINE_THICKNESS)):
+        if v < 1 or most is not None and v > most:
+            raise UserError(f"{flag} {v}: must be an integer >= 1" + (f" and <= {most}" if most else ""))
+    if classes is not None and any(c < 0 for c in classes):
+        raise UserError(f"--classes {' '.join(map(str, classes))}: class indices are >= 0")
+    if not 0 <= nms_time_limit < math.inf:
+        raise UserError(f"--nms-time-limit {nms_time_limit}: give seconds >= 0 (0: no limit)")
+
+
 def main(opt):
-    if len(opt.imgsz) > 2 or min(opt.imgsz) < 1:
-        given = opt.imgsz[:1] if len(set(opt.imgsz)) == 1 else opt.imgsz  # parse_opt doubled a single size
-        raise UserError(f"--imgsz {' '.join(map(str, given))}: give one size or height and width, each >= 1")
-    for flag, value in (("--max-det", opt.max_det), ("--vid-stride", opt.vid_stride), ("--line-thickness",
-                                                                                          opt.line_thickness)):
-        if value < 1:
-            raise UserError(f"{flag} {value}: must be an integer >= 1")
+    check_flags(**vars(opt))
     if opt.data:
         opt.data = check_file(opt.data)
     return run(**vars(opt))

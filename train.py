@@ -52,6 +52,7 @@ from utils.general import (
     UserError,
     check_file,
     check_img_size,
+    check_imgsz_flag,
     claim_run_folder,
     colorstr,
     git_info,
@@ -658,6 +659,7 @@ def check_train_flags(opt):
                                ("--imgsz", opt.imgsz, 1), ("--workers", opt.workers, 0)):
         if value < least:
             raise UserError(f"{flag} {value}: must be an integer >= {least}")
+    check_imgsz_flag(opt.imgsz)
 
 
 def check_inputs_exist(opt):

@@ -37,6 +37,7 @@ from utils.general import (
     UserError,
     check_file,
     check_img_size,
+    check_imgsz_flag,
     colorstr,
     increment_path,
     make_run_folder,
@@ -422,6 +423,7 @@ def main(opt):
     for name, v in (("--batch-size", opt.batch_size), ("--imgsz", opt.imgsz), ("--max-det", opt.max_det)):
         if v < 1:
             raise UserError(f"{name} {v}: must be a positive integer")
+    check_imgsz_flag(opt.imgsz)
     if opt.task in ("train", "val", "test"):
         if opt.conf_thres > 0.001:
             LOGGER.info(f"WARNING: confidence threshold {opt.conf_thres} > 0.001 produces invalid results")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import functools
 import json
-import pickle
 import platform
 import warnings
 from pathlib import Path
@@ -179,13 +178,9 @@ def openvino_compiled(model, threads=0):
 
 
 def load_pytorch_model(weights, device=None, inplace=True, fuse=True, trust=False):
-    """attempt_load, with the unpickler's own errors on a file that is no checkpoint turned into a UserError."""
-    try:
-        return attempt_load(weights, device=device, inplace=inplace, fuse=fuse, trust=trust)
-    except (KeyError, IndexError, UnicodeDecodeError, pickle.UnpicklingError) as e:
-        # torch's weights-only unpickler reads arbitrary bytes as opcodes and may fail with a KeyError (bad memo id)
-        raise UserError(f"{weights}: corrupt or not a PyTorch checkpoint ({type(e).__name__} while unpickling)") \
-            from None
+    """attempt_load: every way a file can be damaged or hostile is already one UserError naming it
+    (utils/checkpoint.safe_load, models/checkpoint.check_model and check_qat_state)."""
+    return attempt_load(weights, device=device, inplace=inplace, fuse=fuse, trust=trust)
 
 
 def onnx_metadata(path) -> dict:
@@ -203,6 +198,80 @@ def onnx_metadata(path) -> dict:
         dims = inputs[0].type.tensor_type.shape.dim
         meta["_input_shape"] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return meta
+
+
+MAX_STRIDE = 1024  # a YOLOv5 model's largest stride is 32 or 64; anything above this is no model's
+
+
+def _bad_meta(w, where, key, value, right):
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return UserError(f"{w}: {where} '{key}' is {shown}; it must be {right} (as export.py writes it); export the model "
+                     f"again")
+
+
+def _meta_stride(w, where, value):
+    """A stride from exported metadata (an int, or a string of one in ONNX metadata_props) as an int in
+    1..MAX_STRIDE."""
+    v = value.strip() if isinstance(value, str) else value
+    if isinstance(v, str) and v.isdigit() and len(v) < 6:
+        v = int(v)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_STRIDE):
+        raise _bad_meta(w, where, "stride", value, f"a whole number from 1 to {MAX_STRIDE}")
+    return v
+
+
+def _meta_names(w, where, value):
+    """Class names from exported metadata: a list of names or an {index: name} dict (JSON keys are strings);
+    ONNX metadata_props hold the dict as Python text."""
+    names = value
+    if isinstance(value, str):
+        try:
+            names = ast.literal_eval(value) if len(value) < 1_000_000 else None
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            names = None
+    if isinstance(names, (list, tuple)):
+        names = dict(enumerate(names))
+    ok = isinstance(names, dict) and all(
+        (isinstance(k, int) and not isinstance(k, bool) or isinstance(k, str) and k.isdigit()) and isinstance(n, str)
+        for k, n in names.items())
+    if not ok:
+        raise _bad_meta(w, where, "names", value, "a list of class names or an {index: name} mapping")
+    return {int(k): n for k, n in names.items()}
+
+
+def _meta_shape(w, where, value):
+    ok = isinstance(value, (list, tuple)) and len(value) == 4 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    if not ok:
+        raise _bad_meta(w, where, "shape", value, "the input shape [batch, 3, height, width] in positive integers")
+    return list(value)
+
+
+def _meta_flag(w, where, key, value):
+    if isinstance(value, bool) or value in ("0", "1"):
+        return value in (True, "1")
+    raise _bad_meta(w, where, key, value, "true or false" if where != "metadata_props" else "'0' or '1'")
+
+
+def openvino_metadata(w, xml) -> dict:
+    """The <stem>.yaml beside an OpenVINO .xml, checked: stride, names (None if absent), quantized, pow2, dynamic and
+    input_shape (None for a dynamic model or one without a shape). Anything malformed is one UserError naming the
+    key, what it holds and what it must hold."""
+    meta_file = Path(xml).with_suffix(".yaml")
+    meta = yaml_load(meta_file) if meta_file.is_file() else {}
+    where = meta_file.name
+    if not isinstance(meta, dict):
+        raise _bad_meta(w, where, "content", meta, "a mapping of stride, names, quantized, pow2, shape, dynamic")
+    quantized = _meta_flag(w, where, "quantized", meta.get("quantized", False))
+    dynamic = _meta_flag(w, where, "dynamic", meta.get("dynamic", False))
+    shape = _meta_shape(w, where, meta["shape"]) if meta.get("shape") is not None else None
+    return {"stride": _meta_stride(w, where, meta.get("stride", 32)),
+            "names": _meta_names(w, where, meta["names"]) if meta.get("names") is not None else None,
+            "quantized": quantized, "pow2": quantized and _meta_flag(w, where, "pow2", meta.get("pow2", False)),
+            "dynamic": dynamic, "input_shape": None if dynamic else shape}
 
 
 def _cv2_reason(e) -> str:
@@ -274,20 +343,26 @@ class DetectMultiBackend(nn.Module):
         except RuntimeError as e:
             raise UserError(f"{w}: not a readable TorchScript file ({str(e).strip().splitlines()[0][:150]})") from None
         self.jit_dtype = next(self.model.parameters(), torch.empty(0)).dtype  # float16 for a --half export
-        meta = json.loads(extra["config.txt"]) if extra["config.txt"] else {}
-        self.stride, self.names = int(meta.get("stride", 32)), meta.get("names")
-        self.dynamic = bool(meta.get("dynamic", False))
-        if meta.get("shape") and not self.dynamic:
-            self.input_shape = [None, *meta["shape"][1:]]  # traced grids fix h, w; the batch size is free
+        try:
+            meta = json.loads(extra["config.txt"]) if extra["config.txt"] else {}
+        except ValueError as e:
+            raise UserError(f"{w}: its config.txt is not JSON ({e}); export the model again") from None
+        if not isinstance(meta, dict):
+            raise _bad_meta(w, "config.txt", "config", meta, "a mapping of shape, stride, names, dynamic")
+        self.stride = _meta_stride(w, "config.txt", meta.get("stride", 32))
+        self.names = _meta_names(w, "config.txt", meta["names"]) if meta.get("names") is not None else None
+        self.dynamic = _meta_flag(w, "config.txt", "dynamic", meta.get("dynamic", False))
+        if meta.get("shape") is not None and not self.dynamic:
+            self.input_shape = [None, *_meta_shape(w, "config.txt", meta["shape"])[1:]]  # traced grids fix h, w
 
     def _load_onnx(self, w, device, dnn):
         meta = onnx_metadata(w)
         if "stride" in meta:
-            self.stride = int(meta["stride"])
+            self.stride = _meta_stride(w, "metadata_props", meta["stride"])
         if "names" in meta:
-            self.names = ast.literal_eval(meta["names"])
-        self.quantized = meta.get("quantized", "0") == "1"
-        self.pow2 = self.quantized and meta.get("pow2", "0") == "1"
+            self.names = _meta_names(w, "metadata_props", meta["names"])
+        self.quantized = _meta_flag(w, "metadata_props", "quantized", meta.get("quantized", "0"))
+        self.pow2 = self.quantized and _meta_flag(w, "metadata_props", "pow2", meta.get("pow2", "0"))
         shape = meta.get("_input_shape")
         self.dynamic = shape is None or any(s is None or s == 0 for s in shape)
         self.input_shape = None if self.dynamic else shape
@@ -326,23 +401,18 @@ class DetectMultiBackend(nn.Module):
 
     def _load_openvino(self, w):
         """An export.py --include openvino folder: <stem>.xml/.bin and <stem>.yaml (stride, names, quantized, pow2,
-        shape, dynamic), as upstream's folder plus the quantization keys."""
-        try:
-            import openvino  # noqa: F401  (the import is the check)
-        except ImportError:
-            raise UserError(f"{w}: OpenVINO models need the openvino package; pip install openvino") from None
+        shape, dynamic), as upstream's folder plus the quantization keys. The yaml is checked before OpenVINO runs."""
         xml = openvino_xml(w)
         if xml is None or not xml.is_file():
             raise UserError(f"{w}: no single OpenVINO .xml inside; point --weights at an export.py --include openvino "
                             f"folder") from None
-        meta_file = xml.with_suffix(".yaml")
-        meta = yaml_load(meta_file) if meta_file.is_file() else {}
-        self.stride, self.names = int(meta.get("stride", 32)), meta.get("names")
-        self.quantized = bool(meta.get("quantized", False))
-        self.pow2 = self.quantized and bool(meta.get("pow2", False))
-        self.dynamic = bool(meta.get("dynamic", False))
-        if meta.get("shape") and not self.dynamic:
-            self.input_shape = list(meta["shape"])
+        meta = openvino_metadata(w, xml)
+        self.stride, self.names, self.quantized = meta["stride"], meta["names"], meta["quantized"]
+        self.pow2, self.dynamic, self.input_shape = meta["pow2"], meta["dynamic"], meta["input_shape"]
+        try:
+            import openvino  # noqa: F401  (the import is the check)
+        except ImportError:
+            raise UserError(f"{w}: OpenVINO models need the openvino package; pip install openvino") from None
         kind = " (int8: QDQ run by OpenVINO's int8 kernels)" if self.quantized else ""
         LOGGER.info(f"Loading {xml}{kind} for OpenVINO inference...")
         try:

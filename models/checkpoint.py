@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 
 from bst.torch.ao import quantization as bq
+from bst.torch.ao.quantization.fake_quant_ops import ROUNDINGS
+from bst.torch.ao.quantization.pow2 import POW2_ROUNDINGS
 from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus
 from models.quant import checkpoint_classes, float_model, is_quantized, prepare_yolo_qat
 from models.yolo import Detect, DetectionModel, Ensemble
@@ -123,6 +125,7 @@ def check_model(model, where: str):
                 continue
             if not (attr in _DATA_OVER_METHODS and isinstance(value, _DATA_OVER_METHODS[attr])):
                 bad(f"has an attribute '{attr}' on {at} that shadows its method")
+        _check_layer(m, at, bad)
     layers = model.__dict__["_modules"].get("model")
     detect = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
     if not isinstance(detect, Detect):
@@ -141,6 +144,50 @@ def check_model(model, where: str):
         bad("has a stride that is not a tensor of positive numbers")
     if not is_quantized(model):
         _run_probe(model, bad)
+
+
+MAX_WINDOW = 64  # kernel sizes, strides, paddings and dilations; a real layer's are single digits
+MAX_SCALE = 16  # an Upsample's scale factor (YOLOv5's is 2)
+
+
+def _pair(v, lo, hi=MAX_WINDOW) -> bool:
+    v = v if isinstance(v, tuple) else (v,)
+    return 1 <= len(v) <= 2 and all(isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v)
+
+
+def _check_layer(m, at, bad):
+    """A layer's settings as its class reads them, consistent with its tensors: what fusing or running it allocates
+    is then bounded by the tensors the file holds (a Conv2d claiming 65536 input channels beside a 16-channel weight
+    made fusing allocate a 65536-channel layer)."""
+    d = m.__dict__
+    if not isinstance(d.get("training"), bool):
+        bad(f"has {at} without its training flag")
+    if isinstance(m, nn.Conv2d):
+        w = d["_parameters"].get("weight")
+        ok = isinstance(w, torch.Tensor) and w.ndim == 4 and isinstance(d.get("groups"), int) and d["groups"] >= 1 \
+            and d.get("out_channels") == w.shape[0] and d.get("in_channels") == w.shape[1] * d["groups"] \
+            and d.get("kernel_size") == tuple(w.shape[2:]) and _pair(d.get("stride"), 1) \
+            and _pair(d.get("dilation"), 1) and (_pair(d.get("padding"), 0) or d.get("padding") in ("same", "valid")) \
+            and d.get("padding_mode") in ("zeros", "reflect", "replicate", "circular") and d.get("transposed") is False
+        b = d["_parameters"].get("bias")
+        if not ok or b is not None and tuple(b.shape) != (w.shape[0],):
+            bad(f"has {at} whose settings do not match its weight (in/out channels, kernel size, groups, stride, "
+                f"padding, dilation)")
+    elif isinstance(m, nn.BatchNorm2d):
+        n, mean = d.get("num_features"), d["_buffers"].get("running_mean")
+        eps = d.get("eps")
+        if not (isinstance(n, int) and (mean is None or mean.shape == (n,)) and isinstance(eps, float)
+                and 0 < eps < 1 and isinstance(d.get("affine"), bool)):
+            bad(f"has {at} whose num_features or eps do not fit its statistics")
+    elif isinstance(m, nn.MaxPool2d):
+        if not (_pair(d.get("kernel_size"), 1) and _pair(d.get("stride"), 1) and _pair(d.get("padding"), 0)
+                and _pair(d.get("dilation"), 1)):
+            bad(f"has {at} with a kernel, stride, padding or dilation outside 0..{MAX_WINDOW}")
+    elif isinstance(m, nn.Upsample):
+        f = d.get("scale_factor")
+        if d.get("size") is not None or not isinstance(f, (int, float)) or isinstance(f, bool) \
+                or not 0 < f <= MAX_SCALE:
+            bad(f"has {at} with scale factor {f!r}; it must be a number in (0, {MAX_SCALE}]")
 
 
 def _check_wiring(model, layers, bad):
@@ -174,6 +221,16 @@ def _check_detect(m, bad):
     for k in ("grid", "anchor_grid"):
         if not isinstance(getattr(m, k, []), (list, torch.Tensor)):
             bad(f"has a Detect {k} that is neither a list nor a tensor")
+
+
+def check_runs(model, where: str, step: str):
+    """After `step` changed a checked model (fusing Conv and BN for inference), the same 64x64 probe: a layer
+    missing an attribute that only the changed path reads (Conv2d.in_channels for fusing) is one UserError, not a
+    traceback in the middle of val.py or detect.py."""
+    def bad(what):
+        raise UserError(f"{where} {what} after {step}; give a checkpoint written by train.py or a YOLOv5 release")
+
+    _run_probe(model, bad)
 
 
 @torch.no_grad()
@@ -227,6 +284,7 @@ def rebuild_qat_model(float_part, state, path="checkpoint"):
     if state.get("format") != QAT_FORMAT:
         raise UserError(f"{path}: QAT checkpoint format {state.get('format')!r}; this version of yolov5-qat reads "
                         f"format {QAT_FORMAT} (and QAT models pickled whole); update it to read this file")
+    check_qat_state(state, path)
     meta = state["qat"]
     device = next(float_part.parameters()).device
     # models quantized before a setting existed used what is now its default
@@ -241,6 +299,44 @@ def rebuild_qat_model(float_part, state, path="checkpoint"):
         raise UserError(f"{path}: the QAT state does not fit the model rebuilt from its settings ({first})") from None
     model.qat = {**model.qat, **meta}
     return model.train(state["training"])
+
+
+_QAT_SETTINGS = {  # qat_state["qat"] key: (required, check, what it must be); older files lack the optional ones
+    "bn_folding": (True, lambda v: isinstance(v, bool), "true or false"),
+    "pow2": (True, lambda v: isinstance(v, bool), "true or false"),
+    "pow2_rounding": (False, lambda v: v in POW2_ROUNDINGS, f"one of {', '.join(POW2_ROUNDINGS)}"),
+    "rounding": (False, lambda v: v in ROUNDINGS, f"one of {', '.join(ROUNDINGS)}"),
+    "recipe": (False, lambda v: v is None or isinstance(v, dict), "a recipe mapping or null"),
+    "activations": (False, lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "a list of names"),
+}
+
+
+def check_qat_state(state, path="checkpoint"):
+    """What rebuild_qat_model reads from a format-2 `qat_state` entry, checked before any of it is used: one
+    UserError naming the file, the entry and what it must be."""
+    def bad(what, right):
+        raise UserError(f"{path}: damaged QAT state ({what}; it must be {right}); give a QAT checkpoint written by "
+                        f"train.py --qat")
+
+    meta = state.get("qat")
+    if not isinstance(meta, dict):
+        bad(f"'qat' is a {type(meta).__name__}", "a mapping of the QAT settings")
+    for key, (required, ok, right) in _QAT_SETTINGS.items():
+        if key not in meta:
+            if required:
+                bad(f"the setting '{key}' is missing", right)
+        elif not ok(meta[key]):
+            bad(f"the setting '{key}' is {meta[key]!r:.60}", right)
+    sd = state.get("state_dict")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        bad("'state_dict' is not a mapping of names to tensors", "the prepared model's state_dict")
+    attrs = state.get("attributes")
+    if not isinstance(attrs, dict) or not all(isinstance(k, str) and isinstance(v, dict) and all(
+            isinstance(a, str) and isinstance(x, (bool, int, float, str, type(None))) for a, x in v.items())
+            for k, v in attrs.items()):
+        bad("'attributes' is not a mapping of module names to plain settings", "{module name: {attribute: value}}")
+    if not isinstance(state.get("training"), bool):
+        bad(f"'training' is {state.get('training')!r:.40}", "true or false")
 
 
 def strip_optimizer(f="best.pt", s=""):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import check_runs, load_checkpoint
 from models.common import model_activation
 from models.quant import freeze, is_quantized
 from models.yolo import Detect, DetectionModel, Ensemble
@@ -30,10 +30,18 @@ def attempt_load(weights, device=None, inplace=True, fuse=True, trust=False):
         if hasattr(model, "names") and isinstance(model.names, (list, tuple)):
             model.names = dict(enumerate(model.names))
         model.checkpoint_path = str(path)
-        if is_quantized(model):
-            freeze(model)
-        elif fuse and hasattr(model, "fuse"):
-            model.fuse()
+        quantized = is_quantized(model)
+        try:
+            if quantized:
+                freeze(model)
+            elif fuse and hasattr(model, "fuse"):
+                model.fuse()
+        except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # a damaged layer the probe did not reach
+            why = (str(e).splitlines() or [""])[0][:120]
+            raise UserError(f"{path}: its model cannot be prepared for inference ({type(e).__name__}: {why}); give "
+                            f"a checkpoint written by train.py or a YOLOv5 release") from None
+        if not quantized and fuse:
+            check_runs(model, f"{path}: 'model'", "fusing its Conv and BatchNorm layers")
         models.append(model.eval())
 
     for m in models.modules():

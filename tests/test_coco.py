@@ -6,14 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SHARED
 from test_val import IMAGES, write_dataset
 
 from utils.coco import category_ids, json_from_labels
 from utils.dataloaders import LoadImagesAndLabels
 from utils.dataset_yaml import check_dataset
-
-SHARED = ROOT.parent / "shared"
 
 
 def test_ground_truth_from_labels_equals_the_annotations_file(tmp_path):

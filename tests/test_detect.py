@@ -77,6 +77,16 @@ def test_detect_bad_input_one_line(args, message, tmp_path):
     (["--imgsz", "320", "240", "160"], "--imgsz 320 240 160: give one size or height and width"),
     (["--max-det", "0"], "--max-det 0: must be an integer >= 1"),
     (["--vid-stride", "0"], "--vid-stride 0: must be an integer >= 1"),
+    (["--conf-thres", "-0.5"], "--conf-thres -0.5: must be between 0.0 and 1.0"),
+    (["--iou-thres", "7"], "--iou-thres 7.0: must be between 0.0 and 1.0"),
+    (["--conf-thres", "nan"], "--conf-thres nan: must be between 0.0 and 1.0"),
+    (["--imgsz", "100000"], "--imgsz 100000: each size must be at most 8192 pixels (a 100000x100000 image takes "
+                            "30.0 GB"),
+    (["--imgsz", "640", "9000"], "--imgsz 640 9000: each size must be at most 8192"),
+    (["--line-thickness", "100000"], "--line-thickness 100000: must be an integer >= 1 and <= 1000"),
+    (["--classes", "0", "-1"], "--classes 0 -1: class indices are >= 0"),
+    (["--nms-time-limit", "-1"], "--nms-time-limit -1.0: give seconds >= 0"),
+    (["--nms-time-limit", "inf"], "--nms-time-limit inf: give seconds >= 0"),
 ])
 def test_detect_bad_numbers_one_line_before_any_work(flags, message, tmp_path, capsys):
     import detect

@@ -150,7 +150,7 @@ def test_checkpoint_errors(tmp_path):
         attempt_load(bad)
     notckpt = tmp_path / "tensor.pt"
     torch.save({"model": torch.zeros(3)}, notckpt)
-    with pytest.raises(UserError, match="not a YOLOv5 checkpoint"):
+    with pytest.raises(UserError, match="tensor.pt: .model. is a Tensor, not a YOLOv5 DetectionModel"):
         attempt_load(notckpt)
 
 

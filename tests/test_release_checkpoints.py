@@ -13,7 +13,7 @@ import zipfile
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT
+from conftest import ROOT, SHARED
 
 from models.checkpoint import load_checkpoint
 from models.common import Conv
@@ -21,7 +21,7 @@ from models.experimental import attempt_load
 from models.yolo import Detect, DetectionModel
 from utils.general import UserError
 
-RELEASE = ROOT.parent / "shared" / "release" / "yolov5n.pt"
+RELEASE = SHARED / "release" / "yolov5n.pt"
 GENERATIONS = {  # name: (class name pickled, one activation shared by all Convs, Detect attributes, checkpoint keys)
     "v6.0": ("Model", False, {"onnx_dynamic": False}, ("wandb_id",)),
     "v6.1": ("Model", False, {"onnx_dynamic": False}, ("wandb_id",)),

@@ -351,6 +351,7 @@ def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys)
                                                                        "memory and needs a CUDA --device"),
                            (["--imgsz", "0"], "--imgsz 0: must be an integer >= 1"),
                            (["--imgsz", "-32"], "--imgsz -32: must be an integer >= 1"),
+                           (["--imgsz", "100000"], "--imgsz 100000: each size must be at most 8192 pixels"),
                            (["--qat", "--freeze-bn-epoch", "-5"], "--freeze-bn-epoch -5: must be an epoch index >= 0"),
                            (["--disable-observer-epoch", "-2"], "--disable-observer-epoch -2: must be an epoch")):
         assert message in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--act", "relu",

@@ -381,6 +381,7 @@ BAD_INPUTS = [
     (["--data", "shapes.yaml", "--conf-thres", "2"], "--conf-thres 2.0: must be between 0.0 and 1.0"),
     (["--data", "shapes.yaml", "--iou-thres", "-0.1"], "--iou-thres -0.1: must be between 0.0 and 1.0"),
     (["--data", "shapes.yaml", "--batch-size", "0"], "--batch-size 0: must be a positive integer"),
+    (["--data", "shapes.yaml", "--imgsz", "100000"], "--imgsz 100000: each size must be at most 8192 pixels"),
     (["--data", "shapes.yaml", "--ptq", "--qat-recipe", "data/hyps/hyp.qat.yaml"],
      "hyp.qat.yaml: unknown key(s) ['anchor_t', 'box',"),
 ]

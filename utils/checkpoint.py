@@ -72,7 +72,10 @@ def safe_load(path, allowed, map_location="cpu", trust=False):
         raise UserError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor its legacy format); "
                         f"give a .pt file written by train.py or torch.save")
     if _trusted(trust):
-        return _torch_load(path, map_location, None)
+        try:
+            return _torch_load(path, map_location, None)
+        except pickle.UnpicklingError as e:  # a trusted file is unpickled whole, but damage is still one line
+            raise UserError(_corrupt(path, _first_line(e, "unreadable pickle"))) from None
     if not head.startswith(b"PK\x03\x04"):
         raise UserError(f"{path}: written in torch's legacy (pre-1.6) format, which is read only from trusted files; "
                         f"set {TRUST_ENV}=1 if you trust it, or torch.save it again with a current torch")
@@ -81,11 +84,21 @@ def safe_load(path, allowed, map_location="cpu", trust=False):
     try:
         return _torch_load(path, map_location, pickle_module(allowed))
     except pickle.UnpicklingError as e:
-        why = str(e).splitlines()[0][:200] if str(e) else "unreadable pickle"
+        why = _first_line(e, "unreadable pickle")
         if why.startswith("it "):  # a rule of the safe reader, not damage
             raise UserError(f"{path}: refused to load, {why}; a YOLOv5 checkpoint holds only layers and tensors "
                             f"(if you trust this file, set {TRUST_ENV}=1)") from None
-        raise UserError(f"{path}: corrupt or not a PyTorch checkpoint ({why})") from None
+        raise UserError(_corrupt(path, why)) from None
+
+
+def _first_line(e, default="") -> str:
+    return (str(e).splitlines() or [""])[0][:200] or default
+
+
+def _corrupt(path, why) -> str:
+    """The one line for a file that is damaged or no checkpoint at all: which file, what failed, what to give."""
+    return (f"{path}: corrupt or not a PyTorch checkpoint ({why}); give a .pt file written by train.py or torch.save "
+            f"(a copy damaged in transfer: copy or download it again)")
 
 
 def _torch_load(path, map_location, module):
@@ -97,8 +110,8 @@ def _torch_load(path, map_location, module):
     except MemoryError:
         raise UserError(f"{path}: corrupt checkpoint (it asks for more memory than this machine has)") from None
     except Exception as e:  # a damaged file fails in many ways inside torch and pickle: one line for all of them
-        first = (str(e).splitlines() or [""])[0][:120] or type(e).__name__
-        raise UserError(f"{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: {first})") from None
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        raise UserError(_corrupt(path, f"{kind}: {_first_line(e, kind)[:120]}")) from None
 
 
 def _umask() -> int:
@@ -123,21 +136,49 @@ def atomic_save(obj, path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e})") from None
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _Writer(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the mode of every other run file
         os.replace(tmp, path)
-    except OSError as e:  # disk full, a folder in the way...: the previous file, if any, is untouched
+    except (OSError, RuntimeError) as e:  # disk full, a folder in the way...: the previous file, if any, is untouched
         _unlink_quietly(tmp)
+        if isinstance(e, RuntimeError):  # torch's zip writer reports a failed write as "enforce fail ...": a write
+            if writer is None or writer.error is None:  # error underneath is the user's; anything else is a bug
+                raise
+            e = writer.error
         kept = "; the previous one is kept" if path.is_file() else ""
-        raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}){kept}") from None
+        raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}){kept}; free space there or "
+                        f"write somewhere else") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
     return path
+
+
+class _Writer:
+    """A file for torch.save that remembers the OSError of a failed write: torch turns it into a RuntimeError that
+    no longer says why (a full disk reads "enforce fail at inline_container.cc ... unexpected pos")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+    def fileno(self):
+        return self.f.fileno()
 
 
 def check_checkpoint_path(path):

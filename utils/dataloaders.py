@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from utils.augmentations import PAD_VALUE, augment_hsv, letterbox, mixup, random_perspective
 from utils.general import LOCAL_RANK, LOGGER, RANK, WORLD_SIZE, UserError, xywhn2xyxy, xyxy2xywhn
+from utils.imageio import Cv2Paths, imread, is_utf8
 from utils.torch_utils import torch_distributed_zero_first
 
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
@@ -47,6 +48,16 @@ ORIENTATION_TAG = 0x0112  # EXIF orientation; values 5-8 mean the stored image i
 
 def _suffix(f):
     return os.path.splitext(str(f))[1][1:].lower()
+
+
+def read_list(path) -> str | None:
+    """The text of a list file (a .txt of image paths, a .streams file) with file names that are not UTF-8 kept as
+    the OS has them (surrogate escapes, as os.listdir gives them); None for a binary file (a NUL byte, which no path
+    holds)."""
+    data = Path(path).read_bytes()
+    if b"\x00" in data:
+        return None
+    return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
 
 
 def img2label_paths(img_paths):
@@ -79,7 +90,10 @@ class LoadImages:
             src = Path(path)
             if not src.is_file():
                 raise UserError(f"{path}: file not found")
-            path = [ln.strip() for ln in src.read_text().splitlines() if ln.strip()]
+            text = read_list(src)
+            if text is None:
+                raise UserError(f"{path}: not a text file; a .txt list holds one image or video path per line")
+            path = [ln.strip() for ln in text.splitlines() if ln.strip()]
         files = []
         for p in path if isinstance(path, (list, tuple)) else [path]:
             p = str(Path(p).expanduser().absolute())
@@ -104,10 +118,11 @@ class LoadImages:
         self.mode = "image"
         self.cap, self.frame, self.frames = None, 0, 0
         self.count = 0
+        self.cv2_paths = Cv2Paths()  # videos whose names OpenCV cannot take are opened through a plain-named link
 
     def _open_video(self, path):
         self.frame = 0
-        self.cap = cv2.VideoCapture(path)
+        self.cap = cv2.VideoCapture(self.cv2_paths(path))
         if not self.cap.isOpened():
             self.cap = None
             return False
@@ -141,7 +156,7 @@ class LoadImages:
             else:
                 self.mode = "image"
                 self.count += 1
-                im0 = cv2.imread(path)
+                im0 = imread(path)
                 if im0 is None:
                     LOGGER.warning(f"WARNING: {path}: cannot read image, skipped")
                     continue
@@ -189,11 +204,17 @@ class LoadStreams:
         if str(sources).endswith(".streams"):
             if not src.is_file():
                 raise UserError(f"--source {sources}: file not found; a .streams file lists one source per line")
-            sources = [ln.strip() for ln in src.read_text().splitlines() if ln.strip()]
+            text = read_list(src)
+            if text is None:
+                raise UserError(f"--source {sources}: not a text file; a .streams file lists one source per line")
+            sources = [ln.strip() for ln in text.splitlines() if ln.strip()]
         else:
             sources = [str(sources)]
         if not sources:
             raise UserError(f"--source {src}: lists no source")
+        for s in sources:
+            if not is_utf8(s):  # OpenCV would crash on it
+                raise UserError(f"--source {s}: a stream address or webcam index must be UTF-8 text")
         self.mode = "stream"
         self.img_size, self.stride, self.auto, self.vid_stride = img_size, stride, auto, max(1, int(vid_stride))
         self.sources = sources
@@ -312,7 +333,7 @@ def _image_size(im_file):
     try:
         return _pil_image_size(im_file)
     except UnidentifiedImageError:  # a format PIL does not know (e.g. .pfm): OpenCV decides
-        im = cv2.imread(str(im_file))
+        im = imread(im_file)
         if im is None:
             raise ValueError("not an image, or a format neither PIL nor OpenCV can read") from None
         h, w = im.shape[:2]
@@ -416,7 +437,7 @@ def _files_hash(paths):
     """Hash of the file names with their sizes and modification times (a change in any file changes it)."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(p.encode())
+        h.update(os.fsencode(p))  # a name that is not UTF-8 hashes as the bytes it is
         try:
             st = os.stat(p)
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
@@ -435,9 +456,11 @@ def _list_image_files(path, prefix):
         elif p.is_file() and p.suffix.lower() == ".txt":
             parent = p.resolve().parent
             try:
-                text = p.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError) as e:
-                why = "not a text file" if isinstance(e, UnicodeDecodeError) else e.strerror or str(e)
+                text = read_list(p)
+                why = "not a text file" if text is None else None
+            except OSError as e:
+                why = e.strerror or str(e)
+            if why:
                 raise UserError(f"{prefix}{p}: cannot read this image list ({why}); a .txt list holds one image "
                                 f"path per line") from None
             for line in text.splitlines():
@@ -711,7 +734,7 @@ class LoadImagesAndLabels(Dataset):
         f, npy = self.im_files[i], self.npy_files[i]
         if npy.exists():
             return np.load(npy, allow_pickle=False)
-        im = cv2.imread(f)
+        im = imread(f)
         if im is None:  # a format only PIL reads
             try:
                 with Image.open(f) as pil:

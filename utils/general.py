@@ -33,6 +33,33 @@ LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
 WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
 
 
+def shown(text) -> str:
+    """`text` as it can be printed, logged or drawn: a file name that is not valid UTF-8 (Python keeps its bytes as
+    surrogate escapes, '\udcff') shows those bytes escaped ('\xff'); everything else is unchanged."""
+    text = str(text)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name produces
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _ShownFilter(logging.Filter):
+    """Every record of the project's logger with file names that are not UTF-8 shown escaped, for every handler
+    (printing such a name fails, and so does sending it to another process, as pytest-xdist does with logs)."""
+
+    def filter(self, record):
+        msg = record.getMessage()
+        safe = shown(msg)
+        if safe != msg:
+            record.msg, record.args = safe, ()
+        return True
+
+
 class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever sys.stdout is when a record is logged (a redirect_stdout, a capture), not to the stream
     that was current at import."""
@@ -52,6 +79,8 @@ if not LOGGER.handlers:
     LOGGER.addHandler(_h)
     LOGGER.setLevel(logging.INFO if RANK in (-1, 0) else logging.WARNING)
     LOGGER.propagate = False
+if not any(isinstance(f, _ShownFilter) for f in LOGGER.filters):
+    LOGGER.addFilter(_ShownFilter())
 
 
 class UserError(Exception):
@@ -63,7 +92,7 @@ def run_cli(main, *args, **kwargs):
     try:
         return main(*args, **kwargs)
     except UserError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
+        print(f"ERROR: {shown(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
@@ -169,6 +198,22 @@ def make_divisible(x, divisor):
     """Smallest multiple of divisor that is >= x."""
     divisor = int(divisor.max()) if hasattr(divisor, "max") else int(divisor)
     return math.ceil(x / divisor) * divisor
+
+
+MAX_IMGSZ = 8192  # --imgsz above this is refused: one 3-channel image of 8192 x 8192 already takes 200 MB
+
+
+def check_imgsz_flag(sizes, flag="--imgsz"):
+    """--imgsz given as one size or (height, width): each a whole number from 1 to MAX_IMGSZ, checked before any work
+    (a larger one fails deep in OpenCV with an allocation error, or exhausts memory). UserError otherwise."""
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    given = " ".join(map(str, sizes[:1] if len(set(sizes)) == 1 else sizes))
+    if not 1 <= len(sizes) <= 2 or not all(isinstance(v, int) and v >= 1 for v in sizes):
+        raise UserError(f"{flag} {given}: give one size or height and width, each >= 1")
+    if max(sizes) > MAX_IMGSZ:
+        h, w = (sizes * 2)[:2]
+        raise UserError(f"{flag} {given}: each size must be at most {MAX_IMGSZ} pixels (a {h}x{w} image takes "
+                        f"{3 * h * w / 1e9:.1f} GB before the model sees it; YOLOv5 models are trained at 320-1280)")
 
 
 def check_img_size(imgsz, s=32, floor=0):

@@ -48,6 +48,7 @@ from utils.general import (
     scale_boxes,
     xyxy2xywh,
 )
+from utils.imageio import imread
 from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import time_sync
 
@@ -114,7 +115,7 @@ def _load(x, i: int):
             if not p.is_file():
                 raise UserError(f"{s}: image file not found" if not p.is_dir() else
                                 f"{s}: is a folder; give image files (detect.py --source takes folders)")
-            im = cv2.imread(str(p))  # as detect.py: OpenCV's decoder and EXIF rotation
+            im = imread(p)  # as detect.py: OpenCV's decoder and EXIF rotation, any file name
             im = im[..., ::-1] if im is not None else _decode(p.read_bytes(), s)
             name = p.name
     elif isinstance(x, Image.Image):

@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.general import LOGGER, UserError, clip_boxes, increment_path, xywh2xyxy, xyxy2xywh
+from utils.general import LOGGER, UserError, clip_boxes, increment_path, shown, xywh2xyxy, xyxy2xywh
 
 # Upstream's 20-colour palette, as hex RGB.
 _PALETTE_HEX = ("FF3838", "FF9D97", "FF701F", "FFB21D", "CFD231", "48F90A", "92CC17", "3DDB86", "1A9334", "00D4BB",
@@ -79,6 +79,7 @@ class Annotator:
     def box_label(self, box, label="", color=(128, 128, 128), txt_color=(255, 255, 255)):
         """Outline box (x1, y1, x2, y2); put label on a filled tab above it (inside it when there is no room)."""
         x1, y1, x2, y2 = (float(v) for v in box[:4])
+        label = shown(label) if label else label  # a name that is not UTF-8 would crash OpenCV's text functions
         if self.pil:
             self.draw.rectangle((x1, y1, x2, y2), width=self.lw, outline=tuple(color))
             if label:
@@ -115,6 +116,7 @@ class Annotator:
     def text(self, xy, text, txt_color=(255, 255, 255), anchor="top"):
         """Write text with its top-left corner at xy (its bottom-left with anchor='bottom')."""
         x, y = float(xy[0]), float(xy[1])
+        text = shown(text)  # file names that are not UTF-8, escaped
         w, h = self._text_size(text)
         if anchor == "bottom":
             y += 1 - h
