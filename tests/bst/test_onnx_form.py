@@ -40,7 +40,7 @@ def test_converted_model_exports_to_qdq_and_onnxruntime_reproduces_it(tmp_path):
     ops = [n.op_type for n in proto.graph.node]
     counts = onnx_form.qdq_counts(qmodel, (x,))
     # input, 4 convs, add, cat, mul: one QDQ pair each; 4 int8 weights and 4 int32 biases: one DequantizeLinear each
-    assert counts == {"quantize": 8, "dequantize": 16, "weights": 4, "biases": 4}
+    assert counts == {"quantize": 8, "dequantize": 16, "weights": 4, "biases": 4, "lookups": 0}
     assert ops.count("QuantizeLinear") == 8 and ops.count("DequantizeLinear") == 16 and ops.count("Conv") == 4
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     convs = [(name, m) for name, m in qmodel.named_modules() if isinstance(m, nnq.Conv2d)]

@@ -3,7 +3,8 @@
     python run_integer.py MODEL_DIR --check                   # rerun example.npz, compare bit for bit
     python run_integer.py MODEL_DIR --input x.npy --output y.npz
 
-Format ("bst-integer-model", version 1). Every tensor is integer with a power-of-two scale: real value
+Format ("bst-integer-model", version 2; version 1 is version 2 without "lookup" nodes, and files without them
+say version 1). Every tensor is integer with a power-of-two scale: real value
 ``(q - zero_point) * 2**exponent``; `model.json` lists each tensor's exponent, zero point and range
 [quant_min, quant_max] ("axis": 1 with one exponent and zero point per channel, for model outputs). Nodes run in
 order; each reads tensors by name and writes one. ``R(a, s)`` is the requantizing shift: ``a * 2**-s`` rounded as
@@ -21,6 +22,8 @@ rule ("mixed" if they differ).
                       q = clamp(act(R(t, e_out - e)) + z_out)                   act: none or relu
     mul               q = clamp(R((a - z_a) * (b - z_b), e_out - e_a - e_b) + z_out)
     cat               each part: clamp(R(p - z_p, e_out - e_p) + z_out); joined along dim
+    lookup            q = table[clamp(q_in, m, m + len(table) - 1) - m]          int32 table, m = "input_min": an
+                      elementwise activation (SiLU, ...) as a table from input to output integers
     max_pool2d        window maximum (padding never wins); upsample_nearest: each value repeated factors times
     relu              max(q, z)
 
@@ -37,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT, VERSION = "bst-integer-model", 1
+FORMAT, VERSION = "bst-integer-model", 2
+VERSIONS = (1, 2)  # what this runner reads
 
 
 ROUNDINGS = ("half_even", "half_up")
@@ -87,8 +91,9 @@ class IntegerModel:
     def __init__(self, folder: str | Path) -> None:
         folder = Path(folder)
         self.graph = json.loads((folder / "model.json").read_text())
-        if self.graph.get("format") != FORMAT or self.graph.get("version") != VERSION:
-            raise ValueError(f"{folder / 'model.json'}: not a {FORMAT} version {VERSION} file")
+        if self.graph.get("format") != FORMAT or self.graph.get("version") not in VERSIONS:
+            raise ValueError(f"{folder / 'model.json'}: not a {FORMAT} file of version "
+                             f"{' or '.join(map(str, VERSIONS))}")
         bad = {n.get("rounding") for n in self.graph["nodes"] if "rounding" in n} - set(ROUNDINGS)
         if bad:
             raise ValueError(f"rounding {sorted(bad)} is not supported by this runner ({', '.join(ROUNDINGS)})")
@@ -163,6 +168,9 @@ class IntegerModel:
                         win = x[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
                         best = win if best is None else np.maximum(best, win)
                 values[out] = best
+            elif op == "lookup":
+                table, lo = self.arrays[node["table"]].astype(np.int64), node["input_min"]
+                values[out] = table[np.clip(ins[0], lo, lo + len(table) - 1) - lo]
             elif op == "upsample_nearest":
                 fh, fw = node["factors"]
                 values[out] = np.repeat(np.repeat(ins[0], fh, axis=2), fw, axis=3)
