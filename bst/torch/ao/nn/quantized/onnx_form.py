@@ -136,6 +136,28 @@ class _RoundThenScale(torch.autograd.Function):
         return g.op("Mul", g.op("DequantizeLinear", q, one, zero), scale)
 
 
+class _Sum(torch.autograd.Function):
+    """x + y, written as an ONNX Sum (see `add`)."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return torch.add(x, y)
+
+    @staticmethod
+    def symbolic(g, x, y):
+        return g.op("Sum", x, y)
+
+
+def add(x: torch.Tensor, y: torch.Tensor, as_sum: bool = False) -> torch.Tensor:
+    """``x + y``; in an ONNX export an Add, or with `as_sum` a Sum (the same sum). onnxruntime fuses
+    DequantizeLinear -> Add -> QuantizeLinear into its int8 QLinearAdd, which adds the output zero point before
+    rounding half to even: with an odd zero point a sum lying halfway between two steps lands on the other
+    neighbour than QuantizeLinear's round-then-add gives. A Sum is not fused: it stays exact, in float."""
+    if as_sum and exporting():
+        return _Sum.apply(x, y)
+    return torch.add(x, y)
+
+
 def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
                         quant_max: int, axis: int | None = None, rounding: str = "half_even",
                         what: str = "output quantizer") -> torch.Tensor:
