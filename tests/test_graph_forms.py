@@ -85,3 +85,25 @@ def test_export_speed_profile_names_the_op_types(tmp_path_factory):
     assert profile["(run)"] > 0 and profile["QLinearConv"] > 0 and "SpaceToDepth" in profile
     assert sum(v for k, v in profile.items() if k != "(run)") <= profile["(run)"] * 1.05
     assert "avx2" in bench.CPU_FLAGS and bench.cpu_description()
+
+
+def test_fused_decode_gives_the_same_numbers():
+    """Detect.decode_fused (what the OpenVINO IR is converted from) computes decode's numbers bit for bit, at two
+    input shapes (its grids follow the shape)."""
+    import torch
+
+    from models.yolo import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel(ROOT / "models/yolov5n.yaml", nc=7).eval()
+    detect = model.model[-1]
+    for shape in [(1, 3, 64, 96), (2, 3, 128, 64)]:
+        x = torch.rand(shape)
+        with torch.no_grad():
+            ref = model(x)[0]
+            detect.fused_decode = True
+            try:
+                got = model(x)[0]
+            finally:
+                detect.fused_decode = False
+        assert torch.equal(got, ref) and ref[..., :4].std() > 1  # boxes in pixels, not a constant
