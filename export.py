@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn as nn
 
@@ -57,6 +58,7 @@ from bst.torch.ao.quantization import frozen_qparams
 from bst.torch.ao.quantization.integer_graph import record
 from bst.torch.ao.quantization.integer_runner import IntegerModel
 from models.backend import OPENVINO_DIR, load_pytorch_model
+from models.graph_forms import openvino_form
 from models.quant import convert_yolo, freeze, integer_head, is_quantized, model_pow2, model_rounding
 from models.yolo import Detect
 from utils.export_verify import (
@@ -195,8 +197,6 @@ def export_onnx(model, im, file, metadata, opset=DEFAULT_OPSET, dynamic=False, s
     The file gets metadata_props stride, names and quantized ("1" for a fake-quant model), as DetectMultiBackend
     reads them; a quantized model also pow2 ("1" when every quantizer keeps power-of-two scales).
     """
-    import onnx
-
     LOGGER.info(f"\n{prefix} starting export with onnx {onnx.__version__} opset {opset}...")
     f = Path(file).with_suffix(FORMATS["onnx"])
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "anchors"}} \
@@ -228,22 +228,49 @@ def export_onnx(model, im, file, metadata, opset=DEFAULT_OPSET, dynamic=False, s
     return f
 
 
-def export_openvino(onnx_file, metadata, shape, dynamic=False, half=False, prefix=colorstr("OpenVINO:")) -> Path:
+def openvino_source(model, im, file, metadata, opset=DEFAULT_OPSET, dynamic=False) -> Path:
+    """The ONNX file export_openvino converts: `model` exported as export_onnx does, with Detect's decode as one
+    elementwise chain (Detect.decode_fused: the same numbers; OpenVINO runs it as one fused kernel where it ran
+    decode's channel split and concatenation with its slow reference kernels), as <stem>_openvino_source.onnx."""
+    detects = [m for m in model.modules() if isinstance(m, Detect)]
+    for m in detects:
+        m.fused_decode = True
+    try:
+        level = LOGGER.level
+        LOGGER.setLevel("WARNING")  # export_onnx's own lines: the ONNX file is announced once
+        return export_onnx(model, im, Path(file).with_name(f"{Path(file).stem}_openvino_source.pt"), metadata,
+                           opset=opset, dynamic=dynamic)
+    finally:
+        LOGGER.setLevel(level)
+        for m in detects:
+            m.fused_decode = False
+
+
+def export_openvino(onnx_file, metadata, shape, dynamic=False, half=False, source=None,
+                    prefix=colorstr("OpenVINO:")) -> Path:
     """OpenVINO IR converted from the ONNX file export_onnx wrote (openvino.convert_model), in upstream's layout:
     <stem>_openvino_model/<stem>.xml and .bin, plus <stem>.yaml with stride and names and, for DetectMultiBackend,
     quantized, pow2, shape and dynamic. --half stores the weights as float16 (compress_to_fp16). A QDQ file's
     QuantizeLinear/DequantizeLinear pairs become FakeQuantize nodes with the same scales, which OpenVINO's CPU plugin
-    runs as int8 convolutions."""
+    runs as int8 convolutions. The graph converted is models.graph_forms.openvino_form of `source` (default: the
+    file; export.run gives `openvino_source`): the same numbers, arranged so that OpenVINO computes a QAT model's
+    integers exactly (a Clip keeps the rounding of a convolution output that an Add reads, which OpenVINO's fused
+    convolution + sum drops otherwise) and transposes the head outputs as integers."""
     import openvino as ov
 
     LOGGER.info(f"\n{prefix} starting export with openvino {ov.get_version().split('-')[0]}...")
     onnx_file = Path(onnx_file)
+    source = onnx_file if source is None else Path(source)
     folder = onnx_file.with_name(onnx_file.stem + FORMATS["openvino"])
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        ov.save_model(ov.convert_model(str(onnx_file)), str(tmp / f"{onnx_file.stem}.xml"), compress_to_fp16=half)
+        form = tmp / f"{onnx_file.stem}_openvino_form.onnx"  # the same numbers, arranged for OpenVINO (graph_forms)
+        proto, counts = openvino_form(onnx.load(str(source)))
+        onnx.save(proto, str(form))
+        ov.save_model(ov.convert_model(str(form)), str(tmp / f"{onnx_file.stem}.xml"), compress_to_fp16=half)
+        form.unlink()
     except Exception as e:  # OpenVINO's own exception types
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{onnx_file}: OpenVINO could not convert it ({str(e).strip().splitlines()[0][:200]})") \
@@ -255,6 +282,19 @@ def export_openvino(onnx_file, metadata, shape, dynamic=False, half=False, prefi
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def _openvino_verified(model, export_model, onnx_file, checks, metadata, opset, dynamic, half, rtol, prefix) -> Path:
+    """export_openvino of `export_model` (through openvino_source) checked on every batch of `checks`."""
+    source = openvino_source(export_model, checks[0], onnx_file, metadata, opset=opset, dynamic=dynamic)
+    try:
+        f = export_openvino(onnx_file, metadata, checks[0].shape, dynamic=dynamic, half=half, source=source,
+                            prefix=prefix)
+        for x in checks:
+            verify_openvino(model, f, source, x, metadata.get("quantized"), rtol=rtol, prefix=prefix)
+    finally:
+        source.unlink()
+    return f
 
 
 def converted_model(model, path) -> nn.Module:
@@ -441,16 +481,12 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
             prefix = colorstr("Integer:")
         elif fmt == "openvino":
             prefix = colorstr("OpenVINO:")
-            f = export_openvino(onnx_file, metadata, im.shape, dynamic=dynamic, half=half, prefix=prefix)
-            for x in checks:
-                verify_openvino(model, f, onnx_file, x, quantized, rtol=rtol, prefix=prefix)
+            f = _openvino_verified(model, export_model, onnx_file, checks, metadata, opset, dynamic, half, rtol, prefix)
         else:
             f = onnx_file = export_onnx(export_model, im, w, metadata, opset=opset, dynamic=dynamic,
                                         simplify=simplify, verbose=verbose)
             prefix = colorstr("ONNX:")
             if quantized:
-                import onnx
-
                 expected = qdq_counts(export_model, (im,))
                 s = check_qdq_file(onnx.load(str(f)), expected, metadata["pow2"], f, simplified=simplify)
                 LOGGER.info(f"{prefix} {describe_qdq(s, metadata['pow2'])}")

@@ -20,6 +20,9 @@ which.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import shutil
 import statistics
 import sys
@@ -36,7 +39,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import export
-from models.backend import int8_weight_form, load_pytorch_model, onnxruntime_session, openvino_compiled, openvino_xml
+from models.backend import (
+    cpu_flags,
+    int8_weight_form,
+    load_pytorch_model,
+    onnxruntime_session,
+    openvino_compiled,
+    openvino_run,
+    openvino_xml,
+)
 from models.checkpoint import save_checkpoint
 from models.quant import calibrate, prepare_yolo_qat
 from utils.dataloaders import LoadImages
@@ -45,6 +56,7 @@ from utils.general import LOGGER
 INT8_KERNELS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QLinearAdd", "QLinearConcat",
                 "QLinearSigmoid", "QLinearMul", "QGemm", "DynamicQuantizeLinear")
 FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
 def kernels_run(onnx_path, threads=1, as_written=False) -> dict:
@@ -136,27 +148,79 @@ def exports(weights, folder, size, batch):
     return onnx_file, ov_folder
 
 
+def ort_profile(onnx_path, x, threads, runs=10, **session_kw) -> dict:
+    """Milliseconds per run by op type of the graph onnxruntime runs (after its optimizations), from its profiler
+    (SessionOptions.enable_profiling), over `runs` runs after 3 warmup runs: {op type: ms}, largest first; "(run)"
+    is the whole run."""
+    with tempfile.TemporaryDirectory() as d:
+        session = onnxruntime_session(onnx_path, threads=threads, spinning=False, profile_prefix=Path(d) / "profile",
+                                      **session_kw)
+        feed = {session.get_inputs()[0].name: x}
+        for _ in range(3 + runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    timed = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"),
+                   key=lambda e: e["ts"])[-runs:]
+    per_op = Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= timed[0]["ts"]:
+            per_op[e["args"]["op_name"]] += e["dur"] / runs / 1e3
+    return {"(run)": sum(e["dur"] for e in timed) / runs / 1e3, **dict(per_op.most_common())}
+
+
+def _openvino_call(compiled):
+    """A function running `compiled` through one InferRequest (which holds on to `compiled`)."""
+    request = compiled.create_infer_request()
+    return lambda x, compiled=compiled: openvino_run(request, x)
+
+
 def measure(model, files, size, batch, threads, runs):
-    """Median ms of each runtime at one (size, batch, threads); returns (times, notes)."""
+    """Median ms of each runtime at one (size, batch, threads); returns (times, notes, profiles)."""
     torch.set_num_threads(threads)
     im = export.sample_batch((batch, 3, size, size))
     x = im.numpy()
     (f32_onnx, f32_ov), (q_onnx, q_ov) = files
     ort_f32 = onnxruntime_session(f32_onnx, threads=threads, spinning=False)
     ort_q = onnxruntime_session(q_onnx, threads=threads, spinning=False)
-    ov_f32 = openvino_compiled(openvino_xml(f32_ov), threads=threads)
-    ov_q = openvino_compiled(openvino_xml(q_ov), threads=threads)
+    ort_q_file = onnxruntime_session(q_onnx, threads=threads, spinning=False, space_to_depth=False)
+    ov_q_model = openvino_compiled(openvino_xml(q_ov), threads=threads)
+    ov_f32, ov_q = _openvino_call(openvino_compiled(openvino_xml(f32_ov), threads=threads)), _openvino_call(ov_q_model)
     fns = {"PyTorch fp32": lambda: model(im),
            "onnxruntime fp32": lambda: ort_f32.run(None, {"images": x}),
            "onnxruntime int8": lambda: ort_q.run(None, {"images": x}),
+           "onnxruntime int8*": lambda: ort_q_file.run(None, {"images": x}),
            "OpenVINO fp32": lambda: ov_f32(x),
            "OpenVINO int8": lambda: ov_q(x)}
     with torch.no_grad():
         ms = interleaved_ms(fns, runs)
-    conv = openvino_conv_precisions(ov_q)
+    conv = openvino_conv_precisions(ov_q_model)
     notes = [f"onnxruntime int8: {_kernel_note(kernels_run(q_onnx, threads))}",
              "OpenVINO int8: convolutions by runtime precision " + ", ".join(f"{k} {v}" for k, v in conv.items())]
-    return ms, notes
+    profiles = {"onnxruntime int8": ort_profile(q_onnx, x, threads),
+                "onnxruntime fp32": ort_profile(f32_onnx, x, threads)}
+    return ms, notes, profiles
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector / int8 instruction flags it has."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    have = [f for f in CPU_FLAGS if f in cpu_flags()]
+    return f"{name}, {os.cpu_count()} cores, flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"
+
+
+def _profile_lines(profiles, size, batch, threads, top=9):
+    lines = []
+    for runtime, ops in profiles.items():
+        ops = dict(ops)
+        total = ops.pop("(run)")
+        parts = ", ".join(f"{op} {v:.2f}" for op, v in list(ops.items())[:top])
+        lines.append(f"{size:>5} {batch:>5} {threads:>7}  {runtime:<17} {total:8.2f}  {parts}")
+    return lines
 
 
 def main(argv=None):
@@ -164,13 +228,13 @@ def main(argv=None):
     p.add_argument("--weights", default=str(ROOT.parent / "shared/reference/yolov5n_relu.pt"),
                    help="float .pt; the QAT model is prepared from it")
     p.add_argument("--qat-recipe", default=None, help="QAT recipe yaml (data/quant/*.yaml; default: the default one)")
-    p.add_argument("--sizes", nargs="+", type=int, default=[320, 640], help="square image sizes")
+    p.add_argument("--sizes", nargs="+", type=int, default=[256, 640], help="square image sizes")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="batch sizes")
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="thread counts (every runtime gets the same)")
     p.add_argument("--runs", type=int, default=10, help="timed rounds per configuration")
     opt = p.parse_args(argv)
 
-    rows, notes = [], []
+    rows, notes, profile_lines = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = export.prepare_for_export(load_pytorch_model(opt.weights))
@@ -180,10 +244,11 @@ def main(argv=None):
                 files = [exports(w, tmp / f"{size}_{batch}" / kind, size, batch)
                          for w, kind in ((opt.weights, "fp32"), (qat_pt, "qat"))]
                 for threads in opt.threads:
-                    ms, found = measure(model, files, size, batch, threads, opt.runs)
+                    ms, found, profiles = measure(model, files, size, batch, threads, opt.runs)
+                    profile_lines += _profile_lines(profiles, size, batch, threads)
                     base = ms["PyTorch fp32"]
                     for k, v in ms.items():
-                        fp32 = ms.get(k.replace("int8", "fp32")) if k.endswith("int8") else None
+                        fp32 = ms.get(k.split(" ")[0] + " fp32") if "int8" in k else None
                         rows.append((size, batch, threads, k, v, base / v, fp32 / v if fp32 else None))
                     notes += [f"{size} batch {batch} threads {threads}: {n}" for n in found]
 
@@ -194,7 +259,10 @@ def main(argv=None):
     LOGGER.info(f"\nCPU latency, median of {opt.runs} interleaved rounds (torch {torch.__version__}, onnxruntime "
                 f"{ort.__version__}, openvino {ov.get_version().split('-')[0]}; {Path(opt.weights).name} and its "
                 f"pow2 QAT model, recipe {opt.qat_recipe or 'default'}; onnxruntime int8 weights given as {form}, "
-                f"CPU {'with' if form == 'int8' else 'without'} VNNI)")
+                f"CPU {'with' if form == 'int8' else 'without'} VNNI)\nCPU: {cpu_description()}\n"
+                f"onnxruntime int8: as DetectMultiBackend runs the file (first conv as SpaceToDepth + 3x3 conv, "
+                f"models.graph_forms); int8*: the file as it is. OpenVINO: the export's IR "
+                f"(graph_forms.openvino_form), one InferRequest reading the input in place")
     LOGGER.info(f"{'size':>5} {'batch':>5} {'threads':>7}  {'runtime':<18} {'ms':>9} {'vs PyTorch fp32':>16} "
                 f"{'int8 vs fp32':>13}")
     for size, batch, threads, k, v, ratio, vs_fp32 in rows:
@@ -202,6 +270,11 @@ def main(argv=None):
         LOGGER.info(f"{size:>5} {batch:>5} {threads:>7}  {k:<18} {v:>9.1f} {ratio:>15.2f}x {same}")
     for n in notes:
         LOGGER.info(n)
+    LOGGER.info("\nwhere onnxruntime's time goes: ms per run by op type of the graph it runs (its profiler; the "
+                "largest first)")
+    LOGGER.info(f"{'size':>5} {'batch':>5} {'threads':>7}  {'runtime':<17} {'total':>8}  op type ms")
+    for line in profile_lines:
+        LOGGER.info(line)
     return rows
 
 

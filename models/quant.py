@@ -61,22 +61,10 @@ MODES = ("quantize", "float", "weight_only")
 DEFAULT_RECIPE = {"default": {"activation": {"observer": "mse"}, "learnable": False}, "rules": []}
 
 
-class QuantizedActivation(nn.Module):
+class QuantizedActivation(nnqat.TableActivation):
     """A float activation (SiLU, Hardswish, ...) whose output gets a quantizer: shift hardware applies it
-    as a lookup table on int8, so its output must be on an int8 grid too."""
-
-    def __init__(self, act: nn.Module):
-        super().__init__()
-        self.act = act
-
-    def forward(self, x):
-        return self.act(x)
-
-    @classmethod
-    def from_float(cls, mod):
-        q = cls(mod)
-        q.qconfig = mod.qconfig
-        return q
+    as a lookup table on int8, so its output must be on an int8 grid too. bst's TableActivation: frozen, it computes
+    through the table `convert_yolo` makes of it (this class keeps the name checkpoints pickled)."""
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -565,19 +553,22 @@ def convert_yolo(model, example=None, integer=True):
     """The integer network of a QAT DetectionModel: bst.convert of a frozen copy (int8 weights, int32 biases on the
     grid input scale x weight scale, power-of-two requantization, quantized adds and concats). `model` is frozen
     (observers off) but otherwise untouched. The converted model computes in float exactly what the QAT model
-    computes in eval mode; `integer_head` runs it on integers, torch.onnx.export writes its QDQ form.
-    integer=False also converts a model whose activations (SiLU, ...) stay float between their quantizers: it has an
-    ONNX form but no integer one."""
+    computes in eval mode; `integer_head` runs it on integers, torch.onnx.export writes its QDQ form. Activations
+    such as SiLU become lookup tables from their input to their output integers (bst TableActivation).
+    integer=False also converts a model where an activation stays float because a quantizer next to it is off (a
+    recipe's float or weight_only layers): it has an ONNX form but no integer one."""
     if not is_quantized(model):
         raise UserError("the model is not a QAT model; the integer network is made from a train.py --qat checkpoint")
-    acts = sorted({activation_name(m.act) for m in model.modules() if isinstance(m, QuantizedActivation)})
-    if acts and integer:
-        raise UserError(f"the model's {', '.join(acts)} activations have no integer form here (shift hardware "
-                        "applies them as lookup tables); train a ReLU model (train.py --act relu) for the integer "
-                        "network")
     freeze(model)
     example = example_input(model) if example is None else example
-    return bq.convert(model.eval(), (example,))
+    mapping = bq.get_default_convert_module_mappings()
+    mapping[QuantizedActivation] = nnq.TableActivation.from_qat
+    converted = bq.convert(model.eval(), (example,), mapping=mapping)
+    acts = sorted({activation_name(m.act) for m in converted.modules() if isinstance(m, QuantizedActivation)})
+    if acts and integer:
+        raise UserError(f"the model's {', '.join(acts)} activations have no integer form: a quantizer before or after "
+                        "them is off (recipe mode float / weight_only), so they cannot be lookup tables")
+    return converted
 
 
 @torch.no_grad()

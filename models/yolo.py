@@ -32,6 +32,7 @@ class Detect(nn.Module):
     stride = None  # pixels per grid cell of each level, set when the model is built
     dynamic = False  # rebuild grids every call
     export = False  # return only the decoded tensor
+    fused_decode = False  # decode as one elementwise chain (the same numbers; see decode_fused)
 
     def __init__(self, nc=80, anchors=(), ch=(), inplace=True):
         super().__init__()
@@ -61,10 +62,31 @@ class Detect(nn.Module):
 
     def decode(self, p, i):
         """Raw level-i output (bs, na, ny, nx, no) -> xywh in pixels, objectness, class scores."""
+        if self.fused_decode:
+            return self.decode_fused(p, i)
         xy, wh, conf = p.float().sigmoid().split((2, 2, self.nc + 1), 4)
         xy = (xy * 2 + self.grid[i]) * self.stride[i]
         wh = (wh * 2) ** 2 * self.anchor_grid[i]
         return torch.cat((xy, wh, conf), 4)
+
+    def decode_fused(self, p, i):
+        """`decode` without splitting and concatenating the channels: s = sigmoid(p), u = s * k + gy, then
+        (u * (u * q + (1 - q)) * a + gx) * t with per-channel constants (k = 2 for xywh, gy / gx the grid row / column
+        for y / x, q = 1 for wh, a the anchor for wh, t the stride for xy; else 1 or 0). Per channel these are
+        decode's own operations on the same values (2 s + grid, then x stride; (2 s) * (2 s), then x anchor; s), each
+        other step multiplies by 1 or adds 0, also when a runtime fuses a multiply and an add: the same numbers in
+        one elementwise pass, which a runtime such as OpenVINO fuses into one kernel. The two grid terms are added
+        at different steps, so that no runtime folds them into one constant of the level's full size."""
+        s = p.float().sigmoid()
+        ch = torch.arange(self.no, device=s.device)
+        square = ((ch == 2) | (ch == 3)).to(s.dtype)
+        anchor = torch.ones(1, self.na, 1, 1, self.no, device=s.device, dtype=s.dtype)
+        anchor[..., 2:4] = (self.anchors[i] * self.stride[i]).view(1, self.na, 1, 1, 2)
+        grid_x = nn.functional.pad(self.grid[i][:, :1, :1, :, :1], (0, self.no - 1))  # (1, 1, 1, nx, no)
+        grid_y = nn.functional.pad(self.grid[i][:, :1, :, :1, 1:], (1, self.no - 2))  # (1, 1, ny, 1, no)
+        stride = torch.where(ch < 2, self.stride[i].to(s.device, s.dtype), torch.ones((), device=s.device))
+        u = s * torch.where(ch < 4, 2.0, 1.0).to(s.dtype) + grid_y
+        return (u * (u * square + (1 - square)) * anchor + grid_x) * stride
 
     def _make_grid(self, nx=20, ny=20, i=0):
         d, t = self.anchors[i].device, self.anchors[i].dtype

@@ -209,14 +209,25 @@ def test_onnxruntime_within_one_output_step(bn_folding, pow2, recipe, tmp_path_f
         assert k["ok"] and k["raw_worst"] <= 1 and k["raw_share_differ"] < 0.1
 
 
-def test_silu_activations_get_their_own_quantizers(tmp_path_factory):
+def test_silu_activations_are_lookup_tables(tmp_path_factory):
     model, f, proto, _ = exported(tmp_path_factory, act="silu")
     ops = [n.op_type for n in proto.graph.node]
-    # SiLU is not fused into the conv: the conv output and the SiLU output are each quantized (57 + 57)
-    # (138 QDQ pairs, and a DequantizeLinear on each of the 60 int8 weights and 60 int32 biases)
+    # SiLU is not fused into the conv: the conv output and the SiLU output are each quantized (57 + 57). Each SiLU
+    # is an integer lookup, QuantizeLinear -> Cast -> Gather on a 256-entry table -> DequantizeLinear, reading the
+    # conv's integers; no float sigmoid between them (the 3 Sigmoids left are Detect's decoding)
     assert ops.count("QuantizeLinear") == 1 + 2 * 57 + 7 + 13 + 3 and ops.count("DequantizeLinear") == 138 + 2 * 60
-    assert ops.count("Sigmoid") == 57 + 3  # SiLU = x * sigmoid(x), in float between DequantizeLinear and Quantize
-    assert verify_onnx_qdq(model, f, sample_batch((1, 3, H, W), seed=2))["ok"]
+    assert ops.count("Sigmoid") == 3 and ops.count("Gather") == 57 and ops.count("Mul") == 15
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    prod = _producers(proto)
+    for gather in (n for n in proto.graph.node if n.op_type == "Gather"):
+        table = inits[gather.input[0]]
+        assert gather.input[0].endswith(".act.table") and table.shape == (256,) and table.dtype == np.uint8
+        cast = prod[gather.input[1]]
+        assert cast.op_type == "Cast" and prod[cast.input[0]].op_type == "QuantizeLinear"
+    assert qdq_structure(proto)["lookups"] == 57
+    for seed, shape in ((2, (1, 3, H, W)),):
+        r = verify_onnx_qdq(model, f, sample_batch(shape, seed=seed))
+        assert r["ok"] and r["raw_share_differ"] == 0  # exact: the tables are the model's
 
 
 def test_learnable_scales_export(tmp_path):

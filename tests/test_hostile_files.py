@@ -398,7 +398,7 @@ def _edit(path, **changes):
 
 INTEGER_DAMAGE = {  # change to model.json: what the one line says
     "not json": ("{\"format\": ", "model.json: not JSON (Expecting value"),
-    "a list": (lambda g: [g], "model.json: not a bst-integer-model version 1 file"),
+    "a list": (lambda g: [g], "model.json: not a bst-integer-model file of version 1 or 2"),
     "nodes not a list": (_edit(0, nodes=5), "model.json: 'nodes' must be a non-empty list"),
     "unknown op": (_edit(0, nodes__1__op="exec"), "model.json: node 1 has op 'exec'; the ops are quantize, conv2d"),
     "huge padding": (_edit(0, nodes__1__padding=[100000, 1]), "node 1 (conv2d): 'padding' must be two integers in "

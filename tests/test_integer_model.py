@@ -179,3 +179,65 @@ def test_integer_exact_benchmark(integer_export, tmp_path, capsys):
     assert rows == {"integer reference vs PyTorch": 0, "numpy runner vs integer reference": 0,
                     "onnxruntime (as written) vs PyTorch": 0, "onnxruntime (int8 kernels) vs PyTorch": 0}
     assert f"raw head outputs ({3 * 3 * 15 * (8 * 8 + 4 * 4 + 2 * 2)} per column)" in out
+
+
+def test_silu_model_integer_export_and_onnx_are_exact(tmp_path):
+    """A SiLU yolov5n: each SiLU is a lookup table from the conv's output integers to its own (57 tables). The frozen
+    PyTorch model, bst's integer reference, the numpy runner of the integer model and the ONNX file (onnxruntime as
+    written) give identical raw head outputs, at the export shape and at another one."""
+    pt = save_qat(small_qat(act="silu"), tmp_path / "silu.pt")
+    files = export.run(weights=pt, imgsz=(H, W), include=["onnx", "integer"], dynamic=True)
+    runner = IntegerModel(files[1])
+    ops = [n["op"] for n in runner.graph["nodes"]]
+    assert ops.count("lookup") == 57 and ops.count("conv2d") == 60 and runner.graph["version"] == 2
+    model = load_pytorch_model(pt)
+    converted = convert_yolo(model)
+    from models.backend import onnxruntime_session
+    from utils.export_verify import raw_output_probe
+
+    probe, names = raw_output_probe(files[0])
+    session = onnxruntime_session(probe, as_written=True)
+    g = torch.Generator().manual_seed(11)
+    for shape in [(1, 3, H, W), (2, 3, 96, 160)]:
+        x = torch.rand(shape, generator=g)
+        raw = raw_outputs(model, x)
+        ints = integer_head(converted, x)
+        ran = runner.run(x.numpy())
+        by_shape = {r.shape: r for r in session.run(names, {"images": x.numpy()})}
+        for name, q, r in zip(runner.graph["outputs"], ints, raw):
+            assert torch.equal(as_raw(q, model.model[-1]), r)
+            assert np.array_equal(ran[name], q.int_repr.numpy())
+            assert np.array_equal(by_shape[tuple(r.shape)], r.numpy())
+
+
+def test_release_silu_tables_equal_the_fake_quant_path(tmp_path):
+    """The release yolov5n (SiLU, ../shared) prepared for pow2 QAT and calibrated: for every one of its 57 SiLU layers
+    and all 256 input integers, the float SiLU followed by the output quantizer gives the table's integers; the
+    converted model's integer reference equals the PyTorch model."""
+    release = ROOT.parent / "shared" / "release" / "yolov5n.pt"
+    if not release.is_file():
+        pytest.skip(f"{release} not present")
+    from models.quant import QuantizedActivation
+
+    model = load_pytorch_model(release, fuse=False).float().train()
+    prepare_yolo_qat(model, bn_folding=True, pow2=True, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    calibrate(model, [(torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8, generator=g),)], 1,
+              torch.device("cpu"))
+    model.eval()
+    acts = [m for m in model.modules() if isinstance(m, QuantizedActivation)]
+    assert len(acts) == 57
+    for m in acts:
+        scale, zp, lo, hi = m.input_qparams
+        x = ((torch.arange(lo, hi + 1) - zp).float() * scale).reshape(1, 1, 16, 16).repeat(2, 4, 3, 5)
+        index = ((x / scale).round() + zp - lo).long()
+        out = m.activation_post_process
+        with torch.no_grad():
+            fake = out(m.act(x))  # the release's SiLU works in place (x is not used after this)
+        table = m.lookup_module().table
+        assert torch.equal(torch.round(fake / out.scale).to(torch.int32) + int(out.zero_point), table[index])
+    converted = convert_yolo(model)
+    x = torch.rand(1, 3, 160, 192, generator=g)
+    raw = raw_outputs(model, x)
+    ints = integer_head(converted, x)
+    assert sum(int((as_raw(q, model.model[-1]) != r).sum()) for q, r in zip(ints, raw)) == 0

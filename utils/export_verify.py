@@ -19,10 +19,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from bst.torch.ao.quantization import FakeQuantizeBase, fake_quant_enabled, frozen_qparams, output_quantizer
 from models.backend import onnxruntime_session, openvino_compiled, openvino_xml
+from models.graph_forms import openvino_form
 from models.quant import model_pow2
 from utils.dataloaders import LoadImages, _list_image_files
 from utils.dataset_yaml import check_dataset
@@ -234,10 +236,16 @@ def _describe_steps(steps):
     return ", ".join(one(s) for s in steps)
 
 
+def odd_zero_points(proto) -> tuple[int, int]:
+    """(odd, all): how many QuantizeLinear nodes of `proto` have an odd zero point, of how many."""
+    consts = {i.name: i for i in proto.graph.initializer}
+    zero_points = [onnx.numpy_helper.to_array(consts[n.input[2]]) for n in proto.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in consts]
+    return sum(int(z.astype(np.int64).ravel()[0]) % 2 for z in zero_points), len(zero_points)
+
+
 def raw_output_probe(onnx_path):
     """(serialized graph, names): the ONNX file with Detect's raw outputs (the Sigmoid inputs) as extra outputs."""
-    import onnx
-
     proto = onnx.load(str(onnx_path))
     names = detect_raw_outputs(proto)
     for name in names:
@@ -352,16 +360,18 @@ def verify_openvino(model, folder, onnx_path, im, quantized, rtol=FLOAT_RTOL, ch
     """Run the OpenVINO IR in `folder` (CPU plugin) on `im` and compare it with the PyTorch model.
 
     Float models: as verify_onnx (FLOAT_RTOL, HALF_RTOL for float16 weights); a failure raises UserError with
-    check=True. QAT models: OpenVINO runs the QDQ graph with its own int8 convolutions, whose arithmetic this project
-    does not control (they do not compute the exact integers, with or without VNNI; see README); the raw head
-    outputs (read through a probe converted from `onnx_path`) and the decoded output are compared with the
-    fake-quant model and reported, with a warning beyond one output step; an output that is not finite or missing
-    is an error. Returns the comparison with `output` (decoded) and `shape`."""
+    check=True. QAT models: OpenVINO runs the QDQ graph (in models.graph_forms.openvino_form, as export_openvino
+    converts it) with its own int8 kernels. They compute a power-of-two model's integers exactly when every zero
+    point is even (a ReLU model's are 0); an odd zero point is rounded after it is added (OpenVINO's FakeQuantize
+    rounds (x - low) / step), so a tie lands on the other neighbour (see README). The raw head outputs (read through
+    a probe converted from `onnx_path`) and the decoded output are compared with the fake-quant model and reported,
+    with a warning beyond one output step that counts the odd zero points; an output that is not finite or missing
+    is an error. Returns the comparison with `output` (decoded), `shape` and `odd_zero_points`."""
     import openvino as ov
 
     x = im.detach().float().cpu().numpy()
     try:
-        out = openvino_compiled(openvino_xml(folder))(x)[0]
+        out = openvino_compiled(openvino_xml(folder), shape=x.shape)(x)[0]
     except RuntimeError as e:
         raise UserError(f"{folder}: OpenVINO {ov.get_version()} cannot run the exported model "
                         f"({str(e).strip().splitlines()[0][:200]})") from None
@@ -372,28 +382,33 @@ def verify_openvino(model, folder, onnx_path, im, quantized, rtol=FLOAT_RTOL, ch
         return _report(result, "OpenVINO", folder, check, prefix)
     ref = qdq_reference(model, im)
     probe, names = raw_output_probe(onnx_path)
+    probe = openvino_form(onnx.load_from_string(probe))[0].SerializeToString()  # as export_openvino converts it
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "probe.onnx").write_bytes(probe)
-        compiled = openvino_compiled(ov.convert_model(str(Path(d) / "probe.onnx")))
+        compiled = openvino_compiled(ov.convert_model(str(Path(d) / "probe.onnx")), shape=x.shape)
         res = compiled(x)
-        raw_out = [res[compiled.output(i)] for i in range(1, len(compiled.outputs))]
+        by_name = {o.any_name: res[o] for o in compiled.outputs}
+        raw_out = [by_name[n] for n in names]
     by_shape = _raw_by_shape(raw_out, ref, folder)
     raw = [_within(r, by_shape[r.shape], t) for r, t in zip(ref["raw"], ref["raw_tol"])]
     decoded = _within(ref["decoded"], out.astype(np.float32), ref["decoded_tol"])
     n_raw = sum(r.size for r in ref["raw"])
     share = sum(w["share_differ"] * r.size for w, r in zip(raw, ref["raw"])) / n_raw
     worst = max(w["worst_ratio"] for w in raw)
+    odd, total = odd_zero_points(onnx.load(str(onnx_path)))
     result = {"raw": raw, "decoded": decoded, "output": out, "raw_share_differ": share, "raw_worst": worst,
-              "ok": all(w["ok"] for w in raw) and decoded["ok"], "shape": tuple(im.shape)}
+              "ok": all(w["ok"] for w in raw) and decoded["ok"], "shape": tuple(im.shape), "odd_zero_points": odd}
     LOGGER.info(f"{prefix} OpenVINO (int8 kernels) vs PyTorch fake-quant on {tuple(im.shape)}: raw head outputs "
-                f"{100 * share:.2f}% of {n_raw} differ, worst {worst:.2f} of one output step; decoded output max "
-                f"|diff| {decoded['max_abs_diff']:.3g}, worst {decoded['worst_ratio']:.2f} of the bound one step "
-                f"implies")
+                f"{100 * share:.2f}% of {n_raw} differ, worst {worst:.2f} of one output step [exact where every zero "
+                f"point is even: {odd} of {total} are odd]; decoded output max |diff| {decoded['max_abs_diff']:.3g}, "
+                f"worst {decoded['worst_ratio']:.2f} of the bound one step implies")
     if not np.isfinite(out).all() or not all(np.isfinite(r).all() for r in raw_out):
         raise UserError(f"{folder}: OpenVINO's output is not finite; the folder is left for inspection, do not deploy "
                         f"it")
     if not result["ok"]:
+        why = (f"{odd} of its {total} quantizers have odd zero points, which OpenVINO's FakeQuantize rounds after "
+               f"adding" if odd else "with even zero points only, an OpenVINO this project has not seen")
         LOGGER.warning(f"WARNING: {folder}: OpenVINO's int8 kernels are off by up to "
-                       f"{max(worst, decoded['worst_ratio']):.3g}x one output step; the ONNX file computes the model "
-                       f"exactly")
+                       f"{max(worst, decoded['worst_ratio']):.3g}x one output step ({why}); the ONNX file computes "
+                       f"the model exactly")
     return result

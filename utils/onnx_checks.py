@@ -22,7 +22,8 @@ def qdq_structure(proto) -> dict:
     Returns {"quantize": n QuantizeLinear, "dequantize": n DequantizeLinear, "activation_dq": n DequantizeLinear of a
     computed tensor, "weight_dq": [{"name", "axis" (None per tensor), "dtype", "zero_points_all_zero", "channels"}]
     for each DequantizeLinear of an int8/uint8 initializer, "bias_dq": [{"name", "axis", "channels", "scale"}] for
-    each DequantizeLinear of an int32 initializer, "scales": {scale name: float32 array}}."""
+    each DequantizeLinear of an int32 initializer, "scales": {scale name: float32 array}, "lookups": n Gather on an
+    int8/uint8 table (an activation applied as a lookup table)}."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in proto.graph.initializer}
@@ -38,8 +39,11 @@ def qdq_structure(proto) -> dict:
             return numpy_helper.to_array(next(a for a in consts[name].attribute if a.name == "value").t)
         return None
 
-    out = {"quantize": 0, "dequantize": 0, "activation_dq": 0, "weight_dq": [], "bias_dq": [], "scales": {}}
+    out = {"quantize": 0, "dequantize": 0, "activation_dq": 0, "weight_dq": [], "bias_dq": [], "scales": {},
+           "lookups": 0}
     for n in proto.graph.node:
+        if n.op_type == "Gather" and value(n.input[0]) is not None and value(n.input[0]).dtype in INTEGER_WEIGHT_TYPES:
+            out["lookups"] += 1  # an activation's lookup table (QuantizeLinear -> Cast -> Gather -> DequantizeLinear)
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         out["quantize" if n.op_type == "QuantizeLinear" else "dequantize"] += 1
@@ -71,14 +75,14 @@ def check_qdq_file(proto, expected: dict, pow2: bool, path, simplified=False) ->
     `qdq_structure`."""
     s = qdq_structure(proto)
     got = {"quantize": s["quantize"], "dequantize": s["dequantize"], "weights": len(s["weight_dq"]),
-           "biases": len(s["bias_dq"])}
-    want = {k: expected[k] for k in got}
+           "biases": len(s["bias_dq"]), "lookups": s["lookups"]}
+    want = {k: expected.get(k, 0) for k in got}
     if got != want:
         hint = "; --simplify folded quantization nodes, drop it" if simplified else ""
         raise UserError(f"{path}: the QDQ graph holds {got['quantize']} QuantizeLinear, {got['dequantize']} "
-                        f"DequantizeLinear ({got['weights']} on int8 weights, {got['biases']} on int32 biases) where "
-                        f"the model applies {want['quantize']}, {want['dequantize']} ({want['weights']}, "
-                        f"{want['biases']}){hint}")
+                        f"DequantizeLinear ({got['weights']} on int8 weights, {got['biases']} on int32 biases), "
+                        f"{got['lookups']} lookup tables where the model applies {want['quantize']}, "
+                        f"{want['dequantize']} ({want['weights']}, {want['biases']}), {want['lookups']}{hint}")
     if pow2:
         bad = [k for k, v in s["scales"].items()
                if not bool(is_pow2(torch.from_numpy(np.array(v, dtype=np.float32, ndmin=1))).all())]
@@ -92,8 +96,9 @@ def describe_qdq(s: dict, pow2: bool) -> str:
     """One line on a file's QDQ content (`qdq_structure`)."""
     axes = sorted({str(d["axis"]) for d in s["weight_dq"]})
     n_scales = sum(v.size for v in s["scales"].values())
+    tables = f", {s['lookups']} lookup tables" if s.get("lookups") else ""
     return (f"QDQ graph: {s['quantize']} QuantizeLinear, {s['dequantize']} DequantizeLinear ({len(s['weight_dq'])} on "
-            f"int8 weights, axis {'/'.join(axes)}; {len(s['bias_dq'])} on int32 biases), {n_scales} scales"
+            f"int8 weights, axis {'/'.join(axes)}; {len(s['bias_dq'])} on int32 biases){tables}, {n_scales} scales"
             + (", all exact powers of two" if pow2 else ""))
 
 

@@ -9,7 +9,7 @@ from test_workflow import _trained
 
 import bst.torch.ao.nn.quantized as nnq
 import bst.torch.ao.quantization as bq
-from bst.torch.ao.nn.quantized import onnx_form
+from bst.torch.ao.nn.quantized import FloatFunctional, onnx_form
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -40,7 +40,7 @@ def test_converted_model_exports_to_qdq_and_onnxruntime_reproduces_it(tmp_path):
     ops = [n.op_type for n in proto.graph.node]
     counts = onnx_form.qdq_counts(qmodel, (x,))
     # input, 4 convs, add, cat, mul: one QDQ pair each; 4 int8 weights and 4 int32 biases: one DequantizeLinear each
-    assert counts == {"quantize": 8, "dequantize": 16, "weights": 4, "biases": 4}
+    assert counts == {"quantize": 8, "dequantize": 16, "weights": 4, "biases": 4, "lookups": 0}
     assert ops.count("QuantizeLinear") == 8 and ops.count("DequantizeLinear") == 16 and ops.count("Conv") == 4
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     convs = [(name, m) for name, m in qmodel.named_modules() if isinstance(m, nnq.Conv2d)]
@@ -142,3 +142,46 @@ def test_leftover_fake_quantizer_becomes_a_frozen_quantize():
     model[2].activation_post_process.disable_fake_quant()
     assert bq.convert(model, example_inputs=(x,))[2].activation_post_process.output_scale is None
     assert bq.frozen_qparams(model[2].activation_post_process) is None
+
+
+class _Add(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant, self.quant_half, self.dequant = bq.QuantStub(), bq.QuantStub(), bq.DeQuantStub()
+        self.add = FloatFunctional()
+
+    def forward(self, x):
+        return self.dequant(self.add.add(self.quant(x), self.quant_half(x * 0.5)))
+
+
+def _fixed(scale, zero_point):
+    observer = bq.FixedQParamsObserver.with_args(scale=scale, zero_point=zero_point, dtype=torch.quint8, quant_min=0,
+                                                 quant_max=255, pow2=True)
+    return bq.QConfig(activation=bq.FixedQParamsFakeQuantize.with_args(observer=observer), weight=None)
+
+
+@pytest.mark.parametrize("zero_point, op", [(37, "Sum"), (38, "Add")])
+def test_add_with_an_odd_output_zero_point_is_a_sum(zero_point, op, tmp_path):
+    """onnxruntime's int8 QLinearAdd adds the output zero point before rounding half to even; with an odd zero point
+    a sum halfway between two steps then lands on the other neighbour. Such an add is written as an ONNX Sum, which
+    onnxruntime leaves in float: its int8 kernels then give the graph's numbers exactly, as with an even one."""
+    model = _Add()
+    model.quant.qconfig, model.quant_half.qconfig = _fixed(2.0 ** -7, 128), _fixed(2.0 ** -8, 128)
+    model.add.qconfig = _fixed(2.0 ** -5, zero_point)
+    bq.prepare_qat(model.train(), inplace=True)
+    x = torch.linspace(-0.9, 0.9, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+    model.apply(bq.disable_observer)
+    qmodel = bq.convert(model.eval(), example_inputs=(x,))
+    proto = _export(qmodel, x, tmp_path / "add.onnx")
+    assert [n.op_type for n in proto.graph.node].count(op) == 1
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    kernels = ort.InferenceSession(str(tmp_path / "add.onnx"), providers=["CPUExecutionProvider"])
+    assert np.array_equal(_run(tmp_path / "add.onnx", x), ref)
+    assert np.array_equal(kernels.run(None, {"x": x.numpy()})[0], ref)
+    # the same graph with an Add in place of the Sum: onnxruntime's QLinearAdd rounds some ties the other way
+    if op == "Sum":
+        for n in proto.graph.node:
+            n.op_type = "Add" if n.op_type == "Sum" else n.op_type
+        fused = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert (fused.run(None, {"x": x.numpy()})[0] != ref).sum() > 0

@@ -3,11 +3,12 @@
 `record(run)` runs ``run()`` (a function that runs a converted model in `integer_mode` and returns its output
 `QTensor`s) and notes every integer op it executes: the input quantization, each conv with its int8 weights,
 int32 bias and per-channel requantizing shifts, the adds, multiplications and concatenations with their operand
-exponents, max-pools, nearest upsamplings and ReLUs. `IntegerGraph.save(folder)` writes
+exponents, lookup tables (activations such as SiLU), max-pools, nearest upsamplings and ReLUs.
+`IntegerGraph.save(folder)` writes
 
     model.json     the graph: ops in execution order, every tensor's exponent (scale 2**exponent), zero point and
                    range, the input quantization, the outputs, the rounding rule
-    tensors.npz    int8 weights, int32 biases, int32 shifts (one per output channel)
+    tensors.npz    int8 weights, int32 biases, int32 shifts (one per output channel), int32 lookup tables
     example.npz    an example input (float32, NCHW) and the integer outputs the reference computed for it
     run_integer.py a runner that needs only numpy and executes model.json (`integer_runner.py`, copied)
 
@@ -87,6 +88,9 @@ class IntegerGraph:
             node["groups"] = int(attrs["groups"])
             node["activation"] = attrs["activation"]
             node["rounding"] = attrs["rounding"]
+        elif op == "lookup":
+            node["table"] = self._array(f"{out}.table", attrs["table"].reshape(-1), np.int32)
+            node["input_min"] = int(attrs["input_min"])
         else:
             for k, v in attrs.items():
                 node[k] = list(v) if isinstance(v, tuple) else v
@@ -98,7 +102,8 @@ class IntegerGraph:
         return rules.pop() if len(rules) == 1 else "mixed" if rules else "half_even"
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "rounding": self.rounding(), "input": self.input,
+        version = VERSION if any(n["op"] == "lookup" for n in self.nodes) else 1  # version 1 readers run the rest
+        return {"format": FORMAT, "version": version, "rounding": self.rounding(), "input": self.input,
                 "outputs": self.outputs, "tensors": self.tensors, "nodes": self.nodes}
 
     def save(self, folder: str | Path, example_input: torch.Tensor, example_outputs: list[iref.QTensor]) -> Path:

@@ -15,7 +15,9 @@ units of 2**(k_in + k_w), below 2**24 (float32 mantissa), which holds for small 
 float32 rounds and a value lying on a tie can differ by one step.
 
 Activations: ReLU and ReLU6 are applied after rounding, ``max(r, 0)`` and ``min(max(r, 0),
-round(6 / s_out))``; this equals rounding after the activation because rounding is monotone.
+round(6 / s_out))``; this equals rounding after the activation because rounding is monotone. Other elementwise
+activations (SiLU, Hardswish, ...) between two per-tensor quantizers are lookup tables from input to output
+integers (`lookup`, converted `TableActivation` modules).
 Integer matrix products run on the CPU (CUDA has no int64 matmul); results return to the input device.
 """
 from __future__ import annotations
@@ -237,6 +239,20 @@ def cat(module: nn.Module, parts: Sequence[QTensor], dim: int = 0) -> QTensor:
                          module.output_quant_min, module.output_quant_max, rounding=module.output_rounding)
               for p in parts]
     return _note("cat", list(parts), _out(module, torch.cat(pieces, dim)), dim=dim, rounding=module.output_rounding)
+
+
+def lookup(module: nn.Module, qx: QTensor) -> QTensor:
+    """An elementwise activation of a converted `TableActivation`: each input integer selects its output integer in
+    the module's table (index ``q - input_quant_min``); the input must carry the qparams the table was made for."""
+    if qx.axis is not None or float(qx.scale) != float(module.input_scale) or \
+            int(qx.zero_point) != int(module.input_zero_point):
+        raise ValueError(f"{module.function} lookup table: made for input scale {float(module.input_scale)} and zero "
+                         f"point {int(module.input_zero_point)}, got scale {qx.scale} and zero point {qx.zero_point}")
+    _output_exponent(module)
+    lo, hi = module.input_quant_min, module.input_quant_max
+    index = torch.clamp(qx.int_repr, lo, hi) - lo
+    values = module.table.to(torch.int64).to(index.device)[index]
+    return _note("lookup", [qx], _out(module, values), table=module.table, input_min=lo)
 
 
 # --- grid-preserving functions on QTensor --------------------------------------------------------

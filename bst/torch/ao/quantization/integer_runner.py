@@ -3,7 +3,8 @@
     python run_integer.py MODEL_DIR --check                   # rerun example.npz, compare bit for bit
     python run_integer.py MODEL_DIR --input x.npy --output y.npz
 
-Format ("bst-integer-model", version 1). Every tensor is integer with a power-of-two scale: real value
+Format ("bst-integer-model", version 2; version 1 is version 2 without "lookup" nodes, and files without them
+say version 1). Every tensor is integer with a power-of-two scale: real value
 ``(q - zero_point) * 2**exponent``; `model.json` lists each tensor's exponent, zero point and range
 [quant_min, quant_max] ("axis": 1 with one exponent and zero point per channel, for model outputs). Nodes run in
 order; each reads tensors by name and writes one. ``R(a, s)`` is the requantizing shift: ``a * 2**-s`` rounded as
@@ -21,6 +22,8 @@ rule ("mixed" if they differ).
                       q = clamp(act(R(t, e_out - e)) + z_out)                   act: none or relu
     mul               q = clamp(R((a - z_a) * (b - z_b), e_out - e_a - e_b) + z_out)
     cat               each part: clamp(R(p - z_p, e_out - e_p) + z_out); joined along dim
+    lookup            q = table[clamp(q_in, m, m + len(table) - 1) - m]          int32 table, m = "input_min": an
+                      elementwise activation (SiLU, ...) as a table from input to output integers
     max_pool2d        window maximum (padding never wins); upsample_nearest: each value repeated factors times
     relu              max(q, z)
 
@@ -38,12 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT, VERSION = "bst-integer-model", 1
+FORMAT, VERSION = "bst-integer-model", 2
+VERSIONS = (1, 2)  # what this runner reads
 
 
 ROUNDINGS = ("half_even", "half_up")
 INPUTS = {"quantize": 1, "conv2d": 1, "add": 2, "mul": 2, "cat": None, "max_pool2d": 1, "upsample_nearest": 1,
-          "relu": 1}  # op -> number of inputs (None: one or more)
+          "relu": 1, "lookup": 1}  # op -> number of inputs (None: one or more)
 MAX_EXPONENT = 62  # exponents and shifts beyond this overflow the int64 arithmetic
 MAX_WINDOW = 64  # kernel sizes, strides, paddings, dilations and upsampling factors of a real network are far smaller
 INT32 = (-2 ** 31, 2 ** 31 - 1)
@@ -63,8 +67,8 @@ def check_graph(graph: object, arrays: dict[str, np.ndarray], where: str | Path)
     def bad(what):
         raise ValueError(f"{where}: {what}; export the model again (export.py --include integer)")
 
-    if not isinstance(graph, dict) or graph.get("format") != FORMAT or graph.get("version") != VERSION:
-        bad(f"not a {FORMAT} version {VERSION} file")
+    if not isinstance(graph, dict) or graph.get("format") != FORMAT or graph.get("version") not in VERSIONS:
+        bad(f"not a {FORMAT} file of version {' or '.join(map(str, VERSIONS))}")
     for key, kind in (("input", dict), ("outputs", list), ("tensors", dict), ("nodes", list)):
         if not isinstance(graph.get(key), kind) or not graph[key]:
             bad(f"'{key}' must be a non-empty {kind.__name__}")
@@ -122,6 +126,12 @@ def _check_node(i, node, graph, arrays, defined, bad):
         bad(f"{at}: 'dim' must be an axis of an NCHW tensor")
     if op == "conv2d":
         _check_conv(at, node, arrays, bad)
+    if op == "lookup":
+        table = arrays.get(node.get("table")) if isinstance(node.get("table"), str) else None
+        if table is None or table.ndim != 1 or not 1 <= len(table) <= 1 << 16 or table.dtype.kind not in "iu":
+            bad(f"{at}: 'table' must name a 1-d integer array of at most 65536 entries in tensors.npz")
+        if not _int(node.get("input_min"), *INT32):
+            bad(f"{at}: 'input_min' must be an int32 integer")
 
 
 def _check_conv(at, node, arrays, bad):
@@ -282,6 +292,9 @@ class IntegerModel:
                     win = x[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
                     best = win if best is None else np.maximum(best, win)
             values[out] = best
+        elif op == "lookup":
+            table, lo = self.arrays[node["table"]].astype(np.int64), node["input_min"]
+            values[out] = table[np.clip(ins[0], lo, lo + len(table) - 1) - lo]
         elif op == "upsample_nearest":
             fh, fw = node["factors"]
             values[out] = np.repeat(np.repeat(ins[0], fh, axis=2), fw, axis=3)

@@ -17,11 +17,12 @@ import torch
 import torch.nn as nn
 
 from bst.torch.ao.nn.intrinsic.qat.conv_fused import ConvBn2d
+from bst.torch.ao.nn.qat.activation import TableActivation, set_input_qparams
 from bst.torch.ao.nn.qat.conv import Conv2d, set_input_scale
 from bst.torch.ao.nn.quantized.functional_modules import FloatFunctional
 from bst.torch.ao.nn.quantized.reference import Quantize
 
-from .fake_quantize import FakeQuantizeBase, disable_observer, fake_quant_enabled, qparams_of
+from .fake_quantize import FakeQuantizeBase, disable_observer, fake_quant_enabled, output_quantizer, qparams_of
 from .mappings import get_default_convert_module_mappings, get_default_qat_module_mappings
 from .qconfig import QConfig
 from .stubs import QuantStub
@@ -203,18 +204,28 @@ def freeze_qparams(model: nn.Module, example_inputs: tuple) -> nn.Module:
     feeds it, so that in eval mode it adds its bias on the int32 grid ``input_scale * weight_scale`` exactly as
     `convert` and every export do. Evaluation and export must both start from this function: it is what
     makes them compute the same integers. A conv whose input does not come straight from a per-tensor fake
-    quantizer keeps its float bias. Observers stay off; re-enable them to keep calibrating."""
+    quantizer keeps its float bias. Likewise every QAT `TableActivation` learns the qparams of the quantizer feeding
+    it, so that in eval mode it computes through the lookup table `convert` makes of it. Observers stay off;
+    re-enable them to keep calibrating."""
     if not isinstance(example_inputs, tuple):
         raise ValueError(f"example_inputs: a tuple of model inputs is expected, got {type(example_inputs).__name__}")
     model.apply(disable_observer)
     conv_types = (Conv2d, ConvBn2d)
-    inputs = _InputTracer(model, conv_types).run(example_inputs)
+    inputs = _InputTracer(model, (*conv_types, TableActivation)).run(example_inputs)
     for m in model.modules():
-        if isinstance(m, conv_types):
-            source = (inputs.get(m) or [None])[0]
-            known = source is not None and fake_quant_enabled(source) and not source.is_per_channel
-            set_input_scale(m, float(qparams_of(source)[0]) if known else None)
+        if isinstance(m, (*conv_types, TableActivation)):
+            source = _per_tensor_source(inputs, m)
+            if isinstance(m, TableActivation):
+                set_input_qparams(m, None if source is None else qparams_of(source))
+            else:
+                set_input_scale(m, None if source is None else float(qparams_of(source)[0]))
     return model
+
+
+def _per_tensor_source(inputs, module):
+    """The enabled per-tensor fake quantizer that made `module`'s first input, or None."""
+    source = (inputs.get(module) or [None])[0]
+    return source if source is not None and fake_quant_enabled(source) and not source.is_per_channel else None
 
 
 def _swap_converted(module, mapping, inputs, prefix=""):
@@ -223,9 +234,15 @@ def _swap_converted(module, mapping, inputs, prefix=""):
         build = mapping.get(type(child))
         if build is None and isinstance(child, FakeQuantizeBase):
             # a quantizer no converted module takes over (the output quantizer of a module left in float, e.g. an
-            # activation applied as a lookup table): its frozen quantize-dequantize
+            # activation whose table cannot be made): its frozen quantize-dequantize
             setattr(module, name, Quantize.from_fake_quant(child))
             continue
+        if getattr(child, "_needs_input_qparams", False) and build is not None:
+            source = _per_tensor_source(inputs, child)
+            if source is not None and fake_quant_enabled(output_quantizer(child)):
+                setattr(module, name, build(child, qparams_of(source)))
+                continue
+            build = None  # no table without both quantizers: the function stays float, its quantizer a Quantize
         if build is None:
             _swap_converted(child, mapping, inputs, full)
             continue
@@ -255,7 +272,9 @@ def convert(model: nn.Module, example_inputs: tuple | None = None,
     ``example_inputs`` input qparams and ``bias_int32`` stay None (the float bias is kept).
     Quantizer state is read as it is: disable observers first to convert frozen scales. A fake quantizer that
     no converted module takes over (the output quantizer of a module that stays float) becomes a `Quantize`
-    with its frozen qparams (the identity when its fake quantization is off).
+    with its frozen qparams (the identity when its fake quantization is off). A QAT `TableActivation` becomes a
+    converted lookup table when ``example_inputs`` shows a per-tensor quantizer feeding it and its own output
+    quantizer is on; otherwise its function stays float between its quantizers.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -265,7 +284,8 @@ def convert(model: nn.Module, example_inputs: tuple | None = None,
         if not isinstance(example_inputs, tuple):
             raise ValueError("example_inputs: a tuple of model inputs is expected, "
                              f"got {type(example_inputs).__name__}")
-        conv_types = {t for t, build in mapping.items() if getattr(t, "_quantizes_own_output", False)}
+        conv_types = {t for t, build in mapping.items()
+                      if getattr(t, "_quantizes_own_output", False) or getattr(t, "_needs_input_qparams", False)}
         inputs = _InputTracer(model, conv_types).run(example_inputs)
     _swap_converted(model, mapping, inputs)
     if remove_qconfig:

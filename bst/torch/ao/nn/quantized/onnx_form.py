@@ -11,6 +11,9 @@ Under ``torch.onnx.export`` (the TorchScript-based exporter, ``dynamo=False``; o
   -> DequantizeLinear with scale ``input_scale * weight_scale`` (per channel, axis 0, no zero point), the
   grid on which `convert` put it; then Conv, ReLU / ReLU6 (Relu / Clip) and the output QDQ. A conv whose
   input scale is unknown keeps its float bias;
+* an elementwise activation between two per-tensor quantizers (`lookup`, a converted `TableActivation`) ->
+  QuantizeLinear -> Cast (int32) -> Gather on an int8 / uint8 table of one entry per 8-bit code -> DequantizeLinear:
+  integers in, integers out, the table computed once by `convert`;
 * a conv with one output scale per channel (a detection head's raw outputs; zero points 0) and no ReLU6:
   ``round(y_c / s_c)`` is computed as ``round(y'_c)`` with ``y' = conv(x, w / s_c) + b / s_c``, i.e. weight
   and bias scales divided by ``s_c``, a QDQ pair with scale 1, then a Mul by the per-channel scales. Every
@@ -133,6 +136,28 @@ class _RoundThenScale(torch.autograd.Function):
         return g.op("Mul", g.op("DequantizeLinear", q, one, zero), scale)
 
 
+class _Sum(torch.autograd.Function):
+    """x + y, written as an ONNX Sum (see `add`)."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return torch.add(x, y)
+
+    @staticmethod
+    def symbolic(g, x, y):
+        return g.op("Sum", x, y)
+
+
+def add(x: torch.Tensor, y: torch.Tensor, as_sum: bool = False) -> torch.Tensor:
+    """``x + y``; in an ONNX export an Add, or with `as_sum` a Sum (the same sum). onnxruntime fuses
+    DequantizeLinear -> Add -> QuantizeLinear into its int8 QLinearAdd, which adds the output zero point before
+    rounding half to even: with an odd zero point a sum lying halfway between two steps lands on the other
+    neighbour than QuantizeLinear's round-then-add gives. A Sum is not fused: it stays exact, in float."""
+    if as_sum and exporting():
+        return _Sum.apply(x, y)
+    return torch.add(x, y)
+
+
 def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
                         quant_max: int, axis: int | None = None, rounding: str = "half_even",
                         what: str = "output quantizer") -> torch.Tensor:
@@ -183,9 +208,68 @@ def round_then_scale(y: torch.Tensor, scale: torch.Tensor, quant_min: int, quant
     return _RoundThenScale.apply(y, quant_min, quant_max, scale, one, zero)
 
 
+class _Lookup(torch.autograd.Function):
+    """An integer lookup between two per-tensor quantizers, written as QuantizeLinear -> Cast (int32) -> Gather on
+    a table of one entry per 8-bit code -> DequantizeLinear. int8 codes index the table with negative indices too
+    (Gather counts them from the end), so the table holds codes 0..127 first, then -128..-1."""
+
+    @staticmethod
+    def forward(ctx, x, in_scale, in_zero_point, by_code, out_scale, out_zero_point):
+        lo, hi = INT_TYPES[in_zero_point.dtype]
+        q = _shifted(torch.round(x.float() * float(torch.reciprocal(in_scale))), int(in_zero_point))
+        codes = by_code.to(x.device)[torch.clamp(q, lo, hi).to(torch.int64)]  # negative codes count from the end
+        return _shifted(codes.to(torch.float32), -int(out_zero_point)) * float(out_scale)
+
+    @staticmethod
+    def symbolic(g, x, in_scale, in_zero_point, by_code, out_scale, out_zero_point):
+        q = g.op("QuantizeLinear", x, in_scale, in_zero_point)
+        index = g.op("Cast", q, to_i=6)  # TensorProto.INT32
+        return g.op("DequantizeLinear", g.op("Gather", by_code, index, axis_i=0), out_scale, out_zero_point)
+
+
+def _shifted(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t + k, without an op for k = 0 (the exporter's peephole pass drops ``t + 0`` inside a traced autograd Function
+    and then fails)."""
+    return t + k if k else t
+
+
+def _lookup(x, table, in_scale, in_zero_point, in_min, in_max, out_scale, out_zero_point):
+    inv = float(torch.reciprocal(in_scale.float().reshape(())))
+    q = _shifted(torch.round(x.float() * inv), int(in_zero_point) - in_min)
+    codes = table.to(x.device)[torch.clamp(q, 0, in_max - in_min).to(torch.int64)]
+    return _shifted(codes.to(torch.float32), -int(out_zero_point)) * float(out_scale.float().reshape(()))
+
+
+def _table_by_code(table: torch.Tensor, in_min: int, in_max: int, dtype: torch.dtype, out_dtype: torch.dtype):
+    """The table indexed by every 8-bit code of `dtype` (codes outside [in_min, in_max] take the clamped code's
+    entry, as the input quantizer clamps): uint8 codes 0..255 in order, int8 codes 0..127 then -128..-1."""
+    lo, hi = INT_TYPES[dtype]
+    codes = torch.arange(lo, hi + 1)
+    if dtype == torch.int8:
+        codes = torch.cat([codes[128:], codes[:128]])
+    return table[torch.clamp(codes, in_min, in_max) - in_min].to(out_dtype)
+
+
+def lookup(x: torch.Tensor, table: torch.Tensor, input_qparams: tuple, output_qparams: tuple,
+           what: str = "lookup table") -> torch.Tensor:
+    """Float `x` on the grid of the input quantizer (`input_qparams`: scale, zero point, quant_min, quant_max, per
+    tensor) mapped through integer `table` (index ``q - quant_min``) and dequantized with `output_qparams`:
+    ``(table[clamp(round(x / s_in) + z_in) - quant_min] - z_out) * s_out`` in float32. In an ONNX export:
+    QuantizeLinear -> Cast -> Gather -> DequantizeLinear (`_Lookup`)."""
+    _note(1, 1, "lookups")
+    in_scale, in_zp, in_min, in_max = input_qparams
+    out_scale, out_zp, out_min, out_max = output_qparams
+    if not exporting():
+        return _lookup(x, table, in_scale, in_zp, in_min, in_max, out_scale, out_zp)
+    dtype, out_dtype = int_type(in_min, in_max, f"{what} input"), int_type(out_min, out_max, what)
+    by_code = _table_by_code(table, in_min, in_max, dtype, out_dtype)
+    return _Lookup.apply(x, in_scale.float().reshape(()), in_zp.to(dtype).reshape(()), by_code,
+                         out_scale.float().reshape(()), out_zp.to(out_dtype).reshape(()))
+
+
 @contextmanager
 def _counting() -> Iterator[dict[str, int]]:
-    tally = {"quantize": 0, "dequantize": 0, "weights": 0, "biases": 0}
+    tally = {"quantize": 0, "dequantize": 0, "weights": 0, "biases": 0, "lookups": 0}
     _counts.append(tally)
     try:
         yield tally
@@ -197,7 +281,8 @@ def _counting() -> Iterator[dict[str, int]]:
 def qdq_counts(model: torch.nn.Module, example_inputs: tuple) -> dict[str, int]:
     """The QDQ nodes the ONNX form of converted `model` holds, counted on one forward of `example_inputs`:
     {"quantize": QuantizeLinear, "dequantize": DequantizeLinear, "weights": DequantizeLinear of int8 weights,
-    "biases": DequantizeLinear of int32 biases}. Every quantize-dequantize the model applies counts, also one
+    "biases": DequantizeLinear of int32 biases, "lookups": lookup tables, each a QuantizeLinear -> Cast -> Gather ->
+    DequantizeLinear}. Every quantize-dequantize the model applies counts, also one
     that a graph rewrite (e.g. a simplifier) could fold away."""
     if not isinstance(example_inputs, tuple):
         raise ValueError(f"example_inputs: a tuple of model inputs is expected, got {type(example_inputs).__name__}")
@@ -238,8 +323,9 @@ def own_initializers(proto: Any) -> int:
     ``.output_scale`` / ``.output_zero_point`` (an activation QDQ pair; both nodes of the pair read them),
     ``.weight_scale`` / ``.weight_zero_point`` (DequantizeLinear of int8 weights), ``.bias_scale`` (of int32
     biases); for a per-channel output written as a QDQ pair of scale 1 and a Mul (see the module docstring) the
-    pair reads ``.unit_scale`` / ``.unit_zero_point`` and the Mul ``.output_scale``. Identity and Constant nodes
-    and initializers nothing reads any more are dropped. Works on the protobuf objects alone (no onnx import).
+    pair reads ``.unit_scale`` / ``.unit_zero_point`` and the Mul ``.output_scale``; a lookup table (`lookup`) reads
+    ``.input_scale`` / ``.input_zero_point`` (its QuantizeLinear) and ``.table`` (its Gather). Identity and Constant
+    nodes and initializers nothing reads any more are dropped. Works on the protobuf objects alone (no onnx import).
     Returns the number of initializers added."""
     graph = proto.graph
     made = {i.name: i for i in graph.initializer}  # name -> initializer; a name taken by another value gets a suffix
@@ -252,13 +338,7 @@ def own_initializers(proto: Any) -> int:
             consumers.setdefault(i, []).append(n)
 
     def tensor_of(name):
-        name = aliases.get(name, name)
-        if name in made:
-            return made[name]
-        node = consts.get(name)
-        if node is not None:
-            return next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
-        return None
+        return _constant(aliases.get(name, name), made, consts)
 
     def scaling_mul(dq):
         """The Mul by constant per-channel scales that follows DequantizeLinear `dq` in its scope, or None."""
@@ -269,10 +349,9 @@ def own_initializers(proto: Any) -> int:
                     return n
         return None
 
-    added = 0
+    added = []
 
     def own(node, index, role):
-        nonlocal added
         src = node.input[index]
         t = tensor_of(src)
         if t is None:
@@ -286,7 +365,7 @@ def own_initializers(proto: Any) -> int:
             copy.CopyFrom(t)
             copy.name = name
             made[name] = copy
-            added += 1
+            added.append(name)
         node.input[index] = name
 
     integer_types = {2: "weight", 3: "weight", 6: "bias"}  # TensorProto UINT8, INT8, INT32
@@ -300,13 +379,31 @@ def own_initializers(proto: Any) -> int:
             dq = next((c for c in consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"), None) \
                 if n.op_type == "QuantizeLinear" else n
             mul = scaling_mul(dq) if dq is not None else None
-            prefix = "output" if mul is None else "unit"
+            prefix = "input" if dq is None else "output" if mul is None else "unit"  # input: a lookup's integers
             if mul is not None:
                 own(mul, next(i for i, name in enumerate(mul.input) if name != dq.output[0]), "output_scale")
         own(n, 1, f"{prefix}_scale")
         if len(n.input) > 2 and n.input[2]:
             own(n, 2, f"{prefix}_zero_point")
-    # drop what nothing reads any more: forwarding Identity nodes, Constant nodes, initializers
+    for n in list(graph.node):
+        if n.op_type == "Gather" and tensor_of(n.input[0]) is not None:
+            own(n, 0, "table")
+    _drop_unread(graph)
+    return len(added)
+
+
+def _constant(name: str, initializers: dict, constants: dict) -> Any:
+    """The TensorProto an initializer or a Constant node holds under `name`, or None."""
+    if name in initializers:
+        return initializers[name]
+    node = constants.get(name)
+    if node is not None:
+        return next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+    return None
+
+
+def _drop_unread(graph: Any) -> None:
+    """Remove what nothing reads any more: forwarding Identity nodes, Constant nodes, initializers."""
     graph_outputs = {o.name for o in graph.output}
     while True:
         reads = {i for n in graph.node for i in n.input} | graph_outputs
@@ -317,4 +414,3 @@ def own_initializers(proto: Any) -> int:
             graph.node.remove(n)
     for i in [i for i in graph.initializer if i.name not in reads]:
         graph.initializer.remove(i)
-    return added

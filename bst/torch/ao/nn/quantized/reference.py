@@ -271,15 +271,26 @@ class QFunctional(_OutputQParams):
     def forward(self, x: torch.Tensor) -> NoReturn:
         raise RuntimeError("QFunctional is not called directly; use its add / add_relu / mul / cat methods")
 
+    def _rounds_after_zero_point(self) -> bool:
+        """True when an int8 add that adds the output zero point before rounding (onnxruntime's QLinearAdd) can
+        differ from this add: an odd output zero point and a sum that can lie halfway between two output steps (an
+        operand finer than the output, or operands not known)."""
+        if self.output_zero_point is None or int(self.output_zero_point) % 2 == 0:
+            return False
+        scales = [q[0] for q in self.input_qparams if q is not None]
+        if len(scales) < 2:
+            return True
+        return any(float(s) < float(self.output_scale) for s in scales)
+
     def add(self, x: torch.Tensor | iref.QTensor, y: torch.Tensor | iref.QTensor) -> torch.Tensor | iref.QTensor:
         if isinstance(x, iref.QTensor):
             return iref.add(self, x, y)
-        return self._quantize_output(torch.add(x, y))
+        return self._quantize_output(onnx_form.add(x, y, self._rounds_after_zero_point()))
 
     def add_relu(self, x: torch.Tensor | iref.QTensor, y: torch.Tensor | iref.QTensor) -> torch.Tensor | iref.QTensor:
         if isinstance(x, iref.QTensor):
             return iref.add(self, x, y, activation="relu")
-        return self._quantize_output(F.relu(torch.add(x, y)))
+        return self._quantize_output(F.relu(onnx_form.add(x, y, self._rounds_after_zero_point())))
 
     def mul(self, x: torch.Tensor | iref.QTensor, y: torch.Tensor | iref.QTensor) -> torch.Tensor | iref.QTensor:
         if isinstance(x, iref.QTensor):
