@@ -216,10 +216,19 @@ def qdq_reference(model, im) -> dict:
             "exact": exact}
 
 
+# Where scales are not powers of two, onnxruntime and PyTorch sum in different orders, so a value on a rounding
+# boundary can land one step apart in an early layer, and that flip moves its neighbours downstream by a few steps
+# (on an AMD EPYC with AVX-512: 1% of a small model's raw outputs, up to 3 steps). Up to FLIP_STEPS steps on at most
+# FLIP_SHARE of the outputs are accepted there; a wrong scale, weight or node moves most outputs by many steps.
+FLIP_STEPS, FLIP_SHARE = 4.0, 0.02
+
+
 def _within(ref, out, tol, exact=False) -> dict:
-    """How far `out` is from `ref` relative to `tol`; ok: within tol (exact: identical)."""
+    """How far `out` is from `ref` relative to `tol`; ok: identical (exact), or within tol apart from rounding flips
+    (FLIP_STEPS, FLIP_SHARE)."""
     diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
-    ok = (diff == 0).all() if exact else (diff <= tol).all()
+    worst = float((diff / tol).max()) if diff.size else 0.0
+    ok = (diff == 0).all() if exact else worst <= FLIP_STEPS and float((diff > tol).mean()) <= FLIP_SHARE
     return {"max_abs_diff": float(diff.max()), "share_differ": float((diff > 0).mean()),
             "share_over": float((diff > tol).mean()), "worst_ratio": float((diff / tol).max()),
             "ok": bool(np.isfinite(out).all() and ok)}
@@ -309,7 +318,8 @@ def verify_onnx_qdq(model, onnx_path, im, check=True, prefix=colorstr("ONNX:")) 
     result = {**runs[True], "int8_kernels": runs[False], "steps": ref["steps"], "shape": tuple(im.shape)}
     for r, how in ((runs[True], "as written"), (runs[False], "int8 kernels")):
         exact = ref["exact"] and r is runs[True] and None not in ref["steps"]
-        need = "exact (power-of-two scales)" if exact else "within one output step"
+        need = "exact (power-of-two scales)" if exact else (f"within one output step, or {FLIP_STEPS:g} on at most "
+                                                            f"{100 * FLIP_SHARE:g}% (rounding flips)")
         if r is runs[False]:
             need = "informative: val.py and detect.py use them where they equal the graph as written"
         LOGGER.info(f"{prefix} onnxruntime ({how}) vs PyTorch fake-quant on {tuple(im.shape)}: raw head outputs "
@@ -329,7 +339,8 @@ def verify_onnx_qdq(model, onnx_path, im, check=True, prefix=colorstr("ONNX:")) 
             bound = (f"{100 * result['raw_share_differ']:.2f}% of them differ (up to {worst:.3g} output steps) where "
                      f"a power-of-two model must be reproduced exactly")
         else:
-            bound = f"differ by up to {worst:.3g}x the one-quantization-step tolerance"
+            bound = (f"differ by up to {worst:.3g}x the one-quantization-step tolerance on "
+                     f"{100 * max(w['share_over'] for w in result['raw']):.2f}% of them")
         raise UserError(f"{onnx_path}: the QDQ export disagrees with the PyTorch fake-quant model: {what} {bound}; the "
                         f"file is left for inspection, do not deploy it")
     return result
