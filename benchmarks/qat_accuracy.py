@@ -1,10 +1,14 @@
-"""QAT accuracy on shapes with error bars: the experiments 1-11 of cshbli/yolov5_qat, this project's own options and
-PTQ, side by side from one FP32 ReLU parent, each trained row over several seeds.
+"""QAT accuracy with error bars: the experiments 1-11 of cshbli/yolov5_qat, this project's own options and PTQ, side
+by side from one FP32 parent, each trained row over several seeds; on shapes by default, on any dataset with --data.
 
     python benchmarks/qat_accuracy.py [--parent weights/shapes_yolov5n_relu.pt] [--epochs 3] [--seeds 0 1 2]
     python benchmarks/qat_accuracy.py --summary        # the table, CSV and chart from the rows measured so far
+    # real images: the official yolov5n, train2017 to train, val2017 to validate (data/coco128_val2017.yaml)
+    python benchmarks/qat_accuracy.py --data coco128_val2017.yaml --parent ../shared/release/yolov5n.pt --img 640 \
+        --variants "FP32" "PTQ mse pow2" "PTQ default" "pow2 all, per-channel" "pow2 all, one scale"
 
-Every finished run is appended to --csv (default notes/qat_accuracy/runs.csv) as soon as it is validated; a run
+Every finished run is appended to --csv (default notes/qat_accuracy/runs.csv, notes/qat_accuracy/<data>/runs.csv
+for another --data) as soon as it is validated; a run
 already in it (same variant, seed, epochs, image size and parent) is not run again, so a long benchmark can be
 completed in pieces, on several machines. Runs go seed by seed (all variants at seed 0, then seed 1, ...), so a
 partial run still gives every row.
@@ -132,13 +136,13 @@ def ptq_recipe(out: Path, observer: str) -> Path:
 def measure(opt):
     out, csv_file, parent, parent6 = Path(opt.out), Path(opt.csv), Path(opt.parent), Path(opt.parent_relu6)
     if not parent.is_file():
-        raise SystemExit(f"ERROR: {parent}: no such parent checkpoint; pass --parent (an FP32 ReLU shapes model)")
+        raise SystemExit(f"ERROR: {parent}: no such parent checkpoint; pass --parent (an FP32 checkpoint)")
     pid = file_id(parent)
     if not parent6.is_file():
         print(f"{parent6}: no ReLU6 parent, experiment 5 and its reference are skipped (--parent-relu6)")
     pids = {name: (file_id(parent6) if parent6.is_file() else None) if name in RELU6 else pid for name in TRAINED}
     done = {(r["variant"], r["seed"], r["epochs"], r["img"], r["parent"]) for r in read_rows(csv_file)}
-    evaluate = dict(data="data/shapes.yaml", imgsz=opt.img, batch_size=32, workers=2, device="cpu", plots=False,
+    evaluate = dict(data=opt.data, imgsz=opt.img, batch_size=32, workers=2, device="cpu", plots=False,
                     project=str(out / "val"), exist_ok=True)
 
     def record(variant, seed, r, per_epoch, t0):
@@ -170,7 +174,7 @@ def measure(opt):
             run_dir = out / run
             shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted benchmark left: start that run afresh
             start = parent6 if name in RELU6 else parent
-            sh(["train.py", "--data", "shapes.yaml", "--weights", start, "--hyp", "data/hyps/hyp.qat.yaml", "--img",
+            sh(["train.py", "--data", opt.data, "--weights", start, "--hyp", "data/hyps/hyp.qat.yaml", "--img",
                 opt.img, "--batch-size", opt.batch, "--epochs", opt.epochs, "--workers", 2, "--noplots", "--seed",
                 seed, "--calib-batches", opt.calib_batches, *flags, "--project", out, "--name", run, "--exist-ok"])
             r = val.run(weights=str(run_dir / "weights" / "best.pt"), name=run, **evaluate)[0]
@@ -207,7 +211,7 @@ def summarize(opt):
 
     shown = Path(opt.parent).resolve()
     shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
-    print(f"\nQAT accuracy on shapes (yolov5n ReLU parent {shown}, {opt.epochs} epochs, img {opt.img}; "
+    print(f"\nQAT accuracy on {Path(opt.data).stem} (parent {shown}, {opt.epochs} epochs, img {opt.img}; "
           f"mean and standard deviation over seeds)")
     width = max(len(t[0]) for t in table) + 2
     print(f"{'variant':<{width}}{'n':>3}{'mAP50':>8}{'mAP50-95':>10}{'sd':>8}{'retention':>11}{'sd':>7}")
@@ -219,9 +223,9 @@ def summarize(opt):
               f"{fmt(rsd, '.1f'):>7}")
     print("retention: QAT vs the FP32 fine-tune of its parent at the same seed (exp05: the ReLU6 parent's); PTQ vs "
           "the FP32 parent")
-    for name in dict.fromkeys(REFERENCE.values()):
+    for name in TRAINED:
         for s, row in sorted(by.get(name, {}).items()):
-            print(f"{name.split(' (')[0]} seed {s} mAP50-95 per epoch: {row[2]}")
+            print(f"{name.split(' (')[0]} seed {s} mAP50-95 per epoch: {row[2]}{held(name, row[2])}")
 
     out = Path(opt.csv).parent
     with open(out / "summary.csv", "w", newline="") as f:
@@ -231,6 +235,14 @@ def summarize(opt):
             w.writerow([row[0], row[1], *(f"{x:.5f}" for x in row[2:])])
     plot(table, out / "qat_accuracy.png", opt)
     print(f"saved {out / 'summary.csv'} and {out / 'qat_accuracy.png'}")
+
+
+def held(name: str, per_epoch: str) -> str:
+    """For a QAT row: whether no later epoch's mAP50-95 fell below the first epoch's."""
+    maps = [float(x) for x in per_epoch.split()]
+    if name in REFERENCE.values() or len(maps) < 2:
+        return ""
+    return " (no epoch below the first)" if min(maps[1:]) >= maps[0] else f" (lowest {min(maps[1:]):.4f} < first)"
 
 
 def plot(table, file, opt):
@@ -248,7 +260,7 @@ def plot(table, file, opt):
                                                     for n in names])
     ax.set_yticks(y, names, fontsize=8)
     ax.set_xlabel("mAP50-95 (mean over seeds, error bar: standard deviation)")
-    ax.set_title(f"QAT accuracy on shapes: {Path(opt.parent).name}, {opt.epochs} epochs, img {opt.img}")
+    ax.set_title(f"QAT accuracy on {Path(opt.data).stem}: {Path(opt.parent).name}, {opt.epochs} epochs, img {opt.img}")
     ax.set_xlim(min(means) * 0.9, max(means + sds) * 1.02)
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(file, dpi=150)
@@ -256,9 +268,10 @@ def plot(table, file, opt):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parent", default=str(ROOT / "weights/shapes_yolov5n_relu.pt"), help="FP32 ReLU checkpoint")
+    ap.add_argument("--parent", default=str(ROOT / "weights/shapes_yolov5n_relu.pt"), help="FP32 parent checkpoint")
     ap.add_argument("--parent-relu6", default=str(ROOT / "weights/shapes_yolov5n_relu6.pt"),
                     help="FP32 ReLU6 checkpoint, the parent of experiment 5")
+    ap.add_argument("--data", default="data/shapes.yaml", help="dataset yaml (train split to train and calibrate)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--img", type=int, default=256)
@@ -266,9 +279,11 @@ if __name__ == "__main__":
     ap.add_argument("--calib-batches", type=int, default=32)
     ap.add_argument("--variants", nargs="*", default=[], help="only variants whose name contains one of these")
     ap.add_argument("--out", default=str(ROOT / "runs/qat_accuracy"), help="run folders")
-    ap.add_argument("--csv", default=str(ROOT / "notes/qat_accuracy/runs.csv"), help="measured rows (resumable)")
+    ap.add_argument("--csv", default="", help="measured rows (resumable); default notes/qat_accuracy[/<data>]/runs.csv")
     ap.add_argument("--summary", action="store_true", help="only print the table from --csv and draw the chart")
     opt = ap.parse_args()
+    stem = Path(opt.data).stem
+    opt.csv = opt.csv or str(ROOT / "notes/qat_accuracy" / ("" if stem == "shapes" else stem) / "runs.csv")
     if not opt.summary:
         measure(opt)
     summarize(opt)
