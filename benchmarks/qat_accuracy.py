@@ -44,11 +44,11 @@ from pathlib import Path
 
 import numpy as np
 
-import val
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import val
 
 SCHEDULE = ["--disable-observer-epoch", "0", "--freeze-bn-epoch", "0"]  # the original experiments' schedule
 BN, POW2 = ["--bn-folding"], ["--pow2-scale"]
