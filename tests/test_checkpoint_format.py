@@ -10,10 +10,12 @@ from conftest import ROOT
 
 import bst.torch.ao.quantization as bq
 import bst.torch.ao.quantization.fake_quantize as fq_module
+import val
 from models.checkpoint import QAT_FORMAT, load_checkpoint, save_checkpoint
 from models.quant import float_model, freeze, is_quantized, set_fake_quant
 from models.yolo import DetectionModel
-from utils.general import UserError
+from utils.dataset_yaml import check_dataset
+from utils.general import UserError, yaml_save
 
 FORMAT1 = ROOT / "tests" / "data" / "qat_checkpoint_format1.pt"
 
@@ -136,3 +138,38 @@ def test_the_file_stores_each_tensor_once(format1, tmp_path):
     path = save_checkpoint({**format1, "expected": None}, tmp_path / "v2.pt")
     torch.save({**format1, "expected": None}, tmp_path / "whole.pt")
     assert path.stat().st_size < 1.1 * (tmp_path / "whole.pt").stat().st_size
+
+
+FORMAT2 = ROOT / "tests" / "data" / "qat_checkpoint_format2.pt"
+
+
+@pytest.fixture(scope="module")
+def format2():
+    return load_checkpoint(FORMAT2)
+
+
+def test_format2_checkpoint_loads_with_its_settings_and_computes_as_saved(format2):
+    """tests/data/qat_checkpoint_format2.pt (tests/data/make_qat_checkpoint_format2.py, the code of the last commit
+    writing format 2): a PTQ of the shipped ReLU parent with every setting away from its default."""
+    model = format2["model"]
+    assert is_quantized(model) and model.model[0].conv.freeze_bn and not model.model[1].conv.freeze_bn
+    q = model.qat
+    assert (q["bn_folding"], q["pow2"], q["pow2_rounding"], q["rounding"]) == (True, True, "round", "half_up")
+    assert q["recipe"]["file"] == "default.yaml" and q["recipe"]["rules"][0]["activation"]["per_channel"]
+    assert {m.rounding for m in model.modules() if isinstance(m, bq.FakeQuantizeBase)} == {"half_up"}
+    assert format2["qat"]["ptq"] and format2["qat"]["calib_batches"] == 2
+    assert _computes_as_saved(model, format2)
+
+
+def test_format2_checkpoint_validates_to_the_saved_map(format2, tmp_path):
+    """val.py of the file gives what it gave when it was written (P, R, mAP50, mAP50-95 on the first 32 val images;
+    the float decoding after the last quantizer may round the last bit differently on another CPU)."""
+    expected = format2["expected"]["val"]
+    full = check_dataset("data/shapes.yaml")
+    images = sorted(p for p in (ROOT / full["val"]).iterdir() if p.suffix == ".jpg")[:expected["images"]]
+    (tmp_path / "val.txt").write_text("".join(f"{p}\n" for p in images))
+    yaml_save(tmp_path / "sub.yaml", {"path": str(tmp_path), "train": "val.txt", "val": "val.txt",
+                                      "names": list(full["names"].values())})
+    results = val.run(data=tmp_path / "sub.yaml", weights=str(FORMAT2), imgsz=expected["imgsz"],
+                      batch_size=expected["batch_size"], half=False, plots=False, workers=0, project=tmp_path)[0]
+    assert results[:4] == pytest.approx(expected["results"], abs=1e-4)
