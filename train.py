@@ -38,7 +38,7 @@ from models.quant import is_quantized
 from models.yolo import DetectionModel
 from utils.autoanchor import check_anchors
 from utils.autobatch import autobatch
-from utils.checkpoint import attempt_download, check_checkpoint_path
+from utils.checkpoint_io import attempt_download, check_checkpoint_path
 from utils.class_weights import labels_to_class_weights, labels_to_image_weights
 from utils.dataloaders import create_dataloader, sample_seed
 from utils.dataset_yaml import check_dataset

@@ -207,7 +207,7 @@ def openvino_run(request, x):
 
 def load_pytorch_model(weights, device=None, inplace=True, fuse=True, trust=False):
     """attempt_load: every way a file can be damaged or hostile is already one UserError naming it
-    (utils/checkpoint.safe_load, models/checkpoint.check_model and check_qat_state)."""
+    (utils/checkpoint_io.safe_load, models/checkpoint.check_model and check_qat_state)."""
     return attempt_load(weights, device=device, inplace=inplace, fuse=fuse, trust=trust)
 
 

@@ -16,7 +16,7 @@ quantization class never makes a saved run unloadable:
 state_dict; callers get the QAT model in ckpt["model"] as before. Checkpoints that pickle the QAT modules themselves
 (written before the format existed) load as they are. Loading uses an allowlist of the classes a checkpoint may
 unpickle (`safe_globals`); the file-level work (safe unpickling, atomic writes, release downloads) is
-utils/checkpoint.py.
+utils/checkpoint_io.py.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from bst.torch.ao.quantization.pow2 import POW2_ROUNDINGS
 from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus
 from models.quant import checkpoint_classes, float_model, is_quantized, prepare_yolo_qat
 from models.yolo import Detect, DetectionModel, Ensemble
-from utils.checkpoint import atomic_save, safe_load
+from utils.checkpoint_io import atomic_save, safe_load
 from utils.general import LOGGER, UserError
 from utils.safe_pickle import object_name
 

@@ -536,7 +536,7 @@ def _float_conv_block(block):
 
 
 def checkpoint_classes() -> list:
-    """The quantization classes (and the output-quantizer hook) a QAT checkpoint pickles; utils/checkpoint.py
+    """The quantization classes (and the output-quantizer hook) a QAT checkpoint pickles; models/checkpoint.py
     adds them to the weights_only allowlist."""
     classes = [QuantizedActivation, bq.output_quantizer_hook]
     for mod in (bq, nniqat, nnqat, nni, nnq):
