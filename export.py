@@ -57,8 +57,7 @@ from bst.torch.ao.nn.quantized.onnx_form import own_initializers, qdq_counts
 from bst.torch.ao.quantization import frozen_qparams
 from bst.torch.ao.quantization.integer_graph import record
 from bst.torch.ao.quantization.integer_runner import IntegerModel
-from models.backend import OPENVINO_DIR, load_pytorch_model
-from models.graph_forms import openvino_form
+from models.backend import load_pytorch_model
 from models.quant import convert_yolo, freeze, integer_head, is_quantized, model_pow2, model_rounding
 from models.yolo import Detect
 from utils.export_verify import (
@@ -83,7 +82,9 @@ from utils.general import (
     run_cli,
     yaml_save,
 )
+from utils.graph_forms import openvino_form
 from utils.onnx_checks import check_qdq_file, describe_qdq
+from utils.runtimes import OPENVINO_DIR
 from utils.torch_utils import select_device
 
 FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx", "openvino": OPENVINO_DIR,  # --include -> suffix
@@ -252,7 +253,7 @@ def export_openvino(onnx_file, metadata, shape, dynamic=False, half=False, sourc
     <stem>_openvino_model/<stem>.xml and .bin, plus <stem>.yaml with stride and names and, for DetectMultiBackend,
     quantized, pow2, shape and dynamic. --half stores the weights as float16 (compress_to_fp16). A QDQ file's
     QuantizeLinear/DequantizeLinear pairs become FakeQuantize nodes with the same scales, which OpenVINO's CPU plugin
-    runs as int8 convolutions. The graph converted is models.graph_forms.openvino_form of `source` (default: the
+    runs as int8 convolutions. The graph converted is utils.graph_forms.openvino_form of `source` (default: the
     file; export.run gives `openvino_source`): the same numbers, arranged so that OpenVINO computes a QAT model's
     integers exactly (a Clip keeps the rounding of a convolution output that an Add reads, which OpenVINO's fused
     convolution + sum drops otherwise) and transposes the head outputs as integers."""

@@ -59,7 +59,7 @@ def test_fixed_shape_folder_refuses_another_shape(tmp_path):
 
 
 def test_qat_model_reported_and_run_by_val(tmp_path_factory, tmp_path):
-    """A QAT checkpoint's folder: OpenVINO runs the QDQ graph (models.graph_forms.openvino_form) with int8
+    """A QAT checkpoint's folder: OpenVINO runs the QDQ graph (utils.graph_forms.openvino_form) with int8
     convolutions and, zero points all even (ReLU), computes the fake-quant model's raw head outputs exactly, at a
     second shape too (a dynamic IR is compiled for each input shape); val.py runs the folder with the same
     rectangular batches as the .pt."""

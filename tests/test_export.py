@@ -358,7 +358,8 @@ def test_int8_kernels_are_exact_in_kernel_form(tmp_path):
     on x86 CPUs without VNNI)."""
     import importlib.util
 
-    from models.backend import onnxruntime_kernel_form, onnxruntime_session
+    from utils.graph_forms import onnxruntime_kernel_form
+    from utils.runtimes import onnxruntime_session
 
     spec = importlib.util.spec_from_file_location("export_speed", ROOT / "benchmarks" / "export_speed.py")
     bench = importlib.util.module_from_spec(spec)
@@ -382,20 +383,20 @@ def test_int8_weights_stay_int8_only_on_cpus_with_vnni(tmp_path, monkeypatch):
     faster one, so onnxruntime_session keeps the weights as stored there; elsewhere it hands them over as uint8."""
     import platform
 
-    import models.backend as backend
+    import utils.runtimes as runtimes
 
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     for flags, form in (({"avx2", "fma"}, "uint8"), ({"avx2", "avx512_vnni"}, "int8"), ({"avx_vnni"}, "int8")):
-        monkeypatch.setattr(backend, "cpu_flags", lambda flags=flags: frozenset(flags))
-        assert backend.int8_weight_form() == form
+        monkeypatch.setattr(runtimes, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert runtimes.int8_weight_form() == form
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    assert backend.int8_weight_form() == "uint8"
+    assert runtimes.int8_weight_form() == "uint8"
     monkeypatch.undo()
-    if backend.int8_weight_form() == "int8":  # this CPU has VNNI: the stored int8 weights must give the exact numbers
+    if runtimes.int8_weight_form() == "int8":  # this CPU has VNNI: the stored int8 weights must give the exact numbers
         f, x, exact = _saturating_conv(tmp_path / "conv.onnx", np.random.default_rng(2))
-        assert np.array_equal(backend.onnxruntime_session(f, weights="int8").run(None, {"x": x})[0], exact)
+        assert np.array_equal(runtimes.onnxruntime_session(f, weights="int8").run(None, {"x": x})[0], exact)
     with pytest.raises(ValueError, match="weights='int4'"):
-        backend.onnxruntime_session(tmp_path / "conv.onnx", weights="int4")
+        runtimes.onnxruntime_session(tmp_path / "conv.onnx", weights="int4")
 
 
 def test_backend_uses_int8_kernels_only_where_they_equal_the_graph(tmp_path):

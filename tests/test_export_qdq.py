@@ -332,7 +332,7 @@ def test_qdq_module_ranges(tmp_path):
     proto = _to_onnx(_Quantizer(0.05, 3, 0, 127), x, tmp_path / "narrow.onnx")
     assert [n.op_type for n in proto.graph.node if n.op_type != "Constant"] == \
         ["Clip", "QuantizeLinear", "DequantizeLinear"]
-    from models.backend import onnxruntime_session
+    from utils.runtimes import onnxruntime_session
 
     out = onnxruntime_session(str(tmp_path / "narrow.onnx")).run(None, {proto.graph.input[0].name: x.numpy()})[0]
     ref = torch.fake_quantize_per_tensor_affine(x, 0.05, 3, 0, 127).numpy()

@@ -192,8 +192,8 @@ def test_silu_model_integer_export_and_onnx_are_exact(tmp_path):
     assert ops.count("lookup") == 57 and ops.count("conv2d") == 60 and runner.graph["version"] == 2
     model = load_pytorch_model(pt)
     converted = convert_yolo(model)
-    from models.backend import onnxruntime_session
     from utils.export_verify import raw_output_probe
+    from utils.runtimes import onnxruntime_session
 
     probe, names = raw_output_probe(files[0])
     session = onnxruntime_session(probe, as_written=True)

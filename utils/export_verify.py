@@ -23,13 +23,13 @@ import onnx
 import torch
 
 from bst.torch.ao.quantization import FakeQuantizeBase, fake_quant_enabled, frozen_qparams, output_quantizer
-from models.backend import onnxruntime_session, openvino_compiled, openvino_xml
-from models.graph_forms import openvino_form
 from models.quant import model_pow2
 from utils.dataloaders import LoadImages, _list_image_files
 from utils.dataset_yaml import check_dataset
 from utils.general import LOGGER, UserError, colorstr
+from utils.graph_forms import openvino_form
 from utils.onnx_checks import detect_raw_outputs
+from utils.runtimes import onnxruntime_session, openvino_compiled, openvino_xml
 
 FLOAT_RTOL = 1e-4  # float32 export: max |diff| <= FLOAT_RTOL * max |PyTorch output|
 HALF_RTOL = 1e-3  # float16 export: about one float16 rounding (eps 9.8e-4) of the largest output
@@ -286,8 +286,8 @@ def verify_onnx_qdq(model, onnx_path, im, check=True, prefix=colorstr("ONNX:")) 
     above): raw head outputs within one output step, decoded output within the bound one step implies.
 
     Two runs: the graph as written (onnxruntime without the rewrites that change QDQ numbers:
-    models.backend.ORT_QDQ_REWRITES) is the check, a failure raises UserError with check=True; onnxruntime with its
-    defaults (int8 kernels, weights in models.backend.onnxruntime_kernel_form, as DetectMultiBackend runs them when
+    utils.runtimes.ORT_QDQ_REWRITES) is the check, a failure raises UserError with check=True; onnxruntime with its
+    defaults (int8 kernels, weights in utils.graph_forms.onnxruntime_kernel_form, as DetectMultiBackend runs them when
     they agree) is reported, with a warning when it is off by more than one step.
 
     Returns {"raw": [_within per level], "decoded": _within, "ok", "output" (decoded), "raw_output" (per level),
@@ -371,7 +371,7 @@ def verify_openvino(model, folder, onnx_path, im, quantized, rtol=FLOAT_RTOL, ch
     """Run the OpenVINO IR in `folder` (CPU plugin) on `im` and compare it with the PyTorch model.
 
     Float models: as verify_onnx (FLOAT_RTOL, HALF_RTOL for float16 weights); a failure raises UserError with
-    check=True. QAT models: OpenVINO runs the QDQ graph (in models.graph_forms.openvino_form, as export_openvino
+    check=True. QAT models: OpenVINO runs the QDQ graph (in utils.graph_forms.openvino_form, as export_openvino
     converts it) with its own int8 kernels. They compute a power-of-two model's integers exactly when every zero
     point is even (a ReLU model's are 0); an odd zero point is rounded after it is added (OpenVINO's FakeQuantize
     rounds (x - low) / step), so a tie lands on the other neighbour (see README). The raw head outputs (read through
