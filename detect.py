@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.backend import DetectMultiBackend
 from models.checkpoint import strip_optimizer
 from utils.dataloaders import (
     IMG_FORMATS,
@@ -57,6 +56,7 @@ from utils.general import (
 from utils.imageio import Cv2Paths, imwrite
 from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import select_device, time_sync
+from workflow.backend import DetectMultiBackend
 
 
 @torch.no_grad()

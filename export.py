@@ -20,11 +20,11 @@ DequantizeLinear (axis 0), int32 biases with DequantizeLinear at scale input_sca
 copied exactly (powers of two stay powers of two); Detect's decoding stays float.
 
 Every exported file is run on a seeded sample batch at the export shape and compared with the PyTorch model
-(utils/export_verify.py: `verify_onnx`, `verify_torchscript`; `verify_onnx_qdq`, `verify_torchscript_qdq` for QAT
-models; the QDQ graph itself is checked by utils/onnx_checks.py). A float export whose largest difference exceeds 1e-4
-of the largest output magnitude is an error; a QDQ export of a power-of-two model must reproduce the raw Detect
-outputs of the fake-quant model exactly, one of linear scales within one step of their output quantizer. Then use it
-with:
+(workflow/exporters/verify.py: `verify_onnx`, `verify_torchscript`; `verify_onnx_qdq`, `verify_torchscript_qdq` for
+QAT models; the QDQ graph itself is checked by workflow/exporters/qdq_checks.py). A float export whose largest
+difference exceeds 1e-4 of the largest output magnitude is an error; a QDQ export of a power-of-two model must
+reproduce the raw Detect outputs of the fake-quant model exactly, one of linear scales within one step of their output
+quantizer. Then use it with:
     python val.py --weights yolov5s.onnx --img 640          (onnxruntime; --dnn for OpenCV DNN)
     python detect.py --weights yolov5s.onnx
     python val.py --weights yolov5s_openvino_model --img 640   (OpenVINO)
@@ -57,21 +57,8 @@ from bst.torch.ao.nn.quantized.onnx_form import own_initializers, qdq_counts
 from bst.torch.ao.quantization import frozen_qparams
 from bst.torch.ao.quantization.integer_graph import record
 from bst.torch.ao.quantization.integer_runner import IntegerModel
-from models.backend import load_pytorch_model
 from models.quant import convert_yolo, freeze, integer_head, is_quantized, model_pow2, model_rounding
 from models.yolo import Detect
-from utils.export_verify import (
-    FLOAT_RTOL,
-    HALF_RTOL,
-    first_output,
-    quiet_tracing,
-    sample_batch,
-    verify_onnx,
-    verify_onnx_qdq,
-    verify_openvino,
-    verify_torchscript,
-    verify_torchscript_qdq,
-)
 from utils.general import (
     LOGGER,
     UserError,
@@ -83,9 +70,22 @@ from utils.general import (
     yaml_save,
 )
 from utils.graph_forms import openvino_form
-from utils.onnx_checks import check_qdq_file, describe_qdq
 from utils.runtimes import OPENVINO_DIR
 from utils.torch_utils import select_device
+from workflow.backend import load_pytorch_model
+from workflow.exporters.qdq_checks import check_qdq_file, describe_qdq
+from workflow.exporters.verify import (
+    FLOAT_RTOL,
+    HALF_RTOL,
+    first_output,
+    quiet_tracing,
+    sample_batch,
+    verify_onnx,
+    verify_onnx_qdq,
+    verify_openvino,
+    verify_torchscript,
+    verify_torchscript_qdq,
+)
 
 FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx", "openvino": OPENVINO_DIR,  # --include -> suffix
            "integer": "_integer_model"}

@@ -36,14 +36,10 @@ from models.common import activation_name, model_activation
 from models.experimental import attempt_load
 from models.quant import is_quantized
 from models.yolo import DetectionModel
-from utils.autoanchor import check_anchors
-from utils.autobatch import autobatch
 from utils.checkpoint_io import attempt_download, check_checkpoint_path
 from utils.class_weights import labels_to_class_weights, labels_to_image_weights
 from utils.dataloaders import create_dataloader, sample_seed
 from utils.dataset_yaml import check_dataset
-from utils.engine import NBS, StepState, train_one_epoch
-from utils.evolve import evolve
 from utils.general import (
     LOCAL_RANK,
     LOGGER,
@@ -67,7 +63,6 @@ from utils.general import (
 from utils.loss import ComputeLoss
 from utils.metrics import fitness
 from utils.plots import plot_labels, plot_results
-from utils.qat import QATRun, check_qat_flags, checkpoint_copy, report_ptq
 from utils.torch_utils import (
     EarlyStopping,
     ModelEMA,
@@ -77,6 +72,11 @@ from utils.torch_utils import (
     smart_optimizer,
     torch_distributed_zero_first,
 )
+from workflow.autoanchor import check_anchors
+from workflow.autobatch import autobatch
+from workflow.engine import NBS, StepState, train_one_epoch
+from workflow.evolve import evolve
+from workflow.qat import QATRun, check_qat_flags, checkpoint_copy, report_ptq
 
 DDP_DUMP_ENV = "YOLOV5_DDP_DUMP"  # debug aid, see dump_parameters()
 
@@ -545,7 +545,7 @@ def parse_opt(argv=None):
     parser.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
     parser.add_argument("--noplots", action="store_true", help="save no plot files")
     parser.add_argument("--evolve", type=int, nargs="?", const=300,
-                        help="evolve the --hyp hyperparameters for x generations (runs/evolve/, see utils/evolve.py)")
+                        help="evolve the --hyp hyperparameters for x generations (runs/evolve/, workflow/evolve.py)")
     parser.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
     parser.add_argument("--image-weights", action="store_true", help="use weighted image selection for training")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")

@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.backend import DetectMultiBackend
 from models.quant import (
     is_quantized,
     load_recipe,
@@ -50,8 +49,9 @@ from utils.general import (
 )
 from utils.metrics import ConfusionMatrix, ap_per_class, process_batch
 from utils.plots import output_to_target, plot_images
-from utils.qat import ptq_model
 from utils.torch_utils import select_device, time_sync
+from workflow.backend import DetectMultiBackend
+from workflow.qat import ptq_model
 
 
 def save_one_txt(predn, save_conf, shape, file):
@@ -109,7 +109,7 @@ def load_model(weights, data, device="", batch_size=32, imgsz=640, half=True, dn
 def post_training_quantize(model, weights, data, imgsz, batch_size, device, workers=8, pow2_scale=False,
                            bn_folding=False, qat_recipe="", calib_batches=32, ptq_save=""):
     """--ptq: calibrate the float checkpoint `model` (a DetectMultiBackend) holds on the train split, in place; it
-    is then evaluated fake-quantized (utils.qat.ptq_model)."""
+    is then evaluated fake-quantized (workflow.qat.ptq_model)."""
     if not model.pt or is_quantized(model.model):
         raise UserError(f"--ptq {weights}: needs a float PyTorch .pt checkpoint")
     model.model = ptq_model(model.model, data, imgsz, batch_size, model.stride, device, pow2=pow2_scale,

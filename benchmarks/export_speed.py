@@ -39,13 +39,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import export
-from models.backend import load_pytorch_model
 from models.checkpoint import save_checkpoint
 from models.quant import calibrate, prepare_yolo_qat
 from utils.cpuinfo import cpu_flags
 from utils.dataloaders import LoadImages
 from utils.general import LOGGER
 from utils.runtimes import int8_weight_form, onnxruntime_session, openvino_compiled, openvino_run, openvino_xml
+from workflow.backend import load_pytorch_model
 
 INT8_KERNELS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QLinearAdd", "QLinearConcat",
                 "QLinearSigmoid", "QLinearMul", "QGemm", "DynamicQuantizeLinear")

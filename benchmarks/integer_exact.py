@@ -26,12 +26,12 @@ if str(ROOT) not in sys.path:
 
 import export
 from bst.torch.ao.quantization.integer_runner import IntegerModel
-from models.backend import load_pytorch_model
 from models.quant import convert_yolo, integer_head, model_pow2, model_rounding
-from utils.export_verify import sample_batch
 from utils.general import LOGGER, UserError, check_file, run_cli
-from utils.onnx_checks import detect_raw_outputs
 from utils.runtimes import onnxruntime_session
+from workflow.backend import load_pytorch_model
+from workflow.exporters.qdq_checks import detect_raw_outputs
+from workflow.exporters.verify import sample_batch
 
 
 def raw_outputs(model, x) -> list:

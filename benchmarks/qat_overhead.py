@@ -60,7 +60,7 @@ from models.quant import quantizers
 from models.yolo import Detect, DetectionModel
 from utils.general import LOGGER, yaml_load
 from utils.loss import ComputeLoss
-from utils.qat import QATRun
+from workflow.qat import QATRun
 
 VARIANTS = ("fp32", "qat default", "qat default, search", "qat observers off", "qat original flags",
             "torch.ao convs only", "brevitas pow2")

@@ -17,9 +17,9 @@ from test_export_qdq import H, W, exported
 
 import export
 import val
-from models.backend import DetectMultiBackend, load_pytorch_model
-from utils.export_verify import sample_batch, verify_openvino
 from utils.general import LOGGER, UserError
+from workflow.backend import DetectMultiBackend, load_pytorch_model
+from workflow.exporters.verify import sample_batch, verify_openvino
 
 pytest.importorskip("openvino")
 

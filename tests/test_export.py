@@ -13,9 +13,9 @@ import torch
 from conftest import ROOT, reference
 
 import export
-from models.backend import DetectMultiBackend, load_pytorch_model
-from utils import export_verify
 from utils.general import UserError, run_cli
+from workflow.backend import DetectMultiBackend, load_pytorch_model
+from workflow.exporters import verify as export_verify
 
 H, W = 128, 160  # non-square on purpose: a mixed-up h/w shows
 

@@ -13,15 +13,15 @@ import torch.nn as nn
 from conftest import ROOT
 
 import export
-from models.backend import load_pytorch_model
 from models.checkpoint import save_checkpoint
 from models.quant import calibrate, prepare_yolo_qat
 from models.yolo import DetectionModel
-from utils.export_verify import sample_batch, verify_onnx_qdq
 from utils.general import yaml_load
 from utils.loss import ComputeLoss
-from utils.qat import checkpoint_copy
 from utils.torch_utils import ModelEMA, smart_optimizer
+from workflow.backend import load_pytorch_model
+from workflow.exporters.verify import sample_batch, verify_onnx_qdq
+from workflow.qat import checkpoint_copy
 
 H, W = 96, 128
 

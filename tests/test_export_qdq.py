@@ -13,15 +13,15 @@ from onnx import numpy_helper
 
 import export
 from bst.torch.ao.nn.quantized import onnx_form
-from models.backend import DetectMultiBackend, load_pytorch_model
 from models.checkpoint import save_checkpoint
 from models.common import C3, SPPF, Bottleneck, Concat, Conv
 from models.quant import calibrate, convert_yolo, prepare_yolo_qat
 from models.yolo import DetectionModel
-from utils import export_verify
-from utils.export_verify import qdq_reference, sample_batch, verify_onnx_qdq, verify_torchscript_qdq
 from utils.general import UserError, run_cli
-from utils.onnx_checks import detect_raw_outputs, qdq_structure
+from workflow.backend import DetectMultiBackend, load_pytorch_model
+from workflow.exporters import verify as export_verify
+from workflow.exporters.qdq_checks import detect_raw_outputs, qdq_structure
+from workflow.exporters.verify import qdq_reference, sample_batch, verify_onnx_qdq, verify_torchscript_qdq
 
 H, W = 64, 96  # non-square on purpose
 

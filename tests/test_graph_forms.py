@@ -10,9 +10,9 @@ from conftest import ROOT
 from onnx import numpy_helper
 from test_export_qdq import H, W, exported
 
-from utils.export_verify import raw_output_probe, sample_batch
 from utils.graph_forms import openvino_form, space_to_depth_form
 from utils.runtimes import onnxruntime_session
+from workflow.exporters.verify import raw_output_probe, sample_batch
 
 
 def _optimized_ops(model, path):

@@ -26,9 +26,9 @@ import train
 import val
 from bst.torch.ao.quantization.integer_runner import FORMAT, VERSION, IntegerModel
 from bst.torch.ao.quantization.integer_runner import main as integer_main
-from models.backend import DetectMultiBackend
 from models.checkpoint import load_checkpoint, save_checkpoint
 from utils.general import UserError, run_cli, yaml_save
+from workflow.backend import DetectMultiBackend
 
 WEIGHTS = ROOT / "weights" / "shapes_yolov5n_silu.pt"
 QAT_FORMAT1 = ROOT / "tests" / "data" / "qat_checkpoint_format1.pt"

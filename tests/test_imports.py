@@ -149,7 +149,8 @@ def test_any_module_imports_first():
     module is imported while no other project module is loaded (torch and the rest stay cached)."""
     firsts = ["bst.torch.ao.nn.qat", "bst.torch.ao.nn.quantized.reference", "bst.torch.ao.nn.intrinsic.qat",
               "bst.torch.ao.quantization.mappings", "bst.torch.ao.quantization", "models.yolo", "models.checkpoint",
-              "models.quant", "models.experimental", "utils.qat", "utils.torch_utils", "qat_report", "train", "export"]
+              "models.quant", "models.experimental", "workflow.qat", "utils.torch_utils", "qat_report", "train",
+              "export"]
     code = f"""
 import importlib, sys
 own = {sorted({m.split(".")[0] for m in project_modules()})!r}

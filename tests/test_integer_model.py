@@ -16,9 +16,9 @@ from test_export_qdq import H, W, _qat_from_reference, save_qat, small_qat
 import export
 from bst.torch.ao.quantization import FakeQuantizeBase
 from bst.torch.ao.quantization.integer_runner import IntegerModel
-from models.backend import load_pytorch_model
 from models.quant import calibrate, convert_yolo, integer_head, prepare_yolo_qat
 from utils.general import UserError
+from workflow.backend import load_pytorch_model
 
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; import runpy; " \
               "runpy.run_path(sys.argv[0], run_name='__main__')"
@@ -192,8 +192,8 @@ def test_silu_model_integer_export_and_onnx_are_exact(tmp_path):
     assert ops.count("lookup") == 57 and ops.count("conv2d") == 60 and runner.graph["version"] == 2
     model = load_pytorch_model(pt)
     converted = convert_yolo(model)
-    from utils.export_verify import raw_output_probe
     from utils.runtimes import onnxruntime_session
+    from workflow.exporters.verify import raw_output_probe
 
     probe, names = raw_output_probe(files[0])
     session = onnxruntime_session(probe, as_written=True)

@@ -127,7 +127,7 @@ def test_qat_with_silu_warns(tiny, tmp_path):
     from argparse import Namespace
 
     from utils.general import LOGGER
-    from utils.qat import check_qat_flags
+    from workflow.qat import check_qat_flags
 
     seen = []
     h = logging.Handler()

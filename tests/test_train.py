@@ -136,8 +136,8 @@ def test_one_epoch_run_folder_and_checkpoints(shapes_subset, tmp_path, yolo_log)
 
 def test_retrain_silu_checkpoint_with_relu(shapes_subset, tmp_path, yolo_log):
     import val
-    from models.backend import DetectMultiBackend
     from models.experimental import attempt_load
+    from workflow.backend import DetectMultiBackend
 
     src = reference("yolov5n_silu.pt")
     train.run(data=str(shapes_subset["tiny"]), weights=str(src), act="relu", hyp="data/hyps/hyp.m-relu-tune.yaml",
@@ -396,7 +396,7 @@ def test_upstream_quickstart_without_network_says_where_to_put_weights_and_data(
 def test_evolve_mutates_records_and_continues(shapes_subset, tmp_path):
     """--evolve 2: two whole runs, the first with the --hyp yaml as given, the second mutated from it; evolve.csv
     holds both, hyp_evolve.yaml the better one; started again with --exist-ok the search continues."""
-    from utils.evolve import METRICS, read_history
+    from workflow.evolve import METRICS, read_history
 
     kw = dict(data=str(shapes_subset["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=64, batch_size=8, workers=0,
               epochs=1, project=str(tmp_path), name="ev", hyp="data/hyps/hyp.scratch-low.yaml")
@@ -422,7 +422,7 @@ def test_evolve_mutates_records_and_continues(shapes_subset, tmp_path):
 def test_autobatch_fits_the_probed_memory():
     """Memory 0.5 GB + 0.25 GB per image on a 16 GB device: 60% of it (9.6 GB) holds 36 images; a probe that ran out
     of memory (nan) is left out of the fit; what was reserved before counts against the budget."""
-    from utils.autobatch import batch_for_memory
+    from workflow.autobatch import batch_for_memory
 
     sizes = [1, 2, 4, 8, 16]
     used = [0.5 + 0.25 * n for n in sizes]

@@ -23,7 +23,7 @@ from models.quant import calibrate, freeze, prepare_yolo_qat
 from utils.dataloaders import create_dataloader
 from utils.dataset_yaml import check_dataset
 from utils.general import yaml_save
-from utils.qat import qat_meta
+from workflow.qat import qat_meta
 
 VAL_IMAGES, IMGSZ, BATCH = 32, 256, 16
 

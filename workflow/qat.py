@@ -1,5 +1,6 @@
-"""QAT inside train.py: flag checks, preparation, the calibration pass with its PTQ report, and the
-per-epoch BN / observer schedule. The model surgery itself is models/quant.py; the library is bst/."""
+"""The QAT steps of a training run (flag checks, preparation, the calibration pass with its PTQ report, the per-epoch
+BN / observer schedule) and val.py --ptq's post-training quantization. The model surgery itself is models/quant.py;
+the library is bst/."""
 from __future__ import annotations
 
 from copy import deepcopy

@@ -28,8 +28,8 @@ from utils.dataloaders import LoadImages, _list_image_files
 from utils.dataset_yaml import check_dataset
 from utils.general import LOGGER, UserError, colorstr
 from utils.graph_forms import openvino_form
-from utils.onnx_checks import detect_raw_outputs
 from utils.runtimes import onnxruntime_session, openvino_compiled, openvino_xml
+from workflow.exporters.qdq_checks import detect_raw_outputs
 
 FLOAT_RTOL = 1e-4  # float32 export: max |diff| <= FLOAT_RTOL * max |PyTorch output|
 HALF_RTOL = 1e-3  # float16 export: about one float16 rounding (eps 9.8e-4) of the largest output
