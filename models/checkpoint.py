@@ -27,11 +27,15 @@ from datetime import datetime
 import torch
 import torch.nn as nn
 
+import bst.torch.ao.nn.intrinsic as nni
+import bst.torch.ao.nn.qat as nnqat
+import bst.torch.ao.nn.quantized as nnq
 from bst.torch.ao import quantization as bq
+from bst.torch.ao.nn.intrinsic import qat as nniqat
 from bst.torch.ao.quantization.fake_quant_ops import ROUNDINGS
 from bst.torch.ao.quantization.pow2 import POW2_ROUNDINGS
 from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus
-from models.quant import checkpoint_classes, float_model, is_quantized, prepare_yolo_qat
+from models.quant import QuantizedActivation, float_model, is_quantized, prepare_yolo_qat
 from models.yolo import Detect, DetectionModel, Ensemble
 from utils.checkpoint_io import atomic_save, safe_load
 from utils.general import LOGGER, UserError
@@ -41,6 +45,9 @@ QAT_FORMAT = 2  # 1: the QAT modules pickled whole (read as they are); 2: float 
 QAT_KEYS = ("model", "ema")
 
 RELEASE_ALIASES = ("Model",)  # models.yolo names of DetectionModel in earlier release generations
+MOVED = {  # classes that moved after checkpoints pickled them: the name those files hold -> the class
+    "models.quant.QuantizedActivation": QuantizedActivation,  # models/quant.py became the package models/quant/
+}
 _NN_CLASSES = (
     nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Linear, nn.Dropout, nn.Identity,
     nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Sigmoid, nn.Sequential, nn.ModuleList,
@@ -58,7 +65,20 @@ def safe_globals() -> dict:
     allowed = {object_name(o): o for o in project + list(_NN_CLASSES) + checkpoint_classes()}
     allowed.update({f"models.yolo.{alias}": DetectionModel for alias in RELEASE_ALIASES})
     allowed["models.experimental.Ensemble"] = Ensemble  # upstream's home of Ensemble
+    allowed.update(MOVED)
     return allowed
+
+
+def checkpoint_classes() -> list:
+    """The quantization classes (and the output-quantizer hook) a QAT checkpoint may pickle (QAT models pickled whole,
+    before QAT_FORMAT 2), for the allowlist."""
+    classes = [QuantizedActivation, bq.output_quantizer_hook]
+    for mod in (bq, nniqat, nnqat, nni, nnq):
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and obj not in classes:
+                classes.append(obj)
+    return classes
 
 
 def build_checkpoint(model, *, ema=None, updates=None, epoch=-1, best_fitness=None, optimizer=None, last_opt_step=None,

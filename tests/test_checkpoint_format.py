@@ -2,6 +2,7 @@
 state_dict (models/checkpoint.py), loads back bit for bit, still loads when a bst class is renamed, and checkpoints
 that pickle the QAT modules whole (tests/data/qat_checkpoint_format1.pt, written by the code before the format
 existed; tests/data/make_qat_checkpoint_format1.py) load and compute as they did."""
+import zipfile
 from copy import deepcopy
 
 import pytest
@@ -11,8 +12,8 @@ from conftest import ROOT
 import bst.torch.ao.quantization as bq
 import bst.torch.ao.quantization.fake_quantize as fq_module
 import val
-from models.checkpoint import QAT_FORMAT, load_checkpoint, save_checkpoint
-from models.quant import float_model, freeze, is_quantized, set_fake_quant
+from models.checkpoint import QAT_FORMAT, load_checkpoint, safe_globals, save_checkpoint
+from models.quant import QuantizedActivation, float_model, freeze, is_quantized, prepare_yolo_qat, set_fake_quant
 from models.yolo import DetectionModel
 from utils.dataset_yaml import check_dataset
 from utils.general import UserError, yaml_save
@@ -173,3 +174,19 @@ def test_format2_checkpoint_validates_to_the_saved_map(format2, tmp_path):
     results = val.run(data=tmp_path / "sub.yaml", weights=str(FORMAT2), imgsz=expected["imgsz"],
                       batch_size=expected["batch_size"], half=False, plots=False, workers=0, project=tmp_path)[0]
     assert results[:4] == pytest.approx(expected["results"], abs=1e-4)
+
+
+def test_a_moved_class_loads_under_the_name_older_files_hold(tmp_path, monkeypatch):
+    """A SiLU QAT model pickled whole (as before format 2) holds models.quant.QuantizedActivation, the class's name
+    before models/quant.py became a package; the allowlist maps that name to the class."""
+    model = prepare_yolo_qat(DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=3, act="silu").train(), pow2=True,
+                             verbose=False)
+    monkeypatch.setattr(QuantizedActivation, "__module__", "models.quant")
+    torch.save({"epoch": -1, "model": model, "ema": None, "qat": None}, tmp_path / "old.pt")
+    monkeypatch.undo()
+    with zipfile.ZipFile(tmp_path / "old.pt") as z:
+        assert b"models.quant\nQuantizedActivation" in z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    assert "models.quant.QuantizedActivation" in safe_globals()
+    back = load_checkpoint(tmp_path / "old.pt")["model"]
+    assert sum(type(m) is QuantizedActivation for m in back.modules()) == sum(
+        type(m) is QuantizedActivation for m in model.modules()) > 0

@@ -19,7 +19,8 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from models.quant import _PROJECT_OBSERVER_ARGS, MODES, OBSERVERS, load_recipe, prepare_yolo_qat
+from models.quant import MODES, OBSERVERS, load_recipe, prepare_yolo_qat
+from models.quant.recipe import _PROJECT_OBSERVER_ARGS
 from models.yolo import DetectionModel
 from utils.dataloaders import LoadImagesAndLabels, create_dataloader
 from utils.dataset_yaml import check_dataset
