@@ -57,7 +57,7 @@ from bst.torch.ao.nn.quantized.onnx_form import own_initializers, qdq_counts
 from bst.torch.ao.quantization import frozen_qparams
 from bst.torch.ao.quantization.integer_graph import record
 from bst.torch.ao.quantization.integer_runner import IntegerModel
-from models.quant import convert_yolo, freeze, integer_head, is_quantized, model_pow2, model_rounding
+from models.quant import convert_yolo, freeze, integer_head, is_quantized
 from models.yolo import Detect
 from utils.general import (
     LOGGER,
@@ -324,7 +324,7 @@ def export_integer(model, im, file, checks) -> Path:
 
     Verified on every batch of `checks` and on a second input size: the raw head outputs of the PyTorch model,
     of bst's integer reference and of the numpy runner must be identical (0 differing integers)."""
-    if not (is_quantized(model) and model_pow2(model)):
+    if not (is_quantized(model) and model.qat_config.pow2):
         raise UserError(f"{file}: --include integer needs a QAT checkpoint with power-of-two scales (train.py --qat "
                         f"--pow2-scale); requantization by a shift needs them")
     converted = convert_yolo(model, im[:1])
@@ -437,7 +437,7 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
     metadata = {**model_metadata(model), "quantized": quantized}
     if half and quantized:
         raise UserError(f"{w}: --half would cast the quantizers' scales of this QAT model to float16; drop --half")
-    rounding = model_rounding(model)
+    rounding = model.qat_config.rounding if quantized else "half_even"
     if rounding != "half_even" and any(f in include for f in ("onnx", "torchscript")):
         raise UserError(f"{w}: the model rounds ties {rounding.replace('_', ' ')} (train.py --rounding); ONNX "
                         f"QuantizeLinear and torch's quantization ops round half to even, so neither ONNX nor "
@@ -447,7 +447,7 @@ def run(data=None, weights=ROOT / "yolov5s.pt", imgsz=(640, 640), batch_size=1, 
     prepare_for_export(model, inplace=inplace, dynamic=dynamic)
     export_model = model  # what is traced: the model itself, or bst.convert's integer network of a fake-quant model
     if quantized:
-        metadata["pow2"] = model_pow2(model)
+        metadata["pow2"] = model.qat_config.pow2
         if any(f in include for f in ("onnx", "torchscript")):
             export_model = prepare_for_export(converted_model(model, w), inplace=inplace, dynamic=dynamic)
     dtype = torch.float16 if half else torch.float32

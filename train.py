@@ -34,7 +34,7 @@ import val as validate
 from models.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint, strip_optimizer
 from models.common import activation_name, model_activation
 from models.experimental import attempt_load
-from models.quant import is_quantized
+from models.quant import QATConfig, is_quantized
 from models.yolo import DetectionModel
 from utils.checkpoint_io import attempt_download, check_checkpoint_path
 from utils.class_weights import labels_to_class_weights, labels_to_image_weights
@@ -414,7 +414,7 @@ def training_checkpoint(model, ema, epoch, best_fitness, optimizer, step, opt, g
     return build_checkpoint(checkpoint_copy(model), ema=checkpoint_copy(ema.ema), updates=ema.updates, epoch=epoch,
                             best_fitness=best_fitness, optimizer=optimizer.state_dict(),
                             last_opt_step=step.last_opt_step, opt=_plain(vars(opt)), git=git,
-                            qat=qat.meta(model) if qat.enabled else None)
+                            qat=qat.schedule() if qat.enabled else None)
 
 
 def save_epoch(ckpt, w: Path, epoch, save_period, is_best, advice):
@@ -578,20 +578,11 @@ def parse_opt(argv=None):
     qat = parser.add_argument_group("quantization-aware training (QAT)")
     qat.add_argument("--qat", action="store_true", help="quantize the model (convs, skip-adds, concats, Detect "
                      "convs, per --qat-recipe) and train it with fake quantization")
-    qat.add_argument("--bn-folding", action="store_true", help="keep BN live during QAT with simulated folding; "
-                     "without it BN is folded into the conv before QAT")
-    qat.add_argument("--pow2-scale", action="store_true", help="every weight and activation scale is a power of two")
-    qat.add_argument("--pow2-rounding", choices=["ceil", "round"], default="ceil",
-                     help="log2 rounding of pow2 scales: ceil never clips the observed range, round is nearest")
-    qat.add_argument("--rounding", choices=["half_even", "half_up"], default="half_even",
-                     help="how every quantizer rounds ties: half_even (torch, ONNX QuantizeLinear) or half_up "
-                     "(shift hardware: add 2^(k-1), shift right by k); half_up models export --include integer only")
+    QATConfig.add_arguments(qat)
     qat.add_argument("--freeze-bn-epoch", type=int, default=-1, help="BN running statistics stop updating from "
                      "epoch N on (0: from the start; -1: never)")
     qat.add_argument("--disable-observer-epoch", type=int, default=-1, help="observers stop updating (scales "
                      "frozen) from epoch N on (0: right after calibration; -1: never)")
-    qat.add_argument("--qat-recipe", type=str, default="", help="per-module QAT recipe yaml (data/quant/*.yaml); "
-                     "default: data/quant/default.yaml")
     qat.add_argument("--calib-batches", type=int, default=32, help="training batches for the calibration pass "
                      "that starts QAT")
     return parser.parse_args(argv)

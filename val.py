@@ -23,11 +23,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.quant import (
-    is_quantized,
-    load_recipe,
-    observers_frozen,
-)
+from models.quant import QATConfig, is_quantized, load_recipe, observers_frozen
 from utils.coco import category_ids, coco_eval, json_from_labels, save_one_json
 from utils.dataloaders import create_dataloader
 from utils.dataset_yaml import check_dataset
@@ -106,15 +102,14 @@ def load_model(weights, data, device="", batch_size=32, imgsz=640, half=True, dn
     return model, data, device, imgsz, batch_size
 
 
-def post_training_quantize(model, weights, data, imgsz, batch_size, device, workers=8, pow2_scale=False,
-                           bn_folding=False, qat_recipe="", calib_batches=32, ptq_save=""):
-    """--ptq: calibrate the float checkpoint `model` (a DetectMultiBackend) holds on the train split, in place; it
-    is then evaluated fake-quantized (workflow.qat.ptq_model)."""
+def post_training_quantize(model, weights, data, imgsz, batch_size, device, workers=8, qat=None, calib_batches=32,
+                           ptq_save=""):
+    """--ptq: calibrate the float checkpoint `model` (a DetectMultiBackend) holds on the train split as `qat` (a
+    QATConfig) says, in place; it is then evaluated fake-quantized (workflow.qat.ptq_model)."""
     if not model.pt or is_quantized(model.model):
         raise UserError(f"--ptq {weights}: needs a float PyTorch .pt checkpoint")
-    model.model = ptq_model(model.model, data, imgsz, batch_size, model.stride, device, pow2=pow2_scale,
-                            bn_folding=bn_folding, recipe=qat_recipe, calib_batches=calib_batches, workers=workers,
-                            save=ptq_save)
+    model.model = ptq_model(model.model, data, imgsz, batch_size, model.stride, device, qat or QATConfig(),
+                            calib_batches=calib_batches, workers=workers, save=ptq_save)
 
 
 def check_classes(model, weights, nc):
@@ -252,21 +247,20 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False, save_hybrid=False,
         save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False, half=True,
         dnn=False, model=None, dataloader=None, save_dir=Path(""), plots=True, callbacks=None, compute_loss=None,
-        ptq=False, pow2_scale=False, bn_folding=False, qat_recipe="", calib_batches=32, ptq_save="",
-        image_stats=None):
+        ptq=False, qat=None, calib_batches=32, ptq_save="", image_stats=None):
     """Evaluate `model` on `dataloader` (train.py), or the weights file(s) on data's --task split (val.py), which
-    --ptq first quantizes (post_training_quantize). Returns ((P, R, mAP50, mAP50-95, *losses), mAP per class,
-    (pre-process, inference, NMS) ms per image). image_stats: a list that gets (image path, that image's
-    (correct, conf, pred class, label class) tensors, or None when it has neither predictions nor labels) for every
-    image, in the loader's order: what the metrics are computed from, for statistics over images."""
+    --ptq first quantizes as `qat` (a QATConfig; default QATConfig()) says (post_training_quantize). Returns ((P, R,
+    mAP50, mAP50-95, *losses), mAP per class, (pre-process, inference, NMS) ms per image). image_stats: a list that
+    gets (image path, that image's (correct, conf, pred class, label class) tensors, or None when it has neither
+    predictions nor labels) for every image, in the loader's order: what the metrics are computed from, for
+    statistics over images."""
     training = model is not None
     if training:  # called by train.py
         device, pt = next(model.parameters()).device, True
         half &= device.type != "cpu" and not is_quantized(model)  # fake-quant state stays float32
         model.half() if half else model.float()
     else:
-        ptq_options = dict(pow2_scale=pow2_scale, bn_folding=bn_folding, qat_recipe=qat_recipe,
-                           calib_batches=calib_batches, ptq_save=ptq_save) if ptq else None
+        ptq_options = dict(qat=qat, calib_batches=calib_batches, ptq_save=ptq_save) if ptq else None
         model, data, device, imgsz, batch_size = load_model(weights, data, device, batch_size, imgsz, half, dnn,
                                                             workers, ptq_options)
         stride, pt, half = model.stride, model.pt, model.fp16
@@ -399,9 +393,7 @@ def parse_opt(argv=None):
     q = parser.add_argument_group("post-training quantization (PTQ): calibrate a float .pt, then evaluate it")
     q.add_argument("--ptq", action="store_true", help="quantize the float checkpoint with a calibration pass on the "
                    "train split (no training) and evaluate the fake-quantized model")
-    q.add_argument("--pow2-scale", action="store_true", help="with --ptq: power-of-two scales")
-    q.add_argument("--bn-folding", action="store_true", help="with --ptq: keep BN as a live module (simulated folding)")
-    q.add_argument("--qat-recipe", type=str, default="", help="with --ptq: per-module recipe (data/quant/*.yaml)")
+    QATConfig.add_arguments(q, prefix="with --ptq: ")
     q.add_argument("--calib-batches", type=int, default=32, help="with --ptq: calibration batches")
     q.add_argument("--ptq-save", type=str, default="", help="with --ptq: save the calibrated model as a checkpoint")
     opt = parser.parse_args(argv)
@@ -411,12 +403,19 @@ def parse_opt(argv=None):
     return opt
 
 
+def run_options(opt) -> dict:
+    """val.run's keywords from the command line: the QAT flags make one QATConfig (`qat`)."""
+    return {**{k: v for k, v in vars(opt).items() if k not in QATConfig.dests()}, "qat": QATConfig.from_options(opt)}
+
+
 def main(opt):
     opt.data = check_file(opt.data)
-    if not opt.ptq and (opt.pow2_scale or opt.bn_folding or opt.qat_recipe or opt.ptq_save):
-        raise UserError("--pow2-scale, --bn-folding, --qat-recipe and --ptq-save apply to --ptq only; add --ptq")
-    if opt.qat_recipe:
-        load_recipe(opt.qat_recipe)  # the schema check, before any data or model is loaded
+    qat = QATConfig.from_options(opt)
+    given = qat.flags_given() + (["--ptq-save"] if opt.ptq_save else [])
+    if not opt.ptq and given:
+        raise UserError(f"{', '.join(given)} apply to --ptq only; add --ptq")
+    if qat.recipe:
+        load_recipe(qat.recipe)  # the schema check, before any data or model is loaded
     for name, v in (("--conf-thres", opt.conf_thres), ("--iou-thres", opt.iou_thres)):
         if not 0 <= v <= 1:
             raise UserError(f"{name} {v}: must be between 0.0 and 1.0")
@@ -429,18 +428,18 @@ def main(opt):
             LOGGER.info(f"WARNING: confidence threshold {opt.conf_thres} > 0.001 produces invalid results")
         if opt.save_hybrid:
             LOGGER.info("WARNING: --save-hybrid will return high mAP from hybrid labels, not from predictions alone")
-        return run(**vars(opt))
+        return run(**run_options(opt))
     weights = opt.weights if isinstance(opt.weights, list) else [opt.weights]
     opt.half = torch.cuda.is_available() and opt.device != "cpu"
     if opt.task == "speed":
         opt.conf_thres, opt.iou_thres, opt.save_json = 0.25, 0.45, False
         for opt.weights in weights:
-            run(**vars(opt), plots=False)
+            run(**run_options(opt), plots=False)
     elif opt.task == "study":  # mAP and speed against image size
         for w in weights:
             rows = []
             for opt.imgsz in range(256, 1536 + 128, 128):
-                r, _, t = run(**{**vars(opt), "weights": w}, plots=False)
+                r, _, t = run(**{**run_options(opt), "weights": w}, plots=False)
                 rows.append(r + t)
             f = f"study_{Path(opt.data).stem}_{Path(w).stem}.txt"
             np.savetxt(f, rows, fmt="%10.4g")

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 
 import export
 from models.checkpoint import save_checkpoint
-from models.quant import calibrate, prepare_yolo_qat
+from models.quant import QATConfig, calibrate, prepare_yolo_qat
 from utils.cpuinfo import cpu_flags
 from utils.dataloaders import LoadImages
 from utils.general import LOGGER
@@ -105,7 +105,7 @@ def qat_checkpoint(float_weights, out_path, size=320, n_batches=2, batch_size=2,
     folding, power-of-two scales, `recipe` or the default one), calibrated on `n_batches` batches of shapes val
     images at `size` (seeded noise when the dataset is absent), saved to `out_path`. Returns out_path."""
     model = load_pytorch_model(float_weights, fuse=False).float().train()
-    prepare_yolo_qat(model, bn_folding=True, pow2=True, recipe=recipe)
+    prepare_yolo_qat(model, QATConfig(bn_folding=True, pow2=True, recipe=recipe))
     files = sorted((ROOT / "datasets/shapes/images/val").glob("*.jpg"))[:n_batches * batch_size]
     if len(files) == n_batches * batch_size:
         images = np.stack([im for _, im, *_ in LoadImages([str(f) for f in files], img_size=size, auto=False)])

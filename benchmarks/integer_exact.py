@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 import export
 from bst.torch.ao.quantization.integer_runner import IntegerModel
-from models.quant import convert_yolo, integer_head, model_pow2, model_rounding
+from models.quant import convert_yolo, integer_head, is_quantized
 from utils.general import LOGGER, UserError, check_file, run_cli
 from utils.runtimes import onnxruntime_session
 from workflow.backend import load_pytorch_model
@@ -54,9 +54,9 @@ def main(opt):
         pt = Path(tmp) / weights.name
         shutil.copyfile(weights, pt)
         model = load_pytorch_model(pt)
-        if not model_pow2(model):
+        if not (is_quantized(model) and model.qat_config.pow2):
             raise UserError(f"--weights {weights}: needs a QAT checkpoint with power-of-two scales")
-        with_onnx = model_rounding(model) == "half_even"
+        with_onnx = model.qat_config.rounding == "half_even"
         folder = Path(export.run(weights=pt, imgsz=(opt.img, opt.img), include=["integer"], data=data)[0])
         runner = IntegerModel(folder)
         converted = convert_yolo(model)
@@ -96,7 +96,7 @@ def main(opt):
                         (by_shape_k[tuple(r.shape)] != r.numpy()).sum())
                 total += r.numel()
     print(f"\n{weights}: {opt.images} val images of {opt.data} at {opt.img}x{opt.img}, raw head outputs "
-          f"({total} per column), rounding {model_rounding(model)}")
+          f"({total} per column), rounding {model.qat_config.rounding}")
     width = max(map(len, pairs)) + 2
     print(f"{'':<{width}}{'differ':>8}")
     for k, v in pairs.items():

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 import val
+from models.quant import QATConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -157,8 +158,8 @@ def measure(opt):
         if name in selected and (name, "-", "-", str(opt.img), pid) not in done:
             t0 = time.time()
             recipe = observer if observer.endswith(".yaml") else ptq_recipe(out, observer)
-            r = val.run(weights=str(parent), name="ptq", ptq=True, pow2_scale=pow2, bn_folding=True,
-                        qat_recipe=str(recipe), calib_batches=opt.calib_batches, **evaluate)[0]
+            r = val.run(weights=str(parent), name="ptq", ptq=True, qat=QATConfig(bn_folding=True, pow2=pow2,
+                        recipe=str(recipe)), calib_batches=opt.calib_batches, **evaluate)[0]
             record(name, "-", r, "", t0)
     for seed in opt.seeds:
         for name, flags in TRAINED.items():

@@ -13,7 +13,15 @@ import bst.torch.ao.quantization as bq
 import bst.torch.ao.quantization.fake_quantize as fq_module
 import val
 from models.checkpoint import QAT_FORMAT, load_checkpoint, safe_globals, save_checkpoint
-from models.quant import QuantizedActivation, float_model, freeze, is_quantized, prepare_yolo_qat, set_fake_quant
+from models.quant import (
+    QATConfig,
+    QuantizedActivation,
+    float_model,
+    freeze,
+    is_quantized,
+    prepare_yolo_qat,
+    set_fake_quant,
+)
 from models.yolo import DetectionModel
 from utils.dataset_yaml import check_dataset
 from utils.general import UserError, yaml_save
@@ -44,20 +52,24 @@ def format1():
 
 def test_format1_checkpoint_loads_and_computes_as_saved(format1):
     model = format1["model"]
-    assert is_quantized(model) and model.qat["pow2"] and model.model[0].conv.freeze_bn
+    assert is_quantized(model) and model.qat_config.pow2 and model.model[0].conv.freeze_bn
+    assert format1["qat"]["config"] == model.qat_config and format1["qat"]["schedule"] == {}
     assert _computes_as_saved(model, format1)
 
 
 def test_qat_model_saved_as_float_part_settings_and_state_dict(format1, tmp_path):
-    path = save_checkpoint({**format1, "ema": deepcopy(format1["model"])}, tmp_path / "v2.pt")
+    path = save_checkpoint({**format1, "ema": deepcopy(format1["model"])}, tmp_path / "v3.pt")
     assert is_quantized(format1["model"])  # the caller's dict and model are left as they were
 
     raw = torch.load(path, weights_only=False)  # what a tool that knows nothing of QAT sees
+    assert raw["qat"]["format"] == QAT_FORMAT == 3 and raw["qat"]["config"]["bn_folding"] \
+        and raw["qat"]["config"]["pow2"]  # the settings once, for model and EMA
+    assert raw["qat"]["config"] == format1["model"].qat_config.record() and raw["qat"]["schedule"] == {}
     for key in ("model", "ema"):
         assert type(raw[key]) is DetectionModel
         assert not [type(m).__module__ for m in raw[key].modules() if type(m).__module__.startswith("bst")]
         state = raw["qat_state"][key]
-        assert state["format"] == QAT_FORMAT == 2 and state["qat"]["bn_folding"] and state["qat"]["pow2"]
+        assert set(state) == {"state_dict", "attributes", "training"}
         assert state["attributes"]["model.0.conv"] == {"freeze_bn": True}
 
     back = load_checkpoint(path)
@@ -66,7 +78,7 @@ def test_qat_model_saved_as_float_part_settings_and_state_dict(format1, tmp_path
         before, after = format1["model"].state_dict(), back[key].state_dict()
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
         assert back[key].model[0].conv.freeze_bn and not back[key].model[1].conv.freeze_bn
-        assert back[key].qat == format1["model"].qat and back[key].training == format1["model"].training
+        assert back[key].qat_config == format1["model"].qat_config and back[key].training == format1["model"].training
         assert _computes_as_saved(back[key], format1)
 
 
@@ -86,7 +98,7 @@ def test_the_float_part_runs_as_the_qat_model_without_fake_quantization(format1)
 def test_a_renamed_bst_class_does_not_break_saved_qat_checkpoints(format1, tmp_path, monkeypatch):
     """A refactor renames FakeQuantize (and every reference to it): checkpoints of the current format still load
     and compute the same; a checkpoint that pickles the class by its old name cannot."""
-    path = save_checkpoint(format1, tmp_path / "v2.pt")
+    path = save_checkpoint(format1, tmp_path / "v3.pt")
     cls = fq_module.FakeQuantize
     monkeypatch.delattr(fq_module, "FakeQuantize")
     monkeypatch.setattr(fq_module, "PowerOfTwoFakeQuantize", cls, raising=False)
@@ -102,14 +114,14 @@ def test_a_renamed_bst_class_does_not_break_saved_qat_checkpoints(format1, tmp_p
 
 
 def test_bad_qat_state_is_one_clear_error(format1, tmp_path):
-    path = save_checkpoint(format1, tmp_path / "v2.pt")
+    path = save_checkpoint(format1, tmp_path / "v3.pt")
     raw = torch.load(path, weights_only=False)
-    raw["qat_state"]["model"]["format"] = 3
+    raw["qat"]["format"] = 4
     torch.save(raw, tmp_path / "future.pt")
-    with pytest.raises(UserError, match=r"future\.pt: QAT checkpoint format 3; this version of yolov5-qat reads "
-                                        r"format 2"):
+    with pytest.raises(UserError, match=r"future\.pt: QAT checkpoint format 4; this version of yolov5-qat reads "
+                                        r"formats 2 and 3"):
         load_checkpoint(tmp_path / "future.pt")
-    raw["qat_state"]["model"]["format"] = 2
+    raw["qat"]["format"] = 3
     del raw["qat_state"]["model"]["state_dict"]["model.0.conv.bn.running_var"]
     torch.save(raw, tmp_path / "cut.pt")
     with pytest.raises(UserError, match=r"cut\.pt: the QAT state does not fit the model rebuilt from its settings"):
@@ -120,23 +132,33 @@ def test_bad_qat_state_is_one_clear_error(format1, tmp_path):
         load_checkpoint(tmp_path / "odd.pt")
 
 
+def as_format2(raw) -> dict:
+    """A format-3 checkpoint dict laid out as format 2 wrote it: the settings in each qat_state entry, which says
+    its format; the run schedule beside the settings and the recipe's name in ckpt["qat"]."""
+    qat = raw.pop("qat")
+    for state in raw["qat_state"].values():
+        state.update(format=2, qat=deepcopy(qat["config"]))
+    raw["qat"] = {**qat["config"], "recipe": qat["config"]["recipe"].get("file", "default"), **qat["schedule"]}
+    return raw
+
+
 def test_settings_that_did_not_exist_yet_take_their_defaults(format1, tmp_path):
     """A QAT model quantized before --rounding / --pow2-rounding existed records neither: it rounds half to even and
     takes the power-of-two exponent by ceil, as all models did then."""
-    path = save_checkpoint(format1, tmp_path / "v2.pt")
-    raw = torch.load(path, weights_only=False)
+    path = save_checkpoint(format1, tmp_path / "v3.pt")
+    raw = as_format2(torch.load(path, weights_only=False))
     for key in ("rounding", "pow2_rounding"):
         del raw["qat_state"]["model"]["qat"][key]
     torch.save(raw, tmp_path / "older.pt")
     model = load_checkpoint(tmp_path / "older.pt")["model"]
-    assert model.qat["rounding"] == "half_even" and model.qat["pow2_rounding"] == "ceil"
+    assert model.qat_config.rounding == "half_even" and model.qat_config.pow2_rounding == "ceil"
     assert _computes_as_saved(model, format1)
 
 
 def test_the_file_stores_each_tensor_once(format1, tmp_path):
     """The float part shares the QAT model's weights, so a format-2 file is about as large as one pickling the QAT
     modules whole."""
-    path = save_checkpoint({**format1, "expected": None}, tmp_path / "v2.pt")
+    path = save_checkpoint({**format1, "expected": None}, tmp_path / "v3.pt")
     torch.save({**format1, "expected": None}, tmp_path / "whole.pt")
     assert path.stat().st_size < 1.1 * (tmp_path / "whole.pt").stat().st_size
 
@@ -154,11 +176,11 @@ def test_format2_checkpoint_loads_with_its_settings_and_computes_as_saved(format
     writing format 2): a PTQ of the shipped ReLU parent with every setting away from its default."""
     model = format2["model"]
     assert is_quantized(model) and model.model[0].conv.freeze_bn and not model.model[1].conv.freeze_bn
-    q = model.qat
-    assert (q["bn_folding"], q["pow2"], q["pow2_rounding"], q["rounding"]) == (True, True, "round", "half_up")
-    assert q["recipe"]["file"] == "default.yaml" and q["recipe"]["rules"][0]["activation"]["per_channel"]
+    q = model.qat_config
+    assert (q.bn_folding, q.pow2, q.pow2_rounding, q.rounding) == (True, True, "round", "half_up")
+    assert q.recipe["file"] == "default.yaml" and q.recipe["rules"][0]["activation"]["per_channel"]
     assert {m.rounding for m in model.modules() if isinstance(m, bq.FakeQuantizeBase)} == {"half_up"}
-    assert format2["qat"]["ptq"] and format2["qat"]["calib_batches"] == 2
+    assert format2["qat"] == {"config": q, "schedule": {"calib_batches": 2, "ptq": True}}
     assert _computes_as_saved(model, format2)
 
 
@@ -179,8 +201,9 @@ def test_format2_checkpoint_validates_to_the_saved_map(format2, tmp_path):
 def test_a_moved_class_loads_under_the_name_older_files_hold(tmp_path, monkeypatch):
     """A SiLU QAT model pickled whole (as before format 2) holds models.quant.QuantizedActivation, the class's name
     before models/quant.py became a package; the allowlist maps that name to the class."""
-    model = prepare_yolo_qat(DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=3, act="silu").train(), pow2=True,
-                             verbose=False)
+    model = prepare_yolo_qat(DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=3, act="silu").train(),
+                             QATConfig(pow2=True), verbose=False)
+    model.qat = model.__dict__.pop("qat_config").record()  # format 1 kept the settings in model.qat
     monkeypatch.setattr(QuantizedActivation, "__module__", "models.quant")
     torch.save({"epoch": -1, "model": model, "ema": None, "qat": None}, tmp_path / "old.pt")
     monkeypatch.undo()
@@ -188,5 +211,15 @@ def test_a_moved_class_loads_under_the_name_older_files_hold(tmp_path, monkeypat
         assert b"models.quant\nQuantizedActivation" in z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     assert "models.quant.QuantizedActivation" in safe_globals()
     back = load_checkpoint(tmp_path / "old.pt")["model"]
+    assert back.qat_config.pow2 and "qat" not in back.__dict__
     assert sum(type(m) is QuantizedActivation for m in back.modules()) == sum(
         type(m) is QuantizedActivation for m in model.modules()) > 0
+
+
+def test_format2_checkpoint_saved_again_is_format3_with_the_same_model(format2, tmp_path):
+    path = save_checkpoint(format2, tmp_path / "v3.pt")
+    raw = torch.load(path, weights_only=False)
+    assert raw["qat"]["format"] == 3 and raw["qat"]["schedule"] == {"calib_batches": 2, "ptq": True}
+    back = load_checkpoint(path)
+    assert back["qat"] == format2["qat"] and back["model"].qat_config == format2["model"].qat_config
+    assert _computes_as_saved(back["model"], format2)

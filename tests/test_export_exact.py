@@ -14,7 +14,7 @@ from conftest import ROOT
 
 import export
 from models.checkpoint import save_checkpoint
-from models.quant import calibrate, prepare_yolo_qat
+from models.quant import QATConfig, calibrate, prepare_yolo_qat
 from models.yolo import DetectionModel
 from utils.general import yaml_load
 from utils.loss import ComputeLoss
@@ -52,7 +52,7 @@ def trained_qat_checkpoint(path, observer, seed, steps=4):
     for bn in bns:
         bn.momentum = 0.03
     recipe = {"default": {"activation": {"observer": observer}}}
-    prepare_yolo_qat(model, bn_folding=True, pow2=True, recipe=recipe)
+    prepare_yolo_qat(model, QATConfig(bn_folding=True, pow2=True, recipe=recipe))
     batches = [(torch.randint(0, 256, (4, 3, H, W), dtype=torch.uint8, generator=g),) for _ in range(2)]
     calibrate(model, batches, 2, torch.device("cpu"))
     model.hyp = yaml_load(ROOT / "data/hyps/hyp.qat.yaml")

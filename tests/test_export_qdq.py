@@ -15,7 +15,7 @@ import export
 from bst.torch.ao.nn.quantized import onnx_form
 from models.checkpoint import save_checkpoint
 from models.common import C3, SPPF, Bottleneck, Concat, Conv
-from models.quant import calibrate, convert_yolo, prepare_yolo_qat
+from models.quant import QATConfig, calibrate, convert_yolo, prepare_yolo_qat
 from models.yolo import DetectionModel
 from utils.general import UserError, run_cli
 from workflow.backend import DetectMultiBackend, load_pytorch_model
@@ -42,7 +42,7 @@ def small_qat(act="relu", bn_folding=True, pow2=True, recipe=None, rounding="hal
             model(torch.rand(2, 3, H, W))
     for bn in bns:
         bn.momentum = 0.03
-    prepare_yolo_qat(model, bn_folding=bn_folding, pow2=pow2, recipe=recipe, rounding=rounding)
+    prepare_yolo_qat(model, QATConfig(bn_folding=bn_folding, pow2=pow2, recipe=recipe, rounding=rounding))
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8, generator=g),) for _ in range(2)]
     calibrate(model, batches, 2, torch.device("cpu"))
@@ -391,7 +391,7 @@ def _qat_from_reference(bn_folding, path):
     from utils.dataloaders import LoadImages
 
     model = load_pytorch_model(reference("yolov5n_relu.pt"), fuse=False).float().train()
-    prepare_yolo_qat(model, bn_folding=bn_folding, pow2=True)
+    prepare_yolo_qat(model, QATConfig(bn_folding=bn_folding, pow2=True))
     src = sorted((ROOT / "datasets/shapes/images/val").glob("*.jpg"))[4:8]
     images = [im for _, im, *_ in LoadImages([str(s) for s in src], img_size=160, auto=False)]
     calibrate(model, [(torch.from_numpy(np.stack(images)),)], 1, torch.device("cpu"))

@@ -51,12 +51,12 @@ def sources(tmp_path_factory):
 def qat_pt(tmp_path_factory):
     """The shapes ReLU checkpoint prepared for pow2 QAT, calibrated on the two sample images and saved (no training)."""
     from models.checkpoint import save_checkpoint
-    from models.quant import calibrate, prepare_yolo_qat
+    from models.quant import QATConfig, calibrate, prepare_yolo_qat
     from utils.augmentations import letterbox
     from workflow.backend import load_pytorch_model
 
     m = load_pytorch_model(FLOAT, fuse=False).float().train()
-    prepare_yolo_qat(m, pow2=True)
+    prepare_yolo_qat(m, QATConfig(pow2=True))
     ims = [letterbox(cv2.imread(str(f)), IMGSZ, auto=False)[0][..., ::-1].transpose(2, 0, 1) for f in IMAGES]
     calibrate(m, [(torch.from_numpy(np.ascontiguousarray(np.stack(ims))),)], 1, torch.device("cpu"))
     path = tmp_path_factory.mktemp("qat") / "qat.pt"

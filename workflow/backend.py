@@ -163,7 +163,8 @@ class DetectMultiBackend(nn.Module):
             self.stride = max(int(model.stride.max()), 32)
             self.names = model.module.names if hasattr(model, "module") else model.names
             self.quantized = is_quantized(model)
-            self.pow2 = bool(getattr(model, "qat", {}).get("pow2", False)) if self.quantized else False
+            config = getattr(model, "qat_config", None)  # an Ensemble has none
+            self.pow2 = bool(self.quantized and config is not None and config.pow2)
             if self.fp16 and not self.quantized:  # fake-quant models stay float32 (scales must not be cast)
                 model.half()
             else:

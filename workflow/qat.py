@@ -4,13 +4,13 @@ the library is bst/."""
 from __future__ import annotations
 
 from copy import deepcopy
-from pathlib import Path
 
 import torch
 
 from models.checkpoint import build_checkpoint, save_checkpoint
 from models.common import model_activation
 from models.quant import (
+    QATConfig,
     apply_schedule,
     calibrate,
     example_input,
@@ -22,41 +22,38 @@ from models.quant import (
 from utils.dataloaders import create_dataloader
 from utils.general import LOGGER, UserError, colorstr
 
-QAT_ONLY_FLAGS = ("bn_folding", "pow2_scale", "qat_recipe")
 PREFIX = colorstr("QAT: ")
+SCHEDULE_FLAGS = ("freeze_bn_epoch", "disable_observer_epoch")
 
 
 def check_qat_flags(opt):
     """Bad combinations end in one line; SiLU is allowed with a warning."""
-    for f in ("freeze_bn_epoch", "disable_observer_epoch"):
+    for f in SCHEDULE_FLAGS:
         if getattr(opt, f, -1) < -1:
             raise UserError(f"--{f.replace('_', '-')} {getattr(opt, f)}: must be an epoch index >= 0, or -1 for never")
+    config = QATConfig.from_options(opt)
     if not getattr(opt, "qat", False):
-        used = [f"--{f.replace('_', '-')}" for f in QAT_ONLY_FLAGS if getattr(opt, f, None)]
-        used += [f"--{f.replace('_', '-')} {getattr(opt, f)}" for f in ("freeze_bn_epoch", "disable_observer_epoch")
-                 if getattr(opt, f, -1) >= 0]
+        used = config.flags_given()
+        used += [f"--{f.replace('_', '-')} {getattr(opt, f)}" for f in SCHEDULE_FLAGS if getattr(opt, f, -1) >= 0]
         if used:
             raise UserError(f"{', '.join(used)} only apply to quantization-aware training; add --qat")
         return
     if opt.calib_batches < 1:
         raise UserError(f"--calib-batches {opt.calib_batches}: calibrate on at least one batch")
-    if getattr(opt, "qat_recipe", ""):
-        load_recipe(opt.qat_recipe)  # the schema check, before any data or model is loaded
+    if config.recipe:
+        load_recipe(config.recipe)  # the schema check, before any data or model is loaded
     if opt.act == "silu":
         LOGGER.warning(f"{PREFIX}WARNING: --act silu: shift-only int8 hardware has no SiLU; it is quantized here as "
                        f"a lookup table on its int8 output. Retrain with --act relu (or relu6) for such hardware")
 
 
 class QATRun:
-    """The QAT state of one training run (flags, recipe, schedule) and its steps."""
+    """The QAT of one training run: how the model is quantized (a QATConfig from the flags, or the model's own when
+    it is quantized already), the BN / observer schedule and the calibration pass, and its steps."""
 
     def __init__(self, opt):
         self.enabled = bool(getattr(opt, "qat", False))
-        self.bn_folding = bool(getattr(opt, "bn_folding", False))
-        self.pow2 = bool(getattr(opt, "pow2_scale", False))
-        self.pow2_rounding = getattr(opt, "pow2_rounding", "ceil")
-        self.rounding = getattr(opt, "rounding", "half_even")
-        self.recipe = getattr(opt, "qat_recipe", "") or None
+        self.config = QATConfig.from_options(opt)
         self.freeze_bn_epoch = int(getattr(opt, "freeze_bn_epoch", -1))
         self.disable_observer_epoch = int(getattr(opt, "disable_observer_epoch", -1))
         self.calib_batches = int(getattr(opt, "calib_batches", 32))
@@ -68,49 +65,33 @@ class QATRun:
         if is_quantized(model):
             self.resumed = True
             LOGGER.info(f"{PREFIX}continuing from an already quantized model (its scales and observers as saved)")
-            self._adopt(getattr(model, "qat", None) or {})
+            self._adopt(model.qat_config)
             return model
         if model_activation(model) == "silu" and self.enabled:
             LOGGER.warning(f"{PREFIX}WARNING: the model uses SiLU; its outputs are quantized as a lookup table")
-        return prepare_yolo_qat(model, bn_folding=self.bn_folding, pow2=self.pow2, recipe=self.recipe,
-                                pow2_rounding=self.pow2_rounding, rounding=self.rounding)
+        return prepare_yolo_qat(model, self.config)
 
-    def _adopt(self, saved: dict):
-        """An already quantized model keeps how it was quantized: record its own settings, and say which of the
-        given flags cannot change it."""
-        own = {"bn_folding": bool(saved.get("bn_folding", self.bn_folding)), "pow2": bool(saved.get("pow2", self.pow2)),
-               "pow2_rounding": saved.get("pow2_rounding", self.pow2_rounding),
-               "rounding": saved.get("rounding", "half_even")}  # models saved before --rounding round half to even
-        recipe = saved.get("recipe")
-        recipe_name = recipe.get("file", "default") if isinstance(recipe, dict) else recipe
-        given = {"bn_folding": self.bn_folding, "pow2": self.pow2, "pow2_rounding": self.pow2_rounding,
-                 "rounding": self.rounding}
-        flags = {"bn_folding": "--bn-folding", "pow2": "--pow2-scale", "pow2_rounding": "--pow2-rounding",
-                 "rounding": "--rounding"}
-        ignored = [f"{flags[k]} {given[k]}" for k in own if given[k] != own[k]]
-        if self.recipe and Path(str(self.recipe)).name != str(recipe_name):
-            ignored.append(f"--qat-recipe {self.recipe}")
+    def _adopt(self, own: QATConfig):
+        """An already quantized model keeps how it was quantized: record its own config, and say which of the given
+        flags cannot change it."""
+        given = self.config
+        settings = ("bn_folding", "pow2", "pow2_rounding", "rounding")
+        ignored = [f"{QATConfig.flag(k)} {getattr(given, k)}" for k in settings if getattr(given, k) != getattr(own, k)]
+        if given.recipe and given.recipe_name != own.recipe_name:
+            ignored.append(f"--qat-recipe {given.recipe}")
         if ignored:
-            LOGGER.warning(f"{PREFIX}WARNING: the model is already quantized (bn_folding={own['bn_folding']}, "
-                           f"pow2={own['pow2']}, pow2_rounding={own['pow2_rounding']}, rounding={own['rounding']}, "
-                           f"recipe {recipe_name}); "
-                           f"{', '.join(ignored)} cannot change that and are ignored")
-        self.bn_folding, self.pow2, self.pow2_rounding = own["bn_folding"], own["pow2"], own["pow2_rounding"]
-        self.rounding = own["rounding"]
-        self.recipe = recipe_name
+            LOGGER.warning(f"{PREFIX}WARNING: the model is already quantized (bn_folding={own.bn_folding}, "
+                           f"pow2={own.pow2}, pow2_rounding={own.pow2_rounding}, rounding={own.rounding}, "
+                           f"recipe {own.recipe_name}); {', '.join(ignored)} cannot change that and are ignored")
+        self.config = own
 
     def calibrate(self, model, loader, device):
         if self.resumed:
             return 0
         seen = calibrate(model, loader, self.calib_batches, device)
-        if self.shares_concat_scales(model):
+        if model.qat_config.shares_concat_scales:
             self._share(model)
         return seen
-
-    @staticmethod
-    def shares_concat_scales(model):
-        return bool(((getattr(model, "qat", None) or {}).get("recipe") or {}).get("concat", {})
-                    .get("share_input_scales"))
 
     @staticmethod
     def _share(model):
@@ -121,7 +102,7 @@ class QATRun:
 
     def start_epoch(self, model, epoch):
         state = apply_schedule(model, epoch, self.freeze_bn_epoch, self.disable_observer_epoch)
-        if not state["observers"] and self.shares_concat_scales(model):
+        if not state["observers"] and model.qat_config.shares_concat_scales:
             self._share(model)  # observers just froze the scales (again): re-share them
         if state != self.state:
             LOGGER.info(f"{PREFIX}epoch {epoch}: BN statistics {'frozen' if state['bn_frozen'] else 'updating'}, "
@@ -129,21 +110,10 @@ class QATRun:
         self.state = state
         return state
 
-    def meta(self, model):
-        """The checkpoint's "qat" entry for this run (see `qat_meta`)."""
-        return qat_meta(model, freeze_bn_epoch=self.freeze_bn_epoch, disable_observer_epoch=self.disable_observer_epoch,
-                        calib_batches=self.calib_batches)
-
-
-def qat_meta(model, **run) -> dict:
-    """The "qat" entry of a checkpoint: how `model` is quantized (bn_folding, pow2, pow2_rounding, rounding and the
-    recipe's name, as prepare_yolo_qat recorded them in model.qat) and how the run used it (`run`: the BN and
-    observer schedule and the calibration batches of train.py, or ptq=True)."""
-    q = model.qat
-    recipe = q.get("recipe")
-    return {"bn_folding": q["bn_folding"], "pow2": q["pow2"], "pow2_rounding": q.get("pow2_rounding", "ceil"),
-            "rounding": q.get("rounding", "half_even"),
-            "recipe": recipe.get("file", "default") if isinstance(recipe, dict) else recipe, **run}
+    def schedule(self) -> dict:
+        """How this run uses QAT, for the checkpoint's "qat" record beside the model's config."""
+        return {"freeze_bn_epoch": self.freeze_bn_epoch, "disable_observer_epoch": self.disable_observer_epoch,
+                "calib_batches": self.calib_batches}
 
 
 def checkpoint_copy(model):
@@ -159,16 +129,15 @@ def report_ptq(results):
                 f"mAP50-95 {map_:.4g}")
 
 
-def ptq_model(model, data, imgsz, batch_size, stride, device, pow2=False, bn_folding=False, recipe="",
-              calib_batches=32, workers=8, save=""):
-    """Post-training quantization of a float DetectionModel: prepare, calibrate on the train split, optionally
-    save as a checkpoint (loadable by val.py / detect.py / export.py like a QAT one)."""
-    model = prepare_yolo_qat(model.float().train(), bn_folding=bn_folding, pow2=pow2, recipe=recipe or None).to(device)
+def ptq_model(model, data, imgsz, batch_size, stride, device, config: QATConfig, calib_batches=32, workers=8, save=""):
+    """Post-training quantization of a float DetectionModel as `config` says: prepare, calibrate on the train split,
+    optionally save as a checkpoint (loadable by val.py / detect.py / export.py like a QAT one)."""
+    model = prepare_yolo_qat(model.float().train(), config).to(device)
     loader = create_dataloader(data["train"], imgsz, batch_size, stride, augment=False, rect=False, workers=workers,
                                shuffle=True, prefix=colorstr("calib: "))[0]
     calibrate(model, loader, calib_batches, device)
     model.eval()
     if save:
-        save_checkpoint(build_checkpoint(model, qat=qat_meta(model, calib_batches=calib_batches, ptq=True)), save)
+        save_checkpoint(build_checkpoint(model, qat={"calib_batches": calib_batches, "ptq": True}), save)
         LOGGER.info(f"{PREFIX}PTQ model saved to {save}")
     return model

@@ -27,7 +27,7 @@ def float_model(model):
         raise ValueError("model: not a QAT model")
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     f = deepcopy(model, shared)  # new modules around the same tensors
-    f.__dict__.pop("qat", None)
+    f.__dict__.pop("qat_config", None)
     f._modules.pop("input_quant", None)
     for m in list(f.modules()):
         m._forward_hooks.clear()  # prepare_qat's output-quantizer hooks

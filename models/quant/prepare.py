@@ -11,13 +11,16 @@ quantizer, and each module's QConfig from the recipe (models/quant/recipe.py); b
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 
 import bst.torch.ao.nn.qat as nnqat
 from bst.torch.ao import quantization as bq
 from bst.torch.ao.nn.quantized import FloatFunctional
-from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus, activation_name
+from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus
+from models.quant.config import QATConfig
 from models.quant.recipe import _rule_targets, load_recipe, make_qconfig
 from utils.general import LOGGER, UserError
 from utils.torch_utils import fuse_conv_and_bn
@@ -53,27 +56,42 @@ def _attach_functionals(model):
             m.qcat = FloatFunctional()
 
 
-def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_rounding="ceil", rounding="half_even",
-                     verbose=True):
-    """Turn a float DetectionModel (training mode) into a QAT model, in place; returns it. `rounding`: how every
-    quantizer rounds ties, "half_even" or "half_up" (shift hardware's add-then-shift). verbose: log what was made."""
-    recipe = load_recipe(recipe)
+def prepare_yolo_qat(model, config: QATConfig | None = None, verbose=True):
+    """Turn a float DetectionModel (training mode) into a QAT model as `config` says (default: QATConfig()), in place;
+    returns it, with the config it was made with (the recipe loaded) in `model.qat_config`. verbose: log what was
+    made."""
+    config = config or QATConfig()
+    recipe = load_recipe(config.recipe)
     if any(isinstance(m, (bq.FakeQuantizeBase,)) for m in model.modules()):
         raise UserError("model is already prepared for QAT")
-    acts = {activation_name(m.act) for m in model.modules() if isinstance(m, Conv)}
     model.train()
-    _fuse_conv_blocks(model, bn_folding)
+    _fuse_conv_blocks(model, config.bn_folding)
     _attach_functionals(model)
     model.input_quant = bq.QuantStub()
     # images are x/255 in [0, 1]: 1/255 puts every pixel exactly on the grid; shift hardware takes 2**-8
-    model.input_quant.qconfig = make_qconfig(pow2, {"fixed": {"scale": 2 ** -8 if pow2 else 1 / 255, "zero_point": 0,
-                                                              "dtype": "quint8"}}, False, pow2_rounding,
-                                             rounding=rounding)
+    model.input_quant.qconfig = make_qconfig(config, {"fixed": {"scale": 2 ** -8 if config.pow2 else 1 / 255,
+                                                                "zero_point": 0, "dtype": "quint8"}}, False)
+    _assign_qconfigs(model, recipe, config)
+    mapping = bq.get_default_qat_module_mappings()
+    mapping.update({nn.SiLU: QuantizedActivation, nn.Hardswish: QuantizedActivation})
+    bq.prepare_qat(model, mapping=mapping, inplace=True)
+    for m in model.modules():  # qconfigs hold constructors; they are not needed after prepare (nor pickled)
+        m.__dict__.pop("qconfig", None)
+    model.qat_config = replace(config, recipe=recipe)
+    n_q = sum(isinstance(m, bq.FakeQuantizeBase) for m in model.modules())
+    log = LOGGER.info if verbose else LOGGER.debug
+    log(f"QAT: prepared {n_q} fake quantizers (bn_folding={config.bn_folding}, pow2={config.pow2}, "
+        + (f"rounding={config.rounding}, " if config.rounding != "half_even" else "")
+        + f"recipe={recipe.get('file', 'default')})")
+    return model
 
+
+def _assign_qconfigs(model, recipe: dict, config: QATConfig):
+    """model.qconfig from the recipe's default, then each rule's on the modules it matches (later rules win)."""
     default = recipe["default"]
     where = recipe.get("file", "recipe")
-    model.qconfig = make_qconfig(pow2, default.get("activation"), bool(default.get("learnable")), pow2_rounding,
-                                 where=f"{where}: default", rounding=rounding)
+    model.qconfig = make_qconfig(config, default.get("activation"), bool(default.get("learnable")),
+                                 where=f"{where}: default")
     for i, rule in enumerate(recipe["rules"]):
         mode = rule.get("mode", "quantize")
         for name in _rule_targets(model, rule["match"], f"{where}: rule {i}"):
@@ -83,21 +101,8 @@ def prepare_yolo_qat(model, bn_folding=False, pow2=False, recipe=None, pow2_roun
             else:
                 spec = rule.get("activation", default.get("activation"))
                 learn = bool(rule.get("learnable", default.get("learnable")))
-                target.qconfig = make_qconfig(pow2, spec, learn, pow2_rounding, weight_only=mode == "weight_only",
-                                              where=f"{where}: rule {i}", rounding=rounding)
-    mapping = bq.get_default_qat_module_mappings()
-    mapping.update({nn.SiLU: QuantizedActivation, nn.Hardswish: QuantizedActivation})
-    bq.prepare_qat(model, mapping=mapping, inplace=True)
-    for m in model.modules():  # qconfigs hold constructors; they are not needed after prepare (nor pickled)
-        m.__dict__.pop("qconfig", None)
-    model.qat = {"bn_folding": bool(bn_folding), "pow2": bool(pow2), "pow2_rounding": pow2_rounding,
-                 "rounding": rounding, "recipe": recipe, "activations": sorted(acts)}
-    n_q = sum(isinstance(m, bq.FakeQuantizeBase) for m in model.modules())
-    log = LOGGER.info if verbose else LOGGER.debug
-    log(f"QAT: prepared {n_q} fake quantizers (bn_folding={bn_folding}, pow2={pow2}, "
-        + (f"rounding={rounding}, " if rounding != "half_even" else "")
-        + f"recipe={recipe.get('file', 'default')})")
-    return model
+                target.qconfig = make_qconfig(config, spec, learn, weight_only=mode == "weight_only",
+                                              where=f"{where}: rule {i}")
 
 
 @torch.no_grad()

@@ -182,9 +182,10 @@ def _rule_targets(model, pattern, where):
     return hits
 
 
-def make_qconfig(pow2: bool, spec: dict | None, learnable: bool, pow2_rounding="ceil", weight_only=False,
-                 where="recipe", rounding="half_even"):
-    """A QConfig from a recipe entry (`where` names it in errors); every quantizer rounds ties by `rounding`."""
+def make_qconfig(config, spec: dict | None, learnable: bool, weight_only=False, where="recipe"):
+    """A QConfig from a recipe entry (`where` names it in errors) under a QATConfig's scales (pow2, pow2_rounding) and
+    rounding of ties."""
+    pow2, pow2_rounding, rounding = config.pow2, config.pow2_rounding, config.rounding
     spec = spec or {"observer": "mse"}
     if "fixed" in spec:
         scale, zp, signed = _fixed_qparams(spec["fixed"], where)

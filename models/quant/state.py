@@ -40,18 +40,6 @@ def restore_observer_states(model, states):
         m.enable_observer(on)
 
 
-def model_rounding(model) -> str:
-    """How the enabled fake quantizers of `model` round ties: "half_even", "half_up" or "mixed"."""
-    rules = {m.rounding for m in model.modules() if bq.fake_quant_enabled(m)}
-    return rules.pop() if len(rules) == 1 else "mixed" if rules else "half_even"
-
-
-def model_pow2(model) -> bool:
-    """True when every enabled fake quantizer of `model` keeps power-of-two scales."""
-    qs = [m for m in model.modules() if bq.fake_quant_enabled(m)]
-    return bool(qs) and all(bool(getattr(m, "pow2", False)) for m in qs)
-
-
 def is_quantized(model) -> bool:
     """True for a QAT-prepared model (it carries fake quantizers, which fusion must not touch)."""
     return any(isinstance(m, bq.FakeQuantizeBase) for m in model.modules())

@@ -23,7 +23,6 @@ import onnx
 import torch
 
 from bst.torch.ao.quantization import FakeQuantizeBase, fake_quant_enabled, frozen_qparams, output_quantizer
-from models.quant import model_pow2
 from utils.dataloaders import LoadImages, _list_image_files
 from utils.dataset_yaml import check_dataset
 from utils.general import LOGGER, UserError, colorstr
@@ -170,7 +169,7 @@ def qdq_reference(model, im) -> dict:
             head_in[i] = args[0]
         return pre
 
-    exact = model_pow2(model)
+    exact = model.qat_config.pow2
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, FakeQuantizeBase)]
     hooks += [conv.register_forward_pre_hook(head_input(i)) for i, conv in enumerate(detect.m)]
     export_flag = detect.export
