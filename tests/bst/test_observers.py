@@ -1,6 +1,5 @@
 """Observers: parity with torch.ao.quantization (linear mode), non-finite inputs, invalid configurations,
 fixed qparams and the outlier-robust calibrators."""
-import warnings
 
 import pytest
 import torch
@@ -27,13 +26,6 @@ CONFIGS = [  # dtype, qscheme (per tensor), extra kwargs
 ]
 PER_CHANNEL = {torch.per_tensor_affine: torch.per_channel_affine,
                torch.per_tensor_symmetric: torch.per_channel_symmetric}
-
-
-@pytest.fixture(scope="module")
-def tq():
-    ao = pytest.importorskip("torch.ao.quantization")
-    warnings.filterwarnings("ignore", module="torch.ao")
-    return ao
 
 
 def _batches(seed=0):
