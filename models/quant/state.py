@@ -2,9 +2,12 @@
 off, BN statistics frozen, calibration, the per-epoch schedule, and frozen qparams for evaluation and export."""
 from __future__ import annotations
 
+import sys
+import time
 from contextlib import contextmanager
 
 import torch
+from tqdm import tqdm
 
 from bst.torch.ao import quantization as bq
 from bst.torch.ao.nn.intrinsic import qat as nniqat
@@ -84,19 +87,26 @@ def apply_schedule(model, epoch: int, freeze_bn_epoch: int, disable_observer_epo
 @torch.no_grad()
 def calibrate(model, loader, n_batches: int, device):
     """Observers on, fake quantization off, eval mode (BN statistics untouched): fill the observers
-    with `n_batches` batches, then freeze them into scales and turn fake quantization on."""
+    with `n_batches` batches, then freeze them into scales and turn fake quantization on. A progress bar with the
+    time left runs over the batches; the log line says how long observing and the scale search took."""
     model.eval()
     set_fake_quant(model, False)
     set_observers(model, True)
-    seen = 0
-    for i, batch in enumerate(loader):
+    seen, total, t0 = 0, min(n_batches, len(loader)), time.perf_counter()
+    bar = tqdm(loader, total=total, desc="QAT: calibrating", bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout,
+               leave=False)
+    for i, batch in enumerate(bar):
         if i >= n_batches:
             break
         imgs = batch[0].to(device, non_blocking=True).float() / 255
         model(imgs)
         seen += imgs.shape[0]
+    bar.close()
+    t1 = time.perf_counter()
     set_fake_quant(model, True)
     freeze(model)  # observers off: computes lazily evaluated qparams (e.g. MSE) now
     model.train()
-    LOGGER.info(f"QAT: calibrated on {seen} images ({min(n_batches, len(loader))} batches)")
+    t2 = time.perf_counter()
+    LOGGER.info(f"QAT: calibrated on {seen} images ({total} batches) in {t2 - t0:.1f} s (observing "
+                f"{t1 - t0:.1f} s, scale search {t2 - t1:.1f} s)")
     return seen
