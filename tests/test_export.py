@@ -197,7 +197,7 @@ def test_val_onnx_gives_the_pt_map(tmp_path, yolo_log):
     # model the same square inputs the ONNX file gets, so the two mAPs are comparable
     # A float model in two runtimes differs by float rounding (~1e-6 relative), which reorders this random model's
     # many near-tied boxes: mAP50 0.879 vs 0.881 here, 0.877 vs 0.880 at conf 0.05 / max_det 30. Hence 0.005 for
-    # this float file; a power-of-two QAT export is exact (tests/test_export_exact.py)
+    # this float file; a power-of-two QAT export is exact (tests/workflow/test_export_exact.py)
     r_pt = val.run(data=str(data), weights=str(pt), imgsz=160, batch_size=1, task="speed", conf_thres=0.25,
                    max_det=300, workers=0, plots=False, project=tmp_path / "val", name="pt")[0]
     yolo_log.clear()

@@ -274,7 +274,7 @@ def test_resumed_run_equals_the_uninterrupted_run(micro, tmp_path, recipe):
 
 def test_rounding_half_up_trains(micro, tmp_path):
     """--rounding half_up: every quantizer of the trained checkpoint rounds half up and the QAT metadata says so
-    (tests/test_integer_model.py: such a model's integer export and the ONNX refusal)."""
+    (tests/models/test_integer_model.py: such a model's integer export and the ONNX refusal)."""
     out = _ok(_train("--data", micro, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
                      "--epochs", "1", *SEED_FLAGS, "--rounding", "half_up", "--project", tmp_path, "--name", "up"))
     assert "rounding=half_up" in out

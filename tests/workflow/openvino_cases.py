@@ -1,9 +1,9 @@
 """export.py --include openvino: upstream's *_openvino_model folder, converted from the ONNX file and checked against
 PyTorch; DetectMultiBackend, val.py and detect.py load it; benchmarks/export_speed.py times it.
 
-Run by tests/test_export_openvino.py in a pytest process of their own: a process that has run OpenVINO's CPU plugin
-(its thread pool stays up) later crashed the test worker that forked data-loader workers and subprocesses after it,
-so the long-lived test workers never load it."""
+Run by tests/workflow/test_export_openvino.py in a pytest process of their own: a process that has run OpenVINO's CPU
+plugin (its thread pool stays up) later crashed the test worker that forked data-loader workers and subprocesses after
+it, so the long-lived test workers never load it."""
 import logging
 import shutil
 from pathlib import Path
@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import reference, shapes_subset
-from test_export_qdq import H, W, exported
+from qat_models import H, W, exported
 
 import export
 import val

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, reference, shapes_subset
-from test_export_qdq import H, W, _qat_from_reference, save_qat, small_qat
+from qat_models import H, W, qat_from_reference, save_qat, small_qat
 
 import export
 from bst.torch.ao.quantization import FakeQuantizeBase
@@ -45,7 +45,7 @@ def as_raw(q, detect):
 def test_integer_reference_equals_pytorch_on_release_weights(recipe, tmp_path):
     """Release-format yolov5n (ReLU) prepared for pow2 QAT, calibrated on shapes images: PyTorch eval and bst's
     integer reference give identical raw outputs at two input sizes (per-channel Detect outputs by default)."""
-    pt = _qat_from_reference(True, tmp_path / "qat.pt") if recipe is None else None
+    pt = qat_from_reference(True, tmp_path / "qat.pt") if recipe is None else None
     if recipe is not None:
         model = load_pytorch_model(reference("yolov5n_relu.pt"), fuse=False).float().train()
         prepare_yolo_qat(model, QATConfig(bn_folding=True, pow2=True, recipe=ROOT / recipe))
