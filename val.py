@@ -241,6 +241,100 @@ def save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thre
     return None if stats is None else (float(stats[0]), float(stats[1]))
 
 
+class Collector:
+    """What val.run gathers image by image: the statistics the metrics come from (image_statistics; the confusion
+    matrix too, if given), each image's entry of `image_stats` (see run), its --save-txt labels and its --save-json
+    predictions (in `jdict`)."""
+
+    def __init__(self, nc, single_cls, iouv, confusion_matrix, image_stats, save_dir, save_txt, save_conf, save_json,
+                 class_map):
+        self.nc, self.single_cls, self.iouv, self.confusion_matrix = nc, single_cls, iouv, confusion_matrix
+        self.image_stats, self.class_map = image_stats, class_map
+        self.save_dir, self.save_txt, self.save_conf, self.save_json = save_dir, save_txt, save_conf, save_json
+        self.seen, self.stats, self.jdict = 0, [], []
+
+    def add(self, pred, labels, im_shape, shapes, path: Path):
+        """One image's predictions and labels (as image_statistics takes them). Returns the predictions in
+        original-image coordinates (None if there are none)."""
+        self.seen += 1
+        n_stats = len(self.stats)
+        predn = image_statistics(pred, labels, im_shape, shapes, self.iouv, self.nc, self.single_cls, self.stats,
+                                 self.confusion_matrix)
+        if self.image_stats is not None:
+            self.image_stats.append((str(path), self.stats[-1] if len(self.stats) > n_stats else None))
+        if predn is None:
+            return None
+        if self.save_txt:
+            save_one_txt(predn, self.save_conf, shapes[0], file=self.save_dir / "labels" / f"{path.stem}.txt")
+        if self.save_json:  # classes the dataset does not have (a model with more classes) have no category id
+            save_one_json(predn[predn[:, 5] < self.nc], self.jdict, path, self.class_map)
+        return predn
+
+
+def standalone_loader(model, weights, data, task, imgsz, batch_size, single_cls, workers, nc):
+    """val.py's inputs once the model is loaded: the classes checked, the model warmed up, (dataloader, split name)."""
+    if model.pt and not single_cls:
+        check_classes(model.model, weights, nc)
+    model.warmup(imgsz=(1 if model.pt else batch_size, 3, imgsz, imgsz))
+    return split_dataloader(data, task, imgsz, batch_size, model.stride, single_cls, workers,
+                            rect=model.pt or model.dynamic, nc=nc)
+
+
+def infer_batch(model, im, targets, device, half, augment, compute_loss, save_hybrid, nms, dt, loss):
+    """Pre-process, inference (training's loss added to `loss`) and NMS (`nms`: non_max_suppression's keywords) of
+    one batch, each step's seconds added to dt. Returns (input tensor, targets in pixels, detections per image)."""
+    t1 = time_sync()
+    im = im.to(device, non_blocking=True)
+    targets = targets.to(device)
+    im = im.half() if half else im.float()
+    im /= 255
+    nb, _, height, width = im.shape
+    t2 = time_sync()
+    dt[0] += t2 - t1
+
+    if compute_loss:
+        preds, train_out = model(im)
+    else:
+        preds, train_out = model(im, augment=augment), None
+    dt[1] += time_sync() - t2
+    if compute_loss:
+        loss += compute_loss([x.float() for x in train_out], targets)[1]
+
+    targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
+    lb = [targets[targets[:, 0] == i, 1:] for i in range(nb)] if save_hybrid else []
+    t3 = time_sync()
+    preds = non_max_suppression(preds, labels=lb, **nms)
+    dt[2] += time_sync() - t3
+    return im, targets, preds
+
+
+def evaluate_batches(dataloader, infer, images: Collector, hook, plots, save_dir, names, pred_names):
+    """Every batch of `dataloader` through `infer` (infer_batch with the run's settings) into `images`, with the
+    callbacks' batch and image hooks and the plots of the first three batches (labels and predictions)."""
+    s = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
+    pbar = tqdm(dataloader, desc=s, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
+    for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
+        hook("on_val_batch_start")
+        im, targets, preds = infer(im, targets)
+        for si, pred in enumerate(preds):
+            path = Path(paths[si])
+            predn = images.add(pred, targets[targets[:, 0] == si, 1:], im[si].shape[1:], shapes[si], path)
+            if predn is not None:
+                hook("on_val_image_end", pred, predn, path, names, im[si])
+        if plots and batch_i < 3:
+            plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
+            plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", pred_names)
+        hook("on_val_batch_end", batch_i, im, targets, paths, shapes, preds)
+
+
+def class_maps(m: Metrics, nc, map):
+    """mAP50-95 of every class: its own where it has one, else the overall `map`."""
+    maps = np.zeros(nc) + map
+    for i, c in enumerate(m.ap_class):
+        maps[c] = m.ap[i]
+    return maps
+
+
 @_qparams_frozen
 @torch.no_grad()
 def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thres=0.6, max_det=300, task="val",
@@ -256,114 +350,58 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     statistics over images."""
     training = model is not None
     if training:  # called by train.py
-        device, pt = next(model.parameters()).device, True
+        device = next(model.parameters()).device
         half &= device.type != "cpu" and not is_quantized(model)  # fake-quant state stays float32
         model.half() if half else model.float()
     else:
         ptq_options = dict(qat=qat, calib_batches=calib_batches, ptq_save=ptq_save) if ptq else None
         model, data, device, imgsz, batch_size = load_model(weights, data, device, batch_size, imgsz, half, dnn,
                                                             workers, ptq_options)
-        stride, pt, half = model.stride, model.pt, model.fp16
+        half = model.fp16
 
     model.eval()
     nc = 1 if single_cls else int(data["nc"])
-    iouv = torch.linspace(0.5, 0.95, 10, device=device)
-
     if not training:
-        if pt and not single_cls:
-            check_classes(model.model, weights, nc)
-        model.warmup(imgsz=(1 if pt else batch_size, 3, imgsz, imgsz))
-        dataloader, task = split_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers,
-                                            rect=pt or model.dynamic, nc=nc)
+        dataloader, task = standalone_loader(model, weights, data, task, imgsz, batch_size, single_cls, workers, nc)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # once the inputs load: no empty runs
     save_dir = Path(save_dir)
     if not training or plots or save_json or save_txt:  # train.py's folder exists; a caller's may not yet
         make_run_folder(save_dir / "labels" if save_txt else save_dir)
 
-    seen = 0
     confusion_matrix = ConfusionMatrix(nc=nc)
     names, pred_names = class_names(model, data, nc, single_cls)
-    class_map = category_ids(data)
-    s = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
-    dt = [0.0, 0.0, 0.0]
-    loss = torch.zeros(3, device=device)
-    jdict, stats = [], []
+    images = Collector(nc, single_cls, torch.linspace(0.5, 0.95, 10, device=device),
+                       confusion_matrix if plots else None, image_stats, save_dir, save_txt, save_conf, save_json,
+                       category_ids(data))
     hook = callbacks.run if callbacks is not None else (lambda *a: None)  # upstream's Callbacks interface
+    dt, loss = [0.0, 0.0, 0.0], torch.zeros(3, device=device)
+    nms = dict(conf_thres=conf_thres, iou_thres=iou_thres, multi_label=True, agnostic=single_cls, max_det=max_det)
+    infer = functools.partial(infer_batch, model, device=device, half=half, augment=augment, compute_loss=compute_loss,
+                              save_hybrid=save_hybrid, nms=nms, dt=dt, loss=loss)
     hook("on_val_start")
-    pbar = tqdm(dataloader, desc=s, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
-    for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
-        hook("on_val_batch_start")
-        t1 = time_sync()
-        im = im.to(device, non_blocking=True)
-        targets = targets.to(device)
-        im = im.half() if half else im.float()
-        im /= 255
-        nb, _, height, width = im.shape
-        t2 = time_sync()
-        dt[0] += t2 - t1
+    evaluate_batches(dataloader, infer, images, hook, plots, save_dir, names, pred_names)
 
-        if compute_loss:
-            preds, train_out = model(im)
-        else:
-            preds, train_out = model(im, augment=augment), None
-        dt[1] += time_sync() - t2
-        if compute_loss:
-            loss += compute_loss([x.float() for x in train_out], targets)[1]
-
-        targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
-        lb = [targets[targets[:, 0] == i, 1:] for i in range(nb)] if save_hybrid else []
-        t3 = time_sync()
-        preds = non_max_suppression(preds, conf_thres, iou_thres, labels=lb, multi_label=True, agnostic=single_cls,
-                                    max_det=max_det)
-        dt[2] += time_sync() - t3
-
-        for si, pred in enumerate(preds):
-            path = Path(paths[si])
-            seen += 1
-            n_stats = len(stats)
-            predn = image_statistics(pred, targets[targets[:, 0] == si, 1:], im[si].shape[1:], shapes[si], iouv, nc,
-                                     single_cls, stats, confusion_matrix if plots else None)
-            if image_stats is not None:
-                image_stats.append((str(path), stats[-1] if len(stats) > n_stats else None))
-            if predn is None:
-                continue
-            if save_txt:
-                save_one_txt(predn, save_conf, shapes[si][0], file=save_dir / "labels" / f"{path.stem}.txt")
-            if save_json:  # classes the dataset does not have (a model with more classes) have no category id
-                save_one_json(predn[predn[:, 5] < nc], jdict, path, class_map)
-            hook("on_val_image_end", pred, predn, path, names, im[si])
-
-        if plots and batch_i < 3:
-            plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
-            plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", pred_names)
-        hook("on_val_batch_end", batch_i, im, targets, paths, shapes, preds)
-
-    m = compute_metrics(stats, nc, plots, save_dir, names)
-    print_metrics(m, seen, nc, names, task, per_class=verbose or (nc < 50 and not training))
-    t = tuple(x / max(seen, 1) * 1e3 for x in dt)
+    m = compute_metrics(images.stats, nc, plots, save_dir, names)
+    print_metrics(m, images.seen, nc, names, task, per_class=verbose or (nc < 50 and not training))
+    t = tuple(x / max(images.seen, 1) * 1e3 for x in dt)
     if not training:
         LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape "
                     f"{(batch_size, 3, imgsz, imgsz)}" % t)
-
     if plots:
         confusion_matrix.plot(save_dir=save_dir, names=list(names.values()))
     hook("on_val_end", m.nt, m.tp, m.fp, m.p, m.r, m.f1, m.ap, m.ap50, m.ap_class, confusion_matrix)
 
     mp, mr, map50, map = m.mp, m.mr, m.map50, m.map
-    coco = save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thres, names) if save_json \
-        else None
+    coco = save_json_and_eval(images.jdict, weights, data, save_dir, dataloader, nc, conf_thres, names) \
+        if save_json else None
     if coco is not None:
         map, map50 = coco
-
     model.float()
     if not training:
         n = len(list(save_dir.glob("labels/*.txt")))
         s = f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}{s}")
-    maps = np.zeros(nc) + map
-    for i, c in enumerate(m.ap_class):
-        maps[c] = m.ap[i]
-    return (mp, mr, map50, map, *(loss.cpu() / max(len(dataloader), 1)).tolist()), maps, t
+    return (mp, mr, map50, map, *(loss.cpu() / max(len(dataloader), 1)).tolist()), class_maps(m, nc, map), t
 
 
 def parse_opt(argv=None):
