@@ -336,6 +336,38 @@ def calibration_times(base, imgs, rounds):
     return cal, fwd
 
 
+def print_results(opt, device, keys, counts, times, peaks, calib, epochs):
+    """The step table, then the calibration and epoch lines when they were measured."""
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"\nyolov5n ReLU, batch {opt.batch}, {opt.img} px, {device}{threads}, {opt.rounds} interleaved rounds "
+          f"(forward + loss + backward + SGD step)")
+    print(f"{'variant':<22}{'quantizers':>11}{'ms/step':>10}{'spread':>8}{'x FP32':>8}{'95% interval':>14}"
+          f"{'peak MiB':>10}{'x FP32':>8}")
+    for key in keys:
+        t = sorted(times[key])
+        med = statistics.median(t)
+        q1, q3 = statistics.quantiles(t, n=4)[0], statistics.quantiles(t, n=4)[2]
+        peak, base_peak = peaks.get(key), peaks.get("fp32")
+        row = f"{key:<22}{counts[key]:>11}{med * 1e3:>10.1f}{100 * (q3 - q1) / med:>7.0f}%"
+        if "fp32" in times:
+            r, lo, hi = ratio_interval(times[key], times["fp32"])
+            row += f"{r:>8.2f}{f'{lo:.2f}-{hi:.2f}':>14}"
+        else:
+            row += f"{'-':>8}{'-':>14}"
+        row += f"{peak:>10.0f}" if peak else f"{'-':>10}"
+        row += f"{peak / base_peak:>8.2f}" if peak and base_peak else f"{'-':>8}"
+        print(row)
+    if calib:
+        r, lo, hi = ratio_interval(*calib)
+        print(f"\ncalibration of `qat default` on 4 batches: {statistics.median(calib[0]) * 1e3:.0f} ms, float forward "
+              f"over the same batches {statistics.median(calib[1]) * 1e3:.0f} ms: x{r:.2f} (95% interval {lo:.2f}-"
+              f"{hi:.2f}, {len(calib[0])} rounds)")
+    if epochs:
+        print(f"\ntrain.py, epoch 0 on shapes (600 images, {opt.img} px, batch 16, 2 workers, data loading included): "
+              f"FP32 {epochs[False]} s, --qat --pow2-scale {epochs[True]} s, x{epochs[True] / epochs[False]:.2f}")
+
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=8)
@@ -392,34 +424,7 @@ def main(argv=None):
         epochs = {q: epoch_seconds(q, opt) for q in (False, True)} if opt.epoch_time else {}
         calib = calibration_times(base, imgs, opt.calibration_rounds) if opt.calibration_rounds else None
 
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"\nyolov5n ReLU, batch {opt.batch}, {opt.img} px, {device}{threads}, {opt.rounds} interleaved rounds "
-          f"(forward + loss + backward + SGD step)")
-    print(f"{'variant':<22}{'quantizers':>11}{'ms/step':>10}{'spread':>8}{'x FP32':>8}{'95% interval':>14}"
-          f"{'peak MiB':>10}{'x FP32':>8}")
-    for key in keys:
-        t = sorted(times[key])
-        med = statistics.median(t)
-        q1, q3 = statistics.quantiles(t, n=4)[0], statistics.quantiles(t, n=4)[2]
-        peak, base_peak = peaks.get(key), peaks.get("fp32")
-        row = f"{key:<22}{counts[key]:>11}{med * 1e3:>10.1f}{100 * (q3 - q1) / med:>7.0f}%"
-        if "fp32" in times:
-            r, lo, hi = ratio_interval(times[key], times["fp32"])
-            row += f"{r:>8.2f}{f'{lo:.2f}-{hi:.2f}':>14}"
-        else:
-            row += f"{'-':>8}{'-':>14}"
-        row += f"{peak:>10.0f}" if peak else f"{'-':>10}"
-        row += f"{peak / base_peak:>8.2f}" if peak and base_peak else f"{'-':>8}"
-        print(row)
-    if calib:
-        r, lo, hi = ratio_interval(*calib)
-        print(f"\ncalibration of `qat default` on 4 batches: {statistics.median(calib[0]) * 1e3:.0f} ms, float forward "
-              f"over the same batches {statistics.median(calib[1]) * 1e3:.0f} ms: x{r:.2f} (95% interval {lo:.2f}-"
-              f"{hi:.2f}, {len(calib[0])} rounds)")
-    if epochs:
-        print(f"\ntrain.py, epoch 0 on shapes (600 images, {opt.img} px, batch 16, 2 workers, data loading included): "
-              f"FP32 {epochs[False]} s, --qat --pow2-scale {epochs[True]} s, x{epochs[True] / epochs[False]:.2f}")
-
+    print_results(opt, device, keys, counts, times, peaks, calib, epochs)
 
 if __name__ == "__main__":
     main()
