@@ -17,6 +17,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -26,7 +27,6 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.backend import DetectMultiBackend
 from models.checkpoint import strip_optimizer
 from utils.dataloaders import (
     IMG_FORMATS,
@@ -57,6 +57,7 @@ from utils.general import (
 from utils.imageio import Cv2Paths, imwrite
 from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import select_device, time_sync
+from workflow.backend import DetectMultiBackend
 
 
 @torch.no_grad()
@@ -68,14 +69,7 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
     check_flags(imgsz=imgsz, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, classes=classes,
                 line_thickness=line_thickness, vid_stride=vid_stride, nms_time_limit=nms_time_limit)
     source = str(source)
-    is_file = Path(source).suffix[1:].lower() in IMG_FORMATS + VID_FORMATS
-    url = is_url(source)
-    webcam = source.isnumeric() or source.endswith(".streams") or (url and not is_file)
-    screenshot = source.lower().startswith("screen")
-    if not (url or webcam or screenshot) and not Path(source).exists() and not any(c in source for c in "*?"):
-        raise UserError(f"--source {source}: path does not exist; give an image, video, folder, glob, .txt list, "
-                        f"URL, webcam index, .streams list or 'screen'")
-    save_img = not nosave
+    is_file, url, webcam, screenshot = source_kind(source)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     make_run_folder(save_dir / "labels" if save_txt else save_dir)
 
@@ -88,93 +82,170 @@ def run(weights=ROOT / "yolov5s.pt", source="data/images", data=None, imgsz=(640
         source = download_source(source, Path(downloads.name))
     if view_img or webcam:
         view_img = check_imshow(warn=view_img)
-    if webcam:
-        dataset = LoadStreams(source, img_size=imgsz, stride=stride, auto=model.pt, vid_stride=vid_stride)
-    elif screenshot:
-        dataset = LoadScreenshots(source, img_size=imgsz, stride=stride, auto=model.pt)
-    else:
-        dataset = LoadImages(source, img_size=imgsz, stride=stride, auto=model.pt, vid_stride=vid_stride)
+    dataset = load_source(source, webcam, screenshot, imgsz, stride, model.pt, vid_stride)
     bs = len(dataset) if webcam else 1
-    vid_path, vid_writer = [None] * bs, [None] * bs
-    cv2_paths = Cv2Paths()  # where OpenCV can write a video whose name is not UTF-8
+    videos = VideoWriters(bs)
     model.warmup(imgsz=(1 if model.pt else bs, 3, *imgsz))
+    out = Output(save_dir, names, not nosave, save_txt, save_conf, save_crop, view_img, line_thickness, hide_labels,
+                 hide_conf)
+    nms = dict(conf_thres=conf_thres, iou_thres=iou_thres, classes=classes, agnostic=agnostic_nms, max_det=max_det,
+               time_limit=nms_time_limit if nms_time_limit > 0 else None)
     seen, dt = 0, [0.0, 0.0, 0.0]
     for path, im, im0s, vid_cap, s in dataset:
-        t1 = time_sync()
-        im = torch.from_numpy(im).to(device)
-        im = (im.half() if model.fp16 else im.float()) / 255
-        if im.ndim == 3:
-            im = im[None]
-        t2 = time_sync()
-        dt[0] += t2 - t1
         vis_dir = increment_path(save_dir / Path(path).stem, mkdir=True) if visualize else False
-        pred = model(im, augment=augment, visualize=vis_dir)
-        t3 = time_sync()
-        dt[1] += t3 - t2
-        pred = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det,
-                                   time_limit=nms_time_limit if nms_time_limit > 0 else None)
-        dt[2] += time_sync() - t3
-
+        im, pred, t_inference = predict(model, im, device, dt, augment, vis_dir, nms)
         for i, det in enumerate(pred):
             seen += 1
-            if webcam:  # a batch: one frame of every stream
-                p, im0, frame = Path(path[i]), im0s[i].copy(), dataset.count
+            p, im0, frame = batch_item(dataset, i, path, im0s, webcam)
+            if webcam:
                 s += f"{i}: "
-            else:
-                p, im0, frame = Path(path), im0s.copy(), getattr(dataset, "frame", 0)
-            save_path = str(save_dir / p.name)
-            txt_path = str(save_dir / "labels" / p.stem) + ("" if dataset.mode == "image" else f"_{frame}")
-            s += "%gx%g " % im.shape[2:]
-            gn = torch.tensor(im0.shape)[[1, 0, 1, 0]]
-            imc = im0.copy() if save_crop else im0
-            annotator = Annotator(im0, line_width=line_thickness, example=str(names))
-            if len(det):
-                det[:, :4] = scale_boxes(im.shape[2:], det[:, :4], im0.shape).round()
-                for c in det[:, 5].unique():
-                    n = (det[:, 5] == c).sum()
-                    s += f"{n} {names.get(int(c), int(c))}{'s' * (n > 1)}, "
-                for *xyxy, conf, cls in reversed(det):
-                    c = int(cls)
-                    if save_txt:
-                        xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
-                        line = (c, *xywh, float(conf)) if save_conf else (c, *xywh)
-                        with open(f"{txt_path}.txt", "a") as f:
-                            f.write(("%g " * len(line)).rstrip() % line + "\n")
-                    if save_img or save_crop or view_img:
-                        label = None if hide_labels else (names.get(c, str(c)) if hide_conf
-                                                          else f"{names.get(c, c)} {conf:.2f}")
-                        annotator.box_label(xyxy, label, color=colors(c, True))
-                    if save_crop:
-                        save_one_box(xyxy, imc, file=save_dir / "crops" / str(names.get(c, c)) / f"{p.stem}.jpg",
-                                     BGR=True)
-            im0 = annotator.result()
-            if view_img:
-                show_window(shown(p), im0)
-            if save_img:
-                if dataset.mode == "image":
-                    if not imwrite(save_path, im0):
-                        LOGGER.warning(f"WARNING: {save_path}: could not be written")
-                else:
-                    vid_path[i], vid_writer[i] = _write_video_frame(cv2_paths.writable(save_path), vid_path[i],
-                                                                    vid_writer[i], vid_cap, im0)
-        LOGGER.info(f"{s}{'' if len(det) else '(no detections), '}{(t3 - t2) * 1e3:.1f}ms")
+            s += save_image_results(det, im, im0, p, frame, dataset.mode, out, videos, i, vid_cap)
+        LOGGER.info(f"{s}{'' if len(det) else '(no detections), '}{t_inference * 1e3:.1f}ms")
 
-    for w in vid_writer:
-        if w is not None:
-            w.release()
+    videos.release()
     if downloads:
         downloads.cleanup()
+    log_summary(seen, dt, imgsz, save_dir, save_txt, out.save_img)
+    if update:  # as upstream: strip the optimizer from the weights file (kept FP16, EMA as the model)
+        for w in weights if isinstance(weights, (list, tuple)) else [weights]:
+            if str(w).endswith(".pt"):
+                strip_optimizer(w)
+    return save_dir
+
+
+class Output(NamedTuple):
+    """What detect.run writes, draws and shows of each image's detections, and where."""
+    save_dir: Path
+    names: dict  # class index -> name
+    save_img: bool  # annotated images and videos (not --nosave)
+    save_txt: bool
+    save_conf: bool
+    save_crop: bool
+    view_img: bool
+    line_thickness: int
+    hide_labels: bool
+    hide_conf: bool
+
+
+def source_kind(source: str):
+    """(is_file, url, webcam, screenshot) of a --source: an image or video file (at a URL too), a URL, a webcam index,
+    .streams list or stream URL, the screen. A local path that does not exist is refused."""
+    is_file = Path(source).suffix[1:].lower() in IMG_FORMATS + VID_FORMATS
+    url = is_url(source)
+    webcam = source.isnumeric() or source.endswith(".streams") or (url and not is_file)
+    screenshot = source.lower().startswith("screen")
+    if not (url or webcam or screenshot) and not Path(source).exists() and not any(c in source for c in "*?"):
+        raise UserError(f"--source {source}: path does not exist; give an image, video, folder, glob, .txt list, "
+                        f"URL, webcam index, .streams list or 'screen'")
+    return is_file, url, webcam, screenshot
+
+
+def load_source(source, webcam, screenshot, imgsz, stride, auto, vid_stride):
+    """The loader of a --source: streams (each batch one frame of every stream), screenshots, or images and videos."""
+    if webcam:
+        return LoadStreams(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
+    if screenshot:
+        return LoadScreenshots(source, img_size=imgsz, stride=stride, auto=auto)
+    return LoadImages(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
+
+
+def predict(model, im, device, dt, augment, vis_dir, nms):
+    """Pre-process (uint8 -> float in [0, 1], batched), inference and NMS (`nms`: non_max_suppression's keywords)
+    of one loader item, each step's seconds added to dt. Returns (input tensor, detections per image, inference
+    seconds)."""
+    t1 = time_sync()
+    im = torch.from_numpy(im).to(device)
+    im = (im.half() if model.fp16 else im.float()) / 255
+    if im.ndim == 3:
+        im = im[None]
+    t2 = time_sync()
+    dt[0] += t2 - t1
+    pred = model(im, augment=augment, visualize=vis_dir)
+    t3 = time_sync()
+    dt[1] += t3 - t2
+    pred = non_max_suppression(pred, **nms)
+    dt[2] += time_sync() - t3
+    return im, pred, t3 - t2
+
+
+def batch_item(dataset, i, path, im0s, webcam):
+    """(path, a copy of the original image, frame number) of image i of a loader item."""
+    if webcam:  # a batch: one frame of every stream
+        return Path(path[i]), im0s[i].copy(), dataset.count
+    return Path(path), im0s.copy(), getattr(dataset, "frame", 0)
+
+
+def save_image_results(det, im, im0, p, frame, mode, out: Output, videos, i, vid_cap) -> str:
+    """One image's detections (boxes in `im`'s coordinates, rescaled in place to `im0`'s): labels, crops, the annotated
+    image or video frame written and shown as `out` says. Returns its part of the log line."""
+    save_path = str(out.save_dir / p.name)
+    txt_path = str(out.save_dir / "labels" / p.stem) + ("" if mode == "image" else f"_{frame}")
+    s = "%gx%g " % im.shape[2:]
+    if len(det):
+        det[:, :4] = scale_boxes(im.shape[2:], det[:, :4], im0.shape).round()
+        for c in det[:, 5].unique():
+            n = (det[:, 5] == c).sum()
+            s += f"{n} {out.names.get(int(c), int(c))}{'s' * (n > 1)}, "
+    im0 = annotate(det, im0, p, txt_path, out)
+    if out.view_img:
+        show_window(shown(p), im0)
+    if out.save_img:
+        if mode == "image":
+            if not imwrite(save_path, im0):
+                LOGGER.warning(f"WARNING: {save_path}: could not be written")
+        else:
+            videos.write(i, save_path, vid_cap, im0)
+    return s
+
+
+def annotate(det, im0, p, txt_path, out: Output):
+    """Each detection's line in <txt_path>.txt (--save-txt), box drawn on im0 (when it is saved or shown) and crop
+    (--save-crop). Returns the annotated image."""
+    gn = torch.tensor(im0.shape)[[1, 0, 1, 0]]
+    imc = im0.copy() if out.save_crop else im0
+    annotator = Annotator(im0, line_width=out.line_thickness, example=str(out.names))
+    names = out.names
+    for *xyxy, conf, cls in reversed(det):
+        c = int(cls)
+        if out.save_txt:
+            xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
+            line = (c, *xywh, float(conf)) if out.save_conf else (c, *xywh)
+            with open(f"{txt_path}.txt", "a") as f:
+                f.write(("%g " * len(line)).rstrip() % line + "\n")
+        if out.save_img or out.save_crop or out.view_img:
+            label = None if out.hide_labels else (names.get(c, str(c)) if out.hide_conf
+                                                  else f"{names.get(c, c)} {conf:.2f}")
+            annotator.box_label(xyxy, label, color=colors(c, True))
+        if out.save_crop:
+            save_one_box(xyxy, imc, file=out.save_dir / "crops" / str(names.get(c, c)) / f"{p.stem}.jpg", BGR=True)
+    return annotator.result()
+
+
+def log_summary(seen, dt, imgsz, save_dir, save_txt, save_img):
+    """The speed per image, and where the results went."""
     t = tuple(x / max(seen, 1) * 1e3 for x in dt)
     LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(1, 3, *imgsz)}" % t)
     if save_txt or save_img:
         n = len(list(save_dir.glob("labels/*.txt")))
         extra = f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}{extra}")
-    if update:  # as upstream: strip the optimizer from the weights file (kept FP16, EMA as the model)
-        for w in weights if isinstance(weights, (list, tuple)) else [weights]:
-            if str(w).endswith(".pt"):
-                strip_optimizer(w)
-    return save_dir
+
+
+class VideoWriters:
+    """The .mp4 writer of each image of a batch (of each stream), while its video lasts."""
+
+    def __init__(self, n):
+        self.paths, self.writers = [None] * n, [None] * n
+        self.cv2_paths = Cv2Paths()  # where OpenCV can write a video whose name is not UTF-8
+
+    def write(self, i, save_path, vid_cap, im0):
+        self.paths[i], self.writers[i] = _write_video_frame(self.cv2_paths.writable(save_path), self.paths[i],
+                                                            self.writers[i], vid_cap, im0)
+
+    def release(self):
+        for w in self.writers:
+            if w is not None:
+                w.release()
 
 
 def check_imshow(warn=True) -> bool:

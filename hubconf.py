@@ -4,7 +4,7 @@ Usage:
     import torch
     model = torch.hub.load('path/to/yolov5-qat', 'custom', path='runs/train/exp/weights/best.pt', source='local')
     model = torch.hub.load('path/to/yolov5-qat', 'yolov5s', source='local')  # weights/yolov5s.pt (fetched if missing)
-    results = model('img.jpg')  # or a URL, PIL image, RGB numpy array, or a list of those; see utils/hub.py
+    results = model('img.jpg')  # or a URL, PIL image, RGB numpy array, or a list of those; see workflow/hub.py
     results.print()
     results.pandas().xyxy[0]  # xmin ymin xmax ymax confidence class name
     results.save()  # runs/detect/exp*
@@ -21,15 +21,15 @@ _ROOT = _pathlib.Path(__file__).resolve().parent
 if str(_ROOT) not in _sys.path[1:]:
     _sys.path.append(str(_ROOT))
 
-from models.backend import DetectMultiBackend as _DetectMultiBackend
-from models.backend import load_pytorch_model as _load_pytorch_model
 from models.yolo import DetectionModel as _DetectionModel
 from utils.general import LOGGER as _LOGGER
 from utils.general import UserError as _UserError
 from utils.general import intersect_dicts as _intersect_dicts
 from utils.general import run_cli as _run_cli
-from utils.hub import AutoShape as _AutoShape
 from utils.torch_utils import select_device as _select_device
+from workflow.backend import DetectMultiBackend as _DetectMultiBackend
+from workflow.backend import load_pytorch_model as _load_pytorch_model
+from workflow.hub import AutoShape as _AutoShape
 
 
 def _create(name, pretrained=True, channels=3, classes=80, autoshape=True, verbose=True, device=None):

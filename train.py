@@ -18,8 +18,10 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,16 +36,12 @@ import val as validate
 from models.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint, strip_optimizer
 from models.common import activation_name, model_activation
 from models.experimental import attempt_load
-from models.quant import is_quantized
+from models.quant import QATConfig, is_quantized
 from models.yolo import DetectionModel
-from utils.autoanchor import check_anchors
-from utils.autobatch import autobatch
-from utils.checkpoint import attempt_download, check_checkpoint_path
+from utils.checkpoint_io import attempt_download, check_checkpoint_path
 from utils.class_weights import labels_to_class_weights, labels_to_image_weights
 from utils.dataloaders import create_dataloader, sample_seed
 from utils.dataset_yaml import check_dataset
-from utils.engine import NBS, StepState, train_one_epoch
-from utils.evolve import evolve
 from utils.general import (
     LOCAL_RANK,
     LOGGER,
@@ -67,7 +65,6 @@ from utils.general import (
 from utils.loss import ComputeLoss
 from utils.metrics import fitness
 from utils.plots import plot_labels, plot_results
-from utils.qat import QATRun, check_qat_flags, checkpoint_copy, report_ptq
 from utils.torch_utils import (
     EarlyStopping,
     ModelEMA,
@@ -77,6 +74,11 @@ from utils.torch_utils import (
     smart_optimizer,
     torch_distributed_zero_first,
 )
+from workflow.autoanchor import check_anchors
+from workflow.autobatch import autobatch
+from workflow.engine import NBS, StepState, train_one_epoch
+from workflow.evolve import evolve
+from workflow.qat import QATRun, check_qat_flags, checkpoint_copy, report_ptq
 
 DDP_DUMP_ENV = "YOLOV5_DDP_DUMP"  # debug aid, see dump_parameters()
 
@@ -167,9 +169,7 @@ def train(hyp, opt, device):
 
 
 def _train(hyp, opt, device):
-    save_dir, epochs, batch_size, single_cls = Path(opt.save_dir), opt.epochs, opt.batch_size, opt.single_cls
-    w = save_dir / "weights"
-    last, best = w / "last.pt", w / "best.pt"
+    save_dir, batch_size, single_cls = Path(opt.save_dir), opt.batch_size, opt.single_cls
     hyp, tb = start_run_folder(save_dir, hyp, opt)
     plots = not opt.evolve and not opt.noplots
     cuda = device.type != "cpu"
@@ -179,35 +179,23 @@ def _train(hyp, opt, device):
     nc = 1 if single_cls else int(data_dict["nc"])
     names = {0: "item"} if single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
 
-    model, ckpt = build_model(opt, hyp, nc, device)
+    model, ckpt, qat = prepare_model(opt, hyp, nc, device)
     amp = cuda
-    qat = QATRun(opt)
-    if qat.enabled:  # before the optimizer and the EMA: they must see the QAT modules
-        model = qat.prepare(model).to(device)
-    freeze_layers(model, opt.freeze)
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
     if batch_size == -1:  # AutoBatch: one CUDA device (main checked)
         batch_size = opt.batch_size = autobatch(model, imgsz, device, amp)
     step = StepState(batch_size)
-    hyp["weight_decay"] *= batch_size * step.accumulate / NBS
-    optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-    lf = (one_cycle(1, hyp["lrf"], epochs) if opt.cos_lr
-          else (lambda x: (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    optimizer, lf, scheduler = make_optimizer(model, opt, hyp, step, opt.epochs)
     ema = ModelEMA(model) if RANK in (-1, 0) else None
-    best_fitness, start_epoch, epochs = start_or_resume(ckpt, opt, optimizer, ema, step, save_dir, epochs)
+    best_fitness, start_epoch, epochs = start_or_resume(ckpt, opt, optimizer, ema, step, save_dir, opt.epochs)
     del ckpt
     model = sync_batchnorm(model, opt, cuda, device)
 
     train_loader, dataset, val_loader = make_loaders(data_dict, opt, hyp, imgsz, batch_size, gs, nc)
     if RANK in (-1, 0) and not opt.resume:
         first_run_checks(model, dataset, opt, hyp, imgsz, names, save_dir if plots else None)
-
-    def evaluate(m, **kw):
-        return validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz, model=m,
-                            single_cls=single_cls, dataloader=val_loader, save_dir=save_dir, **kw)
-
+    evaluate = validation(data_dict, batch_size // WORLD_SIZE * 2, imgsz, single_cls, val_loader, save_dir)
     if qat.enabled and not qat.resumed:
         # scales must exist before observers can be frozen (--disable-observer-epoch 0): calibrate on training
         # images without augmentation; every rank does the same, and DDP then broadcasts rank 0's quantizer buffers
@@ -220,70 +208,170 @@ def _train(hyp, opt, device):
     model = ddp_wrap(model, opt, cuda)
     git = git_info() if RANK in (-1, 0) else None  # recorded in every checkpoint, as upstream
     t0 = time.time()
-    nw = max(round(hyp["warmup_epochs"] * len(train_loader)), 100)
-    maps, results = np.zeros(nc), (0, 0, 0, 0, 0, 0, 0)
     scheduler.last_epoch = start_epoch - 1
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    stopper, stop = EarlyStopping(patience=opt.patience), False
-    compute_loss = ComputeLoss(de_parallel(model))
+    loop = EpochLoop(opt, hyp, device, save_dir, plots, amp, nc, imgsz, gs, model, ema, optimizer, lf, scheduler, step,
+                     qat, train_loader, dataset, evaluate, tb, git, start_epoch, epochs, best_fitness)
     LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\n"
                 f"Using {train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
                 f"Logging results to {colorstr('bold', save_dir)}\n"
                 f"Starting training for {epochs} epochs...")
-    epoch = start_epoch
-    for epoch in range(start_epoch, epochs):
+    epoch = train_epochs(loop)
+    return end_run(loop, epoch, t0, data_dict)
+
+
+@dataclass
+class EpochLoop:
+    """What the epoch loop reads and updates, from the first epoch of a run (or the one it resumes) to its end."""
+
+    opt: argparse.Namespace
+    hyp: dict
+    device: torch.device
+    save_dir: Path
+    plots: bool  # plot files: not --evolve, not --noplots
+    amp: bool
+    nc: int
+    imgsz: int
+    gs: int  # grid size: the largest stride, at least 32
+    model: nn.Module  # DDP-wrapped under torchrun
+    ema: ModelEMA | None  # rank 0's only
+    optimizer: torch.optim.Optimizer
+    lf: Callable[[float], float]  # lr factor of an epoch
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: StepState
+    qat: QATRun
+    train_loader: Any
+    dataset: Any  # train_loader's dataset
+    evaluate: Callable  # validation(): val.run on the val split
+    tb: Any  # TensorBoard writer, or None
+    git: dict | None  # recorded in every checkpoint
+    start_epoch: int
+    epochs: int
+    best_fitness: float
+    nw: int = field(init=False)  # warmup iterations
+    scaler: torch.amp.GradScaler = field(init=False)
+    compute_loss: ComputeLoss = field(init=False)
+    stopper: EarlyStopping = field(init=False)
+    results: tuple = field(init=False)  # of the last validation: P, R, mAP50, mAP50-95, 3 val losses
+    maps: np.ndarray = field(init=False)  # mAP50-95 per class, of the last validation
+
+    def __post_init__(self):
+        self.nw = max(round(self.hyp["warmup_epochs"] * len(self.train_loader)), 100)
+        self.maps, self.results = np.zeros(self.nc), (0, 0, 0, 0, 0, 0, 0)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.stopper = EarlyStopping(patience=self.opt.patience)
+        self.compute_loss = ComputeLoss(de_parallel(self.model))
+
+    @property
+    def weights(self) -> Path:
+        return self.save_dir / "weights"
+
+
+def train_epochs(loop: EpochLoop) -> int:
+    """Train from loop.start_epoch to the last epoch or an early stop, each epoch validated (unless --noval), logged
+    and saved on rank 0; every rank stops together. Returns the last epoch run."""
+    opt, model = loop.opt, loop.model
+    last = loop.weights / "last.pt"
+    epoch = loop.start_epoch
+    for epoch in range(loop.start_epoch, loop.epochs):
         model.train()
         # every random draw of an epoch depends on (seed, epoch) only, so a resumed run repeats the epochs it
         # continues exactly: the loop's own draws here, the order and augmentations in EpochSampler
         init_seeds(sample_seed(opt.seed, epoch, 1 + RANK))
-        if qat.enabled:
-            qat.start_epoch(de_parallel(model), epoch)
+        if loop.qat.enabled:
+            loop.qat.start_epoch(de_parallel(model), epoch)
         if opt.image_weights:
-            cw = model.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
-            iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
-            dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
-        mloss = train_one_epoch(model, train_loader, optimizer, scaler, compute_loss, ema, step, epoch, epochs,
-                                device=device, hyp=hyp, lf=lf, nw=nw, imgsz=imgsz, gs=gs, amp=amp,
-                                multi_scale=opt.multi_scale, quad=opt.quad, plot_dir=save_dir if plots else None,
+            cw = model.class_weights.cpu().numpy() * (1 - loop.maps) ** 2 / loop.nc
+            iw = labels_to_image_weights(loop.dataset.labels, nc=loop.nc, class_weights=cw)
+            loop.dataset.indices = random.choices(range(loop.dataset.n), weights=iw, k=loop.dataset.n)
+        mloss = train_one_epoch(model, loop.train_loader, loop.optimizer, loop.scaler, loop.compute_loss, loop.ema,
+                                loop.step, epoch, loop.epochs, device=loop.device, hyp=loop.hyp, lf=loop.lf,
+                                nw=loop.nw, imgsz=loop.imgsz, gs=loop.gs, amp=loop.amp, multi_scale=opt.multi_scale,
+                                quad=opt.quad, plot_dir=loop.save_dir if loop.plots else None,
                                 advice=diverged_advice(last))
-        lr = [x["lr"] for x in optimizer.param_groups]
-        scheduler.step()
+        lr = [x["lr"] for x in loop.optimizer.param_groups]
+        loop.scheduler.step()
+        stop = False
         if RANK != -1:
             # DDP broadcasts rank 0's buffers at the start of every forward, so after the last step each rank's
             # BN statistics and observer state have moved on its own batch: make them rank 0's again
             for buf in de_parallel(model).buffers():
                 dist.broadcast(buf, 0)
-
         if RANK in (-1, 0):
-            ema.update_attr(model, include=MODEL_ATTRIBUTES)
-            final_epoch = (epoch + 1 == epochs) or stopper.possible_stop
-            if not opt.noval or final_epoch:
-                results, maps, _ = evaluate(ema.ema, half=amp, plots=False, compute_loss=compute_loss)
-            fi = float(fitness(np.array(results).reshape(1, -1))[0])
-            stop = stopper(epoch=epoch, fitness=fi)
-            best_fitness = max(best_fitness, fi)
-            log_results(save_dir, epoch, list(mloss.cpu().numpy()) + list(results) + lr, tb)
-            if (not opt.nosave) or final_epoch:
-                ckpt = training_checkpoint(de_parallel(model), ema, epoch, best_fitness, optimizer, step, opt, git,
-                                           qat)
-                save_epoch(ckpt, w, epoch, opt.save_period, is_best=best_fitness == fi, advice=diverged_advice(last))
+            stop = end_epoch(loop, epoch, mloss, lr)
         if RANK != -1:  # every rank stops together
             flag = [stop if RANK == 0 else None]
             dist.broadcast_object_list(flag, 0)
             stop = flag[0]
         if stop:
             break
+    return epoch
 
+
+def end_epoch(loop: EpochLoop, epoch, mloss, lr) -> bool:
+    """Rank 0 after an epoch: validate the EMA (every epoch, or only the final one with --noval), log results.csv,
+    save the checkpoints. Returns whether EarlyStopping says stop."""
+    opt, ema = loop.opt, loop.ema
+    ema.update_attr(loop.model, include=MODEL_ATTRIBUTES)
+    final_epoch = (epoch + 1 == loop.epochs) or loop.stopper.possible_stop
+    if not opt.noval or final_epoch:
+        loop.results, loop.maps, _ = loop.evaluate(ema.ema, half=loop.amp, plots=False, compute_loss=loop.compute_loss)
+    fi = float(fitness(np.array(loop.results).reshape(1, -1))[0])
+    stop = loop.stopper(epoch=epoch, fitness=fi)
+    loop.best_fitness = max(loop.best_fitness, fi)
+    log_results(loop.save_dir, epoch, list(mloss.cpu().numpy()) + list(loop.results) + lr, loop.tb)
+    if (not opt.nosave) or final_epoch:
+        ckpt = training_checkpoint(de_parallel(loop.model), ema, epoch, loop.best_fitness, loop.optimizer, loop.step,
+                                   opt, loop.git, loop.qat)
+        save_epoch(ckpt, loop.weights, epoch, opt.save_period, is_best=loop.best_fitness == fi,
+                   advice=diverged_advice(loop.weights / "last.pt"))
+    return stop
+
+
+def end_run(loop: EpochLoop, epoch, t0, data_dict):
+    """After the last epoch: the DDP parameter dump (debug aid), then on rank 0 the run's time, best.pt validated
+    and the plots (finish_run). Returns the final results: best.pt's, else the last epoch's."""
     if os.getenv(DDP_DUMP_ENV):
-        dump_parameters(de_parallel(model), Path(os.environ[DDP_DUMP_ENV]))
+        dump_parameters(de_parallel(loop.model), Path(os.environ[DDP_DUMP_ENV]))
+    results = loop.results
     if RANK in (-1, 0):
-        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        results = finish_run(last, best, data_dict, evaluate, device, compute_loss, plots) or results
-        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
-    if tb:
-        tb.close()
+        LOGGER.info(f"\n{epoch - loop.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        results = finish_run(loop.weights / "last.pt", loop.weights / "best.pt", data_dict, loop.evaluate,
+                             loop.device, loop.compute_loss, loop.plots) or results
+        LOGGER.info(f"Results saved to {colorstr('bold', loop.save_dir)}")
+    if loop.tb:
+        loop.tb.close()
     torch.cuda.empty_cache()
     return results
+
+
+def prepare_model(opt, hyp, nc, device):
+    """(model, checkpoint it came from or None, QATRun): built or loaded (build_model), quantized with --qat before
+    the optimizer and the EMA see it, --freeze applied."""
+    model, ckpt = build_model(opt, hyp, nc, device)
+    qat = QATRun(opt)
+    if qat.enabled:  # before the optimizer and the EMA: they must see the QAT modules
+        model = qat.prepare(model).to(device)
+    freeze_layers(model, opt.freeze)
+    return model, ckpt, qat
+
+
+def make_optimizer(model, opt, hyp, step: StepState, epochs):
+    """(optimizer, lf, scheduler): --optimizer with weight decay scaled to the accumulated batch (hyp updated, as
+    upstream), and the lr schedule, lf(epoch) the factor of lr0 (linear to lrf, or --cos-lr)."""
+    hyp["weight_decay"] *= step.batch_size * step.accumulate / NBS
+    optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+    lf = (one_cycle(1, hyp["lrf"], epochs) if opt.cos_lr
+          else (lambda x: (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    return optimizer, lf, scheduler
+
+
+def validation(data_dict, batch_size, imgsz, single_cls, val_loader, save_dir):
+    """evaluate(model, **val.run keywords): val.run of `model` on the run's val loader."""
+    def evaluate(m, **kw):
+        return validate.run(data_dict, batch_size=batch_size, imgsz=imgsz, model=m, single_cls=single_cls,
+                            dataloader=val_loader, save_dir=save_dir, **kw)
+    return evaluate
 
 
 MODEL_ATTRIBUTES = ["yaml", "nc", "hyp", "names", "stride", "class_weights"]  # what the EMA copies from the model
@@ -414,7 +502,7 @@ def training_checkpoint(model, ema, epoch, best_fitness, optimizer, step, opt, g
     return build_checkpoint(checkpoint_copy(model), ema=checkpoint_copy(ema.ema), updates=ema.updates, epoch=epoch,
                             best_fitness=best_fitness, optimizer=optimizer.state_dict(),
                             last_opt_step=step.last_opt_step, opt=_plain(vars(opt)), git=git,
-                            qat=qat.meta(model) if qat.enabled else None)
+                            qat=qat.schedule() if qat.enabled else None)
 
 
 def save_epoch(ckpt, w: Path, epoch, save_period, is_best, advice):
@@ -545,7 +633,7 @@ def parse_opt(argv=None):
     parser.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
     parser.add_argument("--noplots", action="store_true", help="save no plot files")
     parser.add_argument("--evolve", type=int, nargs="?", const=300,
-                        help="evolve the --hyp hyperparameters for x generations (runs/evolve/, see utils/evolve.py)")
+                        help="evolve the --hyp hyperparameters for x generations (runs/evolve/, workflow/evolve.py)")
     parser.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
     parser.add_argument("--image-weights", action="store_true", help="use weighted image selection for training")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
@@ -578,20 +666,11 @@ def parse_opt(argv=None):
     qat = parser.add_argument_group("quantization-aware training (QAT)")
     qat.add_argument("--qat", action="store_true", help="quantize the model (convs, skip-adds, concats, Detect "
                      "convs, per --qat-recipe) and train it with fake quantization")
-    qat.add_argument("--bn-folding", action="store_true", help="keep BN live during QAT with simulated folding; "
-                     "without it BN is folded into the conv before QAT")
-    qat.add_argument("--pow2-scale", action="store_true", help="every weight and activation scale is a power of two")
-    qat.add_argument("--pow2-rounding", choices=["ceil", "round"], default="ceil",
-                     help="log2 rounding of pow2 scales: ceil never clips the observed range, round is nearest")
-    qat.add_argument("--rounding", choices=["half_even", "half_up"], default="half_even",
-                     help="how every quantizer rounds ties: half_even (torch, ONNX QuantizeLinear) or half_up "
-                     "(shift hardware: add 2^(k-1), shift right by k); half_up models export --include integer only")
+    QATConfig.add_arguments(qat)
     qat.add_argument("--freeze-bn-epoch", type=int, default=-1, help="BN running statistics stop updating from "
                      "epoch N on (0: from the start; -1: never)")
     qat.add_argument("--disable-observer-epoch", type=int, default=-1, help="observers stop updating (scales "
                      "frozen) from epoch N on (0: right after calibration; -1: never)")
-    qat.add_argument("--qat-recipe", type=str, default="", help="per-module QAT recipe yaml (data/quant/*.yaml); "
-                     "default: data/quant/default.yaml")
     qat.add_argument("--calib-batches", type=int, default=32, help="training batches for the calibration pass "
                      "that starts QAT")
     return parser.parse_args(argv)

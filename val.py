@@ -23,12 +23,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.backend import DetectMultiBackend
-from models.quant import (
-    is_quantized,
-    load_recipe,
-    observers_frozen,
-)
+from models.quant import QATConfig, is_quantized, load_recipe, observers_frozen
 from utils.coco import category_ids, coco_eval, json_from_labels, save_one_json
 from utils.dataloaders import create_dataloader
 from utils.dataset_yaml import check_dataset
@@ -50,8 +45,9 @@ from utils.general import (
 )
 from utils.metrics import ConfusionMatrix, ap_per_class, process_batch
 from utils.plots import output_to_target, plot_images
-from utils.qat import ptq_model
 from utils.torch_utils import select_device, time_sync
+from workflow.backend import DetectMultiBackend
+from workflow.qat import ptq_model
 
 
 def save_one_txt(predn, save_conf, shape, file):
@@ -106,15 +102,14 @@ def load_model(weights, data, device="", batch_size=32, imgsz=640, half=True, dn
     return model, data, device, imgsz, batch_size
 
 
-def post_training_quantize(model, weights, data, imgsz, batch_size, device, workers=8, pow2_scale=False,
-                           bn_folding=False, qat_recipe="", calib_batches=32, ptq_save=""):
-    """--ptq: calibrate the float checkpoint `model` (a DetectMultiBackend) holds on the train split, in place; it
-    is then evaluated fake-quantized (utils.qat.ptq_model)."""
+def post_training_quantize(model, weights, data, imgsz, batch_size, device, workers=8, qat=None, calib_batches=32,
+                           ptq_save=""):
+    """--ptq: calibrate the float checkpoint `model` (a DetectMultiBackend) holds on the train split as `qat` (a
+    QATConfig) says, in place; it is then evaluated fake-quantized (workflow.qat.ptq_model)."""
     if not model.pt or is_quantized(model.model):
         raise UserError(f"--ptq {weights}: needs a float PyTorch .pt checkpoint")
-    model.model = ptq_model(model.model, data, imgsz, batch_size, model.stride, device, pow2=pow2_scale,
-                            bn_folding=bn_folding, recipe=qat_recipe, calib_batches=calib_batches, workers=workers,
-                            save=ptq_save)
+    model.model = ptq_model(model.model, data, imgsz, batch_size, model.stride, device, qat or QATConfig(),
+                            calib_batches=calib_batches, workers=workers, save=ptq_save)
 
 
 def check_classes(model, weights, nc):
@@ -246,130 +241,167 @@ def save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thre
     return None if stats is None else (float(stats[0]), float(stats[1]))
 
 
+class Collector:
+    """What val.run gathers image by image: the statistics the metrics come from (image_statistics; the confusion
+    matrix too, if given), each image's entry of `image_stats` (see run), its --save-txt labels and its --save-json
+    predictions (in `jdict`)."""
+
+    def __init__(self, nc, single_cls, iouv, confusion_matrix, image_stats, save_dir, save_txt, save_conf, save_json,
+                 class_map):
+        self.nc, self.single_cls, self.iouv, self.confusion_matrix = nc, single_cls, iouv, confusion_matrix
+        self.image_stats, self.class_map = image_stats, class_map
+        self.save_dir, self.save_txt, self.save_conf, self.save_json = save_dir, save_txt, save_conf, save_json
+        self.seen, self.stats, self.jdict = 0, [], []
+
+    def add(self, pred, labels, im_shape, shapes, path: Path):
+        """One image's predictions and labels (as image_statistics takes them). Returns the predictions in
+        original-image coordinates (None if there are none)."""
+        self.seen += 1
+        n_stats = len(self.stats)
+        predn = image_statistics(pred, labels, im_shape, shapes, self.iouv, self.nc, self.single_cls, self.stats,
+                                 self.confusion_matrix)
+        if self.image_stats is not None:
+            self.image_stats.append((str(path), self.stats[-1] if len(self.stats) > n_stats else None))
+        if predn is None:
+            return None
+        if self.save_txt:
+            save_one_txt(predn, self.save_conf, shapes[0], file=self.save_dir / "labels" / f"{path.stem}.txt")
+        if self.save_json:  # classes the dataset does not have (a model with more classes) have no category id
+            save_one_json(predn[predn[:, 5] < self.nc], self.jdict, path, self.class_map)
+        return predn
+
+
+def standalone_loader(model, weights, data, task, imgsz, batch_size, single_cls, workers, nc):
+    """val.py's inputs once the model is loaded: the classes checked, the model warmed up, (dataloader, split name)."""
+    if model.pt and not single_cls:
+        check_classes(model.model, weights, nc)
+    model.warmup(imgsz=(1 if model.pt else batch_size, 3, imgsz, imgsz))
+    return split_dataloader(data, task, imgsz, batch_size, model.stride, single_cls, workers,
+                            rect=model.pt or model.dynamic, nc=nc)
+
+
+def infer_batch(model, im, targets, device, half, augment, compute_loss, save_hybrid, nms, dt, loss):
+    """Pre-process, inference (training's loss added to `loss`) and NMS (`nms`: non_max_suppression's keywords) of
+    one batch, each step's seconds added to dt. Returns (input tensor, targets in pixels, detections per image)."""
+    t1 = time_sync()
+    im = im.to(device, non_blocking=True)
+    targets = targets.to(device)
+    im = im.half() if half else im.float()
+    im /= 255
+    nb, _, height, width = im.shape
+    t2 = time_sync()
+    dt[0] += t2 - t1
+
+    if compute_loss:
+        preds, train_out = model(im)
+    else:
+        preds, train_out = model(im, augment=augment), None
+    dt[1] += time_sync() - t2
+    if compute_loss:
+        loss += compute_loss([x.float() for x in train_out], targets)[1]
+
+    targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
+    lb = [targets[targets[:, 0] == i, 1:] for i in range(nb)] if save_hybrid else []
+    t3 = time_sync()
+    preds = non_max_suppression(preds, labels=lb, **nms)
+    dt[2] += time_sync() - t3
+    return im, targets, preds
+
+
+def evaluate_batches(dataloader, infer, images: Collector, hook, plots, save_dir, names, pred_names):
+    """Every batch of `dataloader` through `infer` (infer_batch with the run's settings) into `images`, with the
+    callbacks' batch and image hooks and the plots of the first three batches (labels and predictions)."""
+    s = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
+    pbar = tqdm(dataloader, desc=s, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
+    for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
+        hook("on_val_batch_start")
+        im, targets, preds = infer(im, targets)
+        for si, pred in enumerate(preds):
+            path = Path(paths[si])
+            predn = images.add(pred, targets[targets[:, 0] == si, 1:], im[si].shape[1:], shapes[si], path)
+            if predn is not None:
+                hook("on_val_image_end", pred, predn, path, names, im[si])
+        if plots and batch_i < 3:
+            plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
+            plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", pred_names)
+        hook("on_val_batch_end", batch_i, im, targets, paths, shapes, preds)
+
+
+def class_maps(m: Metrics, nc, map):
+    """mAP50-95 of every class: its own where it has one, else the overall `map`."""
+    maps = np.zeros(nc) + map
+    for i, c in enumerate(m.ap_class):
+        maps[c] = m.ap[i]
+    return maps
+
+
 @_qparams_frozen
 @torch.no_grad()
 def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thres=0.6, max_det=300, task="val",
         device="", workers=8, single_cls=False, augment=False, verbose=False, save_txt=False, save_hybrid=False,
         save_conf=False, save_json=False, project=ROOT / "runs/val", name="exp", exist_ok=False, half=True,
         dnn=False, model=None, dataloader=None, save_dir=Path(""), plots=True, callbacks=None, compute_loss=None,
-        ptq=False, pow2_scale=False, bn_folding=False, qat_recipe="", calib_batches=32, ptq_save="",
-        image_stats=None):
+        ptq=False, qat=None, calib_batches=32, ptq_save="", image_stats=None):
     """Evaluate `model` on `dataloader` (train.py), or the weights file(s) on data's --task split (val.py), which
-    --ptq first quantizes (post_training_quantize). Returns ((P, R, mAP50, mAP50-95, *losses), mAP per class,
-    (pre-process, inference, NMS) ms per image). image_stats: a list that gets (image path, that image's
-    (correct, conf, pred class, label class) tensors, or None when it has neither predictions nor labels) for every
-    image, in the loader's order: what the metrics are computed from, for statistics over images."""
+    --ptq first quantizes as `qat` (a QATConfig; default QATConfig()) says (post_training_quantize). Returns ((P, R,
+    mAP50, mAP50-95, *losses), mAP per class, (pre-process, inference, NMS) ms per image). image_stats: a list that
+    gets (image path, that image's (correct, conf, pred class, label class) tensors, or None when it has neither
+    predictions nor labels) for every image, in the loader's order: what the metrics are computed from, for
+    statistics over images."""
     training = model is not None
     if training:  # called by train.py
-        device, pt = next(model.parameters()).device, True
+        device = next(model.parameters()).device
         half &= device.type != "cpu" and not is_quantized(model)  # fake-quant state stays float32
         model.half() if half else model.float()
     else:
-        ptq_options = dict(pow2_scale=pow2_scale, bn_folding=bn_folding, qat_recipe=qat_recipe,
-                           calib_batches=calib_batches, ptq_save=ptq_save) if ptq else None
+        ptq_options = dict(qat=qat, calib_batches=calib_batches, ptq_save=ptq_save) if ptq else None
         model, data, device, imgsz, batch_size = load_model(weights, data, device, batch_size, imgsz, half, dnn,
                                                             workers, ptq_options)
-        stride, pt, half = model.stride, model.pt, model.fp16
+        half = model.fp16
 
     model.eval()
     nc = 1 if single_cls else int(data["nc"])
-    iouv = torch.linspace(0.5, 0.95, 10, device=device)
-
     if not training:
-        if pt and not single_cls:
-            check_classes(model.model, weights, nc)
-        model.warmup(imgsz=(1 if pt else batch_size, 3, imgsz, imgsz))
-        dataloader, task = split_dataloader(data, task, imgsz, batch_size, stride, single_cls, workers,
-                                            rect=pt or model.dynamic, nc=nc)
+        dataloader, task = standalone_loader(model, weights, data, task, imgsz, batch_size, single_cls, workers, nc)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # once the inputs load: no empty runs
     save_dir = Path(save_dir)
     if not training or plots or save_json or save_txt:  # train.py's folder exists; a caller's may not yet
         make_run_folder(save_dir / "labels" if save_txt else save_dir)
 
-    seen = 0
     confusion_matrix = ConfusionMatrix(nc=nc)
     names, pred_names = class_names(model, data, nc, single_cls)
-    class_map = category_ids(data)
-    s = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
-    dt = [0.0, 0.0, 0.0]
-    loss = torch.zeros(3, device=device)
-    jdict, stats = [], []
+    images = Collector(nc, single_cls, torch.linspace(0.5, 0.95, 10, device=device),
+                       confusion_matrix if plots else None, image_stats, save_dir, save_txt, save_conf, save_json,
+                       category_ids(data))
     hook = callbacks.run if callbacks is not None else (lambda *a: None)  # upstream's Callbacks interface
+    dt, loss = [0.0, 0.0, 0.0], torch.zeros(3, device=device)
+    nms = dict(conf_thres=conf_thres, iou_thres=iou_thres, multi_label=True, agnostic=single_cls, max_det=max_det)
+    infer = functools.partial(infer_batch, model, device=device, half=half, augment=augment, compute_loss=compute_loss,
+                              save_hybrid=save_hybrid, nms=nms, dt=dt, loss=loss)
     hook("on_val_start")
-    pbar = tqdm(dataloader, desc=s, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
-    for batch_i, (im, targets, paths, shapes) in enumerate(pbar):
-        hook("on_val_batch_start")
-        t1 = time_sync()
-        im = im.to(device, non_blocking=True)
-        targets = targets.to(device)
-        im = im.half() if half else im.float()
-        im /= 255
-        nb, _, height, width = im.shape
-        t2 = time_sync()
-        dt[0] += t2 - t1
+    evaluate_batches(dataloader, infer, images, hook, plots, save_dir, names, pred_names)
 
-        if compute_loss:
-            preds, train_out = model(im)
-        else:
-            preds, train_out = model(im, augment=augment), None
-        dt[1] += time_sync() - t2
-        if compute_loss:
-            loss += compute_loss([x.float() for x in train_out], targets)[1]
-
-        targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
-        lb = [targets[targets[:, 0] == i, 1:] for i in range(nb)] if save_hybrid else []
-        t3 = time_sync()
-        preds = non_max_suppression(preds, conf_thres, iou_thres, labels=lb, multi_label=True, agnostic=single_cls,
-                                    max_det=max_det)
-        dt[2] += time_sync() - t3
-
-        for si, pred in enumerate(preds):
-            path = Path(paths[si])
-            seen += 1
-            n_stats = len(stats)
-            predn = image_statistics(pred, targets[targets[:, 0] == si, 1:], im[si].shape[1:], shapes[si], iouv, nc,
-                                     single_cls, stats, confusion_matrix if plots else None)
-            if image_stats is not None:
-                image_stats.append((str(path), stats[-1] if len(stats) > n_stats else None))
-            if predn is None:
-                continue
-            if save_txt:
-                save_one_txt(predn, save_conf, shapes[si][0], file=save_dir / "labels" / f"{path.stem}.txt")
-            if save_json:  # classes the dataset does not have (a model with more classes) have no category id
-                save_one_json(predn[predn[:, 5] < nc], jdict, path, class_map)
-            hook("on_val_image_end", pred, predn, path, names, im[si])
-
-        if plots and batch_i < 3:
-            plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
-            plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", pred_names)
-        hook("on_val_batch_end", batch_i, im, targets, paths, shapes, preds)
-
-    m = compute_metrics(stats, nc, plots, save_dir, names)
-    print_metrics(m, seen, nc, names, task, per_class=verbose or (nc < 50 and not training))
-    t = tuple(x / max(seen, 1) * 1e3 for x in dt)
+    m = compute_metrics(images.stats, nc, plots, save_dir, names)
+    print_metrics(m, images.seen, nc, names, task, per_class=verbose or (nc < 50 and not training))
+    t = tuple(x / max(images.seen, 1) * 1e3 for x in dt)
     if not training:
         LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape "
                     f"{(batch_size, 3, imgsz, imgsz)}" % t)
-
     if plots:
         confusion_matrix.plot(save_dir=save_dir, names=list(names.values()))
     hook("on_val_end", m.nt, m.tp, m.fp, m.p, m.r, m.f1, m.ap, m.ap50, m.ap_class, confusion_matrix)
 
     mp, mr, map50, map = m.mp, m.mr, m.map50, m.map
-    coco = save_json_and_eval(jdict, weights, data, save_dir, dataloader, nc, conf_thres, names) if save_json \
-        else None
+    coco = save_json_and_eval(images.jdict, weights, data, save_dir, dataloader, nc, conf_thres, names) \
+        if save_json else None
     if coco is not None:
         map, map50 = coco
-
     model.float()
     if not training:
         n = len(list(save_dir.glob("labels/*.txt")))
         s = f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}{s}")
-    maps = np.zeros(nc) + map
-    for i, c in enumerate(m.ap_class):
-        maps[c] = m.ap[i]
-    return (mp, mr, map50, map, *(loss.cpu() / max(len(dataloader), 1)).tolist()), maps, t
+    return (mp, mr, map50, map, *(loss.cpu() / max(len(dataloader), 1)).tolist()), class_maps(m, nc, map), t
 
 
 def parse_opt(argv=None):
@@ -399,9 +431,7 @@ def parse_opt(argv=None):
     q = parser.add_argument_group("post-training quantization (PTQ): calibrate a float .pt, then evaluate it")
     q.add_argument("--ptq", action="store_true", help="quantize the float checkpoint with a calibration pass on the "
                    "train split (no training) and evaluate the fake-quantized model")
-    q.add_argument("--pow2-scale", action="store_true", help="with --ptq: power-of-two scales")
-    q.add_argument("--bn-folding", action="store_true", help="with --ptq: keep BN as a live module (simulated folding)")
-    q.add_argument("--qat-recipe", type=str, default="", help="with --ptq: per-module recipe (data/quant/*.yaml)")
+    QATConfig.add_arguments(q, prefix="with --ptq: ")
     q.add_argument("--calib-batches", type=int, default=32, help="with --ptq: calibration batches")
     q.add_argument("--ptq-save", type=str, default="", help="with --ptq: save the calibrated model as a checkpoint")
     opt = parser.parse_args(argv)
@@ -411,12 +441,19 @@ def parse_opt(argv=None):
     return opt
 
 
+def run_options(opt) -> dict:
+    """val.run's keywords from the command line: the QAT flags make one QATConfig (`qat`)."""
+    return {**{k: v for k, v in vars(opt).items() if k not in QATConfig.dests()}, "qat": QATConfig.from_options(opt)}
+
+
 def main(opt):
     opt.data = check_file(opt.data)
-    if not opt.ptq and (opt.pow2_scale or opt.bn_folding or opt.qat_recipe or opt.ptq_save):
-        raise UserError("--pow2-scale, --bn-folding, --qat-recipe and --ptq-save apply to --ptq only; add --ptq")
-    if opt.qat_recipe:
-        load_recipe(opt.qat_recipe)  # the schema check, before any data or model is loaded
+    qat = QATConfig.from_options(opt)
+    given = qat.flags_given() + (["--ptq-save"] if opt.ptq_save else [])
+    if not opt.ptq and given:
+        raise UserError(f"{', '.join(given)} apply to --ptq only; add --ptq")
+    if qat.recipe:
+        load_recipe(qat.recipe)  # the schema check, before any data or model is loaded
     for name, v in (("--conf-thres", opt.conf_thres), ("--iou-thres", opt.iou_thres)):
         if not 0 <= v <= 1:
             raise UserError(f"{name} {v}: must be between 0.0 and 1.0")
@@ -429,18 +466,18 @@ def main(opt):
             LOGGER.info(f"WARNING: confidence threshold {opt.conf_thres} > 0.001 produces invalid results")
         if opt.save_hybrid:
             LOGGER.info("WARNING: --save-hybrid will return high mAP from hybrid labels, not from predictions alone")
-        return run(**vars(opt))
+        return run(**run_options(opt))
     weights = opt.weights if isinstance(opt.weights, list) else [opt.weights]
     opt.half = torch.cuda.is_available() and opt.device != "cpu"
     if opt.task == "speed":
         opt.conf_thres, opt.iou_thres, opt.save_json = 0.25, 0.45, False
         for opt.weights in weights:
-            run(**vars(opt), plots=False)
+            run(**run_options(opt), plots=False)
     elif opt.task == "study":  # mAP and speed against image size
         for w in weights:
             rows = []
             for opt.imgsz in range(256, 1536 + 128, 128):
-                r, _, t = run(**{**vars(opt), "weights": w}, plots=False)
+                r, _, t = run(**{**run_options(opt), "weights": w}, plots=False)
                 rows.append(r + t)
             f = f"study_{Path(opt.data).stem}_{Path(w).stem}.txt"
             np.savetxt(f, rows, fmt="%10.4g")

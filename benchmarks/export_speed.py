@@ -13,7 +13,7 @@ runtimes are called in interleaved rounds (one call each per round, so load from
 The table shows medians, the speed relative to PyTorch fp32 and, for int8 rows, relative to the fp32 model in the
 same runtime. What ran in int8 is read from the runtimes, not assumed: onnxruntime's optimized graph
 (SessionOptions.optimized_model_filepath: QLinearConv ... nodes) and OpenVINO's runtime model (the precision each
-Convolution ran in). onnxruntime gets the QDQ file as DetectMultiBackend gives it (models.backend.onnxruntime_session:
+Convolution ran in). onnxruntime gets the QDQ file as DetectMultiBackend gives it (utils.runtimes.onnxruntime_session:
 int8 weights as stored on a CPU with VNNI, else as uint8 + 128, so that its int8 kernels are exact); the header says
 which.
 """
@@ -39,19 +39,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import export
-from models.backend import (
-    cpu_flags,
-    int8_weight_form,
-    load_pytorch_model,
-    onnxruntime_session,
-    openvino_compiled,
-    openvino_run,
-    openvino_xml,
-)
 from models.checkpoint import save_checkpoint
-from models.quant import calibrate, prepare_yolo_qat
+from models.quant import QATConfig, calibrate, prepare_yolo_qat
+from utils.cpuinfo import cpu_flags
 from utils.dataloaders import LoadImages
 from utils.general import LOGGER
+from utils.runtimes import int8_weight_form, onnxruntime_session, openvino_compiled, openvino_run, openvino_xml
+from workflow.backend import load_pytorch_model
 
 INT8_KERNELS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QLinearAdd", "QLinearConcat",
                 "QLinearSigmoid", "QLinearMul", "QGemm", "DynamicQuantizeLinear")
@@ -111,7 +105,7 @@ def qat_checkpoint(float_weights, out_path, size=320, n_batches=2, batch_size=2,
     folding, power-of-two scales, `recipe` or the default one), calibrated on `n_batches` batches of shapes val
     images at `size` (seeded noise when the dataset is absent), saved to `out_path`. Returns out_path."""
     model = load_pytorch_model(float_weights, fuse=False).float().train()
-    prepare_yolo_qat(model, bn_folding=True, pow2=True, recipe=recipe)
+    prepare_yolo_qat(model, QATConfig(bn_folding=True, pow2=True, recipe=recipe))
     files = sorted((ROOT / "datasets/shapes/images/val").glob("*.jpg"))[:n_batches * batch_size]
     if len(files) == n_batches * batch_size:
         images = np.stack([im for _, im, *_ in LoadImages([str(f) for f in files], img_size=size, auto=False)])
@@ -261,7 +255,7 @@ def main(argv=None):
                 f"pow2 QAT model, recipe {opt.qat_recipe or 'default'}; onnxruntime int8 weights given as {form}, "
                 f"CPU {'with' if form == 'int8' else 'without'} VNNI)\nCPU: {cpu_description()}\n"
                 f"onnxruntime int8: as DetectMultiBackend runs the file (first conv as SpaceToDepth + 3x3 conv, "
-                f"models.graph_forms); int8*: the file as it is. OpenVINO: the export's IR "
+                f"utils.graph_forms); int8*: the file as it is. OpenVINO: the export's IR "
                 f"(graph_forms.openvino_form), one InferRequest reading the input in place")
     LOGGER.info(f"{'size':>5} {'batch':>5} {'threads':>7}  {'runtime':<18} {'ms':>9} {'vs PyTorch fp32':>16} "
                 f"{'int8 vs fp32':>13}")

@@ -32,8 +32,8 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 import qat_overhead as qo
 
-from utils.autobatch import autobatch
 from utils.general import LOGGER
+from workflow.autobatch import autobatch
 
 STEP_VARIANTS = ("fp32", "qat default", "qat observers off", "qat original flags", "torch.ao convs only")
 PARENT = ROOT / "weights/shapes_yolov5n_silu.pt"

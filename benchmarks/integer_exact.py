@@ -26,11 +26,12 @@ if str(ROOT) not in sys.path:
 
 import export
 from bst.torch.ao.quantization.integer_runner import IntegerModel
-from models.backend import load_pytorch_model, onnxruntime_session
-from models.quant import convert_yolo, integer_head, model_pow2, model_rounding
-from utils.export_verify import sample_batch
+from models.quant import convert_yolo, integer_head, is_quantized
 from utils.general import LOGGER, UserError, check_file, run_cli
-from utils.onnx_checks import detect_raw_outputs
+from utils.runtimes import onnxruntime_session
+from workflow.backend import load_pytorch_model
+from workflow.exporters.qdq_checks import detect_raw_outputs
+from workflow.exporters.verify import sample_batch
 
 
 def raw_outputs(model, x) -> list:
@@ -53,9 +54,9 @@ def main(opt):
         pt = Path(tmp) / weights.name
         shutil.copyfile(weights, pt)
         model = load_pytorch_model(pt)
-        if not model_pow2(model):
+        if not (is_quantized(model) and model.qat_config.pow2):
             raise UserError(f"--weights {weights}: needs a QAT checkpoint with power-of-two scales")
-        with_onnx = model_rounding(model) == "half_even"
+        with_onnx = model.qat_config.rounding == "half_even"
         folder = Path(export.run(weights=pt, imgsz=(opt.img, opt.img), include=["integer"], data=data)[0])
         runner = IntegerModel(folder)
         converted = convert_yolo(model)
@@ -95,7 +96,7 @@ def main(opt):
                         (by_shape_k[tuple(r.shape)] != r.numpy()).sum())
                 total += r.numel()
     print(f"\n{weights}: {opt.images} val images of {opt.data} at {opt.img}x{opt.img}, raw head outputs "
-          f"({total} per column), rounding {model_rounding(model)}")
+          f"({total} per column), rounding {model.qat_config.rounding}")
     width = max(map(len, pairs)) + 2
     print(f"{'':<{width}}{'differ':>8}")
     for k, v in pairs.items():

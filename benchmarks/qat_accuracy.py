@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import val
+from models.quant import QATConfig
 
 SCHEDULE = ["--disable-observer-epoch", "0", "--freeze-bn-epoch", "0"]  # the original experiments' schedule
 BN, POW2 = ["--bn-folding"], ["--pow2-scale"]
@@ -161,8 +162,8 @@ def measure(opt):
         if name in selected and (name, "-", "-", str(opt.img), pid) not in done:
             t0 = time.time()
             recipe = observer if observer.endswith(".yaml") else ptq_recipe(out, observer)
-            r = val.run(weights=str(parent), name="ptq", ptq=True, pow2_scale=pow2, bn_folding=True,
-                        qat_recipe=str(recipe), calib_batches=opt.calib_batches, **evaluate)[0]
+            r = val.run(weights=str(parent), name="ptq", ptq=True, qat=QATConfig(bn_folding=True, pow2=pow2,
+                        recipe=str(recipe)), calib_batches=opt.calib_batches, **evaluate)[0]
             record(name, "-", r, "", t0)
     for seed in opt.seeds:
         for name, flags in TRAINED.items():

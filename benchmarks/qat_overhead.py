@@ -8,7 +8,13 @@
 Every variant is yolov5n (act=relu, 80 classes) and trains one step at a time as train.py does: forward,
 ComputeLoss on fixed targets, backward, SGD step. The variants take turns step by step (interleaved rounds), so
 load from other processes hits them alike; the table gives the median step time, its spread (interquartile range
-in percent of the median), the ratio to FP32's median, and the peak memory of a step against FP32's.
+in percent of the median), the ratio to FP32 (the median over rounds of step / FP32's step in the same round, with a
+95% bootstrap interval over the rounds), and the peak memory of a step against FP32's. Other processes running
+on the machine widen the interval; say what else ran when quoting it.
+
+Calibration (--calibration-rounds, on by default): a fresh `qat default` model calibrated on 4 batches (observers
+on, then the MSE scale search), against a float forward pass (eval, no gradients) over the same 4 batches, the two
+taking turns; printed as the median times and their ratio with its interval.
 
   fp32                   the float model
   qat default            --qat --pow2-scale: the default recipe, calibrated (MSE) on 4 batches, observers on, as
@@ -60,7 +66,7 @@ from models.quant import quantizers
 from models.yolo import Detect, DetectionModel
 from utils.general import LOGGER, yaml_load
 from utils.loss import ComputeLoss
-from utils.qat import QATRun
+from workflow.qat import QATRun
 
 VARIANTS = ("fp32", "qat default", "qat default, search", "qat observers off", "qat original flags",
             "torch.ao convs only", "brevitas pow2")
@@ -299,11 +305,74 @@ def epoch_seconds(qat, opt):
     return int(bars[-1][1]) * 60 + int(bars[-1][2])
 
 
+def ratio_interval(times, ref, seed=0, n=2000):
+    """Median over rounds of times[i] / ref[i], and its 95% percentile-bootstrap interval over the rounds."""
+    ratios = torch.tensor([t / r for t, r in zip(times, ref)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(ratios), (n, len(ratios)), generator=g)
+    meds = ratios[picks].median(dim=1).values
+    return float(ratios.median()), float(meds.quantile(0.025)), float(meds.quantile(0.975))
+
+
+def calibration_times(base, imgs, rounds):
+    """(calibrate seconds, float forward seconds) per round: a deep copy of `base` prepared as `qat default`
+    calibrated on 4 batches of `imgs`, and base's forward over the same 4 batches, taking turns."""
+    batches, cal, fwd = [(imgs,)] * 4, [], []
+    opt = SimpleNamespace(qat=True, bn_folding=False, pow2_scale=True, qat_recipe=None, calib_batches=4,
+                          freeze_bn_epoch=-1, disable_observer_epoch=-1)
+    model = base.eval()
+    for _ in range(rounds):
+        run = QATRun(opt)
+        q = run.prepare(copy.deepcopy(base).train())
+        t = time.perf_counter()
+        run.calibrate(q, batches, imgs.device)
+        cal.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with torch.no_grad():
+            for (x,) in batches:
+                model(x.float() / 255)
+        fwd.append(time.perf_counter() - t)
+    base.train()
+    return cal, fwd
+
+
+def print_results(opt, device, keys, counts, times, peaks, calib, epochs):
+    """The step table, then the calibration and epoch lines when they were measured."""
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"\nyolov5n ReLU, batch {opt.batch}, {opt.img} px, {device}{threads}, {opt.rounds} interleaved rounds "
+          f"(forward + loss + backward + SGD step)")
+    print(f"{'variant':<22}{'quantizers':>11}{'ms/step':>10}{'spread':>8}{'x FP32':>8}{'95% interval':>14}"
+          f"{'peak MiB':>10}{'x FP32':>8}")
+    for key in keys:
+        t = sorted(times[key])
+        med = statistics.median(t)
+        q1, q3 = statistics.quantiles(t, n=4)[0], statistics.quantiles(t, n=4)[2]
+        peak, base_peak = peaks.get(key), peaks.get("fp32")
+        row = f"{key:<22}{counts[key]:>11}{med * 1e3:>10.1f}{100 * (q3 - q1) / med:>7.0f}%"
+        if "fp32" in times:
+            r, lo, hi = ratio_interval(times[key], times["fp32"])
+            row += f"{r:>8.2f}{f'{lo:.2f}-{hi:.2f}':>14}"
+        else:
+            row += f"{'-':>8}{'-':>14}"
+        row += f"{peak:>10.0f}" if peak else f"{'-':>10}"
+        row += f"{peak / base_peak:>8.2f}" if peak and base_peak else f"{'-':>8}"
+        print(row)
+    if calib:
+        r, lo, hi = ratio_interval(*calib)
+        print(f"\ncalibration of `qat default` on 4 batches: {statistics.median(calib[0]) * 1e3:.0f} ms, float forward "
+              f"over the same batches {statistics.median(calib[1]) * 1e3:.0f} ms: x{r:.2f} (95% interval {lo:.2f}-"
+              f"{hi:.2f}, {len(calib[0])} rounds)")
+    if epochs:
+        print(f"\ntrain.py, epoch 0 on shapes (600 images, {opt.img} px, batch 16, 2 workers, data loading included): "
+              f"FP32 {epochs[False]} s, --qat --pow2-scale {epochs[True]} s, x{epochs[True] / epochs[False]:.2f}")
+
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img", type=int, default=320)
-    p.add_argument("--rounds", type=int, default=9, help="timed steps per variant (interleaved)")
+    p.add_argument("--rounds", type=int, default=15, help="timed steps per variant (interleaved)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--brevitas-warmup", type=int, default=300,
                    help="brevitas steps before timing (its statistics phase)")
@@ -314,6 +383,8 @@ def main(argv=None):
     p.add_argument("--epoch-time", action="store_true", help="also time one train.py epoch on shapes, FP32 vs --qat")
     p.add_argument("--profile", default="", choices=("",) + VARIANTS, metavar="NAME",
                    help="also print torch.profiler's time per op type over 3 steps of this variant")
+    p.add_argument("--calibration-rounds", type=int, default=5,
+                   help="rounds of calibration vs float forward (0: do not measure calibration)")
     p.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     opt = p.parse_args(argv)
     opt.device = f"cuda:{opt.device}" if opt.device.isdigit() else opt.device
@@ -351,26 +422,9 @@ def main(argv=None):
         if not opt.no_memory and device.type == "cpu":
             peaks = {key: child_peak_mib(key, opt) for key in keys}
         epochs = {q: epoch_seconds(q, opt) for q in (False, True)} if opt.epoch_time else {}
+        calib = calibration_times(base, imgs, opt.calibration_rounds) if opt.calibration_rounds else None
 
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"\nyolov5n ReLU, batch {opt.batch}, {opt.img} px, {device}{threads}, {opt.rounds} interleaved rounds "
-          f"(forward + loss + backward + SGD step)")
-    print(f"{'variant':<22}{'quantizers':>11}{'ms/step':>10}{'spread':>8}{'x FP32':>8}{'peak MiB':>10}{'x FP32':>8}")
-    fp32 = statistics.median(times["fp32"]) if "fp32" in times else None
-    for key in keys:
-        t = sorted(times[key])
-        med = statistics.median(t)
-        q1, q3 = statistics.quantiles(t, n=4)[0], statistics.quantiles(t, n=4)[2]
-        peak, base_peak = peaks.get(key), peaks.get("fp32")
-        row = f"{key:<22}{counts[key]:>11}{med * 1e3:>10.1f}{100 * (q3 - q1) / med:>7.0f}%"
-        row += f"{med / fp32:>8.2f}" if fp32 else f"{'-':>8}"
-        row += f"{peak:>10.0f}" if peak else f"{'-':>10}"
-        row += f"{peak / base_peak:>8.2f}" if peak and base_peak else f"{'-':>8}"
-        print(row)
-    if epochs:
-        print(f"\ntrain.py, epoch 0 on shapes (600 images, {opt.img} px, batch 16, 2 workers, data loading included): "
-              f"FP32 {epochs[False]} s, --qat --pow2-scale {epochs[True]} s, x{epochs[True] / epochs[False]:.2f}")
-
+    print_results(opt, device, keys, counts, times, peaks, calib, epochs)
 
 if __name__ == "__main__":
     main()

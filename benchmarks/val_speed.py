@@ -30,12 +30,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import val
-from models.backend import DetectMultiBackend
 from models.yolo import DetectionModel
 from utils.dataloaders import LoadImagesAndLabels, create_dataloader
 from utils.dataset_yaml import check_dataset
 from utils.general import UserError, check_img_size, run_cli
 from utils.torch_utils import select_device
+from workflow.backend import DetectMultiBackend
 
 
 class TimedLoader:

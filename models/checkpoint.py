@@ -7,40 +7,51 @@ quantization class never makes a saved run unloadable:
   ckpt["model"] / ckpt["ema"]   its float architecture (models.quant.float_model: plain Conv blocks and Detect with
                                 the QAT model's float weights), pickled as upstream pickles a model, so tools that
                                 know nothing of QAT can still read and run the float part;
-  ckpt["qat_state"][key]        {"format": QAT_FORMAT, "qat": the QAT settings (bn_folding, pow2, pow2_rounding,
-                                rounding, recipe), "state_dict": the prepared model's state_dict (weights, BN
-                                statistics, every quantizer's scale, zero point and observer state),
-                                "attributes": bst's module_attributes, "training": its mode}.
+  ckpt["qat"]                   {"format": QAT_FORMAT, "config": the QAT settings (QATConfig.record(): bn_folding,
+                                pow2, pow2_rounding, rounding and the whole recipe), "schedule": how the run used
+                                them (train.py: freeze_bn_epoch, disable_observer_epoch, calib_batches; val.py
+                                --ptq: ptq, calib_batches)}, once for model and EMA;
+  ckpt["qat_state"][key]        {"state_dict": the prepared model's state_dict (weights, BN statistics, every
+                                quantizer's scale, zero point and observer state), "attributes": bst's
+                                module_attributes, "training": its mode}.
 
-`load_checkpoint` rebuilds such a model: prepare_yolo_qat of the float part with the saved settings, then the
-state_dict; callers get the QAT model in ckpt["model"] as before. Checkpoints that pickle the QAT modules themselves
-(written before the format existed) load as they are. Loading uses an allowlist of the classes a checkpoint may
-unpickle (`safe_globals`); the file-level work (safe unpickling, atomic writes, release downloads) is
-utils/checkpoint.py.
+`load_checkpoint` rebuilds such a model: prepare_yolo_qat of the float part with the saved config, then the
+state_dict; callers get the QAT model in ckpt["model"] as before, and ckpt["qat"] as {"config": QATConfig,
+"schedule": {...}}. Older files load too: format 2 (the settings in each qat_state entry, the schedule beside the
+settings in ckpt["qat"]) and format 1 (the QAT modules pickled whole, read as they are). Loading uses an allowlist of
+the classes a checkpoint may unpickle (`safe_globals`); the file-level work (safe unpickling, atomic writes, release
+downloads) is utils/checkpoint_io.py.
 """
 from __future__ import annotations
 
 import os
-from copy import deepcopy
+from dataclasses import replace
 from datetime import datetime
 
 import torch
 import torch.nn as nn
 
+import bst.torch.ao.nn.intrinsic as nni
+import bst.torch.ao.nn.qat as nnqat
+import bst.torch.ao.nn.quantized as nnq
 from bst.torch.ao import quantization as bq
-from bst.torch.ao.quantization.fake_quant_ops import ROUNDINGS
-from bst.torch.ao.quantization.pow2 import POW2_ROUNDINGS
+from bst.torch.ao.nn.intrinsic import qat as nniqat
 from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus
-from models.quant import checkpoint_classes, float_model, is_quantized, prepare_yolo_qat
+from models.quant import QuantizedActivation, float_model, is_quantized, load_recipe, prepare_yolo_qat
+from models.quant.config import BadRecord, QATConfig
 from models.yolo import Detect, DetectionModel, Ensemble
-from utils.checkpoint import atomic_save, safe_load
+from utils.checkpoint_io import atomic_save, safe_load
 from utils.general import LOGGER, UserError
 from utils.safe_pickle import object_name
 
-QAT_FORMAT = 2  # 1: the QAT modules pickled whole (read as they are); 2: float part + settings + state_dict
+QAT_FORMAT = 3  # written; 1: the QAT modules pickled whole; 2: the settings in each qat_state entry; 3: in ckpt["qat"]
+READS = (2, 3)  # formats of a qat_state this version reads (and format 1, which has none)
 QAT_KEYS = ("model", "ema")
 
 RELEASE_ALIASES = ("Model",)  # models.yolo names of DetectionModel in earlier release generations
+MOVED = {  # classes that moved after checkpoints pickled them: the name those files hold -> the class
+    "models.quant.QuantizedActivation": QuantizedActivation,  # models/quant.py became the package models/quant/
+}
 _NN_CLASSES = (
     nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Linear, nn.Dropout, nn.Identity,
     nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Sigmoid, nn.Sequential, nn.ModuleList,
@@ -58,19 +69,33 @@ def safe_globals() -> dict:
     allowed = {object_name(o): o for o in project + list(_NN_CLASSES) + checkpoint_classes()}
     allowed.update({f"models.yolo.{alias}": DetectionModel for alias in RELEASE_ALIASES})
     allowed["models.experimental.Ensemble"] = Ensemble  # upstream's home of Ensemble
+    allowed.update(MOVED)
     return allowed
+
+
+def checkpoint_classes() -> list:
+    """The quantization classes (and the output-quantizer hook) a QAT checkpoint may pickle (QAT models pickled whole,
+    before QAT_FORMAT 2), for the allowlist."""
+    classes = [QuantizedActivation, bq.output_quantizer_hook]
+    for mod in (bq, nniqat, nnqat, nni, nnq):
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and obj not in classes:
+                classes.append(obj)
+    return classes
 
 
 def build_checkpoint(model, *, ema=None, updates=None, epoch=-1, best_fitness=None, optimizer=None, last_opt_step=None,
                      opt=None, git=None, qat=None) -> dict:
     """A checkpoint dict: upstream's keys (epoch -1 and no optimizer for a finished model) and this project's:
-    last_opt_step (where gradient accumulation stands, for --resume; only while training) and qat (the QAT flags
-    the model was made with, None for a float model)."""
+    last_opt_step (where gradient accumulation stands, for --resume; only while training) and qat, for a QAT model
+    {"config": its QATConfig, "schedule": `qat`, how the run used it}, None for a float model."""
     ckpt = {"epoch": epoch, "best_fitness": best_fitness, "model": model, "ema": ema, "updates": updates,
             "optimizer": optimizer}
     if last_opt_step is not None:
         ckpt["last_opt_step"] = last_opt_step
-    return {**ckpt, "opt": opt, "git": git, "date": datetime.now().isoformat(), "qat": qat}
+    record = {"config": model.qat_config, "schedule": dict(qat or {})} if is_quantized(model) else None
+    return {**ckpt, "opt": opt, "git": git, "date": datetime.now().isoformat(), "qat": record}
 
 
 def load_checkpoint(path, map_location="cpu", trust=False):
@@ -84,11 +109,9 @@ def load_checkpoint(path, map_location="cpu", trust=False):
         if ckpt.get(key) is not None:
             check_model(ckpt[key], f"{path}: '{key}'")
     if ckpt.get("qat_state") is not None:
-        states = ckpt.pop("qat_state")
-        if not isinstance(states, dict) or not set(states) <= set(QAT_KEYS):
-            raise UserError(f"{path}: corrupt QAT checkpoint (qat_state must map model/ema to their QAT state)")
-        for key, state in states.items():
-            ckpt[key] = rebuild_qat_model(ckpt.get(key), state, path)
+        read_qat_state(ckpt, path)
+    elif any(is_quantized(ckpt.get(key)) for key in QAT_KEYS if isinstance(ckpt.get(key), nn.Module)):
+        read_pickled_qat_models(ckpt, path)
     return ckpt
 
 
@@ -258,85 +281,130 @@ def _run_probe(model, bad):
 
 def save_checkpoint(obj, path):
     """Write a checkpoint dict atomically (a kill during the write never leaves a truncated file); QAT models go in
-    as float part + QAT state (the module docstring). `obj` itself is not changed."""
+    as float part + QAT state, their config once in ckpt["qat"] (the module docstring). `obj` is not changed."""
     obj = dict(obj)
-    states = {}
+    states, configs = {}, []
     for key in QAT_KEYS:
         model = obj.get(key)
         if isinstance(model, nn.Module) and is_quantized(model):
-            states[key] = qat_state(model)
+            configs.append(model.qat_config)
+            states[key] = {"state_dict": model.state_dict(), "attributes": bq.module_attributes(model),
+                           "training": model.training}
             obj[key] = float_model(model)
     if states:
+        if any(c != configs[0] for c in configs):
+            raise ValueError("save_checkpoint: model and EMA are quantized differently; a checkpoint holds one config")
+        obj["qat"] = {"format": QAT_FORMAT, "config": configs[0].record(), "schedule": _schedule(obj.get("qat"))}
         obj["qat_state"] = states
     return atomic_save(obj, path)
 
 
-def qat_state(model) -> dict:
-    """What defines a QAT DetectionModel beside its float architecture."""
-    return {"format": QAT_FORMAT, "qat": deepcopy(model.qat), "state_dict": model.state_dict(),
-            "attributes": bq.module_attributes(model), "training": model.training}
+def _schedule(record) -> dict:
+    """The run schedule of a ckpt["qat"] record of any format: format 3 and in memory keep it apart from the config;
+    formats 1-2 kept it beside the settings."""
+    if not isinstance(record, dict):
+        return {}
+    if "schedule" in record:
+        return dict(record["schedule"] or {})
+    return {k: v for k, v in record.items() if k not in QATConfig.dests().values() and k != "format"}
 
 
-def rebuild_qat_model(float_part, state, path="checkpoint"):
-    """The QAT model `qat_state` described: prepared from `float_part` with the saved settings, then loaded."""
-    if not isinstance(float_part, nn.Module) or not isinstance(state, dict):
+def _damaged(path, what, right):
+    return UserError(f"{path}: damaged QAT state ({what}; it must be {right}); give a QAT checkpoint written by "
+                     f"train.py --qat")
+
+
+def read_qat_state(ckpt, path="checkpoint"):
+    """Rebuild the QAT models a format-2 or format-3 checkpoint stores (in place): ckpt["model"] / ckpt["ema"] become
+    QAT models, ckpt["qat"] {"config": QATConfig, "schedule": {...}}, and "qat_state" goes."""
+    states = ckpt.pop("qat_state")
+    if not isinstance(states, dict) or not set(states) <= set(QAT_KEYS) or not all(
+            isinstance(s, dict) for s in states.values()):
+        raise UserError(f"{path}: corrupt QAT checkpoint (qat_state must map model/ema to their QAT state)")
+    record = ckpt.get("qat") if isinstance(ckpt.get("qat"), dict) else {}
+    formats = {s.get("format") for s in states.values()}
+    if formats == {None}:  # format 3 says it once, in ckpt["qat"]
+        fmt, ok = record.get("format"), record.get("format") == 3
+    else:  # up to format 2 each entry said it
+        fmt = formats.pop() if len(formats) == 1 else sorted(formats, key=repr)
+        ok = fmt == 2
+    if not ok:
+        raise UserError(f"{path}: QAT checkpoint format {fmt!r}; this version of yolov5-qat reads formats "
+                        f"{' and '.join(map(str, READS))} (and QAT models pickled whole); update it to read this file")
+    config = None
+    for key, state in states.items():
+        try:  # format 2: each entry holds its settings
+            own = _format2_config(state) if fmt == 2 else config or QATConfig.from_record(record.get("config"))
+        except BadRecord as e:
+            raise _damaged(path, e.what, e.right) from None
+        check_qat_state(state, path)
+        ckpt[key] = rebuild_qat_model(ckpt.get(key), state, own, path)
+        config = config or own
+    schedule = _schedule(record)
+    if not all(isinstance(k, str) and isinstance(v, (bool, int, float, str, type(None))) for k, v in schedule.items()):
+        raise _damaged(path, "'schedule' is not a mapping of plain values", "{setting: value}")
+    ckpt["qat"] = {"config": config, "schedule": schedule}
+
+
+def _format2_config(state) -> QATConfig:
+    """A format-2 qat_state entry's settings: bn_folding and pow2 always recorded; pow2_rounding, rounding and the
+    recipe taking their defaults where a model quantized before they existed lacks them; 'activations' a list."""
+    config = QATConfig.from_record(state.get("qat"), required=("bn_folding", "pow2"), extra=("activations",),
+                                   name="qat")
+    acts = state["qat"].get("activations", [])
+    if not isinstance(acts, list) or not all(isinstance(a, str) for a in acts):
+        raise BadRecord(f"the setting 'activations' is {acts!r:.60}", "a list of names")
+    return config
+
+
+def read_pickled_qat_models(ckpt, path="checkpoint"):
+    """Format 1 (QAT models pickled whole, their settings in `model.qat`): each model gets its QATConfig
+    (`model.qat_config`), and ckpt["qat"] becomes {"config", "schedule"} like a rebuilt checkpoint's."""
+    config = None
+    for key in QAT_KEYS:
+        model = ckpt.get(key)
+        if not (isinstance(model, nn.Module) and is_quantized(model)):
+            continue
+        try:
+            own = QATConfig.from_record(model.__dict__.pop("qat", None), required=("bn_folding", "pow2"),
+                                        extra=("activations",), name="qat")
+        except BadRecord as e:
+            raise _damaged(path, e.what, e.right) from None
+        own = own if isinstance(own.recipe, dict) else replace(own, recipe=load_recipe(own.recipe))
+        model.qat_config = own
+        config = config or own
+    ckpt["qat"] = {"config": config, "schedule": _schedule(ckpt.get("qat"))}
+
+
+def rebuild_qat_model(float_part, state, config, path="checkpoint"):
+    """The QAT model a qat_state entry describes: prepared from `float_part` with `config`, then loaded."""
+    if not isinstance(float_part, nn.Module):
         raise UserError(f"{path}: corrupt QAT checkpoint (no float model beside its QAT state)")
-    if state.get("format") != QAT_FORMAT:
-        raise UserError(f"{path}: QAT checkpoint format {state.get('format')!r}; this version of yolov5-qat reads "
-                        f"format {QAT_FORMAT} (and QAT models pickled whole); update it to read this file")
-    check_qat_state(state, path)
-    meta = state["qat"]
     device = next(float_part.parameters()).device
-    # models quantized before a setting existed used what is now its default
-    model = prepare_yolo_qat(float_part.float().train(), bn_folding=meta["bn_folding"], pow2=meta["pow2"],
-                             recipe=meta.get("recipe"), pow2_rounding=meta.get("pow2_rounding", "ceil"),
-                             rounding=meta.get("rounding", "half_even"), verbose=False).to(device)
+    model = prepare_yolo_qat(float_part.float().train(), config, verbose=False).to(device)
     try:
         model.load_state_dict(state["state_dict"])
         bq.load_module_attributes(model, state["attributes"])
     except (RuntimeError, ValueError) as e:
         first = str(e).splitlines()[0][:160]
         raise UserError(f"{path}: the QAT state does not fit the model rebuilt from its settings ({first})") from None
-    model.qat = {**model.qat, **meta}
     return model.train(state["training"])
 
 
-_QAT_SETTINGS = {  # qat_state["qat"] key: (required, check, what it must be); older files lack the optional ones
-    "bn_folding": (True, lambda v: isinstance(v, bool), "true or false"),
-    "pow2": (True, lambda v: isinstance(v, bool), "true or false"),
-    "pow2_rounding": (False, lambda v: v in POW2_ROUNDINGS, f"one of {', '.join(POW2_ROUNDINGS)}"),
-    "rounding": (False, lambda v: v in ROUNDINGS, f"one of {', '.join(ROUNDINGS)}"),
-    "recipe": (False, lambda v: v is None or isinstance(v, dict), "a recipe mapping or null"),
-    "activations": (False, lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "a list of names"),
-}
-
-
 def check_qat_state(state, path="checkpoint"):
-    """What rebuild_qat_model reads from a format-2 `qat_state` entry, checked before any of it is used: one
-    UserError naming the file, the entry and what it must be."""
-    def bad(what, right):
-        raise UserError(f"{path}: damaged QAT state ({what}; it must be {right}); give a QAT checkpoint written by "
-                        f"train.py --qat")
-
-    meta = state.get("qat")
-    if not isinstance(meta, dict):
-        bad(f"'qat' is a {type(meta).__name__}", "a mapping of the QAT settings")
-    for key, (required, ok, right) in _QAT_SETTINGS.items():
-        if key not in meta:
-            if required:
-                bad(f"the setting '{key}' is missing", right)
-        elif not ok(meta[key]):
-            bad(f"the setting '{key}' is {meta[key]!r:.60}", right)
+    """What rebuild_qat_model reads from a `qat_state` entry besides the config, checked before any of it is used:
+    one UserError naming the file, the entry and what it must be."""
     sd = state.get("state_dict")
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        bad("'state_dict' is not a mapping of names to tensors", "the prepared model's state_dict")
+        raise _damaged(path, "'state_dict' is not a mapping of names to tensors", "the prepared model's state_dict")
     attrs = state.get("attributes")
     if not isinstance(attrs, dict) or not all(isinstance(k, str) and isinstance(v, dict) and all(
             isinstance(a, str) and isinstance(x, (bool, int, float, str, type(None))) for a, x in v.items())
             for k, v in attrs.items()):
-        bad("'attributes' is not a mapping of module names to plain settings", "{module name: {attribute: value}}")
+        raise _damaged(path, "'attributes' is not a mapping of module names to plain settings",
+                       "{module name: {attribute: value}}")
     if not isinstance(state.get("training"), bool):
-        bad(f"'training' is {state.get('training')!r:.40}", "true or false")
+        raise _damaged(path, f"'training' is {state.get('training')!r:.40}", "true or false")
 
 
 def strip_optimizer(f="best.pt", s=""):

@@ -8,7 +8,7 @@ from models.checkpoint import check_runs, load_checkpoint
 from models.common import model_activation
 from models.quant import freeze, is_quantized
 from models.yolo import Detect, DetectionModel, Ensemble
-from utils.checkpoint import attempt_download
+from utils.checkpoint_io import attempt_download
 from utils.general import UserError
 
 

@@ -1,6 +1,7 @@
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,14 @@ def yolo_log():
     yield records
     LOGGER.removeHandler(h)
     LOGGER.setLevel(old)
+
+
+@pytest.fixture(scope="module")
+def tq():
+    """torch.ao.quantization, the reference bst's quantization modules are compared with (skips without it)."""
+    ao = pytest.importorskip("torch.ao.quantization")
+    warnings.filterwarnings("ignore", module="torch.ao")
+    return ao
 
 
 def reference(name):

@@ -13,9 +13,9 @@ import torch
 from conftest import ROOT, reference
 
 import export
-from models.backend import DetectMultiBackend, load_pytorch_model
-from utils import export_verify
 from utils.general import UserError, run_cli
+from workflow.backend import DetectMultiBackend, load_pytorch_model
+from workflow.exporters import verify as export_verify
 
 H, W = 128, 160  # non-square on purpose: a mixed-up h/w shows
 
@@ -197,7 +197,7 @@ def test_val_onnx_gives_the_pt_map(tmp_path, yolo_log):
     # model the same square inputs the ONNX file gets, so the two mAPs are comparable
     # A float model in two runtimes differs by float rounding (~1e-6 relative), which reorders this random model's
     # many near-tied boxes: mAP50 0.879 vs 0.881 here, 0.877 vs 0.880 at conf 0.05 / max_det 30. Hence 0.005 for
-    # this float file; a power-of-two QAT export is exact (tests/test_export_exact.py)
+    # this float file; a power-of-two QAT export is exact (tests/workflow/test_export_exact.py)
     r_pt = val.run(data=str(data), weights=str(pt), imgsz=160, batch_size=1, task="speed", conf_thres=0.25,
                    max_det=300, workers=0, plots=False, project=tmp_path / "val", name="pt")[0]
     yolo_log.clear()
@@ -358,7 +358,8 @@ def test_int8_kernels_are_exact_in_kernel_form(tmp_path):
     on x86 CPUs without VNNI)."""
     import importlib.util
 
-    from models.backend import onnxruntime_kernel_form, onnxruntime_session
+    from utils.graph_forms import onnxruntime_kernel_form
+    from utils.runtimes import onnxruntime_session
 
     spec = importlib.util.spec_from_file_location("export_speed", ROOT / "benchmarks" / "export_speed.py")
     bench = importlib.util.module_from_spec(spec)
@@ -382,20 +383,20 @@ def test_int8_weights_stay_int8_only_on_cpus_with_vnni(tmp_path, monkeypatch):
     faster one, so onnxruntime_session keeps the weights as stored there; elsewhere it hands them over as uint8."""
     import platform
 
-    import models.backend as backend
+    import utils.runtimes as runtimes
 
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     for flags, form in (({"avx2", "fma"}, "uint8"), ({"avx2", "avx512_vnni"}, "int8"), ({"avx_vnni"}, "int8")):
-        monkeypatch.setattr(backend, "cpu_flags", lambda flags=flags: frozenset(flags))
-        assert backend.int8_weight_form() == form
+        monkeypatch.setattr(runtimes, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert runtimes.int8_weight_form() == form
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    assert backend.int8_weight_form() == "uint8"
+    assert runtimes.int8_weight_form() == "uint8"
     monkeypatch.undo()
-    if backend.int8_weight_form() == "int8":  # this CPU has VNNI: the stored int8 weights must give the exact numbers
+    if runtimes.int8_weight_form() == "int8":  # this CPU has VNNI: the stored int8 weights must give the exact numbers
         f, x, exact = _saturating_conv(tmp_path / "conv.onnx", np.random.default_rng(2))
-        assert np.array_equal(backend.onnxruntime_session(f, weights="int8").run(None, {"x": x})[0], exact)
+        assert np.array_equal(runtimes.onnxruntime_session(f, weights="int8").run(None, {"x": x})[0], exact)
     with pytest.raises(ValueError, match="weights='int4'"):
-        backend.onnxruntime_session(tmp_path / "conv.onnx", weights="int4")
+        runtimes.onnxruntime_session(tmp_path / "conv.onnx", weights="int4")
 
 
 def test_backend_uses_int8_kernels_only_where_they_equal_the_graph(tmp_path):

@@ -19,7 +19,8 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from models.quant import _PROJECT_OBSERVER_ARGS, MODES, OBSERVERS, load_recipe, prepare_yolo_qat
+from models.quant import MODES, OBSERVERS, QATConfig, load_recipe, prepare_yolo_qat
+from models.quant.recipe import _PROJECT_OBSERVER_ARGS
 from models.yolo import DetectionModel
 from utils.dataloaders import LoadImagesAndLabels, create_dataloader
 from utils.dataset_yaml import check_dataset
@@ -208,8 +209,8 @@ def test_recipes_prepare_or_are_refused_in_one_line(float_model, spec, pow2, bn_
         f = write_yaml(spec, tmp, "recipe.yaml")
         if ends_well(load_recipe, f) == "ok":
             model = []
-            if ends_well(lambda: model.append(prepare_yolo_qat(deepcopy(float_model), bn_folding=bn_folding, pow2=pow2,
-                                                               recipe=f))) == "ok":
+            config = QATConfig(bn_folding=bn_folding, pow2=pow2, recipe=f)
+            if ends_well(lambda: model.append(prepare_yolo_qat(deepcopy(float_model), config))) == "ok":
                 m = model[0]
                 x = torch.rand(2, 3, 64, 64)
                 m(x)  # observers on: calibration

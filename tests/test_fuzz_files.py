@@ -27,12 +27,12 @@ from test_fuzz import ends_well, values
 from test_hostile_files import identity_onnx, integer_model
 
 from bst.torch.ao.quantization.integer_runner import IntegerModel
-from models.backend import DetectMultiBackend, load_pytorch_model, openvino_metadata
 from models.checkpoint import build_checkpoint, save_checkpoint
 from models.yolo import DetectionModel
 from utils.dataloaders import LoadImages, LoadImagesAndLabels
 from utils.dataset_yaml import check_dataset
 from utils.general import LOGGER, shown
+from workflow.backend import DetectMultiBackend, load_pytorch_model, openvino_metadata
 
 EXAMPLES = int(os.getenv("YOLOV5_FUZZ_EXAMPLES", "0"))
 

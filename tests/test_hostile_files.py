@@ -26,12 +26,13 @@ import train
 import val
 from bst.torch.ao.quantization.integer_runner import FORMAT, VERSION, IntegerModel
 from bst.torch.ao.quantization.integer_runner import main as integer_main
-from models.backend import DetectMultiBackend
 from models.checkpoint import load_checkpoint, save_checkpoint
 from utils.general import UserError, run_cli, yaml_save
+from workflow.backend import DetectMultiBackend
 
 WEIGHTS = ROOT / "weights" / "shapes_yolov5n_silu.pt"
 QAT_FORMAT1 = ROOT / "tests" / "data" / "qat_checkpoint_format1.pt"
+QAT_FORMAT2 = ROOT / "tests" / "data" / "qat_checkpoint_format2.pt"
 FIX = "give a .pt file written by train.py or torch.save"
 
 
@@ -179,16 +180,34 @@ def test_checkpoints_without_a_sound_model_are_one_line(case, valid, data, tmp_p
 
 @pytest.fixture(scope="module")
 def qat_raw(tmp_path_factory):
+    """{format: the raw dict of a QAT checkpoint of that format}: 3 written now, 2 the stored one."""
     f = save_checkpoint(load_checkpoint(QAT_FORMAT1), tmp_path_factory.mktemp("qat") / "qat.pt")
-    return torch.load(f, weights_only=False)
+    return {3: torch.load(f, weights_only=False), 2: torch.load(QAT_FORMAT2, weights_only=False)}
 
 
 def _set(key, value):
-    def change(state):
+    """Format 2: a setting in the qat_state entry's 'qat' (or the entry's own key)."""
+    def change(raw):
+        state = raw["qat_state"]["model"]
         if value is KeyError:
             del state["qat"][key]
         elif key in state["qat"]:
             state["qat"][key] = value
+        else:
+            state[key] = value
+    return change
+
+
+def _set3(key, value):
+    """Format 3: a setting in ckpt["qat"]["config"], ckpt["qat"]'s own key, or the qat_state entry's."""
+    def change(raw):
+        config, state = raw["qat"]["config"], raw["qat_state"]["model"]
+        if value is KeyError:
+            del config[key]
+        elif key in config:
+            config[key] = value
+        elif key in raw["qat"]:
+            raw["qat"][key] = value
         else:
             state[key] = value
     return change
@@ -207,13 +226,29 @@ QAT_DAMAGE = {
                                                                              "module names to plain settings"),
     "training": (_set("training", 3), "'training' is 3; it must be true or false"),
 }
+QAT_DAMAGE_3 = {
+    "no bn_folding": (_set3("bn_folding", KeyError), "the setting 'bn_folding' is missing; it must be true or false"),
+    "no rounding": (_set3("rounding", KeyError), "the setting 'rounding' is missing; it must be one of half_even, "
+                                                 "half_up"),
+    "pow2 text": (_set3("pow2", "yes"), "the setting 'pow2' is 'yes'; it must be true or false"),
+    "rounding": (_set3("rounding", "up"), "the setting 'rounding' is 'up'; it must be one of half_even, half_up"),
+    "recipe path": (_set3("recipe", "/etc/passwd"), "the setting 'recipe' is '/etc/passwd'; it must be a recipe "
+                                                    "mapping"),
+    "config list": (_set3("config", [1]), "'config' is a list; it must be a mapping of the QAT settings"),
+    "schedule": (_set3("schedule", {"ptq": [1]}), "'schedule' is not a mapping of plain values"),
+    "state_dict": (_set3("state_dict", {"model.0.conv.weight": 1}), "'state_dict' is not a mapping of names to "
+                                                                    "tensors"),
+    "attributes": (_set3("attributes", {"model.0.conv": {"freeze_bn": [1]}}), "'attributes' is not a mapping of "
+                                                                              "module names to plain settings"),
+    "training": (_set3("training", 3), "'training' is 3; it must be true or false"),
+}
 
 
-@pytest.mark.parametrize("case", list(QAT_DAMAGE))
-def test_damaged_qat_state_is_one_line(case, qat_raw, data, tmp_path, capsys):
-    change, message = QAT_DAMAGE[case]
-    raw = copy.deepcopy(qat_raw)
-    change(raw["qat_state"]["model"])
+@pytest.mark.parametrize("fmt, case", [(2, c) for c in QAT_DAMAGE] + [(3, c) for c in QAT_DAMAGE_3])
+def test_damaged_qat_state_is_one_line(fmt, case, qat_raw, data, tmp_path, capsys):
+    change, message = (QAT_DAMAGE if fmt == 2 else QAT_DAMAGE_3)[case]
+    raw = copy.deepcopy(qat_raw[fmt])
+    change(raw)
     f = tmp_path / "qat.pt"
     torch.save(raw, f)
     line = one_error_line(capsys, val, ["--weights", f, "--data", data, "--project", tmp_path / "runs"])

@@ -1,5 +1,6 @@
-"""Imports go one way: the project's import graph, read from the source, has no cycle, and a function imports only
-heavy optional packages (the rest is imported at module top, where a cycle cannot hide)."""
+"""Imports go one way: the project's import graph, read from the source, has no cycle, every import points down the
+layers (LAYERS), and a function imports only heavy optional packages (the rest is imported at module top, where a
+cycle cannot hide)."""
 from __future__ import annotations
 
 import ast
@@ -10,6 +11,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".venv", "datasets", "runs", "tests", "notes", "__pycache__", ".git"}
+
+# The project's floors, lowest first: a module imports only modules of its own floor or of floors below it.
+#   bst       the quantization library, which knows nothing of YOLO
+#   utils     ground helpers: files, data, metrics, plots, loss, graph rewriting, runtime sessions
+#   models    the network, its checkpoints and the YOLO side of QAT
+#   workflow  what needs a model: training steps, QAT runs, DetectMultiBackend, torch.hub, exporters
+#   scripts   the command-line scripts and the benchmarks
+LAYERS = ("bst", "utils", "models", "workflow", "scripts")
+SCRIPTS = {"train", "val", "detect", "export", "qat_report", "demo", "hubconf", "benchmarks"}
 
 # Imported inside the function that needs them, never at module top: packages that are optional (not in
 # requirements.txt, or only needed by one export format or plot) or slow to import for every command.
@@ -131,17 +141,35 @@ def test_functions_import_only_heavy_optional_packages():
         f"  {m}:{line}: {stmt}" for m, line, stmt in inner)
 
 
-def test_utils_never_imports_a_cli():
-    graph, _ = project_graph()
-    clis = {"train", "val", "detect", "export", "qat_report", "demo", "hubconf"}
-    bad = {m: graph[m] & clis for m in graph if m.split(".")[0] in ("utils", "models", "bst") and graph[m] & clis}
-    assert not bad, f"library modules import command-line scripts: {bad}"
+def layer_of(module: str) -> int:
+    """The index in LAYERS of a project module (ValueError for a top-level name LAYERS does not place)."""
+    top = module.split(".")[0]
+    return LAYERS.index("scripts" if top in SCRIPTS else top)
 
 
-def test_bst_knows_nothing_of_yolo():
+def upward_imports(graph) -> list[str]:
+    """'a (layer) -> b (layer)' for every import of a module from a higher layer than the importer's."""
+    return [f"{m} ({LAYERS[layer_of(m)]}) -> {t} ({LAYERS[layer_of(t)]})" for m in sorted(graph)
+            for t in sorted(graph[m]) if layer_of(t) > layer_of(m)]
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"utils.plots": {"utils.general"}, "models.yolo": {"utils.plots", "bst.torch"}, "train": {"val"},
+             "utils.loss": {"models.yolo"}, "workflow.qat": {"models.yolo", "train"}}
+    assert upward_imports(graph) == ["utils.loss (utils) -> models.yolo (models)",
+                                     "workflow.qat (workflow) -> train (scripts)"]
+
+
+def test_every_module_has_a_layer():
     graph, _ = project_graph()
-    bad = {m: {t for t in graph[m] if not t.startswith("bst")} for m in graph if m.startswith("bst")}
-    assert not any(bad.values()), f"bst imports project modules outside bst: {bad}"
+    unplaced = sorted({m.split(".")[0] for m in graph if m.split(".")[0] not in SCRIPTS | set(LAYERS)})
+    assert not unplaced, f"top-level modules without a layer (add them to LAYERS or SCRIPTS): {unplaced}"
+
+
+def test_imports_point_down_the_layers():
+    graph, _ = project_graph()
+    bad = upward_imports(graph)
+    assert not bad, "imports from a higher layer (move the code down, or the importer up):\n  " + "\n  ".join(bad)
 
 
 def test_any_module_imports_first():
@@ -149,7 +177,8 @@ def test_any_module_imports_first():
     module is imported while no other project module is loaded (torch and the rest stay cached)."""
     firsts = ["bst.torch.ao.nn.qat", "bst.torch.ao.nn.quantized.reference", "bst.torch.ao.nn.intrinsic.qat",
               "bst.torch.ao.quantization.mappings", "bst.torch.ao.quantization", "models.yolo", "models.checkpoint",
-              "models.quant", "models.experimental", "utils.qat", "utils.torch_utils", "qat_report", "train", "export"]
+              "models.quant", "models.experimental", "workflow.qat", "utils.torch_utils", "qat_report", "train",
+              "export"]
     code = f"""
 import importlib, sys
 own = {sorted({m.split(".")[0] for m in project_modules()})!r}

@@ -14,11 +14,12 @@ from conftest import ROOT, reference, shapes_subset
 
 import bst.torch.ao.quantization as bq
 import qat_report as qr
-from models.quant import load_recipe
+from models.quant import QATConfig, load_recipe
 from utils.general import UserError
 
 ENV = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
 FAST = ["--img", "64", "--batch-size", "4", "--workers", "0"]
+POW2 = QATConfig(pow2=True)  # the settings of the sensitivity checks
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,7 @@ def test_activations_cli_uses_the_recipe_and_pow2(tiny, tmp_path, float_model):
                      "--calib-batches", "2", "--pow2-scale", "--qat-recipe", recipe, "--out", tmp_path / "act",
                      "--notes", tmp_path / "notes")
     rows = _csv(csv_file)
-    expected = qr.activation_quantizers(qr.prepared(float_model, False, True, recipe))
+    expected = qr.activation_quantizers(qr.prepared(float_model, POW2, recipe))
     assert len(rows) == len(expected)
     assert {r["name"] for r in rows} == {qr.short_name(n) for n, _ in expected}
     assert rows[0]["layer"] == "input"  # first-call order: the input stub runs first
@@ -159,15 +160,15 @@ def test_activations_cli_uses_the_recipe_and_pow2(tiny, tmp_path, float_model):
 
 def test_layer_recipes_quantize_exactly_the_layer(float_model):
     base = load_recipe(None)
-    everything = set(qr.quantizers_per_layer(qr.prepared(float_model, False, True, base)))
+    everything = set(qr.quantizers_per_layer(qr.prepared(float_model, POW2, base)))
     assert 11 not in everything and {0, 24} <= everything  # model.11 is an Upsample: nothing to quantize
-    assert set(qr.quantizers_per_layer(qr.prepared(float_model, False, True, qr.layer_recipe(base, 24, "one")))) \
+    assert set(qr.quantizers_per_layer(qr.prepared(float_model, POW2, qr.layer_recipe(base, 24, "one")))) \
         == {24}
-    assert set(qr.quantizers_per_layer(qr.prepared(float_model, False, True,
-                                                   qr.layer_recipe(base, 0, "all-but-one")))) == everything - {0}
+    assert set(qr.quantizers_per_layer(qr.prepared(float_model, POW2, qr.layer_recipe(base, 0, "all-but-one")))) \
+        == everything - {0}
     # the recipe's own rule for that layer still applies when it is quantized alone
     fixed = load_recipe("exp10_pow2_last_fixed.yaml")
-    q = qr.prepared(float_model, False, True, qr.layer_recipe(fixed, 24, "one"))
+    q = qr.prepared(float_model, POW2, qr.layer_recipe(fixed, 24, "one"))
     assert isinstance(q.model[24].m[0].activation_post_process, bq.FixedQParamsFakeQuantize)
     assert set(qr.quantizers_per_layer(q)) == {24}
 

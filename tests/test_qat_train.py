@@ -70,7 +70,7 @@ def test_seed_command_pow2_everywhere_and_val_reproduces_training_map(tiny, tmp_
     for f in ("last.pt", "best.pt"):
         ck = load_checkpoint(weights / f)
         model = ck["model"]
-        assert ck["epoch"] == -1 and ck["qat"]["pow2"] and ck["qat"]["bn_folding"]
+        assert ck["epoch"] == -1 and ck["qat"]["config"].pow2 and ck["qat"]["config"].bn_folding
         assert all_scales_pow2(model) and any(isinstance(m, FakeQuantizeBase) for m in model.modules())
         assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # --bn-folding keeps BN live
         assert next(model.parameters()).dtype == torch.float32  # QAT checkpoints are not rounded to FP16
@@ -127,7 +127,7 @@ def test_qat_with_silu_warns(tiny, tmp_path):
     from argparse import Namespace
 
     from utils.general import LOGGER
-    from utils.qat import check_qat_flags
+    from workflow.qat import check_qat_flags
 
     seen = []
     h = logging.Handler()
@@ -176,8 +176,8 @@ def test_continuing_a_qat_checkpoint_keeps_its_own_quantization(micro, tmp_path)
                "--name", "again")
     out = _ok(r)
     assert "--pow2-scale False" in out + r.stderr and "--bn-folding False" in out + r.stderr
-    meta = load_checkpoint(tmp_path / "again" / "weights" / "best.pt")["qat"]
-    assert meta["pow2"] is True and meta["bn_folding"] is True  # the model's, not the command line's
+    config = load_checkpoint(tmp_path / "again" / "weights" / "best.pt")["qat"]["config"]
+    assert config.pow2 is True and config.bn_folding is True  # the model's, not the command line's
 
     three = tmp_path / "three.yaml"
     data = yaml_load(micro)
@@ -263,7 +263,7 @@ def test_resumed_run_equals_the_uninterrupted_run(micro, tmp_path, recipe):
 
     model = load_checkpoint(killed / "weights" / "last.pt")["model"]
     assert all_scales_pow2(model) \
-        and load_checkpoint(killed / "weights" / "last.pt")["qat"]["disable_observer_epoch"] == 1
+        and load_checkpoint(killed / "weights" / "last.pt")["qat"]["schedule"]["disable_observer_epoch"] == 1
     scales = {k: v for k, v in before["model"].state_dict().items() if k.endswith(".scale")}
     if recipe == "default":  # observers off from epoch 1: the scales of epoch 0 are kept exactly
         assert all(torch.equal(v, expected["model"][k]) for k, v in scales.items())
@@ -274,10 +274,10 @@ def test_resumed_run_equals_the_uninterrupted_run(micro, tmp_path, recipe):
 
 def test_rounding_half_up_trains(micro, tmp_path):
     """--rounding half_up: every quantizer of the trained checkpoint rounds half up and the QAT metadata says so
-    (tests/test_integer_model.py: such a model's integer export and the ONNX refusal)."""
+    (tests/models/test_integer_model.py: such a model's integer export and the ONNX refusal)."""
     out = _ok(_train("--data", micro, "--weights", reference("yolov5n_relu.pt"), "--cfg", "yolov5n.yaml", *FAST,
                      "--epochs", "1", *SEED_FLAGS, "--rounding", "half_up", "--project", tmp_path, "--name", "up"))
     assert "rounding=half_up" in out
     ckpt = load_checkpoint(tmp_path / "up" / "weights" / "best.pt")
-    assert ckpt["model"].qat["rounding"] == "half_up"
+    assert ckpt["model"].qat_config.rounding == "half_up" == ckpt["qat"]["config"].rounding
     assert {m.rounding for m in ckpt["model"].modules() if isinstance(m, FakeQuantizeBase)} == {"half_up"}

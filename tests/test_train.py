@@ -15,12 +15,11 @@ from copy import deepcopy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT, reference, start_and_kill_when
+from conftest import ROOT, reference, shapes_subset, start_and_kill_when
 
 import train
 from models.checkpoint import load_checkpoint
 from models.common import Conv
-from utils.dataset_yaml import check_dataset
 from utils.general import UserError, run_cli, yaml_load, yaml_save
 
 UPSTREAM_CKPT_KEYS = {"epoch", "best_fitness", "model", "ema", "updates", "optimizer", "opt", "git", "date"}
@@ -39,20 +38,10 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def shapes_subset(tmp_path_factory):
+def subsets(tmp_path_factory):
     """Dataset yamls over the first images of shapes: 'tiny' 16 train / 8 val, 'kill' 48 train / 8 val."""
-    full = check_dataset("data/shapes.yaml")  # generates datasets/shapes on first use
     d = tmp_path_factory.mktemp("shapes_subset")
-    train_ims = sorted(p for p in os.listdir(full["train"]) if p.endswith(".jpg"))
-    val_ims = sorted(p for p in os.listdir(full["val"]) if p.endswith(".jpg"))
-    (d / "val.txt").write_text("".join(f"{full['val']}/{p}\n" for p in val_ims[:8]))
-    out = {}
-    for name, n in (("tiny", 16), ("kill", 48)):
-        (d / f"{name}.txt").write_text("".join(f"{full['train']}/{p}\n" for p in train_ims[:n]))
-        yaml_save(d / f"{name}.yaml", {"path": str(d), "train": f"{name}.txt", "val": "val.txt",
-                                        "names": list(full["names"].values())})
-        out[name] = d / f"{name}.yaml"
-    return out
+    return {name: shapes_subset(d, n, 8, name) for name, n in (("tiny", 16), ("kill", 48))}
 
 
 def _cli(*args, timeout=240):
@@ -80,8 +69,8 @@ def _finite(module):
     return all(torch.isfinite(t.float()).all() for t in module.state_dict().values() if t.is_floating_point())
 
 
-def test_one_epoch_run_folder_and_checkpoints(shapes_subset, tmp_path, yolo_log):
-    opt = train.run(data=str(shapes_subset["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=128, batch_size=8,
+def test_one_epoch_run_folder_and_checkpoints(subsets, tmp_path, yolo_log):
+    opt = train.run(data=str(subsets["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=128, batch_size=8,
                     workers=0, epochs=1, save_period=1, project=str(tmp_path), name="one")
     results, save = opt.metrics, tmp_path / "one"  # as upstream, run() returns the options; metrics ride along
     assert opt.save_dir == str(save) and opt.epochs == 1
@@ -128,19 +117,19 @@ def test_one_epoch_run_folder_and_checkpoints(shapes_subset, tmp_path, yolo_log)
 
     # a new run in the same folder (--exist-ok) starts its own results.csv; the previous one is kept beside it
     before = (save / "results.csv").read_text()
-    train.run(data=str(shapes_subset["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=128, batch_size=8, workers=0,
+    train.run(data=str(subsets["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=128, batch_size=8, workers=0,
               epochs=1, noplots=True, project=str(tmp_path), name="one", exist_ok=True)
     assert [r[0] for r in _results(save)[1]] == [0]
     assert (save / "results.previous.csv").read_text() == before
 
 
-def test_retrain_silu_checkpoint_with_relu(shapes_subset, tmp_path, yolo_log):
+def test_retrain_silu_checkpoint_with_relu(subsets, tmp_path, yolo_log):
     import val
-    from models.backend import DetectMultiBackend
     from models.experimental import attempt_load
+    from workflow.backend import DetectMultiBackend
 
     src = reference("yolov5n_silu.pt")
-    train.run(data=str(shapes_subset["tiny"]), weights=str(src), act="relu", hyp="data/hyps/hyp.m-relu-tune.yaml",
+    train.run(data=str(subsets["tiny"]), weights=str(src), act="relu", hyp="data/hyps/hyp.m-relu-tune.yaml",
               imgsz=128, batch_size=8, workers=0, epochs=1, noplots=True, project=str(tmp_path), name="relu")
     save = tmp_path / "relu"
     m = re.search(r"Transferred (\d+)/(\d+) items from (\S+) \(activation silu -> relu\)", "\n".join(yolo_log))
@@ -159,16 +148,16 @@ def test_retrain_silu_checkpoint_with_relu(shapes_subset, tmp_path, yolo_log):
     assert acts(ck["model"]) == {nn.ReLU}
     assert acts(attempt_load(save / "weights" / "best.pt")) == {nn.ReLU}
     assert acts(DetectMultiBackend(save / "weights" / "best.pt").model) == {nn.ReLU}  # what val.py/detect.py load
-    r, _, _ = val.run(data=str(shapes_subset["tiny"]), weights=str(save / "weights" / "best.pt"), imgsz=128,
+    r, _, _ = val.run(data=str(subsets["tiny"]), weights=str(save / "weights" / "best.pt"), imgsz=128,
                       batch_size=8, workers=0, device="cpu", plots=False, project=str(tmp_path), name="val")
     assert len(r) == 7 and 0 <= r[2] <= 1
 
 
-def test_sigkill_mid_epoch_then_resume(shapes_subset, tmp_path):
+def test_sigkill_mid_epoch_then_resume(subsets, tmp_path):
     """48 images at batch 4 (12 batches an epoch), 3 epochs; killed once epoch 1 has started."""
     save = tmp_path / "kill"
     log = tmp_path / "kill.log"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(shapes_subset["kill"]), "--cfg", "yolov5n.yaml",
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(subsets["kill"]), "--cfg", "yolov5n.yaml",
            "--weights", "", "--img", "128", "--batch-size", "4", "--workers", "0", "--epochs", "3", "--noplots",
            "--project", str(tmp_path), "--name", "kill"]
     start_and_kill_when(cmd, log, lambda text: (save / "weights" / "last.pt").exists()
@@ -211,11 +200,11 @@ run_cli(train.main, train.parse_opt(sys.argv[1:]))
 """
 
 
-def test_kill_during_checkpoint_write_keeps_last_pt(shapes_subset, tmp_path, monkeypatch):
+def test_kill_during_checkpoint_write_keeps_last_pt(subsets, tmp_path, monkeypatch):
     driver = tmp_path / "die_during_save.py"
     driver.write_text(_DIE_DURING_SAVE.format(root=str(ROOT)))
     save = tmp_path / "atomic"
-    r = subprocess.run([sys.executable, str(driver), "--data", str(shapes_subset["tiny"]), "--cfg", "yolov5n.yaml",
+    r = subprocess.run([sys.executable, str(driver), "--data", str(subsets["tiny"]), "--cfg", "yolov5n.yaml",
                         "--weights", "", *FAST, "--epochs", "3", "--noplots", "--project", str(tmp_path),
                         "--name", "atomic"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == -signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
@@ -258,7 +247,7 @@ def test_kill_during_checkpoint_write_keeps_last_pt(shapes_subset, tmp_path, mon
     assert load_checkpoint(save / "weights" / "last.pt")["epoch"] == -1
 
 
-def test_nonfinite_loss_stops_with_last_good_checkpoint(shapes_subset, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_with_last_good_checkpoint(subsets, tmp_path, monkeypatch):
     calls = []
 
     class LossGoesNaN(train.ComputeLoss):
@@ -273,7 +262,7 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(shapes_subset, tmp_path,
     monkeypatch.setattr(train, "ComputeLoss", LossGoesNaN)
     save = tmp_path / "nan"
     with pytest.raises(UserError, match=r"non-finite loss .* at epoch 1 batch 0; stopped") as e:
-        train.run(data=str(shapes_subset["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=128, batch_size=8,
+        train.run(data=str(subsets["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=128, batch_size=8,
                   workers=0, epochs=3, noplots=True, project=str(tmp_path), name="nan")
     last = save / "weights" / "last.pt"
     assert f"lower lr0 in --hyp and continue from it with --weights {last} (--resume keeps the run's " in str(e.value)
@@ -282,11 +271,11 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(shapes_subset, tmp_path,
     assert [row[0] for row in _results(save)[1]] == [0]
 
 
-def test_absurd_learning_rate_stops_cleanly(shapes_subset, tmp_path):
+def test_absurd_learning_rate_stops_cleanly(subsets, tmp_path):
     hyp = yaml_load(ROOT / "data/hyps/hyp.scratch-low.yaml")
     hyp["lr0"] = 1e30
     yaml_save(tmp_path / "hyp.lr1e30.yaml", hyp)
-    r = _cli("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--weights", "", *FAST, "--epochs", "3",
+    r = _cli("--data", subsets["tiny"], "--cfg", "yolov5n.yaml", "--weights", "", *FAST, "--epochs", "3",
              "--noplots", "--hyp", tmp_path / "hyp.lr1e30.yaml", "--project", tmp_path, "--name", "lr")
     # the first update at lr ~1e28 already overflows the weights: epoch 0 is refused a checkpoint (upstream would
     # have saved infinities as last.pt) and the next batch's loss is never reached
@@ -300,10 +289,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_two_cpu_ranks_end_identical(shapes_subset, tmp_path):
+def test_ddp_two_cpu_ranks_end_identical(subsets, tmp_path):
     dump = tmp_path / "ranks"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "train.py"), "--device", "cpu", "--data", str(shapes_subset["tiny"]), "--cfg", "yolov5n.yaml",
+           str(ROOT / "train.py"), "--device", "cpu", "--data", str(subsets["tiny"]), "--cfg", "yolov5n.yaml",
            "--weights", "", *FAST, "--epochs", "1", "--noplots", "--sync-bn", "--project", str(tmp_path),
            "--name", "ddp"]
     r = subprocess.run(cmd, cwd=ROOT, env={**ENV, train.DDP_DUMP_ENV: str(dump)}, capture_output=True, text=True,
@@ -322,7 +311,7 @@ def test_ddp_two_cpu_ranks_end_identical(shapes_subset, tmp_path):
     assert all(torch.equal(b0[k], b1[k]) for k in b0)
 
 
-def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys):
+def test_bad_input_one_line_exit_2(subsets, tmp_path, monkeypatch, capsys):
     _one_line_error(_cli("--data", tmp_path / "missing.yaml", "--cfg", "yolov5n.yaml", "--weights", ""), "missing.yaml",
                     "not found")
 
@@ -334,15 +323,15 @@ def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys)
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ERROR: "), err
         return err[0]
 
-    assert "missing.pt: weights file not found" in in_process("--data", shapes_subset["tiny"], "--weights",
+    assert "missing.pt: weights file not found" in in_process("--data", subsets["tiny"], "--weights",
                                                               tmp_path / "missing.pt", "--project", tmp_path)
     assert "no last.pt found" in in_process("--resume", "--project", tmp_path / "no_runs_here")
     assert "--evolve 0: the number of generations must be >= 1" in in_process("--evolve", "0", "--data",
-                                                                               shapes_subset["tiny"], "--cfg",
+                                                                               subsets["tiny"], "--cfg",
                                                                                "yolov5n.yaml")
     bad_hyp = tmp_path / "hyp.yaml"
     bad_hyp.write_text("lr0: 0.01\n")
-    assert "missing lrf" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--hyp", bad_hyp,
+    assert "missing lrf" in in_process("--data", subsets["tiny"], "--cfg", "yolov5n.yaml", "--hyp", bad_hyp,
                                        "--project", tmp_path, "--name", "badhyp")
     for flags, message in ((["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
                            (["--batch-size", "-3"], "--batch-size -3: must be an integer >= 1"),
@@ -354,30 +343,30 @@ def test_bad_input_one_line_exit_2(shapes_subset, tmp_path, monkeypatch, capsys)
                            (["--imgsz", "100000"], "--imgsz 100000: each size must be at most 8192 pixels"),
                            (["--qat", "--freeze-bn-epoch", "-5"], "--freeze-bn-epoch -5: must be an epoch index >= 0"),
                            (["--disable-observer-epoch", "-2"], "--disable-observer-epoch -2: must be an epoch")):
-        assert message in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--act", "relu",
+        assert message in in_process("--data", subsets["tiny"], "--cfg", "yolov5n.yaml", "--act", "relu",
                                      *flags, "--project", tmp_path, "--name", "badflag")
     assert not (tmp_path / "badflag").exists()
     bad_recipe = tmp_path / "recipe.yaml"
     bad_recipe.write_text("default:\n  activation: {observer: percentile, percentile: 150}\n")
     assert "recipe.yaml: default: percentile observer: percentile=150 must be in (50, 100]" in in_process(
-        "--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--act", "relu", "--qat", "--qat-recipe", bad_recipe,
+        "--data", subsets["tiny"], "--cfg", "yolov5n.yaml", "--act", "relu", "--qat", "--qat-recipe", bad_recipe,
         "--project", tmp_path, "--name", "badrecipe")
     from utils.general import claim_run_folder
 
     with claim_run_folder(tmp_path / "busy"):  # another run holds the folder: this one stops before any work
-        assert "busy: another training run" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml",
+        assert "busy: another training run" in in_process("--data", subsets["tiny"], "--cfg", "yolov5n.yaml",
                                                           "--project", tmp_path, "--name", "busy", "--exist-ok")
     assert not (tmp_path / "busy" / "weights").exists()
     (tmp_path / "dirlast" / "weights" / "last.pt").mkdir(parents=True)  # refused before the first epoch
     assert "last.pt: is a folder, but a checkpoint file is written there; remove or rename it" in in_process(
-        "--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--project", tmp_path, "--name", "dirlast",
+        "--data", subsets["tiny"], "--cfg", "yolov5n.yaml", "--project", tmp_path, "--name", "dirlast",
         "--exist-ok")
     (tmp_path / "a_file").write_text("")
     assert "cannot write the run folder (Not a directory); choose a writable --project" in in_process(
-        "--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml", "--project", tmp_path / "a_file" / "runs")
+        "--data", subsets["tiny"], "--cfg", "yolov5n.yaml", "--project", tmp_path / "a_file" / "runs")
     monkeypatch.setattr(train, "LOCAL_RANK", 0)  # as under torchrun with 2 processes, checked before any DDP setup
     monkeypatch.setattr(train, "WORLD_SIZE", 2)
-    assert "multiple of WORLD_SIZE 2" in in_process("--data", shapes_subset["tiny"], "--cfg", "yolov5n.yaml",
+    assert "multiple of WORLD_SIZE 2" in in_process("--data", subsets["tiny"], "--cfg", "yolov5n.yaml",
                                                     "--batch-size", "5")
 
 
@@ -393,12 +382,12 @@ def test_upstream_quickstart_without_network_says_where_to_put_weights_and_data(
     assert not list(tmp_path.glob("exp*"))
 
 
-def test_evolve_mutates_records_and_continues(shapes_subset, tmp_path):
+def test_evolve_mutates_records_and_continues(subsets, tmp_path):
     """--evolve 2: two whole runs, the first with the --hyp yaml as given, the second mutated from it; evolve.csv
     holds both, hyp_evolve.yaml the better one; started again with --exist-ok the search continues."""
-    from utils.evolve import METRICS, read_history
+    from workflow.evolve import METRICS, read_history
 
-    kw = dict(data=str(shapes_subset["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=64, batch_size=8, workers=0,
+    kw = dict(data=str(subsets["tiny"]), cfg="yolov5n.yaml", weights="", imgsz=64, batch_size=8, workers=0,
               epochs=1, project=str(tmp_path), name="ev", hyp="data/hyps/hyp.scratch-low.yaml")
     opt = train.run(**kw, evolve=2)
     save = tmp_path / "ev"
@@ -422,7 +411,7 @@ def test_evolve_mutates_records_and_continues(shapes_subset, tmp_path):
 def test_autobatch_fits_the_probed_memory():
     """Memory 0.5 GB + 0.25 GB per image on a 16 GB device: 60% of it (9.6 GB) holds 36 images; a probe that ran out
     of memory (nan) is left out of the fit; what was reserved before counts against the budget."""
-    from utils.autobatch import batch_for_memory
+    from workflow.autobatch import batch_for_memory
 
     sizes = [1, 2, 4, 8, 16]
     used = [0.5 + 0.25 * n for n in sizes]

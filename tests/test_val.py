@@ -309,19 +309,19 @@ def reference_weights():
 
 
 @pytest.fixture(scope="module")
-def shapes_subset(tmp_path_factory):
+def shapes_val6(tmp_path_factory):
     """A yaml for the first 6 shapes val images (generated on first use), with shapes' COCO annotations."""
     shapes = check_dataset("shapes.yaml")
     images = sorted(Path(shapes["val"]).glob("*.jpg"))[:6]
-    root = tmp_path_factory.mktemp("shapes_subset")
+    root = tmp_path_factory.mktemp("shapes_val6")
     (root / "val.txt").write_text("".join(f"{p}\n" for p in images))
     spec = yaml_load(ROOT / "data" / "shapes.yaml")
     spec.update(path=str(shapes["path"]), train=str(root / "val.txt"), val=str(root / "val.txt"))
     spec.pop("download")
-    (root / "shapes_subset.yaml").write_text(yaml.safe_dump(spec))
+    (root / "shapes_val6.yaml").write_text(yaml.safe_dump(spec))
     labels = [shapes["path"] / "labels" / "val" / f"{p.stem}.txt" for p in images]
     n_instances = sum(len(np.loadtxt(f, ndmin=2)) for f in labels if f.is_file() and f.stat().st_size)
-    return root / "shapes_subset.yaml", len(images), n_instances
+    return root / "shapes_val6.yaml", len(images), n_instances
 
 
 def run_val_cli(*args):
@@ -329,8 +329,8 @@ def run_val_cli(*args):
                           cwd=ROOT, timeout=300, env={**os.environ, "NO_COLOR": "1"})
 
 
-def test_cli_end_to_end_on_reference_checkpoint(shapes_subset, tmp_path):
-    data_yaml, n_images, n_instances = shapes_subset
+def test_cli_end_to_end_on_reference_checkpoint(shapes_val6, tmp_path):
+    data_yaml, n_images, n_instances = shapes_val6
     r = run_val_cli("--weights", reference_weights(), "--data", data_yaml, "--img", 160, "--batch-size", 8,
                     "--workers", 1, "--conf-thres", 0.25, "--project", tmp_path, "--name", "exp", "--save-txt",
                     "--save-conf", "--save-json", "--verbose")
@@ -366,8 +366,8 @@ def test_cli_end_to_end_on_reference_checkpoint(shapes_subset, tmp_path):
         assert "No predictions of the dataset's 10 classes above --conf-thres 0.25 to save as JSON" in out
 
 
-def test_cli_task_speed(shapes_subset, tmp_path):
-    data_yaml, _, _ = shapes_subset
+def test_cli_task_speed(shapes_val6, tmp_path):
+    data_yaml, _, _ = shapes_val6
     r = run_val_cli("--weights", reference_weights(), "--data", data_yaml, "--img", 160, "--batch-size", 8,
                     "--workers", 1, "--task", "speed", "--project", tmp_path, "--name", "exp")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -452,14 +452,14 @@ def test_model_with_fewer_classes_than_the_dataset_is_refused(dataset, tmp_path,
     assert not (tmp_path / "runs").exists()
 
 
-def test_ptq_quantizes_evaluates_and_saves_the_float_checkpoint(shapes_subset, tmp_path):
+def test_ptq_quantizes_evaluates_and_saves_the_float_checkpoint(shapes_val6, tmp_path):
     """val.run(ptq=True), as `python val.py --ptq --ptq-save f`: the float .pt is calibrated on the train split and
     evaluated fake-quantized; the saved checkpoint is a QAT model, which a second --ptq refuses as not float."""
     from models.experimental import attempt_load
     from models.quant import is_quantized
     from utils.general import UserError
 
-    data_yaml, _, _ = shapes_subset
+    data_yaml, _, _ = shapes_val6
     kw = dict(imgsz=160, batch_size=4, workers=0, conf_thres=0.25, plots=False, project=str(tmp_path / "runs"))
     saved = tmp_path / "ptq.pt"
     r, maps, t = val.run(str(data_yaml), weights=str(reference_weights()), ptq=True, calib_batches=1,
@@ -470,7 +470,7 @@ def test_ptq_quantizes_evaluates_and_saves_the_float_checkpoint(shapes_subset, t
         val.run(str(data_yaml), weights=str(saved), ptq=True, calib_batches=1, **kw)
 
 
-def test_image_stats_give_back_the_metrics_and_bootstrap_the_spread(shapes_subset, tmp_path):
+def test_image_stats_give_back_the_metrics_and_bootstrap_the_spread(shapes_val6, tmp_path):
     """val.run(image_stats=[...]) records what each image contributed; benchmarks/val_batch.py recomputes mAP50-95
     from it (all weights 1: val.run's own number), and the bootstrap of two identical
     checkpoints gives a spread difference of 0 on every resample while a different one does not."""
@@ -478,7 +478,7 @@ def test_image_stats_give_back_the_metrics_and_bootstrap_the_spread(shapes_subse
     spec = importlib.util.spec_from_file_location("val_batch", ROOT / "benchmarks" / "val_batch.py")
     vb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vb)
-    data_yaml, n_images, _ = shapes_subset
+    data_yaml, n_images, _ = shapes_val6
     flats = []
     for b in (1, 4):
         image_stats = []

@@ -3,7 +3,6 @@
 import copy
 import io
 import pickle
-import warnings
 
 import pytest
 import torch
@@ -37,13 +36,6 @@ PER_CHANNEL = [
     dict(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-128, quant_max=127, ch_axis=0),
     dict(dtype=torch.quint8, qscheme=torch.per_channel_affine, ch_axis=1),
 ]
-
-
-@pytest.fixture(scope="module")
-def tq():
-    ao = pytest.importorskip("torch.ao.quantization")
-    warnings.filterwarnings("ignore", module="torch.ao")
-    return ao
 
 
 def _inputs(n=4, seed=0):

@@ -1,6 +1,5 @@
 """Observers: parity with torch.ao.quantization (linear mode), non-finite inputs, invalid configurations,
 fixed qparams and the outlier-robust calibrators."""
-import warnings
 
 import pytest
 import torch
@@ -27,13 +26,6 @@ CONFIGS = [  # dtype, qscheme (per tensor), extra kwargs
 ]
 PER_CHANNEL = {torch.per_tensor_affine: torch.per_channel_affine,
                torch.per_tensor_symmetric: torch.per_channel_symmetric}
-
-
-@pytest.fixture(scope="module")
-def tq():
-    ao = pytest.importorskip("torch.ao.quantization")
-    warnings.filterwarnings("ignore", module="torch.ao")
-    return ao
 
 
 def _batches(seed=0):
@@ -204,6 +196,163 @@ def test_mse_observer_symmetric_and_lazy_flag():
     obs(torch.randn(5000))
     scale, zp = obs.calculate_qparams()
     assert zp.item() == 0 and bool(is_pow2(scale).all())
+
+
+# --- calibrators: the fast observing paths give exactly the straightforward result -----------------------------
+
+class _ReferenceCalibration:
+    """What a calibrator's observing means, written the plain way: drop non-finite elements (a copy), take the
+    min/max, update the average batch range with tensor ops; MSE: topk of the m largest and smallest, the values
+    strictly between them compacted and thinned by a stride, written into the sample ring; percentile: the running
+    mean of the per-batch quantiles of the thinned values. The observers' fast paths must match it bit for bit."""
+
+    def __init__(self, obs):
+        self.obs = obs
+        self.min_val, self.max_val = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+        self.batch_range, self.batch_count = torch.zeros(2), torch.tensor(0)
+        self.num_batches = 0
+        if isinstance(obs, MSEObserver):
+            self.samples, self.weights, self.cursor = torch.zeros(obs.num_samples), torch.zeros(obs.num_samples), 0
+
+    def __call__(self, x):
+        obs = self.obs
+        values = x.detach().reshape(-1).to(torch.float32)
+        values = values[torch.isfinite(values)]
+        if values.numel() == 0:
+            return
+        low, high = torch.aminmax(values)
+        weight = 1.0 / torch.clamp(self.batch_count + 1, max=round(1 / obs.averaging_constant)).float()
+        self.batch_range = self.batch_range + (torch.stack([low, high]) - self.batch_range) * weight
+        self.batch_count = self.batch_count + 1
+        if isinstance(obs, MSEObserver):
+            self._mse(values, low, high)
+        else:
+            self._percentile(values)
+
+    def _mse(self, values, low, high):
+        obs = self.obs
+        self.min_val, self.max_val = torch.minimum(self.min_val, low), torch.maximum(self.max_val, high)
+        m = min(obs.num_extremes, values.numel() // 4)
+        top, bottom = torch.topk(values, m).values, -torch.topk(-values, m).values
+        bulk = values[(values < top[-1]) & (values > bottom[-1])] if m else values
+        room = obs.num_samples // 8 - 2 * m
+        sample = bulk[::-(-bulk.numel() // room)] if bulk.numel() > room else bulk
+        entries = torch.cat([top, bottom, sample])
+        weights = torch.cat([torch.ones(2 * m), torch.full_like(sample, bulk.numel() / max(sample.numel(), 1))])
+        at = (self.cursor + torch.arange(entries.numel())) % obs.num_samples
+        self.samples[at], self.weights[at] = entries, weights
+        self.cursor = (self.cursor + entries.numel()) % obs.num_samples
+
+    def _percentile(self, values):
+        obs = self.obs
+        if values.numel() > obs.max_samples:
+            values = values[::-(-values.numel() // obs.max_samples)]
+        p = obs.percentile / 100
+        if obs.symmetric:
+            high = torch.quantile(values.abs(), p)
+            low = -high
+        else:
+            low, high = torch.quantile(values, torch.tensor([1 - p, p]))
+        if self.num_batches == 0:
+            self.min_val, self.max_val = low, high
+        else:
+            n1 = torch.tensor(float(self.num_batches)) + 1
+            self.min_val = self.min_val + (low - self.min_val) / n1
+            self.max_val = self.max_val + (high - self.max_val) / n1
+        self.num_batches += 1
+
+    def state(self):
+        state = {"min_val": self.min_val, "max_val": self.max_val, "batch_range": self.batch_range,
+                 "batch_count": self.batch_count}
+        if isinstance(self.obs, MSEObserver):
+            state.update(samples=self.samples, weights=self.weights)
+        else:
+            state["num_batches"] = torch.tensor(self.num_batches)
+        return state
+
+
+def _bits(t):
+    t = t.detach().reshape(-1)
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def _assert_same_bits(ours, reference, what):
+    assert ours.dtype == reference.dtype and torch.equal(_bits(ours), _bits(reference)), what
+
+
+def _tensor_zoo(g):
+    """Batches that reach every observing path: tiny (fewer than 4 * num_extremes values), at and around the size
+    where the block search starts, large with a short last block; ties at one or both extremes (ReLU zeros, ReLU6
+    saturation, a flat SiLU minimum, few distinct values), extremes clustered in a few blocks or in the last one,
+    zeros of both signs among the extremes, constant tensors, NaN and infinities, non-contiguous, offset and
+    float16 inputs."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    def mixed_zeros(x):
+        x[torch.rand(x.shape, generator=g) < 0.5] *= -1  # flips the sign of some zeros too
+        return x
+
+    saturated = torch.full((30011,), 6.0)
+    saturated[::97] = torch.rand(310, generator=g) * 6
+    clustered = torch.clamp(randn(50000) * 4, -6, 6)
+    clustered[20000:20300] += 20
+    clustered[100:400] -= 20
+    last = randn(70001)
+    last[-3:] = torch.tensor([40.0, -50.0, 50.0])
+    non_finite = randn(40000)
+    non_finite[[7, 20000, 39999]] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    wide = randn(2, 64, 100, 100)
+    return [
+        randn(3), randn(17), randn(255) * 3, randn(5000), randn(16384), randn(16383), randn(16385),
+        torch.nn.functional.silu(randn(4, 16, 80, 80) * 3),  # ties at the flat minimum
+        torch.relu(randn(40000)), torch.clamp(randn(60000) * 4, 0, 6), saturated, -torch.relu(randn(40000)),
+        torch.round(torch.rand(50000, generator=g) * 255) / 255, clustered, last,
+        mixed_zeros(torch.relu(randn(40000))), mixed_zeros(-torch.relu(randn(40000))),
+        mixed_zeros(torch.zeros(30000)), torch.full((30000,), 1.5), torch.zeros(20), non_finite,
+        torch.full((20000,), float("nan")), torch.empty(0), randn(40000) ** 3 * 100, (randn((1 << 20) + 5) * 2 - 1),
+        wide.transpose(1, 3), wide.reshape(-1)[3:70003], randn(4, 8, 40, 40).half(),
+    ]
+
+
+CALIBRATION_CASES = [
+    (MSEObserver, {}),
+    (MSEObserver, {"dtype": torch.qint8, "qscheme": torch.per_tensor_symmetric, "pow2": True}),
+    (MSEObserver, {"pow2": True, "num_samples": 1 << 17}),  # room for the whole bulk of a 16384-value batch
+    (MSEObserver, {"num_samples": 1024, "num_extremes": 7}),  # the ring wraps every few batches
+    (MSEObserver, {"num_extremes": 0}),
+    (MSEObserver, {"num_extremes": 1, "qscheme": torch.per_tensor_symmetric}),
+    (PercentileObserver, {"pow2": True}),
+    (PercentileObserver, {"dtype": torch.qint8, "qscheme": torch.per_tensor_symmetric, "max_samples": 1000}),
+]
+
+
+@pytest.mark.parametrize("observer,kw", CALIBRATION_CASES)
+def test_calibrator_observing_matches_the_plain_definition_bit_for_bit(observer, kw):
+    obs = observer(**kw)
+    reference = _ReferenceCalibration(observer(**kw))
+    for i, x in enumerate(_tensor_zoo(torch.Generator().manual_seed(7))):
+        obs(x)
+        reference(x)
+        for name, value in reference.state().items():
+            _assert_same_bits(getattr(obs, name), value, f"batch {i}: {name}")
+        assert getattr(obs, "_cursor", 0) == getattr(reference, "cursor", 0), f"batch {i}"
+        twin = observer(**kw)  # the qparams of the reference state
+        for name, value in reference.state().items():
+            getattr(twin, name).copy_(value)
+        for ours, theirs in zip(obs.calculate_qparams(), twin.calculate_qparams()):
+            _assert_same_bits(ours, theirs, f"batch {i}: qparams")
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 33, 1000, 65536 + 3])
+def test_aminmax_propagates_nan(numel):
+    """The calibrators observe a batch in place when both ends of torch.aminmax are finite: that must mean no NaN
+    anywhere (torch.aminmax propagates NaN) as well as no infinity."""
+    for at in {0, numel // 2, numel - 1}:
+        x = torch.randn(numel)
+        x[at] = float("nan")
+        low, high = torch.aminmax(x)
+        assert low.isnan() and high.isnan()
 
 
 # --- calibrators after calibration: tracking the calibrated qparams (training_update="track") -----------------

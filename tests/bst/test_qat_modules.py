@@ -1,6 +1,5 @@
 """QAT modules: parity of fused Conv+BN(+ReLU) with simulated folding against torch.ao (BN live and
 frozen), whole prepared models (fuse_modules_qat + prepare_qat) against torch.ao, and module behaviour."""
-import warnings
 
 import pytest
 import torch
@@ -10,13 +9,6 @@ import bst.torch.ao.nn.intrinsic.qat as nniqat
 import bst.torch.ao.nn.qat as nnqat
 import bst.torch.ao.quantization as bq
 from bst.torch.ao.nn.quantized import FloatFunctional
-
-
-@pytest.fixture(scope="module")
-def tq():
-    ao = pytest.importorskip("torch.ao.quantization")
-    warnings.filterwarnings("ignore", module="torch.ao")
-    return ao
 
 
 def _qconfigs(lib, per_channel, act_dtype):

@@ -1,4 +1,4 @@
-"""DetectMultiBackend: run a PyTorch checkpoint, a TorchScript file or an ONNX file the same way.
+"""DetectMultiBackend: run a PyTorch checkpoint, a TorchScript file, an ONNX file or an OpenVINO folder the same way.
 
 val.py and detect.py call `model(im)` and get `(pred, ...)` with pred (bs, N, 5 + nc) in pixels,
 whatever the file type. ONNX runs through onnxruntime, or OpenCV DNN with `dnn=True` (meant for float ONNX); an
@@ -13,9 +13,7 @@ which --imgsz to use.
 from __future__ import annotations
 
 import ast
-import functools
 import json
-import platform
 import warnings
 from pathlib import Path
 
@@ -25,189 +23,17 @@ import torch
 import torch.nn as nn
 
 from models.experimental import attempt_load
-from models.graph_forms import space_to_depth_form
 from models.quant import is_quantized
 from utils.dataset_yaml import check_dataset
 from utils.general import LOGGER, UserError, yaml_load
+from utils.runtimes import OPENVINO_DIR, onnxruntime_session, openvino_compiled, openvino_run, openvino_xml
 
 SUFFIXES = {".pt": "pt", ".torchscript": "jit", ".onnx": "onnx"}
 
 
-# onnxruntime graph rewrites that change the numbers of a QDQ graph: WeightBiasQuantization rounds float conv biases
-# to the int32 grid input_scale * weight_scale; QDQSelectorActionTransformer fuses DequantizeLinear -> op ->
-# QuantizeLinear into int8 kernels (QLinearConv, QLinearAdd, QLinearConcat ...). Without them the graph runs as the
-# ONNX spec defines it (float arithmetic on the dequantized values).
-ORT_QDQ_REWRITES = ("WeightBiasQuantization", "QDQSelectorActionTransformer")
-
-
-def onnxruntime_kernel_form(proto):
-    """`proto` (an onnx ModelProto, changed in place and returned) with every int8 initializer that feeds a
-    DequantizeLinear stored as uint8 (value + 128) with its zero point + 128: the same integers and the same
-    dequantized values, so the graph means exactly what it meant.
-
-    Why: with int8 weights onnxruntime's x86 QLinearConv uses its u8 x s8 kernel, which on CPUs without VNNI multiplies
-    with VPMADDUBSW; that instruction adds pairs of products in 16 bits and saturates (255 x 127 x 2 > 32767), so a
-    conv's int32 accumulator is wrong wherever two large products meet (40% of an exported yolov5n's raw head outputs
-    were then off, by up to 11 steps). With uint8 weights the u8 x u8 kernel widens to 16 bits before multiplying
-    and accumulates in 32 bits: exact on every CPU. Returns the number of initializers re-encoded as well."""
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in proto.graph.initializer}
-    users = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    changed = 0
-    for node in proto.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
-            continue
-        tensor = inits[node.input[0]]
-        if tensor.data_type != onnx.TensorProto.INT8 or len(users[tensor.name]) != 1:
-            continue
-        if len(node.input) > 2 and node.input[2]:
-            zp_name = node.input[2]
-            if zp_name not in inits:
-                continue
-            zp = numpy_helper.to_array(inits[zp_name])
-        else:
-            scale = inits.get(node.input[1])
-            if scale is None:
-                continue
-            zp = np.zeros(numpy_helper.to_array(scale).shape, np.int8)
-        w = numpy_helper.to_array(tensor)
-        tensor.CopyFrom(numpy_helper.from_array((w.astype(np.int16) + 128).astype(np.uint8), tensor.name))
-        new_zp = numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), f"{tensor.name}_zero_point_u8")
-        proto.graph.initializer.append(new_zp)
-        while len(node.input) < 3:
-            node.input.append("")
-        node.input[2] = new_zp.name
-        changed += 1
-    if changed:  # zero points no longer used by any node would make onnxruntime warn once per initializer
-        used = {name for node in proto.graph.node for name in node.input}
-        keep = [t for t in proto.graph.initializer if t.name in used]
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(keep)
-    return proto, changed
-
-
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # x86 CPU flags of VPDPBUSD: u8 x s8 products summed in 32 bits
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset:
-    """The CPU's feature flags as Linux reports them in /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def int8_weight_form() -> str:
-    """How onnxruntime_session hands a QDQ file's int8 weights to onnxruntime's int8 kernels on this CPU: "int8" as
-    stored where the CPU has VNNI (its u8 x s8 kernel then accumulates in 32 bits: exact, and 2-2.7x faster than the
-    uint8 path for yolov5n), else "uint8" (onnxruntime_kernel_form: exact on every CPU)."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "int8" if x86 and any(f in cpu_flags() for f in VNNI_FLAGS) else "uint8"
-
-
-def onnxruntime_session(model, providers=("CPUExecutionProvider",), as_written=False, threads=0,
-                        optimized_model_filepath=None, spinning=True, weights=None, space_to_depth=True,
-                        profile_prefix=None):
-    """An onnxruntime InferenceSession of `model` (a path or serialized bytes) with its default optimizations: a QDQ
-    graph runs on onnxruntime's int8 kernels, its int8 weights given to them as `weights` says ("int8": as stored;
-    "uint8": onnxruntime_kernel_form; None: int8_weight_form(), the exact and faster one for this CPU), and with
-    space_to_depth=True a strided first convolution on the few image channels as SpaceToDepth + a stride-1
-    convolution (models.graph_forms.space_to_depth_form: the same integers, 2.3x faster than onnxruntime's int8
-    kernel on 3 channels); as_written=True turns off ORT_QDQ_REWRITES instead, so a QDQ graph computes exactly its
-    QuantizeLinear/DequantizeLinear semantics with float kernels. threads: intra-op threads (0: ORT's default);
-    optimized_model_filepath: where onnxruntime saves the graph it runs; spinning=False stops idle threads from
-    spinning (for timing it beside other runtimes); profile_prefix: turns on onnxruntime's profiler, which writes
-    per-node times to a json file with this prefix (session.end_profiling() returns its path)."""
-    import onnx
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    if optimized_model_filepath:
-        so.optimized_model_filepath = str(optimized_model_filepath)
-        so.log_severity_level = 3  # no notice that the saved graph holds hardware-specific layouts
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = str(profile_prefix)
-    if not spinning:
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    disabled = list(ORT_QDQ_REWRITES) if as_written else []
-    model = str(model) if isinstance(model, Path) else model
-    weights = weights or int8_weight_form()
-    if weights not in ("int8", "uint8"):
-        raise ValueError(f"weights={weights!r}: use 'int8', 'uint8' or None")
-    if not as_written and (weights == "uint8" or space_to_depth):
-        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
-        changed = space_to_depth_form(proto)[1] if space_to_depth else 0
-        if weights == "uint8":
-            changed += onnxruntime_kernel_form(proto)[1]
-        if changed:
-            model = proto.SerializeToString()
-    return ort.InferenceSession(model, so, providers=list(providers), disabled_optimizers=disabled)
-
-
-OPENVINO_DIR = "_openvino_model"  # export.py --include openvino writes <stem>_openvino_model/<stem>.xml/.bin/.yaml
-
-
-def openvino_xml(path) -> Path | None:
-    """The OpenVINO IR .xml of `path` (an .xml file, or a *_openvino_model folder holding one); None if neither."""
-    path = Path(path)
-    if path.suffix.lower() == ".xml":
-        return path
-    if path.name.endswith(OPENVINO_DIR) or path.is_dir():
-        found = sorted(path.glob("*.xml")) if path.is_dir() else []
-        return found[0] if len(found) == 1 else None
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def openvino_core():
-    """The process's one openvino.Core (every compiled model shares its CPU plugin and thread pools)."""
-    import openvino as ov
-
-    return ov.Core()
-
-
-def openvino_compiled(model, threads=0, shape=None):
-    """OpenVINO's CPU plugin compiling `model` (an .xml path or an openvino.Model) for latency; threads: inference
-    threads (0: OpenVINO's default); shape: the input shape to compile a model with dynamic dimensions for. A QDQ
-    model's QuantizeLinear/DequantizeLinear become FakeQuantize, which the CPU plugin runs as int8 convolutions (see
-    the export_speed benchmark for what ran in int8). Float layers run in float32: on CPUs with bfloat16 units (AMX,
-    AVX512_BF16) the plugin would otherwise run them in bfloat16, whose 8-bit mantissa moves outputs by about 1e-3
-    of their range. A model with dynamic dimensions is compiled for `shape`: compiled for dynamic shapes, the
-    plugin's int8 kernels gave other integers than for the same model at a fixed shape (all raw outputs of a yolov5n
-    moved, by up to 56 steps), at a fixed shape they are exact (models.graph_forms.openvino_form)."""
-    core = openvino_core()
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    model = core.read_model(str(model)) if isinstance(model, (str, Path)) else model
-    if shape is not None and model.is_dynamic():
-        model.reshape([int(d) for d in shape])
-    return core.compile_model(model, "CPU", config)
-
-
-def openvino_run(request, x):
-    """The first output of OpenVINO InferRequest `request` on numpy `x` (cast to float32 contiguous), read without
-    copying the input into a new tensor; the output is a copy the caller may keep."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return request.infer({0: x}, share_inputs=True, share_outputs=False)[0]
-
-
 def load_pytorch_model(weights, device=None, inplace=True, fuse=True, trust=False):
     """attempt_load: every way a file can be damaged or hostile is already one UserError naming it
-    (utils/checkpoint.safe_load, models/checkpoint.check_model and check_qat_state)."""
+    (utils/checkpoint_io.safe_load, models/checkpoint.check_model and check_qat_state)."""
     return attempt_load(weights, device=device, inplace=inplace, fuse=fuse, trust=trust)
 
 
@@ -337,7 +163,8 @@ class DetectMultiBackend(nn.Module):
             self.stride = max(int(model.stride.max()), 32)
             self.names = model.module.names if hasattr(model, "module") else model.names
             self.quantized = is_quantized(model)
-            self.pow2 = bool(getattr(model, "qat", {}).get("pow2", False)) if self.quantized else False
+            config = getattr(model, "qat_config", None)  # an Ensemble has none
+            self.pow2 = bool(self.quantized and config is not None and config.pow2)
             if self.fp16 and not self.quantized:  # fake-quant models stay float32 (scales must not be cast)
                 model.half()
             else:

@@ -1,4 +1,5 @@
-"""Numerical verification of exported files: each is run on a sample batch and compared with the PyTorch model.
+"""Numerical verification of exported files, every format: each is run on sample batches and compared with the
+PyTorch model. `verify_export(fmt, job, f)` is export.py's one verification step; it picks the checks below by format.
 
 Float exports (`verify_onnx`, `verify_torchscript`): the largest difference must stay within FLOAT_RTOL (HALF_RTOL for
 float16) of the largest output magnitude.
@@ -10,6 +11,10 @@ input_scale * weight_scale, the int32 bias on the same grid), so onnxruntime mus
 whatever its summation order. Linear (non-pow2) scales can differ by float rounding (QuantizeLinear divides by the
 scale while torch multiplies by its float32 reciprocal; products are not exact), and a value on a rounding boundary of
 the next quantizer then lands one step apart: they get the one-step bound.
+
+OpenVINO IR (`verify_openvino`): float models as verify_onnx, QAT models reported against the one-step bound. Integer
+models (`verify_integer`): the raw head outputs of the numpy runner, of bst's integer reference and of PyTorch must be
+identical.
 """
 from __future__ import annotations
 
@@ -22,14 +27,17 @@ import numpy as np
 import onnx
 import torch
 
+from bst.torch.ao.nn.quantized.onnx_form import qdq_counts
 from bst.torch.ao.quantization import FakeQuantizeBase, fake_quant_enabled, frozen_qparams, output_quantizer
-from models.backend import onnxruntime_session, openvino_compiled, openvino_xml
-from models.graph_forms import openvino_form
-from models.quant import model_pow2
+from bst.torch.ao.quantization.integer_runner import IntegerModel
+from models.quant import integer_head
 from utils.dataloaders import LoadImages, _list_image_files
 from utils.dataset_yaml import check_dataset
 from utils.general import LOGGER, UserError, colorstr
-from utils.onnx_checks import detect_raw_outputs
+from utils.graph_forms import openvino_form
+from utils.runtimes import onnxruntime_session, openvino_compiled, openvino_xml
+from workflow.exporters.common import ExportJob, second_shape
+from workflow.exporters.qdq_checks import check_qdq_file, describe_qdq, detect_raw_outputs
 
 FLOAT_RTOL = 1e-4  # float32 export: max |diff| <= FLOAT_RTOL * max |PyTorch output|
 HALF_RTOL = 1e-3  # float16 export: about one float16 rounding (eps 9.8e-4) of the largest output
@@ -170,7 +178,7 @@ def qdq_reference(model, im) -> dict:
             head_in[i] = args[0]
         return pre
 
-    exact = model_pow2(model)
+    exact = model.qat_config.pow2
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, FakeQuantizeBase)]
     hooks += [conv.register_forward_pre_hook(head_input(i)) for i, conv in enumerate(detect.m)]
     export_flag = detect.export
@@ -286,8 +294,8 @@ def verify_onnx_qdq(model, onnx_path, im, check=True, prefix=colorstr("ONNX:")) 
     above): raw head outputs within one output step, decoded output within the bound one step implies.
 
     Two runs: the graph as written (onnxruntime without the rewrites that change QDQ numbers:
-    models.backend.ORT_QDQ_REWRITES) is the check, a failure raises UserError with check=True; onnxruntime with its
-    defaults (int8 kernels, weights in models.backend.onnxruntime_kernel_form, as DetectMultiBackend runs them when
+    utils.runtimes.ORT_QDQ_REWRITES) is the check, a failure raises UserError with check=True; onnxruntime with its
+    defaults (int8 kernels, weights in utils.graph_forms.onnxruntime_kernel_form, as DetectMultiBackend runs them when
     they agree) is reported, with a warning when it is off by more than one step.
 
     Returns {"raw": [_within per level], "decoded": _within, "ok", "output" (decoded), "raw_output" (per level),
@@ -371,7 +379,7 @@ def verify_openvino(model, folder, onnx_path, im, quantized, rtol=FLOAT_RTOL, ch
     """Run the OpenVINO IR in `folder` (CPU plugin) on `im` and compare it with the PyTorch model.
 
     Float models: as verify_onnx (FLOAT_RTOL, HALF_RTOL for float16 weights); a failure raises UserError with
-    check=True. QAT models: OpenVINO runs the QDQ graph (in models.graph_forms.openvino_form, as export_openvino
+    check=True. QAT models: OpenVINO runs the QDQ graph (in utils.graph_forms.openvino_form, as export_openvino
     converts it) with its own int8 kernels. They compute a power-of-two model's integers exactly when every zero
     point is even (a ReLU model's are 0); an odd zero point is rounded after it is added (OpenVINO's FakeQuantize
     rounds (x - low) / step), so a tie lands on the other neighbour (see README). The raw head outputs (read through
@@ -423,3 +431,92 @@ def verify_openvino(model, folder, onnx_path, im, quantized, rtol=FLOAT_RTOL, ch
                        f"{max(worst, decoded['worst_ratio']):.3g}x one output step ({why}); the ONNX file computes "
                        f"the model exactly")
     return result
+
+
+@torch.no_grad()
+def verify_integer(model, converted, folder, checks, prefix=colorstr("Integer:")) -> dict:
+    """The integer model in `folder` (workflow.exporters.integer.export_integer) vs the PyTorch fake-quant `model`, on
+    every batch of `checks` and on a second input size: the raw head outputs of the PyTorch model, of bst's integer
+    reference (`converted`, the network the folder was recorded from) and of the numpy runner must be identical (0
+    differing integers); any difference raises UserError. Returns {"differ", "total", "shapes"}."""
+    runner = IntegerModel(folder)
+    detect = model.model[-1]
+    stride = int(detect.stride.max())
+    im = checks[0]
+    second = second_shape(im.shape, stride)
+    checks = list(checks) + ([] if any(tuple(x.shape) == second for x in checks) else
+                             [sample_batch(second, seed=2, device=im.device)])
+    differ = total = 0
+    for x in checks:
+        export_flag, detect.export = detect.export, False
+        try:
+            raw = model(x)[1]
+        finally:
+            detect.export = export_flag
+        ints = integer_head(converted, x)
+        ran = runner.run(x.float().cpu().numpy())
+        for r, q, name in zip(raw, ints, runner.graph["outputs"]):
+            bs, _, ny, nx = q.int_repr.shape
+            ref = q.dequantize().view(bs, detect.na, detect.no, ny, nx).permute(0, 1, 3, 4, 2)
+            differ += int((ref.cpu() != r.float().cpu()).sum()) + int((torch.from_numpy(ran[name]) != q.int_repr.cpu())
+                                                                     .sum())
+            total += r.numel()
+    shapes = ", ".join(f"{tuple(x.shape)}" for x in checks)
+    nodes = runner.graph["nodes"]
+    ops = {}
+    for n in nodes:
+        ops[n["op"]] = ops.get(n["op"], 0) + 1
+    shifts = np.concatenate([runner.arrays[n["shift"]] for n in nodes if n["op"] == "conv2d"])
+    LOGGER.info(f"{prefix} {len(nodes)} ops ({', '.join(f'{v} {k}' for k, v in ops.items())}), conv shifts "
+                f"{int(shifts.min())}..{int(shifts.max())}; raw head outputs: {differ} of {total} differ between the "
+                f"PyTorch model, bst's integer reference and the numpy runner [required: 0] at {shapes}")
+    if differ:
+        raise UserError(f"{folder}: the integer model differs from the PyTorch model on {differ} of {total} raw "
+                        f"outputs")
+    return {"differ": differ, "total": total, "shapes": shapes}
+
+
+# --- the verification step of export.py: one entry point, every format ---------------------------------------------
+
+def _torchscript_checked(job: ExportJob, f) -> None:
+    for x in job.checks:
+        if job.quantized:
+            verify_torchscript_qdq(job.model, f, x)
+        else:
+            verify_torchscript(job.model, f, x, rtol=job.rtol)
+
+
+def _onnx_checked(job: ExportJob, f) -> None:
+    """A QAT model's file is first checked as a QDQ graph (workflow.exporters.qdq_checks), then numerically."""
+    if job.quantized:
+        expected = qdq_counts(job.export_model, (job.im,))
+        s = check_qdq_file(onnx.load(str(f)), expected, job.metadata["pow2"], f, simplified=job.simplify)
+        LOGGER.info(f"{colorstr('ONNX:')} {describe_qdq(s, job.metadata['pow2'])}")
+    for x in job.checks:
+        if job.quantized:
+            verify_onnx_qdq(job.model, f, x)
+        else:
+            verify_onnx(job.model, f, x, rtol=job.rtol)
+
+
+def _openvino_checked(job: ExportJob, f) -> None:
+    """Compared through job.openvino_source, the ONNX file the folder was converted from."""
+    for x in job.checks:
+        verify_openvino(job.model, f, job.openvino_source, x, job.quantized, rtol=job.rtol,
+                        prefix=colorstr("OpenVINO:"))
+
+
+def _integer_checked(job: ExportJob, f) -> None:
+    verify_integer(job.model, job.integer_network, f, job.checks)
+
+
+VERIFIERS = {"torchscript": _torchscript_checked, "onnx": _onnx_checked, "openvino": _openvino_checked,
+             "integer": _integer_checked}
+
+
+def verify_export(fmt: str, job: ExportJob, f) -> None:
+    """The one check every file export.py writes passes before it is kept: `f`, written by the exporter of format
+    `fmt` (a key of common.FORMATS), is run on every batch of job.checks and compared with job.model: a float model
+    within job.rtol, a QAT model as verify_torchscript_qdq, check_qdq_file + verify_onnx_qdq, verify_openvino or
+    verify_integer require. A failure raises UserError; the file is left for inspection."""
+    VERIFIERS[fmt](job, f)

@@ -1,4 +1,4 @@
-"""utils/autoanchor.py: the anchor-fit metric on hand-made datasets, anchor order, and re-fitting poor anchors."""
+"""workflow/autoanchor.py: the anchor-fit metric on hand-made datasets, anchor order, and re-fitting poor anchors."""
 import logging
 from types import SimpleNamespace
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.autoanchor import anchor_metrics, check_anchor_order, check_anchors, kmean_anchors, label_wh
 from utils.general import LOGGER
+from workflow.autoanchor import anchor_metrics, check_anchor_order, check_anchors, kmean_anchors, label_wh
 
 torch.set_num_threads(1)
 ANCHORS_PX = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]

@@ -1,4 +1,4 @@
-"""torch.hub.load(repo, ..., source='local'): hubconf.py's entry points and utils/hub.py's AutoShape / Detections.
+"""torch.hub.load(repo, ..., source='local'): hubconf.py's entry points and workflow/hub.py's AutoShape / Detections.
 
 The boxes AutoShape returns for an image are the ones detect.py writes for it (float and QAT checkpoints, ONNX).
 """
@@ -50,13 +50,13 @@ def sources(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qat_pt(tmp_path_factory):
     """The shapes ReLU checkpoint prepared for pow2 QAT, calibrated on the two sample images and saved (no training)."""
-    from models.backend import load_pytorch_model
     from models.checkpoint import save_checkpoint
-    from models.quant import calibrate, prepare_yolo_qat
+    from models.quant import QATConfig, calibrate, prepare_yolo_qat
     from utils.augmentations import letterbox
+    from workflow.backend import load_pytorch_model
 
     m = load_pytorch_model(FLOAT, fuse=False).float().train()
-    prepare_yolo_qat(m, pow2=True)
+    prepare_yolo_qat(m, QATConfig(pow2=True))
     ims = [letterbox(cv2.imread(str(f)), IMGSZ, auto=False)[0][..., ::-1].transpose(2, 0, 1) for f in IMAGES]
     calibrate(m, [(torch.from_numpy(np.ascontiguousarray(np.stack(ims))),)], 1, torch.device("cpu"))
     path = tmp_path_factory.mktemp("qat") / "qat.pt"
@@ -164,7 +164,7 @@ def test_mixed_batch_and_results(model, server, sources, tmp_path, yolo_log, mon
     text = "\n".join(yolo_log)
     assert text == str(r) and text.startswith("image 1/9: 336x377 ") and "image 7/9: 272x273 " in text
     assert text.splitlines()[-1].startswith("Speed: ") and text.endswith(f"at shape (9, 3, {IMGSZ}, {IMGSZ})")
-    assert repr(r).startswith("YOLOv5 <class 'utils.hub.Detections'> instance\nimage 1/9")
+    assert repr(r).startswith("YOLOv5 <class 'workflow.hub.Detections'> instance\nimage 1/9")
     parts = r.tolist()
     assert len(parts) == 9 and all(len(p) == 1 for p in parts) and torch.equal(parts[6].pred[0], r.pred[6])
     assert parts[6].files == ["shapes2.jpg"] and str(parts[6]).startswith("image 1/1: 272x273 ")
@@ -289,8 +289,8 @@ def test_entry_points():
 
 
 def test_build_from_yaml_and_transfer(tmp_path):
-    from models.backend import DetectMultiBackend, load_pytorch_model
     from models.yolo import DetectionModel
+    from workflow.backend import DetectMultiBackend, load_pytorch_model
 
     level = LOGGER.level
     m = torch.hub.load(str(ROOT), "yolov5n", pretrained=False, channels=1, classes=10, source="local", _verbose=False)

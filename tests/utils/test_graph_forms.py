@@ -1,6 +1,6 @@
-"""Runtime forms of an exported QDQ file (models/graph_forms.py): the same integers arranged for onnxruntime's and
-OpenVINO's kernels. OpenVINO itself runs in tests/openvino_cases.py (a process of its own); here its form is checked
-with onnxruntime, which computes every graph as written."""
+"""Runtime forms of an exported QDQ file (utils/graph_forms.py): the same integers arranged for onnxruntime's and
+OpenVINO's kernels. OpenVINO itself runs in tests/workflow/openvino_cases.py (a process of its own); here its form is
+checked with onnxruntime, which computes every graph as written."""
 import importlib.util
 
 import numpy as np
@@ -8,11 +8,11 @@ import onnx
 import pytest
 from conftest import ROOT
 from onnx import numpy_helper
-from test_export_qdq import H, W, exported
+from qat_models import H, W, exported
 
-from models.backend import onnxruntime_session
-from models.graph_forms import openvino_form, space_to_depth_form
-from utils.export_verify import raw_output_probe, sample_batch
+from utils.graph_forms import openvino_form, space_to_depth_form
+from utils.runtimes import onnxruntime_session
+from workflow.exporters.verify import raw_output_probe, sample_batch
 
 
 def _optimized_ops(model, path):

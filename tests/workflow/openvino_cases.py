@@ -1,9 +1,9 @@
 """export.py --include openvino: upstream's *_openvino_model folder, converted from the ONNX file and checked against
 PyTorch; DetectMultiBackend, val.py and detect.py load it; benchmarks/export_speed.py times it.
 
-Run by tests/test_export_openvino.py in a pytest process of their own: a process that has run OpenVINO's CPU plugin
-(its thread pool stays up) later crashed the test worker that forked data-loader workers and subprocesses after it,
-so the long-lived test workers never load it."""
+Run by tests/workflow/test_export_openvino.py in a pytest process of their own: a process that has run OpenVINO's CPU
+plugin (its thread pool stays up) later crashed the test worker that forked data-loader workers and subprocesses after
+it, so the long-lived test workers never load it."""
 import logging
 import shutil
 from pathlib import Path
@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 from conftest import reference, shapes_subset
-from test_export_qdq import H, W, exported
+from qat_models import H, W, exported
 
 import export
 import val
-from models.backend import DetectMultiBackend, load_pytorch_model
-from utils.export_verify import sample_batch, verify_openvino
 from utils.general import LOGGER, UserError
+from workflow.backend import DetectMultiBackend, load_pytorch_model
+from workflow.exporters.verify import sample_batch, verify_openvino
 
 pytest.importorskip("openvino")
 
@@ -59,7 +59,7 @@ def test_fixed_shape_folder_refuses_another_shape(tmp_path):
 
 
 def test_qat_model_reported_and_run_by_val(tmp_path_factory, tmp_path):
-    """A QAT checkpoint's folder: OpenVINO runs the QDQ graph (models.graph_forms.openvino_form) with int8
+    """A QAT checkpoint's folder: OpenVINO runs the QDQ graph (utils.graph_forms.openvino_form) with int8
     convolutions and, zero points all even (ReLU), computes the fake-quant model's raw head outputs exactly, at a
     second shape too (a dynamic IR is compiled for each input shape); val.py runs the folder with the same
     rectangular batches as the .pt."""

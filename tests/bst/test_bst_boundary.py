@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SKIP_DIRS = {".venv", "datasets", "runs", "tests", "notes", "__pycache__", ".git", "bst"}
 # children / buffers of bst modules that are reached through a public accessor, never through torch's private
 # registries (module._modules["activation_post_process"], ...)

@@ -10,65 +10,17 @@ import torch
 import torch.nn as nn
 from conftest import ROOT, reference
 from onnx import numpy_helper
+from qat_models import H, W, exported, qat_from_reference, save_qat, small_qat
 
 import export
 from bst.torch.ao.nn.quantized import onnx_form
-from models.backend import DetectMultiBackend, load_pytorch_model
-from models.checkpoint import save_checkpoint
 from models.common import C3, SPPF, Bottleneck, Concat, Conv
-from models.quant import calibrate, convert_yolo, prepare_yolo_qat
-from models.yolo import DetectionModel
-from utils import export_verify
-from utils.export_verify import qdq_reference, sample_batch, verify_onnx_qdq, verify_torchscript_qdq
+from models.quant import convert_yolo
 from utils.general import UserError, run_cli
-from utils.onnx_checks import detect_raw_outputs, qdq_structure
-
-H, W = 64, 96  # non-square on purpose
-
-
-def small_qat(act="relu", bn_folding=True, pow2=True, recipe=None, rounding="half_even"):
-    """yolov5n (nc=10) prepared for QAT and calibrated on noise, in eval mode.
-
-    BN statistics come from two noise batches first: with a fresh model's BN (mean 0, var 1) the activations shrink
-    layer by layer to ~1e-7 at the head, where the int32 bias grid input_scale * weight_scale no longer holds the
-    biases (onnxruntime's bias quantization then saturates)."""
-    torch.manual_seed(0)
-    model = DetectionModel(ROOT / "models/yolov5n.yaml", nc=10, act=act).train()
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():
-        for bn in bns:
-            bn.momentum = None  # cumulative average of the batches below
-        for _ in range(2):
-            model(torch.rand(2, 3, H, W))
-    for bn in bns:
-        bn.momentum = 0.03
-    prepare_yolo_qat(model, bn_folding=bn_folding, pow2=pow2, recipe=recipe, rounding=rounding)
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8, generator=g),) for _ in range(2)]
-    calibrate(model, batches, 2, torch.device("cpu"))
-    return model.eval()
-
-
-def save_qat(model, path):
-    save_checkpoint({"model": model, "ema": None, "epoch": -1, "best_fitness": None}, path)
-    return path
-
-
-_CACHE = {}
-
-
-def exported(tmp_path_factory, act="relu", bn_folding=True, pow2=True, recipe=None, **run_kw):
-    """(fake-quant model as loaded from the checkpoint, onnx path, loaded proto), exported once per configuration."""
-    key = (act, bn_folding, pow2, recipe, tuple(sorted(run_kw.items())))
-    if key not in _CACHE:
-        d = tmp_path_factory.mktemp(f"qat_{act}_{int(bn_folding)}_{int(pow2)}")
-        pt = save_qat(small_qat(act, bn_folding, pow2, recipe), d / "qat.pt")
-        run_kw.setdefault("include", ["onnx"])
-        files = export.run(weights=pt, imgsz=(H, W), **run_kw)
-        f = next(Path(x) for x in files if x.endswith(".onnx"))
-        model = export.prepare_for_export(load_pytorch_model(pt))
-        _CACHE[key] = model, f, onnx.load(str(f)), files
-    return _CACHE[key]
+from workflow.backend import DetectMultiBackend, load_pytorch_model
+from workflow.exporters import verify as export_verify
+from workflow.exporters.qdq_checks import detect_raw_outputs, qdq_structure
+from workflow.exporters.verify import qdq_reference, sample_batch, verify_onnx_qdq, verify_torchscript_qdq
 
 
 def _producers(proto):
@@ -332,7 +284,7 @@ def test_qdq_module_ranges(tmp_path):
     proto = _to_onnx(_Quantizer(0.05, 3, 0, 127), x, tmp_path / "narrow.onnx")
     assert [n.op_type for n in proto.graph.node if n.op_type != "Constant"] == \
         ["Clip", "QuantizeLinear", "DequantizeLinear"]
-    from models.backend import onnxruntime_session
+    from utils.runtimes import onnxruntime_session
 
     out = onnxruntime_session(str(tmp_path / "narrow.onnx")).run(None, {proto.graph.input[0].name: x.numpy()})[0]
     ref = torch.fake_quantize_per_tensor_affine(x, 0.05, 3, 0, 127).numpy()
@@ -386,18 +338,6 @@ def pseudo_data(tmp_path_factory):
     return _pseudo_labelled_dataset(tmp_path_factory.mktemp("pseudo"), reference("yolov5n_relu.pt"), n=4, imgsz=160)
 
 
-def _qat_from_reference(bn_folding, path):
-    """The float ReLU reference checkpoint prepared for pow2 QAT and calibrated on 4 shapes val images."""
-    from utils.dataloaders import LoadImages
-
-    model = load_pytorch_model(reference("yolov5n_relu.pt"), fuse=False).float().train()
-    prepare_yolo_qat(model, bn_folding=bn_folding, pow2=True)
-    src = sorted((ROOT / "datasets/shapes/images/val").glob("*.jpg"))[4:8]
-    images = [im for _, im, *_ in LoadImages([str(s) for s in src], img_size=160, auto=False)]
-    calibrate(model, [(torch.from_numpy(np.stack(images)),)], 1, torch.device("cpu"))
-    return save_qat(model.eval(), path)
-
-
 def test_val_qdq_onnx_gives_the_pt_map(pseudo_data, tmp_path, yolo_log):
     """pow2 without simulated BN folding: onnxruntime runs the file with PyTorch's exact numbers, so val.py gives the
     same mAP. (With simulated folding the fake-quant model divides by the BN factor and applies BN in eval while the
@@ -406,7 +346,7 @@ def test_val_qdq_onnx_gives_the_pt_map(pseudo_data, tmp_path, yolo_log):
     its folded form exactly.)"""
     import val
 
-    pt = _qat_from_reference(False, tmp_path / "qat.pt")
+    pt = qat_from_reference(False, tmp_path / "qat.pt")
     (f,) = export.run(weights=pt, imgsz=(160, 160), include=["onnx"])
     # task="speed" gives the .pt model the square letterboxed inputs the fixed-shape ONNX file gets (see test_export)
     r_pt = val.run(data=str(pseudo_data), weights=str(pt), imgsz=160, batch_size=1, task="speed", conf_thres=0.05,
@@ -439,7 +379,7 @@ def test_detect_qdq_onnx(tmp_path_factory, tmp_path, yolo_log):
 def test_benchmark_qat_row_reports_int8_kernels(tmp_path):
     """benchmarks/export_speed.py builds a pow2 QAT model, exports it with export.py and reads onnxruntime's optimized
     graph: with its defaults onnxruntime fuses QDQ convs into QLinearConv; run as written it runs no int8 kernel (its
-    main(), which also runs OpenVINO, is tested in tests/openvino_cases.py)."""
+    main(), which also runs OpenVINO, is tested in tests/workflow/openvino_cases.py)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("export_speed", ROOT / "benchmarks" / "export_speed.py")

@@ -13,15 +13,15 @@ import torch.nn as nn
 from conftest import ROOT
 
 import export
-from models.backend import load_pytorch_model
 from models.checkpoint import save_checkpoint
-from models.quant import calibrate, prepare_yolo_qat
+from models.quant import QATConfig, calibrate, prepare_yolo_qat
 from models.yolo import DetectionModel
-from utils.export_verify import sample_batch, verify_onnx_qdq
 from utils.general import yaml_load
 from utils.loss import ComputeLoss
-from utils.qat import checkpoint_copy
 from utils.torch_utils import ModelEMA, smart_optimizer
+from workflow.backend import load_pytorch_model
+from workflow.exporters.verify import sample_batch, verify_onnx_qdq
+from workflow.qat import checkpoint_copy
 
 H, W = 96, 128
 
@@ -52,7 +52,7 @@ def trained_qat_checkpoint(path, observer, seed, steps=4):
     for bn in bns:
         bn.momentum = 0.03
     recipe = {"default": {"activation": {"observer": observer}}}
-    prepare_yolo_qat(model, bn_folding=True, pow2=True, recipe=recipe)
+    prepare_yolo_qat(model, QATConfig(bn_folding=True, pow2=True, recipe=recipe))
     batches = [(torch.randint(0, 256, (4, 3, H, W), dtype=torch.uint8, generator=g),) for _ in range(2)]
     calibrate(model, batches, 2, torch.device("cpu"))
     model.hyp = yaml_load(ROOT / "data/hyps/hyp.qat.yaml")

@@ -11,6 +11,7 @@ from bst.torch.ao.quantization import FakeQuantizeBase, quantizer_parameters, qu
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.common import C3, SPPF, Bottleneck, Concat
 from models.quant import (
+    QATConfig,
     all_scales_pow2,
     apply_schedule,
     calibrate,
@@ -36,8 +37,8 @@ def calibrated(model, n=2):
 
 
 def test_bn_folding_flag_keeps_or_removes_bn():
-    live = prepare_yolo_qat(small_model(), bn_folding=True, pow2=False)
-    folded = prepare_yolo_qat(small_model(), bn_folding=False, pow2=False)
+    live = prepare_yolo_qat(small_model(), QATConfig(bn_folding=True, pow2=False))
+    folded = prepare_yolo_qat(small_model(), QATConfig(bn_folding=False, pow2=False))
     assert sum(isinstance(m, nn.BatchNorm2d) for m in live.modules()) == 57  # one per Conv block, inside ConvBn
     assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 0
 
@@ -46,7 +47,7 @@ def test_every_add_concat_and_detect_conv_is_quantized():
     model = small_model()
     n_add = sum(isinstance(m, Bottleneck) and m.add for m in model.modules())
     n_cat = sum(isinstance(m, (C3, SPPF, Concat)) for m in model.modules())
-    prepare_yolo_qat(model, bn_folding=True, pow2=True)
+    prepare_yolo_qat(model, QATConfig(bn_folding=True, pow2=True))
     adds = [m for m in model.modules() if isinstance(m, Bottleneck) and m.add]
     cats = [m for m in model.modules() if isinstance(m, (C3, SPPF, Concat))]
     assert len(adds) == n_add == 7 and len(cats) == n_cat == 13  # yolov5n: C3 repeats 1+2+3+1 with shortcut
@@ -58,7 +59,7 @@ def test_every_add_concat_and_detect_conv_is_quantized():
 
 
 def test_pow2_scales_survive_calibration_training_ema_and_checkpoint(tmp_path):
-    model = calibrated(prepare_yolo_qat(small_model(), bn_folding=True, pow2=True))
+    model = calibrated(prepare_yolo_qat(small_model(), QATConfig(bn_folding=True, pow2=True)))
     assert all_scales_pow2(model)
     ema = ModelEMA(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -80,7 +81,7 @@ def test_ema_averages_weights_and_copies_quantizer_state():
     """The EMA averages weights and BN statistics but copies every quantizer entry (bst's quantizer_state_keys),
     learnable scales included; those scales get no weight decay."""
     recipe = {"default": {"activation": {"observer": "minmax"}, "learnable": True}}
-    model = calibrated(prepare_yolo_qat(small_model(), bn_folding=True, pow2=True, recipe=recipe))
+    model = calibrated(prepare_yolo_qat(small_model(), QATConfig(bn_folding=True, pow2=True, recipe=recipe)))
     learnable = quantizer_parameters(model)
     keys = quantizer_state_keys(model)
     assert learnable and any(k.endswith("log2_scale") for k in keys) and not keys & averaged_state_keys(model)
@@ -102,7 +103,7 @@ def test_ema_averages_weights_and_copies_quantizer_state():
 
 
 def test_schedule_freezes_bn_and_observers():
-    model = calibrated(prepare_yolo_qat(small_model(), bn_folding=True, pow2=True))
+    model = calibrated(prepare_yolo_qat(small_model(), QATConfig(bn_folding=True, pow2=True)))
     apply_schedule(model, epoch=1, freeze_bn_epoch=1, disable_observer_epoch=1)
     model.train()
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or k.endswith(".scale")}
@@ -119,17 +120,17 @@ def test_schedule_freezes_bn_and_observers():
 
 
 def test_recipes_exclude_and_fix_the_detect_convs():
-    model = prepare_yolo_qat(small_model(), pow2=True, recipe={"rules": [{"match": "24", "mode": "float"}]})
+    model = prepare_yolo_qat(small_model(), QATConfig(pow2=True, recipe={"rules": [{"match": "24", "mode": "float"}]}))
     detect = model.model[24]
     assert all(type(c) is nn.Conv2d for c in detect.m)
     assert not any(isinstance(m, FakeQuantizeBase) for m in detect.modules())
     fixed = {"rules": [{"match": "model.24.m.*", "activation": {"fixed": {"scale": "8/128", "zero_point": 0}}}]}
-    model = calibrated(prepare_yolo_qat(small_model(), pow2=True, recipe=fixed))
+    model = calibrated(prepare_yolo_qat(small_model(), QATConfig(pow2=True, recipe=fixed)))
     for c in model.model[24].m:
         assert c.activation_post_process.scale.item() == 0.0625
         assert c.activation_post_process.quant_min == -128
     with pytest.raises(UserError, match="names no module"):
-        prepare_yolo_qat(small_model(), recipe={"rules": [{"match": "model.99", "mode": "float"}]})
+        prepare_yolo_qat(small_model(), QATConfig(recipe={"rules": [{"match": "model.99", "mode": "float"}]}))
     with pytest.raises(UserError, match="observer 'bogus' unknown"):
         load_recipe({"rules": [{"match": "0", "activation": {"observer": "bogus"}}]})
     for bad in ({"observer": "minmax", "training_update": "track"}, {"observer": "mse", "training_update": "often"}):
@@ -175,9 +176,9 @@ def test_bad_recipe_values_are_one_line_before_any_model_is_touched(recipe, mess
 def test_fixed_scale_must_be_a_power_of_two_with_pow2(tmp_path):
     path = tmp_path / "tenth.yaml"
     path.write_text("rules:\n  - match: model.24.m.*\n    activation: {fixed: {scale: 0.1, zero_point: 0}}\n")
-    prepare_yolo_qat(small_model(), pow2=False, recipe=str(path))  # linear scales: fine
+    prepare_yolo_qat(small_model(), QATConfig(pow2=False, recipe=str(path)))  # linear scales: fine
     with pytest.raises(UserError, match="tenth.yaml: rule 0: fixed scale 0.1 is not a power of two"):
-        prepare_yolo_qat(small_model(), pow2=True, recipe=str(path))
+        prepare_yolo_qat(small_model(), QATConfig(pow2=True, recipe=str(path)))
 
 
 @pytest.mark.parametrize("update", ["track", "search"])
@@ -187,7 +188,7 @@ def test_default_recipe_observers_on_track_or_search_as_the_recipe_says(update):
     recipe = load_recipe(None)
     if update == "search":
         recipe["default"]["activation"]["training_update"] = "search"
-    model = calibrated(prepare_yolo_qat(small_model(), pow2=True, recipe=recipe), n=3)
+    model = calibrated(prepare_yolo_qat(small_model(), QATConfig(pow2=True, recipe=recipe)), n=3)
     calibrated_scales = {n: m.scale.clone() for n, m in model.named_modules() if isinstance(m, FakeQuantizeBase)}
     apply_schedule(model, 0, -1, -1)  # epoch 0: observers on, fake quantization on
     searches = []
@@ -214,12 +215,12 @@ def test_shipped_recipes_load_and_prepare():
     recipes = sorted((ROOT / "data/quant").glob("*.yaml"))
     assert len(recipes) >= 11
     for r in recipes:
-        model = prepare_yolo_qat(small_model(), pow2=True, recipe=r)
+        model = prepare_yolo_qat(small_model(), QATConfig(pow2=True, recipe=r))
         assert any(isinstance(m, FakeQuantizeBase) for m in model.modules()), r.name
 
 
 def test_silu_model_quantizes_activation_outputs():
-    model = calibrated(prepare_yolo_qat(small_model(act="silu"), bn_folding=True, pow2=True))
+    model = calibrated(prepare_yolo_qat(small_model(act="silu"), QATConfig(bn_folding=True, pow2=True)))
     acts = [m for m in model.modules() if type(m).__name__ == "QuantizedActivation"]
     assert len(acts) == 57 and all(isinstance(a.activation_post_process, FakeQuantizeBase) for a in acts)
     assert all_scales_pow2(model)
@@ -229,7 +230,7 @@ def test_qat_forward_close_to_float_after_calibration():
     model = small_model()
     ref = deepcopy(model).eval()
     x = torch.rand(2, 3, 96, 96)
-    q = calibrated(prepare_yolo_qat(model, bn_folding=False, pow2=False)).eval()
+    q = calibrated(prepare_yolo_qat(model, QATConfig(bn_folding=False, pow2=False))).eval()
     with torch.no_grad():
         a, b = ref(x)[0], q(x)[0]
         set_fake_quant(q, False)
@@ -242,9 +243,9 @@ def test_concat_inputs_and_output_share_one_scale():
     from bst.torch.ao.quantization import trace_input_quantizers
     from models.quant import share_concat_scales
 
-    model = calibrated(prepare_yolo_qat(small_model(), bn_folding=True, pow2=True,
-                                        recipe=ROOT / "data/quant/shared_concat.yaml"))
-    assert model.qat["recipe"]["concat"]["share_input_scales"]
+    model = calibrated(prepare_yolo_qat(small_model(), QATConfig(bn_folding=True, pow2=True,
+                                                                 recipe=ROOT / "data/quant/shared_concat.yaml")))
+    assert model.qat_config.recipe["concat"]["share_input_scales"]
     x = torch.rand(1, 3, 96, 96)
     assert share_concat_scales(model, x) >= 1
     inputs = trace_input_quantizers(model, (x,))

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, reference, shapes_subset
-from test_export_qdq import H, W, _qat_from_reference, save_qat, small_qat
+from qat_models import H, W, qat_from_reference, save_qat, small_qat
 
 import export
 from bst.torch.ao.quantization import FakeQuantizeBase
 from bst.torch.ao.quantization.integer_runner import IntegerModel
-from models.backend import load_pytorch_model
-from models.quant import calibrate, convert_yolo, integer_head, prepare_yolo_qat
+from models.quant import QATConfig, calibrate, convert_yolo, integer_head, prepare_yolo_qat
 from utils.general import UserError
+from workflow.backend import load_pytorch_model
 
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; import runpy; " \
               "runpy.run_path(sys.argv[0], run_name='__main__')"
@@ -45,10 +45,10 @@ def as_raw(q, detect):
 def test_integer_reference_equals_pytorch_on_release_weights(recipe, tmp_path):
     """Release-format yolov5n (ReLU) prepared for pow2 QAT, calibrated on shapes images: PyTorch eval and bst's
     integer reference give identical raw outputs at two input sizes (per-channel Detect outputs by default)."""
-    pt = _qat_from_reference(True, tmp_path / "qat.pt") if recipe is None else None
+    pt = qat_from_reference(True, tmp_path / "qat.pt") if recipe is None else None
     if recipe is not None:
         model = load_pytorch_model(reference("yolov5n_relu.pt"), fuse=False).float().train()
-        prepare_yolo_qat(model, bn_folding=True, pow2=True, recipe=ROOT / recipe)
+        prepare_yolo_qat(model, QATConfig(bn_folding=True, pow2=True, recipe=ROOT / recipe))
         g = torch.Generator().manual_seed(0)
         calibrate(model, [(torch.randint(0, 256, (2, 3, 160, 160), dtype=torch.uint8, generator=g),)], 1,
                   torch.device("cpu"))
@@ -137,7 +137,7 @@ def test_half_up_rounding_is_honoured_end_to_end(tmp_path):
     numpy runner agree bit for bit, and the rule matters: the same model rounding half to even differs on ties."""
     model = small_qat(rounding="half_up")
     quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
-    assert quantizers and {m.rounding for m in quantizers} == {"half_up"} and model.qat["rounding"] == "half_up"
+    assert quantizers and {m.rounding for m in quantizers} == {"half_up"} and model.qat_config.rounding == "half_up"
     pt = save_qat(model, tmp_path / "half_up.pt")
     model = load_pytorch_model(pt)
     assert {m.rounding for m in model.modules() if isinstance(m, FakeQuantizeBase)} == {"half_up"}
@@ -192,8 +192,8 @@ def test_silu_model_integer_export_and_onnx_are_exact(tmp_path):
     assert ops.count("lookup") == 57 and ops.count("conv2d") == 60 and runner.graph["version"] == 2
     model = load_pytorch_model(pt)
     converted = convert_yolo(model)
-    from models.backend import onnxruntime_session
-    from utils.export_verify import raw_output_probe
+    from utils.runtimes import onnxruntime_session
+    from workflow.exporters.verify import raw_output_probe
 
     probe, names = raw_output_probe(files[0])
     session = onnxruntime_session(probe, as_written=True)
@@ -220,7 +220,7 @@ def test_release_silu_tables_equal_the_fake_quant_path(tmp_path):
     from models.quant import QuantizedActivation
 
     model = load_pytorch_model(release, fuse=False).float().train()
-    prepare_yolo_qat(model, bn_folding=True, pow2=True, verbose=False)
+    prepare_yolo_qat(model, QATConfig(bn_folding=True, pow2=True), verbose=False)
     g = torch.Generator().manual_seed(0)
     calibrate(model, [(torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8, generator=g),)], 1,
               torch.device("cpu"))

@@ -3,7 +3,7 @@
 `qdq_structure` reads what a file holds; `check_qdq_file` compares it with what the converted model applies
 (`bst.torch.ao.nn.quantized.onnx_form.qdq_counts`) and, for a power-of-two model, requires every scale to be an
 exact power of two; `detect_raw_outputs` finds the tensors Detect feeds to its sigmoids (the raw head outputs the
-numerical verification compares, utils/export_verify.py).
+numerical verification compares, workflow/exporters/verify.py).
 """
 from __future__ import annotations
 

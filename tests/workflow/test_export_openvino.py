@@ -1,5 +1,5 @@
-"""The OpenVINO cases (tests/openvino_cases.py) in a pytest process of their own, so OpenVINO's CPU plugin never runs
-inside a long-lived test worker (see that module's docstring)."""
+"""The OpenVINO cases (tests/workflow/openvino_cases.py) in a pytest process of their own, so OpenVINO's CPU plugin
+never runs inside a long-lived test worker (see that module's docstring)."""
 import re
 import subprocess
 import sys
@@ -9,7 +9,7 @@ from conftest import REFERENCE, ROOT
 
 pytest.importorskip("openvino")
 
-CASES = ROOT / "tests" / "openvino_cases.py"
+CASES = ROOT / "tests" / "workflow" / "openvino_cases.py"
 
 
 def test_openvino_cases_pass_in_their_own_process():

@@ -12,8 +12,8 @@ file or an OpenVINO folder all work the same way. Pre- and post-processing are d
 non_max_suppression, scale_boxes): one image gives the boxes `detect.py --save-txt` writes for it at the same size and
 thresholds (detect.py rounds them to whole pixels, AutoShape does not).
 
-Layering: a utils module over models/ (it wraps models.backend.DetectMultiBackend and uses utils.augmentations and
-utils.plots); only hubconf.py imports it.
+It wraps workflow.backend.DetectMultiBackend and uses utils.augmentations and utils.plots; only hubconf.py imports
+it.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageOps, ImageShow
 
-from models.backend import DetectMultiBackend
 from models.yolo import Detect
 from utils.augmentations import letterbox
 from utils.general import (
@@ -51,6 +50,7 @@ from utils.general import (
 from utils.imageio import imread
 from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import time_sync
+from workflow.backend import DetectMultiBackend
 
 URL_TIMEOUT = 30  # seconds to wait for an image URL to answer
 
