@@ -93,11 +93,15 @@ def inputs(batch, img, device, seed=0):
     return imgs.to(device), torch.cat(rows).to(device)
 
 
+def qat_run(recipe=None, bn_folding=False, freeze_bn_epoch=-1, disable_observer_epoch=-1) -> QATRun:
+    """train.py's QAT steps for `--qat --pow2-scale` with these flags and 4 calibration batches."""
+    return QATRun(SimpleNamespace(qat=True, bn_folding=bn_folding, pow2_scale=True, qat_recipe=recipe, calib_batches=4,
+                                  freeze_bn_epoch=freeze_bn_epoch, disable_observer_epoch=disable_observer_epoch))
+
+
 def qat_model(base, imgs, recipe=None, bn_folding=False, freeze_bn_epoch=-1, disable_observer_epoch=-1):
     """The model train.py trains with these --qat flags, calibrated on 4 batches, at the start of epoch 0."""
-    opt = SimpleNamespace(qat=True, bn_folding=bn_folding, pow2_scale=True, qat_recipe=recipe, calib_batches=4,
-                          freeze_bn_epoch=freeze_bn_epoch, disable_observer_epoch=disable_observer_epoch)
-    run = QATRun(opt)
+    run = qat_run(recipe, bn_folding, freeze_bn_epoch, disable_observer_epoch)
     model = run.prepare(copy.deepcopy(base))
     run.calibrate(model, [(imgs,)] * 4, imgs.device)
     run.start_epoch(model, 0)
@@ -318,11 +322,9 @@ def calibration_times(base, imgs, rounds):
     """(calibrate seconds, float forward seconds) per round: a deep copy of `base` prepared as `qat default`
     calibrated on 4 batches of `imgs`, and base's forward over the same 4 batches, taking turns."""
     batches, cal, fwd = [(imgs,)] * 4, [], []
-    opt = SimpleNamespace(qat=True, bn_folding=False, pow2_scale=True, qat_recipe=None, calib_batches=4,
-                          freeze_bn_epoch=-1, disable_observer_epoch=-1)
     model = base.eval()
     for _ in range(rounds):
-        run = QATRun(opt)
+        run = qat_run()
         q = run.prepare(copy.deepcopy(base).train())
         t = time.perf_counter()
         run.calibrate(q, batches, imgs.device)

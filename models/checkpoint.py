@@ -334,7 +334,10 @@ def read_qat_state(ckpt, path="checkpoint"):
     config = None
     for key, state in states.items():
         try:  # format 2: each entry holds its settings
-            own = _format2_config(state) if fmt == 2 else config or QATConfig.from_record(record.get("config"))
+            if fmt == 2:
+                own = _legacy_config(state.get("qat"))
+            else:
+                own = config or QATConfig.from_record(record.get("config"))
         except BadRecord as e:
             raise _damaged(path, e.what, e.right) from None
         check_qat_state(state, path)
@@ -346,12 +349,12 @@ def read_qat_state(ckpt, path="checkpoint"):
     ckpt["qat"] = {"config": config, "schedule": schedule}
 
 
-def _format2_config(state) -> QATConfig:
-    """A format-2 qat_state entry's settings: bn_folding and pow2 always recorded; pow2_rounding, rounding and the
-    recipe taking their defaults where a model quantized before they existed lacks them; 'activations' a list."""
-    config = QATConfig.from_record(state.get("qat"), required=("bn_folding", "pow2"), extra=("activations",),
-                                   name="qat")
-    acts = state["qat"].get("activations", [])
+def _legacy_config(record) -> QATConfig:
+    """The settings as formats 1 and 2 recorded them (`model.qat`, a qat_state entry's "qat"): bn_folding and pow2
+    always recorded; pow2_rounding, rounding and the recipe taking their defaults where a model quantized before they
+    existed lacks them; 'activations' a list."""
+    config = QATConfig.from_record(record, required=("bn_folding", "pow2"), extra=("activations",), name="qat")
+    acts = record.get("activations", [])
     if not isinstance(acts, list) or not all(isinstance(a, str) for a in acts):
         raise BadRecord(f"the setting 'activations' is {acts!r:.60}", "a list of names")
     return config
@@ -366,8 +369,7 @@ def read_pickled_qat_models(ckpt, path="checkpoint"):
         if not (isinstance(model, nn.Module) and is_quantized(model)):
             continue
         try:
-            own = QATConfig.from_record(model.__dict__.pop("qat", None), required=("bn_folding", "pow2"),
-                                        extra=("activations",), name="qat")
+            own = _legacy_config(model.__dict__.pop("qat", None))
         except BadRecord as e:
             raise _damaged(path, e.what, e.right) from None
         own = own if isinstance(own.recipe, dict) else replace(own, recipe=load_recipe(own.recipe))

@@ -5,7 +5,6 @@ binding crashed the process on it (detect.py ended in a segmentation fault, exit
 raised UnicodeEncodeError in val.py. Such files are read like any other now, and their names are shown escaped
 ('bad\\xff.jpg') wherever they are printed, logged or drawn.
 """
-import logging
 import os
 import re
 import subprocess
@@ -13,7 +12,6 @@ import sys
 
 import cv2
 import numpy as np
-import pytest
 from conftest import ROOT
 
 import val
@@ -38,20 +36,6 @@ def write_bytes_named(folder, name: bytes, im):
     with open(os.path.join(os.fsencode(folder), name), "wb") as f:
         f.write(buf.tobytes())
     return os.fsdecode(os.path.join(os.fsencode(folder), name))
-
-
-@pytest.fixture
-def logs():
-    records = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    h = Collect(logging.DEBUG)
-    LOGGER.addHandler(h)
-    yield records
-    LOGGER.removeHandler(h)
 
 
 def test_shown_escapes_only_what_is_not_utf8():
@@ -88,36 +72,36 @@ def test_load_images_reads_every_name_and_a_txt_list_of_them(tmp_path):
     assert len(list(LoadImages(str(lst), img_size=64))) == 4
 
 
-def test_dataset_scan_cache_and_warnings_with_such_names(tmp_path, logs):
-    images, labels = tmp_path / "images", tmp_path / "labels"
+def write_named_dataset(root, label):
+    """root/images and root/labels with one image per name of NAMES, the i-th labelled `label(i)`; returns images."""
+    images, labels = root / "images", root / "labels"
     images.mkdir()
     labels.mkdir()
     for i, name in enumerate(NAMES):
         write_bytes_named(images, name, image(i))
         with open(os.path.join(os.fsencode(labels), name[:-4] + b".txt"), "w") as f:
-            f.write(f"{i % 3} 0.5 0.5 0.4 0.5\n")
+            f.write(label(i))
+    return images
+
+
+def test_dataset_scan_cache_and_warnings_with_such_names(tmp_path, yolo_log):
+    images = write_named_dataset(tmp_path, lambda i: f"{i % 3} 0.5 0.5 0.4 0.5\n")
     with open(os.path.join(os.fsencode(images), b"broken\xfe.jpg"), "wb") as f:
         f.write(b"\xff\xd8 not a jpeg")
     for cached in (False, True):
         ds = LoadImagesAndLabels(str(images), img_size=64, batch_size=2, nc=3)
-        scan = [m for m in logs if "Scanning" in m][-1]
+        scan = [m for m in yolo_log if "Scanning" in m][-1]
         assert scan.endswith(f"{'(cached)' if cached else ''}... 4 images, 0 backgrounds, 1 corrupt".lstrip()), scan
         assert sorted(os.fsencode(os.path.basename(f)) for f in ds.im_files) == sorted(NAMES)
         for i in range(4):  # each image came with its own label (class = its place in NAMES, mod 3)
             _, lb, path, _ = ds[i]
             assert float(lb[0, 1]) == NAMES.index(os.fsencode(os.path.basename(path))) % 3
-    warning = [m for m in logs if "broken" in m][-1]
+    warning = [m for m in yolo_log if "broken" in m][-1]
     assert "broken\\xfe.jpg: unreadable image" in warning  # escaped for every handler of the logger
 
 
 def test_val_and_the_logger_on_such_a_dataset(tmp_path, capsys):
-    images, labels = tmp_path / "images", tmp_path / "labels"
-    images.mkdir()
-    labels.mkdir()
-    for i, name in enumerate(NAMES):
-        write_bytes_named(images, name, image(i))
-        with open(os.path.join(os.fsencode(labels), name[:-4] + b".txt"), "w") as f:
-            f.write("0 0.5 0.5 0.5 0.5\n")
+    write_named_dataset(tmp_path, lambda i: "0 0.5 0.5 0.5 0.5\n")
     yaml_save(tmp_path / "data.yaml", {"path": str(tmp_path), "train": "images", "val": "images",
                                        "names": ["a", "b", "c"]})
     (_, _, map50, _, *_), _, _ = val.run(data=str(tmp_path / "data.yaml"), weights=str(WEIGHTS), imgsz=64,

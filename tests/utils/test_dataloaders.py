@@ -1,5 +1,4 @@
 """Dataset scanning, bad-data handling, label cache, rect batches, mosaic, loaders, LoadImages, check_dataset."""
-import logging
 import math
 import random
 import re
@@ -15,26 +14,11 @@ import utils.dataloaders as dl
 from utils import dataset_yaml
 from utils.dataloaders import InfiniteDataLoader, LoadImages, LoadImagesAndLabels, create_dataloader, img2label_paths
 from utils.dataset_yaml import check_dataset
-from utils.general import LOGGER, ROOT, UserError
+from utils.general import ROOT, UserError
 
 HYP = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=0.0, translate=0.1, scale=0.5, shear=0.0, perspective=0.0,
            flipud=0.0, fliplr=0.5, mosaic=1.0, mixup=0.0, copy_paste=0.0)
 SUMMARY = re.compile(r"Scanning .*\.\.\. (\d+) images, (\d+) backgrounds, (\d+) corrupt")
-
-
-@pytest.fixture
-def logs():
-    """Messages sent to the 'yolov5' logger (it does not propagate to the root logger caplog watches)."""
-    records = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    h = Collect(logging.DEBUG)
-    LOGGER.addHandler(h)
-    yield records
-    LOGGER.removeHandler(h)
 
 
 def summary(records):
@@ -87,18 +71,18 @@ def test_img2label_paths():
     ("bad_class", "-1 0.5 0.5 0.2 0.2\n", "non-negative integer"),
     ("fractional_class", "1.5 0.5 0.5 0.2 0.2\n", "non-negative integer"),
 ])
-def test_bad_label_skips_image_with_warning(tmp_path, logs, name, label, reason):
+def test_bad_label_skips_image_with_warning(tmp_path, yolo_log, name, label, reason):
     good = "0 0.5 0.5 0.2 0.2\n"
     images = make_dataset(tmp_path, {"good": good, "bad": good + label})
     ds = LoadImagesAndLabels(images, img_size=64, prefix="train: ")
-    assert summary(logs) == (1, 0, 1)
+    assert summary(yolo_log) == (1, 0, 1)
     assert [Path(f).stem for f in ds.im_files] == ["good"]
-    warning = [m for m in logs if "bad.jpg" in m]
+    warning = [m for m in yolo_log if "bad.jpg" in m]
     assert len(warning) == 1 and reason in warning[0] and "bad.txt line 2" in warning[0]
     assert warning[0].startswith("train: WARNING")
 
 
-def test_every_kind_of_bad_input_counted(tmp_path, logs):
+def test_every_kind_of_bad_input_counted(tmp_path, yolo_log):
     good = "0 0.5 0.5 0.2 0.2\n"
     images = make_dataset(tmp_path, {
         "a_good": good, "b_good": "1 0.25 0.25 0.1 0.1\n3 0.75 0.75 0.2 0.3\n",
@@ -113,24 +97,24 @@ def test_every_kind_of_bad_input_counted(tmp_path, logs):
     write_image(images / "k_tiny.png", w=8, h=8)
 
     ds = LoadImagesAndLabels(str(images), img_size=64)
-    assert summary(logs) == (3, 2, 6)  # a, b, c labelled; d, e backgrounds; f..k corrupt
+    assert summary(yolo_log) == (3, 2, 6)  # a, b, c labelled; d, e backgrounds; f..k corrupt
     assert len(ds) == ds.n == 5
     stems = [Path(f).stem for f in ds.im_files]
     assert stems == ["a_good", "b_good", "c_dup", "d_nolabel", "e_empty"]
     for bad in ("f_cols", "g_range", "h_neg", "i_unreadable", "j_truncated", "k_tiny"):
-        assert sum(bad in m and "WARNING: ignoring" in m for m in logs) == 1, bad
-    dup = [m for m in logs if "duplicate" in m]
+        assert sum(bad in m and "WARNING: ignoring" in m for m in yolo_log) == 1, bad
+    dup = [m for m in yolo_log if "duplicate" in m]
     assert len(dup) == 1 and "c_dup.jpg" in dup[0] and "1 duplicate label rows removed" in dup[0]
     np.testing.assert_allclose(ds.labels[2], [[0, 0.5, 0.5, 0.2, 0.2], [1, 0.3, 0.3, 0.1, 0.1]])
     assert ds.labels[3].shape == (0, 5) and ds.labels[4].shape == (0, 5)
     np.testing.assert_array_equal(ds.shapes, [[64, 48]] * 5)
 
 
-def test_small_tolerance_is_clipped_and_polygons_become_boxes(tmp_path, logs):
+def test_small_tolerance_is_clipped_and_polygons_become_boxes(tmp_path, yolo_log):
     images = make_dataset(tmp_path, {"tol": "0 0.5 1.0005 0.2 0.2\n",
                                      "poly": "2 0.1 0.2 0.5 0.2 0.3 0.6\n"})
     ds = LoadImagesAndLabels(images, img_size=64)
-    assert summary(logs) == (2, 0, 0)
+    assert summary(yolo_log) == (2, 0, 0)
     np.testing.assert_allclose(ds.labels[0], [[2, 0.3, 0.4, 0.4, 0.4]], atol=1e-6)
     np.testing.assert_allclose(ds.labels[1], [[0, 0.5, 1.0, 0.2, 0.2]], atol=1e-6)
 
@@ -155,15 +139,15 @@ def test_training_needs_labels(tmp_path):
         LoadImagesAndLabels(images, img_size=64, augment=True, hyp={"hsv_h": 0.1})
 
 
-def test_label_class_outside_nc_is_left_out_and_counted(tmp_path, logs):
+def test_label_class_outside_nc_is_left_out_and_counted(tmp_path, yolo_log):
     images = make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "3 0.5 0.5 0.2 0.2\n0 0.2 0.2 0.1 0.1\n",
                                      "c": "2 0.5 0.5 0.2 0.2\n"})
     ds = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=HYP, nc=3, prefix="train: ")
-    assert [Path(f).name for f in ds.im_files] == ["a.jpg", "c.jpg"] and summary(logs) == (2, 0, 1)
+    assert [Path(f).name for f in ds.im_files] == ["a.jpg", "c.jpg"] and summary(yolo_log) == (2, 0, 1)
     assert any("ignoring" in m and "b.jpg: label class 3 is not one of the dataset's classes 0-2 (nc=3)" in m
-               for m in logs)
+               for m in yolo_log)
     ds = LoadImagesAndLabels(images, img_size=64, nc=4)  # the cache holds every image; nc applies afterwards
-    assert len(ds) == 3 and summary(logs) == (3, 0, 0)
+    assert len(ds) == 3 and summary(yolo_log) == (3, 0, 0)
     with pytest.raises(UserError, match=r"no usable images \(3 corrupt"):
         LoadImagesAndLabels(images, img_size=64, nc=0)
 
@@ -176,7 +160,7 @@ def test_binary_txt_list_is_one_line(tmp_path):
         LoadImagesAndLabels(str(lst), img_size=64)
 
 
-def test_txt_list_and_list_of_sources(tmp_path, logs):
+def test_txt_list_and_list_of_sources(tmp_path, yolo_log):
     images = make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "1 0.5 0.5 0.2 0.2\n", "c": None})
     lst = tmp_path / "val.txt"
     lst.write_text("./images/train/a.jpg\nimages/train/b.jpg\n\n")
@@ -184,48 +168,48 @@ def test_txt_list_and_list_of_sources(tmp_path, logs):
     assert [Path(f).name for f in ds.im_files] == ["a.jpg", "b.jpg"]
     assert ds.cache_path == tmp_path / "val.cache"
     ds = LoadImagesAndLabels([str(images / "c.jpg"), str(lst)], img_size=64)
-    assert len(ds) == 3 and summary(logs) == (2, 1, 0)
+    assert len(ds) == 3 and summary(yolo_log) == (2, 1, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Label cache
 # ----------------------------------------------------------------------------------------------------------------------
 
-def test_cache_reused_then_rebuilt_when_a_file_changes(tmp_path, logs, monkeypatch):
+def test_cache_reused_then_rebuilt_when_a_file_changes(tmp_path, yolo_log, monkeypatch):
     images = make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "0 0.5 0.5 0.4 0.4\n", "c": "bad\n"})
     LoadImagesAndLabels(images, img_size=64)
     cache = tmp_path / "labels" / "train.cache"
-    assert cache.is_file() and any("New cache created" in m for m in logs)
-    logs.clear()
+    assert cache.is_file() and any("New cache created" in m for m in yolo_log)
+    yolo_log.clear()
 
     def no_scan(args):
         raise AssertionError("the cache should have been used")
 
     monkeypatch.setattr(dl, "verify_image_label", no_scan)
     ds = LoadImagesAndLabels(images, img_size=64)
-    assert any("(cached)" in m for m in logs) and summary(logs) == (2, 0, 1)
-    assert any("c.jpg" in m and "WARNING" in m for m in logs)  # cached warnings are shown again
+    assert any("(cached)" in m for m in yolo_log) and summary(yolo_log) == (2, 0, 1)
+    assert any("c.jpg" in m and "WARNING" in m for m in yolo_log)  # cached warnings are shown again
     np.testing.assert_allclose(ds.labels[1], [[0, 0.5, 0.5, 0.4, 0.4]])
     monkeypatch.undo()
 
-    logs.clear()
+    yolo_log.clear()
     write_label(tmp_path, "b", "0 0.5 0.5 0.4 0.4\n2 0.2 0.2 0.1 0.1\n")  # edit a label
     ds = LoadImagesAndLabels(images, img_size=64)
-    assert any("New cache created" in m for m in logs)
+    assert any("New cache created" in m for m in yolo_log)
     assert ds.labels[1].shape == (2, 5)
 
-    logs.clear()
+    yolo_log.clear()
     write_label(tmp_path, "c", "1 0.5 0.5 0.1 0.1\n")  # fix the bad one
     ds = LoadImagesAndLabels(images, img_size=64)
-    assert summary(logs) == (3, 0, 0)
+    assert summary(yolo_log) == (3, 0, 0)
 
-    logs.clear()
+    yolo_log.clear()
     (images / "a.jpg").unlink()  # remove an image
     ds = LoadImagesAndLabels(images, img_size=64)
-    assert len(ds) == 2 and summary(logs) == (2, 0, 0)
+    assert len(ds) == 2 and summary(yolo_log) == (2, 0, 0)
 
 
-def test_cache_same_size_edit_is_detected(tmp_path, logs):
+def test_cache_same_size_edit_is_detected(tmp_path, yolo_log):
     images = make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"})
     LoadImagesAndLabels(images, img_size=64)
     f = write_label(tmp_path, "a", "3 0.5 0.5 0.2 0.2\n")  # same size, other content
@@ -236,28 +220,28 @@ def test_cache_same_size_edit_is_detected(tmp_path, logs):
     assert ds.labels[0][0, 0] == 3
 
 
-def test_cache_version_mismatch_rebuilds(tmp_path, logs, monkeypatch):
+def test_cache_version_mismatch_rebuilds(tmp_path, yolo_log, monkeypatch):
     images = make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"})
     LoadImagesAndLabels(images, img_size=64)
-    logs.clear()
+    yolo_log.clear()
     monkeypatch.setattr(dl, "CACHE_VERSION", "some-other-version")
     LoadImagesAndLabels(images, img_size=64)
-    assert any("New cache created" in m for m in logs)
+    assert any("New cache created" in m for m in yolo_log)
 
 
-def test_cache_write_failure_is_a_warning(tmp_path, logs):
+def test_cache_write_failure_is_a_warning(tmp_path, yolo_log):
     images = make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"})
     (tmp_path / "labels" / "train.cache").mkdir()  # a folder where the cache file should go
     ds = LoadImagesAndLabels(images, img_size=64)
     assert len(ds) == 1
-    assert any("WARNING" in m and "not written" in m for m in logs)
+    assert any("WARNING" in m and "not written" in m for m in yolo_log)
 
 
-def test_corrupt_cache_file_rebuilds(tmp_path, logs):
+def test_corrupt_cache_file_rebuilds(tmp_path, yolo_log):
     images = make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"})
     (tmp_path / "labels" / "train.cache").write_bytes(b"garbage")
     ds = LoadImagesAndLabels(images, img_size=64)
-    assert len(ds) == 1 and any("New cache created" in m for m in logs)
+    assert len(ds) == 1 and any("New cache created" in m for m in yolo_log)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -439,7 +423,7 @@ def test_training_batches_depend_on_seed_and_epoch_only(tmp_path):
 # LoadImages
 # ----------------------------------------------------------------------------------------------------------------------
 
-def test_load_images_skips_unreadable_file(tmp_path, logs):
+def test_load_images_skips_unreadable_file(tmp_path, yolo_log):
     write_image(tmp_path / "a.jpg", w=100, h=50)
     (tmp_path / "b.jpg").write_bytes(b"broken")
     write_image(tmp_path / "c.png", w=40, h=80)
@@ -448,7 +432,7 @@ def test_load_images_skips_unreadable_file(tmp_path, logs):
     assert len(ds) == 3
     out = list(ds)
     assert [Path(p).name for p, *_ in out] == ["a.jpg", "c.png"]
-    assert sum("b.jpg" in m and "WARNING" in m for m in logs) == 1
+    assert sum("b.jpg" in m and "WARNING" in m for m in yolo_log) == 1
     path, im, im0, cap, s = out[0]
     assert im0.shape == (50, 100, 3) and cap is None
     assert im.shape == (3, 32, 64) and im.flags["C_CONTIGUOUS"] and im.dtype == np.uint8
