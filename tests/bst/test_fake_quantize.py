@@ -303,11 +303,14 @@ def test_vectorized_cpu_fake_quant_is_bit_identical_to_core_op(seed):
         core.backward(grad)
         assert torch.equal(a.grad, b.grad)
     scales = torch.rand(4, generator=g) * 0.1 + 1e-4
-    zps = torch.randint(-5, 5, (4,), generator=g, dtype=torch.int32)
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours = fake_quantize_per_channel(a, scales, zps, 1, -128, 127)
-    core = torch.fake_quantize_per_channel_affine(b, scales, zps, 1, -128, 127)
-    assert torch.equal(ours, core)
-    ours.sum().backward()
-    core.sum().backward()
-    assert torch.equal(a.grad, b.grad)
+    # one zero point per channel, and one shared by all (symmetric schemes: clamped with Python bounds)
+    for zps in (torch.randint(-5, 5, (4,), generator=g, dtype=torch.int32), torch.zeros(4, dtype=torch.int32),
+                torch.full((4,), 3, dtype=torch.int32)):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = fake_quantize_per_channel(a, scales, zps, 1, -128, 127)
+        core = torch.fake_quantize_per_channel_affine(b, scales, zps, 1, -128, 127)
+        assert torch.equal(ours, core)
+        grad = torch.randn(x.shape, generator=g)
+        ours.backward(grad)
+        core.backward(grad)
+        assert torch.equal(a.grad, b.grad)

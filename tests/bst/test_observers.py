@@ -14,6 +14,8 @@ from bst.torch.ao.quantization import (
     PerChannelMinMaxObserver,
     is_pow2,
 )
+from bst.torch.ao.quantization.calibrators import _kth_true, _true_per_row
+from bst.torch.ao.quantization.observer import min_max
 
 CONFIGS = [  # dtype, qscheme (per tensor), extra kwargs
     (torch.quint8, torch.per_tensor_affine, {}),
@@ -345,14 +347,33 @@ def test_calibrator_observing_matches_the_plain_definition_bit_for_bit(observer,
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 33, 1000, 65536 + 3])
-def test_aminmax_propagates_nan(numel):
-    """The calibrators observe a batch in place when both ends of torch.aminmax are finite: that must mean no NaN
-    anywhere (torch.aminmax propagates NaN) as well as no infinity."""
+def test_min_max_propagates_nan(numel):
+    """The calibrators observe a batch in place when both ends of `min_max` are finite: that must mean no NaN
+    anywhere (its reductions propagate NaN) as well as no infinity."""
     for at in {0, numel // 2, numel - 1}:
         x = torch.randn(numel)
         x[at] = float("nan")
-        low, high = torch.aminmax(x)
+        low, high = min_max(x)
         assert low.isnan() and high.isnan()
+
+
+@pytest.mark.parametrize("numel,width", [(64 * 1000, 64), (8 * 999, 8), (16 * 501, 16), (3 * 1001, 1), (40, 40)])
+def test_kth_true_finds_the_positions_of_a_running_count(numel, width):
+    """The bulk sample under ties: row counts (flags added eight at a time where rows allow) and a running count
+    within the chosen rows give the positions a running count over the whole tensor gives."""
+    g = torch.Generator().manual_seed(numel)
+    for density in (0.0005, 0.3, 1.0):
+        flags = torch.rand(numel, generator=g) < density
+        flags[-1] = True
+        rows = flags.view(-1, width)
+        counts = _true_per_row(rows)
+        assert torch.equal(counts, rows.sum(1))
+        running = torch.cumsum(flags, 0)
+        total = int(running[-1])
+        for step in (1, 3, max(total // 50, 1)):
+            wanted = torch.arange(1, total + 1, step)
+            expected = torch.searchsorted(running, wanted)
+            assert torch.equal(_kth_true(rows, counts, torch.cumsum(counts, 0), wanted), expected)
 
 
 # --- calibrators after calibration: tracking the calibrated qparams (training_update="track") -----------------

@@ -10,12 +10,14 @@ from bst.torch.ao.quantization import (
     FakeQuantize,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
     PerChannelMinMaxObserver,
     is_pow2,
 )
 from bst.torch.ao.quantization.integer_reference import shift_round
+from bst.torch.ao.quantization.observer import min_max
 from bst.torch.ao.quantization.pow2 import exp2_int, log2_exponent
-from bst.torch.ao.quantization.qparams import compute_qparams
+from bst.torch.ao.quantization.qparams import compute_qparams, compute_qparams_numpy
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 finite32 = st.floats(min_value=-FLOAT32_MAX, max_value=FLOAT32_MAX, allow_nan=False, width=32)
@@ -184,6 +186,77 @@ def test_scalar_and_tensor_observer_updates_agree_exactly(batches, c):
     scale, zp = tensor_path.calculate_qparams()
     assert (scale.item(), zp.item()) == cpu_path.calculate_qparams_scalar()
 
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+# pairs of float32 ends: any finite values, plus the unobserved (inf, -inf) and reversed ends of never-seen channels
+ends32 = st.one_of(st.tuples(finite32, finite32).map(sorted), st.just((float("inf"), float("-inf"))),
+                   st.tuples(finite32, finite32).map(lambda p: sorted(p, reverse=True)))
+
+
+@fast
+@given(st.lists(ends32, min_size=1, max_size=12), st.sampled_from(SCHEMES),
+       st.sampled_from([(False, "ceil"), (True, "ceil"), (True, "round")]))
+def test_numpy_and_tensor_qparams_agree_exactly(pairs, scheme, mode):
+    """The per-channel CPU shortcut (numpy arrays) computes the tensor formulas to the bit, never-seen channels
+    included."""
+    _, qscheme, qmin, qmax, zero = scheme
+    pow2, rounding = mode
+    kwargs = dict(quant_min=qmin, quant_max=qmax, symmetric=qscheme == torch.per_tensor_symmetric, zero_point=zero,
+                  pow2=pow2, pow2_rounding=rounding)
+    lo = torch.tensor([p[0] for p in pairs], dtype=torch.float32)
+    hi = torch.tensor([p[1] for p in pairs], dtype=torch.float32)
+    scale, zp = compute_qparams(lo, hi, **kwargs)
+    s, z = compute_qparams_numpy(lo.numpy(), hi.numpy(), **kwargs)
+    assert _same_bits(scale, torch.from_numpy(s)) and torch.equal(zp, torch.from_numpy(z))
+
+
+special32 = st.one_of(finite32, st.sampled_from([float("inf"), float("-inf"), float("nan"), 0.0, -0.0]))
+
+
+@fast
+@given(st.lists(st.lists(special32, min_size=8, max_size=8), min_size=1, max_size=5),
+       st.sampled_from([None, 0.01, 0.3, 1.0]), st.booleans())
+def test_per_channel_numpy_and_tensor_updates_agree_exactly(batches, c, pow2):
+    """Per-channel observers on the CPU update with numpy; the tensor update (other devices) gives the same values
+    (torch itself picks either zero's sign for min(-0.0, 0.0)) and the same qparams to the bit, with non-finite
+    batches skipped channel by channel."""
+    def make():
+        kwargs = dict(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, pow2=pow2)
+        obs = PerChannelMinMaxObserver(**kwargs) if c is None else \
+            MovingAveragePerChannelMinMaxObserver(averaging_constant=c, **kwargs)
+        obs.min_val.resize_(4).fill_(float("inf"))
+        obs.max_val.resize_(4).fill_(float("-inf"))
+        return obs
+
+    cpu_path, tensor_path = make(), make()
+    for batch in batches:
+        lo, hi = min_max(torch.tensor(batch, dtype=torch.float32).reshape(2, 4), (0,))  # 4 channels of 2 values
+        cpu_path._update_numpy(lo.numpy(), hi.numpy())
+        tensor_path._update_tensor(lo, hi)
+        assert torch.equal(cpu_path.min_val, tensor_path.min_val) and torch.equal(cpu_path.max_val, tensor_path.max_val)
+    scale, zp = tensor_path.calculate_qparams()
+    s, z = cpu_path.calculate_qparams_numpy()
+    assert _same_bits(scale, torch.from_numpy(s)) and torch.equal(zp, torch.from_numpy(z))
+
+
+def test_min_max_equals_aminmax():
+    """Two reductions on the CPU (faster than torch.aminmax there) give aminmax's values, NaN included, over the
+    whole tensor or over all dims but the channel axis."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, 9, generator=g)
+    for whole in (x, x[:, 1:4], x.transpose(1, 3)):
+        assert torch.equal(torch.stack(min_max(whole)), torch.stack(torch.aminmax(whole)))
+    lo, hi = min_max(x, (0, 2, 3))
+    ref = torch.aminmax(x.transpose(0, 1).flatten(1), dim=1)
+    assert torch.equal(lo, ref.min) and torch.equal(hi, ref.max)
+    x[1, 2, 3, 4] = float("nan")
+    assert all(math.isnan(float(v)) for v in min_max(x))
+    lo, hi = min_max(x, (0, 2, 3))
+    assert math.isnan(float(lo[2])) and math.isnan(float(hi[2])) and bool(torch.isfinite(lo[[0, 1, 3, 4]]).all())
 
 def test_moving_average_overflow_never_stores_nan():
     """Found by hypothesis: blending ranges near the float32 limit overflowed into inf, then NaN."""

@@ -90,8 +90,23 @@ def fake_quantize_per_channel(x: torch.Tensor, scale: torch.Tensor, zero_point: 
     shape = [1] * x.dim()
     shape[axis] = -1
     scale = scale.reshape(shape).float()
-    zp = zero_point.reshape(shape).to(torch.float32)
     inv = torch.reciprocal(scale)
+    shared = _shared_zero_point(zero_point)
+    if shared is not None:  # symmetric schemes: one clamp range for every channel, as Python numbers (much faster)
+        low, high = float(quant_min - shared), float(quant_max - shared)
+        if x.dtype != torch.float32:
+            scale, inv = scale.to(x.dtype), inv.to(x.dtype)
+        return _VectorizedFakeQuantize.apply(x, inv, scale, low, high, rounding)
+    zp = zero_point.reshape(shape).to(torch.float32)
     if x.dtype != torch.float32:
         scale, inv, zp = scale.to(x.dtype), inv.to(x.dtype), zp.to(x.dtype)
     return _VectorizedFakeQuantize.apply(x, inv, scale, quant_min - zp, quant_max - zp, rounding)
+
+
+def _shared_zero_point(zero_point: torch.Tensor) -> int | None:
+    """The zero point every channel has, for a zero-point tensor on the CPU with one value throughout; else None."""
+    if zero_point.device.type != "cpu" or zero_point.numel() == 0:
+        return None
+    values = zero_point.detach().reshape(-1).numpy()
+    first = values[0]
+    return int(first) if bool((values == first).all()) else None

@@ -151,7 +151,10 @@ class FakeQuantize(FakeQuantizeBase):
             self.zero_point.fill_(zero_point)
             self._stale = False
             return
-        scale, zero_point = self.calculate_qparams()
+        if self.scale.device.type == "cpu" and hasattr(obs, "calculate_qparams_numpy"):
+            scale, zero_point = (torch.from_numpy(a) for a in obs.calculate_qparams_numpy())
+        else:
+            scale, zero_point = self.calculate_qparams()
         if self.scale.shape != scale.shape:
             self.scale.resize_(scale.shape)
             self.zero_point.resize_(zero_point.shape)

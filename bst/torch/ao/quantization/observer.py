@@ -9,7 +9,8 @@ their previous values (per channel for the per-channel observers). This is decid
 synchronisation, so it costs nothing on CUDA. The first batch therefore never poisons a scale either.
 
 Per-tensor observers on the CPU update their two statistics with Python scalars (float32 rounding
-reproduced with numpy) instead of a dozen tiny tensor ops; the tests check both paths agree exactly.
+reproduced with numpy) instead of a dozen tiny tensor ops, per-channel ones with numpy arrays; the tests check
+that these paths and the tensor ops agree exactly.
 """
 from __future__ import annotations
 
@@ -26,12 +27,24 @@ from .qparams import (
     PER_TENSOR_QSCHEMES,
     check_qscheme,
     compute_qparams,
+    compute_qparams_numpy,
     compute_qparams_scalar,
     is_symmetric,
     resolve_quant_range,
     symmetric_zero_point,
 )
 from .state import QuantizerModule
+
+
+def min_max(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of float tensor `x`, over all of it or over `dims` (the rest kept), NaN propagated. On the CPU two
+    reductions: torch.aminmax takes longer there than amin and amax together (several times longer along a dim)."""
+    if dims is None:
+        return (x.amin(), x.amax()) if x.device.type == "cpu" else torch.aminmax(x)
+    if x.device.type == "cpu":
+        return x.amin(dim=dims), x.amax(dim=dims)
+    kept = [d for d in range(x.dim()) if d not in dims]
+    return torch.aminmax(x.permute(*kept, *dims).flatten(len(kept)), dim=-1)
 
 
 class ObserverBase(QuantizerModule):
@@ -102,7 +115,7 @@ class MinMaxObserver(ObserverBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x
-        cur_min, cur_max = torch.aminmax(x.detach().to(torch.float32))
+        cur_min, cur_max = min_max(x.detach().to(torch.float32))
         if cur_min.device.type == "cpu":  # two numbers: Python arithmetic beats a dozen tensor ops
             self._update_scalar(cur_min.item(), cur_max.item())
         else:
@@ -217,8 +230,11 @@ class PerChannelMinMaxObserver(ObserverBase):
         if x.numel() == 0:
             return x
         axis = self._axis(x)
-        rows = x.detach().to(torch.float32).transpose(0, axis).flatten(1)
-        cur_min, cur_max = torch.aminmax(rows, dim=1)
+        values = x.detach().to(torch.float32)
+        if values.dim() == 1:  # each element is its own channel
+            cur_min, cur_max = values, values
+        else:
+            cur_min, cur_max = min_max(values, tuple(d for d in range(values.dim()) if d != axis))
         channels = cur_min.numel()
         if self.min_val.numel() == 0:  # resized in place: DDP and optimizers hold these tensor objects
             self.min_val.resize_(channels).fill_(float("inf"))
@@ -226,17 +242,44 @@ class PerChannelMinMaxObserver(ObserverBase):
         elif self.min_val.numel() != channels:
             raise ValueError(f"ch_axis={self.ch_axis}: the tensor has {channels} channels but this observer "
                              f"has seen {self.min_val.numel()}")
+        if cur_min.device.type == "cpu" and self.min_val.dtype == torch.float32:
+            self._update_numpy(cur_min.numpy(), cur_max.numpy())
+        else:
+            self._update_tensor(cur_min, cur_max)
+        return x
+
+    def _update_tensor(self, cur_min, cur_max):  # no host synchronisation
         new_min, new_max = self._combine(cur_min, cur_max)
         finite = torch.isfinite(cur_min) & torch.isfinite(cur_max)
         self.min_val.copy_(torch.where(finite, new_min, self.min_val))
         self.max_val.copy_(torch.where(finite, new_max, self.max_val))
-        return x
+
+    def _combine_numpy(self, cur_min: np.ndarray, cur_max: np.ndarray):
+        return np.minimum(cur_min, self.min_val.numpy()), np.maximum(cur_max, self.max_val.numpy())
+
+    def _update_numpy(self, cur_min: np.ndarray, cur_max: np.ndarray):
+        """The tensor update on the CPU with numpy arrays (a few hundred channels: numpy's per-call cost is a
+        fraction of a tensor op's); the same float32 arithmetic, so the same bits."""
+        with np.errstate(all="ignore"):
+            new_min, new_max = self._combine_numpy(cur_min, cur_max)
+            finite = np.isfinite(cur_min) & np.isfinite(cur_max)
+            self.min_val.copy_(torch.from_numpy(np.where(finite, new_min, self.min_val.numpy())))
+            self.max_val.copy_(torch.from_numpy(np.where(finite, new_max, self.max_val.numpy())))
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.min_val.numel() == 0:
             device = self.min_val.device
             return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
         return self._qparams_from(self.min_val, self.max_val)
+
+    def calculate_qparams_numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """`calculate_qparams` as numpy arrays, for an observer on the CPU (the same numbers, cheaper)."""
+        if self.min_val.numel() == 0:
+            return np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.int32)
+        return compute_qparams_numpy(self.min_val.numpy(), self.max_val.numpy(), quant_min=self.quant_min,
+                                     quant_max=self.quant_max, symmetric=self.symmetric,
+                                     zero_point=self.zero_point_if_symmetric, eps=self.eps, pow2=self.pow2,
+                                     pow2_rounding=self.pow2_rounding)
 
     def reset_min_max_vals(self) -> None:
         self.min_val.resize_(0)
@@ -258,6 +301,18 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
 
     def _combine(self, cur_min, cur_max):
         return _moving_average(self.min_val, self.max_val, cur_min, cur_max, self.averaging_constant)
+
+    def _combine_numpy(self, cur_min, cur_max):
+        c = self.averaging_constant
+        if c == 1.0:
+            return cur_min, cur_max
+        run_min, run_max, c = self.min_val.numpy(), self.max_val.numpy(), np.float32(c)
+        first = np.isinf(run_min)
+        new_min = run_min + c * (cur_min - run_min)
+        new_max = run_max + c * (cur_max - run_max)
+        ok = np.isfinite(new_min) & np.isfinite(new_max)
+        return (np.where(first, cur_min, np.where(ok, new_min, run_min)),
+                np.where(first, cur_max, np.where(ok, new_max, run_max)))
 
 
 class FixedQParamsObserver(ObserverBase):
