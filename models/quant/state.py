@@ -84,6 +84,17 @@ def apply_schedule(model, epoch: int, freeze_bn_epoch: int, disable_observer_epo
     return {"bn_frozen": freeze_bn_epoch >= 0 and epoch >= freeze_bn_epoch, "observers": observe}
 
 
+_MIN_MAX = (bq.MinMaxObserver, bq.PerChannelMinMaxObserver)  # and their moving averages: the same tensor again
+# leaves their statistics as they are
+
+
+def _weight_quantizers_observe(model, enabled: bool):
+    for m in model.modules():
+        quantizer = m._modules.get("weight_fake_quant")
+        if isinstance(quantizer, bq.FakeQuantizeBase) and isinstance(quantizer.activation_post_process, _MIN_MAX):
+            quantizer.enable_observer(enabled)
+
+
 @torch.no_grad()
 def calibrate(model, loader, n_batches: int, device):
     """Observers on, fake quantization off, eval mode (BN statistics untouched): fill the observers
@@ -101,6 +112,8 @@ def calibrate(model, loader, n_batches: int, device):
         imgs = batch[0].to(device, non_blocking=True).float() / 255
         model(imgs)
         seen += imgs.shape[0]
+        if i == 0:  # the weights stay as they are while calibrating: their min/max observers have seen them all
+            _weight_quantizers_observe(model, False)
     bar.close()
     t1 = time.perf_counter()
     set_fake_quant(model, True)

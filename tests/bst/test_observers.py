@@ -14,7 +14,7 @@ from bst.torch.ao.quantization import (
     PerChannelMinMaxObserver,
     is_pow2,
 )
-from bst.torch.ao.quantization.calibrators import _kth_true, _true_per_row
+from bst.torch.ao.quantization.calibrators import _tied_bulk, _true_per_row
 from bst.torch.ao.quantization.observer import min_max
 
 CONFIGS = [  # dtype, qscheme (per tensor), extra kwargs
@@ -357,23 +357,27 @@ def test_min_max_propagates_nan(numel):
         assert low.isnan() and high.isnan()
 
 
-@pytest.mark.parametrize("numel,width", [(64 * 1000, 64), (8 * 999, 8), (16 * 501, 16), (3 * 1001, 1), (40, 40)])
-def test_kth_true_finds_the_positions_of_a_running_count(numel, width):
-    """The bulk sample under ties: row counts (flags added eight at a time where rows allow) and a running count
-    within the chosen rows give the positions a running count over the whole tensor gives."""
+@pytest.mark.parametrize("numel", [64 * 1000, 8 * 999, 16 * 501 * 3, 3 * 1001, 40])
+def test_tied_bulk_is_every_step_th_value_between_the_ends(numel):
+    """The bulk sample under ties: row counts (flags added eight at a time where rows allow), one comparison when
+    only one side's positions are listed, and a running count within the chosen rows pick the values a running
+    count over the whole tensor picks."""
     g = torch.Generator().manual_seed(numel)
-    for density in (0.0005, 0.3, 1.0):
-        flags = torch.rand(numel, generator=g) < density
-        flags[-1] = True
-        rows = flags.view(-1, width)
-        counts = _true_per_row(rows)
-        assert torch.equal(counts, rows.sum(1))
-        running = torch.cumsum(flags, 0)
+    values = torch.relu(torch.randn(numel, generator=g))  # ties at 0
+    values[torch.rand(numel, generator=g) < 0.2] = 3.0  # and at 3
+    low, high = torch.tensor(0.0), torch.tensor(3.0)
+    inside = (values < high) & (values > low)
+    for room in (10 ** 9, 64, 1000):
+        running = torch.cumsum(inside, 0)
         total = int(running[-1])
-        for step in (1, 3, max(total // 50, 1)):
-            wanted = torch.arange(1, total + 1, step)
-            expected = torch.searchsorted(running, wanted)
-            assert torch.equal(_kth_true(rows, counts, torch.cumsum(counts, 0), wanted), expected)
+        wanted = torch.arange(1, total + 1, -(-total // room))
+        expected = values[torch.searchsorted(running, wanted)] if total > room else values[inside]
+        top_at, bottom_at = torch.nonzero(values >= high).flatten(), torch.nonzero(values <= low).flatten()
+        for listed in ((None, None), (top_at, None), (None, bottom_at)):
+            sample, count = _tied_bulk(values, low, high, *listed, room)
+            assert count == total and torch.equal(sample, expected)
+    rows = (torch.rand(999, 64, generator=g) < 0.3)
+    assert torch.equal(_true_per_row(rows), rows.sum(1))
 
 
 # --- calibrators after calibration: tracking the calibrated qparams (training_update="track") -----------------

@@ -125,6 +125,26 @@ def _kth_true(rows: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor, want
     return row * rows.shape[1] + within
 
 
+def _tied_bulk(values: torch.Tensor, low, high, top_at, bottom_at, room: int):
+    """(sample, bulk_count) of the bulk, the values strictly between `low` and `high`, when ties at an extreme made
+    its positions too many to list (`top_at` or `bottom_at` None): every step-th bulk value in order, as many as fit
+    in `room`. Where one side's positions are listed (ReLU zeros tie at the low end only) one comparison finds the
+    bulk and that side's few values, which are then cleared by position. The bulk is counted row by row."""
+    if top_at is None and bottom_at is None:
+        inside = (values < high) & (values > low)
+    else:
+        inside = values > low if bottom_at is None else values < high
+        inside[top_at if bottom_at is None else bottom_at] = False
+    rows = inside.view(-1, math.gcd(values.numel(), _COUNT_ROW))
+    counts = _true_per_row(rows)
+    ends = torch.cumsum(counts, 0)
+    bulk_count = int(ends[-1])
+    if bulk_count <= room:
+        return values[inside], bulk_count
+    wanted = torch.arange(1, bulk_count + 1, -(-bulk_count // room), device=values.device)
+    return values[_kth_true(rows, counts, ends, wanted)], bulk_count
+
+
 def _summary(extremes: torch.Tensor, sample: torch.Tensor, bulk_count: int):
     """MSE summary entries and weights: the extremes (weight 1) and the bulk sample (each standing for
     bulk_count / len(sample) values)."""
@@ -443,16 +463,8 @@ class MSEObserver(_TrackedCalibrator):
         room = budget - extremes.numel()
         if not bool(low < high):  # no value lies strictly between the extremes
             return _summary(extremes, values[:0], 0)
-        if top_at is None or bottom_at is None:  # many ties at an extreme: count the bulk block by block
-            inside = (values < high) & (values > low)
-            rows = inside.view(-1, math.gcd(numel, _COUNT_ROW))
-            counts = _true_per_row(rows)
-            ends = torch.cumsum(counts, 0)
-            bulk_count = int(ends[-1])
-            if bulk_count <= room:
-                return _summary(extremes, values[inside], bulk_count)
-            wanted = torch.arange(1, bulk_count + 1, -(-bulk_count // room), device=values.device)
-            return _summary(extremes, values[_kth_true(rows, counts, ends, wanted)], bulk_count)
+        if top_at is None or bottom_at is None:  # many ties at an extreme: count the bulk row by row
+            return _summary(extremes, *_tied_bulk(values, low, high, top_at, bottom_at, room))
         excluded = torch.sort(torch.cat([top_at, bottom_at])).values
         bulk_count = numel - excluded.numel()
         if bulk_count <= room:  # (only with a large num_samples) the whole bulk
