@@ -7,10 +7,13 @@
 
 Every variant is yolov5n (act=relu, 80 classes) and trains one step at a time as train.py does: forward,
 ComputeLoss on fixed targets, backward, SGD step. The variants take turns step by step (interleaved rounds), so
-load from other processes hits them alike; the table gives the median step time, its spread (interquartile range
-in percent of the median), the ratio to FP32 (the median over rounds of step / FP32's step in the same round, with a
-95% bootstrap interval over the rounds), and the peak memory of a step against FP32's. Other processes running
-on the machine widen the interval; say what else ran when quoting it.
+load from other processes hits them alike, and the rounds run in several fresh processes one after the other
+(--processes): what a process starts with (its allocator's state, where its threads run) moves all its times by a
+few percent, more than the rounds of one process spread. The table gives the median step time, its spread
+(interquartile range in percent of the median), the ratio to FP32 (the median of step / FP32's step in the same
+round, pooled over processes, with a 95% interval from a bootstrap over processes and then rounds), the peak memory of
+a step against FP32's, and each process's own median ratio. Other processes running on the machine widen the
+interval; say what else ran when quoting it.
 
 Calibration (--calibration-rounds, on by default): a fresh `qat default` model calibrated on 4 batches (observers
 on, then the MSE scale search), against a float forward pass (eval, no gradients) over the same 4 batches, the two
@@ -310,12 +313,20 @@ def epoch_seconds(qat, opt):
 
 
 def ratio_interval(times, ref, seed=0, n=2000):
-    """Median over rounds of times[i] / ref[i], and its 95% percentile-bootstrap interval over the rounds."""
-    ratios = torch.tensor([t / r for t, r in zip(times, ref)], dtype=torch.float64)
+    """Median of the per-round ratios times / ref, pooled over processes, and its 95% interval from a two-level
+    bootstrap: processes drawn with replacement, then rounds within each (a plain bootstrap over the rounds when there
+    is one process). `times` and `ref`: one list of round times per process (flat lists: one process)."""
+    if times and not isinstance(times[0], (list, tuple)):
+        times, ref = [times], [ref]
+    groups = [torch.tensor([t / r for t, r in zip(ts, rs)], dtype=torch.float64) for ts, rs in zip(times, ref)]
     g = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, len(ratios), (n, len(ratios)), generator=g)
-    meds = ratios[picks].median(dim=1).values
-    return float(ratios.median()), float(meds.quantile(0.025)), float(meds.quantile(0.975))
+    meds = torch.empty(n, dtype=torch.float64)
+    for b in range(n):
+        chosen = torch.randint(0, len(groups), (len(groups),), generator=g) if len(groups) > 1 else [0]
+        draws = [groups[int(i)][torch.randint(0, len(groups[int(i)]), (len(groups[int(i)]),), generator=g)]
+                 for i in chosen]
+        meds[b] = torch.cat(draws).median()
+    return float(torch.cat(groups).median()), float(meds.quantile(0.025)), float(meds.quantile(0.975))
 
 
 def calibration_times(base, imgs, rounds):
@@ -339,42 +350,50 @@ def calibration_times(base, imgs, rounds):
 
 
 def print_results(opt, device, keys, counts, times, peaks, calib, epochs):
-    """The step table, then the calibration and epoch lines when they were measured."""
+    """The step table, then the calibration and epoch lines when they were measured. `times`: per variant, one list
+    of round times per process."""
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"\nyolov5n ReLU, batch {opt.batch}, {opt.img} px, {device}{threads}, {opt.rounds} interleaved rounds "
-          f"(forward + loss + backward + SGD step)")
+    processes = len(times[keys[0]])
+    print(f"\nyolov5n ReLU, batch {opt.batch}, {opt.img} px, {device}{threads}, {processes} process"
+          f"{'es' if processes > 1 else ''} x {opt.rounds} interleaved rounds (forward + loss + backward + SGD step)")
     print(f"{'variant':<22}{'quantizers':>11}{'ms/step':>10}{'spread':>8}{'x FP32':>8}{'95% interval':>14}"
-          f"{'peak MiB':>10}{'x FP32':>8}")
+          f"{'peak MiB':>10}{'x FP32':>8}{'per process':>14}")
     for key in keys:
-        t = sorted(times[key])
+        t = sorted(v for group in times[key] for v in group)
         med = statistics.median(t)
         q1, q3 = statistics.quantiles(t, n=4)[0], statistics.quantiles(t, n=4)[2]
         peak, base_peak = peaks.get(key), peaks.get("fp32")
         row = f"{key:<22}{counts[key]:>11}{med * 1e3:>10.1f}{100 * (q3 - q1) / med:>7.0f}%"
+        each = ""
         if "fp32" in times:
             r, lo, hi = ratio_interval(times[key], times["fp32"])
             row += f"{r:>8.2f}{f'{lo:.2f}-{hi:.2f}':>14}"
+            if processes > 1:
+                each = " ".join(f"{ratio_interval(a, b)[0]:.2f}" for a, b in zip(times[key], times["fp32"]))
         else:
             row += f"{'-':>8}{'-':>14}"
         row += f"{peak:>10.0f}" if peak else f"{'-':>10}"
         row += f"{peak / base_peak:>8.2f}" if peak and base_peak else f"{'-':>8}"
-        print(row)
+        print(row + f"  {each}")
     if calib:
         r, lo, hi = ratio_interval(*calib)
-        print(f"\ncalibration of `qat default` on 4 batches: {statistics.median(calib[0]) * 1e3:.0f} ms, float forward "
-              f"over the same batches {statistics.median(calib[1]) * 1e3:.0f} ms: x{r:.2f} (95% interval {lo:.2f}-"
-              f"{hi:.2f}, {len(calib[0])} rounds)")
+        cal = statistics.median(v for g in calib[0] for v in g)
+        fwd = statistics.median(v for g in calib[1] for v in g)
+        print(f"\ncalibration of `qat default` on 4 batches: {cal * 1e3:.0f} ms, float forward over the same batches "
+              f"{fwd * 1e3:.0f} ms: x{r:.2f} (95% interval {lo:.2f}-{hi:.2f}, {processes} x {opt.calibration_rounds} "
+              f"rounds)")
     if epochs:
         print(f"\ntrain.py, epoch 0 on shapes (600 images, {opt.img} px, batch 16, 2 workers, data loading included): "
               f"FP32 {epochs[False]} s, --qat --pow2-scale {epochs[True]} s, x{epochs[True] / epochs[False]:.2f}")
-
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img", type=int, default=320)
-    p.add_argument("--rounds", type=int, default=15, help="timed steps per variant (interleaved)")
+    p.add_argument("--rounds", type=int, default=10, help="timed steps per variant and process (interleaved)")
+    p.add_argument("--processes", type=int, default=3,
+                   help="fresh processes that each time every variant, one after the other (1: this process)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--brevitas-warmup", type=int, default=300,
                    help="brevitas steps before timing (its statistics phase)")
@@ -388,6 +407,7 @@ def main(argv=None):
     p.add_argument("--calibration-rounds", type=int, default=5,
                    help="rounds of calibration vs float forward (0: do not measure calibration)")
     p.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
+    p.add_argument("--timing-child", action="store_true", help=argparse.SUPPRESS)
     opt = p.parse_args(argv)
     opt.device = f"cuda:{opt.device}" if opt.device.isdigit() else opt.device
     torch.set_num_threads(opt.threads)
@@ -396,10 +416,28 @@ def main(argv=None):
     if opt.probe_memory:
         return probe_memory(opt)
 
+    keys = [k for k in VARIANTS if k not in opt.skip and available(k)]
+    if opt.timing_child:
+        print("TIMES " + json.dumps(time_variants(opt, keys)))
+        return None
+    runs = [time_variants(opt, keys)] if opt.processes <= 1 else [child_times(opt, i) for i in range(opt.processes)]
+    times = {k: [r["times"][k] for r in runs] for k in keys}
+    calib = [[r["calibration"][j] for r in runs] for j in (0, 1)] if opt.calibration_rounds else None
+    with tempfile.TemporaryDirectory() as tmp:
+        opt.tmp = tmp
+        peaks = runs[0]["cuda_peaks"]
+        if not opt.no_memory and opt.device == "cpu":
+            peaks = {key: child_peak_mib(key, opt) for key in keys}
+        epochs = {q: epoch_seconds(q, opt) for q in (False, True)} if opt.epoch_time else {}
+    print_results(opt, torch.device(opt.device), keys, runs[0]["counts"], times, peaks, calib, epochs)
+
+
+def time_variants(opt, keys) -> dict:
+    """One process's measurements: the variants' step times over interleaved rounds, their quantizer counts, and the
+    calibration-vs-forward rounds (the CUDA peak memory when on CUDA)."""
     device = torch.device(opt.device)
     base = float_model(device)
     imgs, targets = inputs(opt.batch, opt.img, device)
-    keys = [k for k in VARIANTS if k not in opt.skip and available(k)]
     steps, counts = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         opt.tmp = tmp
@@ -421,12 +459,24 @@ def main(argv=None):
                     peaks[key] = max(peaks.get(key, 0), torch.cuda.max_memory_allocated(device) / 2 ** 20)
         if opt.profile in steps:
             profile_steps(steps[opt.profile], opt.profile, device)
-        if not opt.no_memory and device.type == "cpu":
-            peaks = {key: child_peak_mib(key, opt) for key in keys}
-        epochs = {q: epoch_seconds(q, opt) for q in (False, True)} if opt.epoch_time else {}
-        calib = calibration_times(base, imgs, opt.calibration_rounds) if opt.calibration_rounds else None
+    calib = calibration_times(base, imgs, opt.calibration_rounds) if opt.calibration_rounds else ([], [])
+    return {"times": times, "counts": counts, "calibration": calib, "cuda_peaks": peaks}
 
-    print_results(opt, device, keys, counts, times, peaks, calib, epochs)
+
+def child_times(opt, i) -> dict:
+    """`time_variants` in a fresh process (the i-th): what a process starts with (its allocator's state, where its
+    threads run) moves every variant's times a little, so the interval has to see several processes."""
+    cmd = [sys.executable, __file__, "--timing-child", "--batch", str(opt.batch), "--img", str(opt.img),
+           "--rounds", str(opt.rounds), "--warmup", str(opt.warmup), "--brevitas-warmup", str(opt.brevitas_warmup),
+           "--device", opt.device, "--threads", str(opt.threads), "--calibration-rounds", str(opt.calibration_rounds),
+           "--profile", opt.profile if i == 0 else "", "--skip", *opt.skip]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    found = re.search(r"^TIMES (.*)$", out.stdout, re.M)
+    if out.returncode or not found:
+        raise SystemExit(f"timing process {i + 1} failed:\n{out.stderr[-3000:]}")
+    print(out.stdout[:found.start()], end="")  # a --profile table
+    return json.loads(found.group(1))
+
 
 if __name__ == "__main__":
     main()
