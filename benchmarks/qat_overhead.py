@@ -420,7 +420,10 @@ def main(argv=None):
     if opt.timing_child:
         print("TIMES " + json.dumps(time_variants(opt, keys)))
         return None
-    runs = [time_variants(opt, keys)] if opt.processes <= 1 else [child_times(opt, i) for i in range(opt.processes)]
+    if opt.processes <= 1:
+        runs = [time_variants(opt, keys)]
+    else:
+        runs = [child_times(opt, keys, i) for i in range(opt.processes)]
     times = {k: [r["times"][k] for r in runs] for k in keys}
     calib = [[r["calibration"][j] for r in runs] for j in (0, 1)] if opt.calibration_rounds else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -463,18 +466,19 @@ def time_variants(opt, keys) -> dict:
     return {"times": times, "counts": counts, "calibration": calib, "cuda_peaks": peaks}
 
 
-def child_times(opt, i) -> dict:
+def child_times(opt, keys, i) -> dict:
     """`time_variants` in a fresh process (the i-th): what a process starts with (its allocator's state, where its
     threads run) moves every variant's times a little, so the interval has to see several processes."""
     cmd = [sys.executable, __file__, "--timing-child", "--batch", str(opt.batch), "--img", str(opt.img),
            "--rounds", str(opt.rounds), "--warmup", str(opt.warmup), "--brevitas-warmup", str(opt.brevitas_warmup),
            "--device", opt.device, "--threads", str(opt.threads), "--calibration-rounds", str(opt.calibration_rounds),
-           "--profile", opt.profile if i == 0 else "", "--skip", *opt.skip]
+           "--profile", opt.profile if i == 0 else "", "--skip", *(k for k in VARIANTS if k not in keys)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     found = re.search(r"^TIMES (.*)$", out.stdout, re.M)
     if out.returncode or not found:
         raise SystemExit(f"timing process {i + 1} failed:\n{out.stderr[-3000:]}")
-    print(out.stdout[:found.start()], end="")  # a --profile table
+    if opt.profile and i == 0:
+        print(out.stdout[out.stdout.find(f"\n{opt.profile}: time per op type"):found.start()], end="")
     return json.loads(found.group(1))
 
 
