@@ -90,7 +90,7 @@ _MIN_MAX = (bq.MinMaxObserver, bq.PerChannelMinMaxObserver)  # and their moving 
 
 def _weight_quantizers_observe(model, enabled: bool):
     for m in model.modules():
-        quantizer = m._modules.get("weight_fake_quant")
+        quantizer = getattr(m, "weight_fake_quant", None)
         if isinstance(quantizer, bq.FakeQuantizeBase) and isinstance(quantizer.activation_post_process, _MIN_MAX):
             quantizer.enable_observer(enabled)
 
