@@ -24,7 +24,10 @@ taking turns; printed as the median times and their ratio with its interval.
                          --qat trains before --disable-observer-epoch: the calibrators track their calibrated range
   qat default, search    the same, with `training_update: search` in the recipe (the MSE search on every step)
   qat observers off      --qat --pow2-scale --disable-observer-epoch 0
-  qat original flags     --qat --bn-folding --pow2-scale --disable-observer-epoch 0 --freeze-bn-epoch 0
+  qat original flags     --qat --bn-folding --pow2-scale --disable-observer-epoch 0 --freeze-bn-epoch 0: BN
+                         statistics frozen, so each Conv+BN trains as its folded conv
+  qat live BN folding    --qat --bn-folding --pow2-scale --disable-observer-epoch 0: BN on batch statistics, the
+                         conv output divided by the BN factor and normalised (simulated folding)
   torch.ao convs only    torch.ao eager QAT ('x86' qconfig): Conv+BN+ReLU fused, Detect convs; adds and concats
                          stay float (the setting it supports directly, its best case)
   brevitas pow2          Brevitas FixedPoint quantizers (power-of-two scales, learned) at the same places as
@@ -72,7 +75,7 @@ from utils.loss import ComputeLoss
 from workflow.qat import QATRun
 
 VARIANTS = ("fp32", "qat default", "qat default, search", "qat observers off", "qat original flags",
-            "torch.ao convs only", "brevitas pow2")
+            "qat live BN folding", "torch.ao convs only", "brevitas pow2")
 HYP = ROOT / "data/hyps/hyp.scratch-low.yaml"
 
 
@@ -239,6 +242,8 @@ def build(key, base, imgs, targets, opt, tmp):
         return qat_model(base, imgs, disable_observer_epoch=0)
     if key == "qat original flags":
         return qat_model(base, imgs, bn_folding=True, freeze_bn_epoch=0, disable_observer_epoch=0)
+    if key == "qat live BN folding":
+        return qat_model(base, imgs, bn_folding=True, disable_observer_epoch=0)
     if key == "torch.ao convs only":
         return torch_ao_model(base)
     if key == "brevitas pow2":

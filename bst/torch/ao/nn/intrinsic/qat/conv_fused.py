@@ -3,7 +3,10 @@
 Simulated folding (Jacob et al. 2018, Krishnamoorthi 2018), in the form torch.ao also uses:
 the weight that gets fake-quantized is ``w * gamma / sqrt(running_var + eps)``, i.e. exactly the
 folded inference weight; the conv output is divided back by that factor and goes through the live
-BatchNorm, so training still sees batch statistics (or the running ones after `freeze_bn_stats`).
+BatchNorm, so training still sees batch statistics. After `freeze_bn_stats` BN is a fixed per-channel affine
+map, and training runs the folded conv itself (weight and bias folded from the running statistics, as in eval):
+the same function without the divide-and-multiply round trip, as TensorFlow's folding does once statistics
+are frozen.
 """
 from __future__ import annotations
 
@@ -94,9 +97,12 @@ class ConvBn2d(nn.Conv2d):
         return bn_scale(self.bn)
 
     def _conv_bn(self, x):
-        if not self.training:
-            # inference: the deployed conv itself, BN folded into weight and bias (running statistics), so the
-            # fake-quant model computes what the exported QDQ graph and integer kernels compute
+        if not self.training or self.freeze_bn:
+            # BN on its running statistics (inference, or training with frozen statistics): the deployed conv
+            # itself, BN folded into weight and bias, so the fake-quant model computes what the exported QDQ graph
+            # and integer kernels compute. In training the gradients reach gamma, beta and the weight through the
+            # folding; dividing the conv output by the factor and multiplying it back in BN (the live form below)
+            # is the same function with two more roundings and a backward over every output for gamma.
             weight, bias = self._folded()
             weight = self.weight_fake_quant(weight)
             return self._conv_forward(x, weight, eval_bias(self, bias))
