@@ -15,6 +15,7 @@ from models.quant import (
     all_scales_pow2,
     apply_schedule,
     calibrate,
+    freeze,
     load_recipe,
     prepare_yolo_qat,
     set_fake_quant,
@@ -255,3 +256,28 @@ def test_concat_inputs_and_output_share_one_scale():
             scales = {float(q.scale) for q in inputs[op] if q is not None} | {float(op.activation_post_process.scale)}
             assert len(scales) == 1, (type(m).__name__, scales)
     assert all_scales_pow2(model)
+
+
+@pytest.mark.parametrize("recipe, order_free", [("data/quant/default.yaml", False),
+                                               ("data/quant/detect_minmax.yaml", True)])
+def test_detect_output_ranges_and_the_order_of_calibration_batches(recipe, order_free):
+    """detect_minmax.yaml's per-channel Detect ranges are min/max over every calibration batch, whatever their order;
+    default.yaml's moving average keeps mostly the first batch's range."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 27, 12, 12)
+    batches = [x, 8 * x, 2 * x]  # Detect outputs of three calibration batches (27 channels: 3 anchors x 9)
+    scales = []
+    for order in (batches, batches[::-1]):
+        model = prepare_yolo_qat(small_model(), QATConfig(pow2=True, recipe=ROOT / recipe))
+        fq = model.model[-1].m[0].activation_post_process
+        set_fake_quant(model, False)
+        set_observers(model, True)
+        for y in order:
+            fq(y)
+        freeze(model)
+        scales.append(fq.scale.clone())
+    assert scales[0].numel() == 27  # one scale per output channel
+    assert torch.equal(scales[0], scales[1]) == order_free
+    if order_free:  # 8x's range: the smallest power of two with 127 steps covering each channel's largest |value|
+        bound = (8 * x).abs().amax(dim=(0, 2, 3))
+        assert (scales[0] * 127 >= bound).all() and (scales[0] * 127 < 2 * bound).all()
