@@ -24,8 +24,9 @@ partial run still gives every row.
   everywhere (mse_per_tensor.yaml), the Detect outputs' per-channel ranges from min/max over all calibration batches
   (detect_minmax.yaml), learnable power-of-two scales (learnable.yaml) and shared concat scales (shared_concat.yaml).
 - PTQ rows: val.py --ptq of the parent with minmax, percentile and MSE observers (one scale per tensor everywhere),
-  linear and pow2, and with the default and detect_minmax recipes; BN folded. Calibration reads --calib-batches batches of the train
-  split in a shuffled order fixed by the loader's seed 0, without augmentation, so a PTQ row is measured once;
+  linear and pow2, and with the default and detect_minmax recipes; BN folded. Calibration reads --calib-batches
+  batches of the train split in a shuffled order fixed by the loader's seed 0, without augmentation, so a PTQ row is
+  measured once;
   retention is against the parent.
 
 Retention of a QAT row = mean over seeds of (QAT mAP50-95 / FP32 fine-tune mAP50-95 at the same seed); its spread is
