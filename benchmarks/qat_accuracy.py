@@ -26,8 +26,7 @@ partial run still gives every row.
 - PTQ rows: val.py --ptq of the parent with minmax, percentile and MSE observers (one scale per tensor everywhere),
   linear and pow2, and with the default and detect_minmax recipes; BN folded. Calibration reads --calib-batches
   batches of the train split in a shuffled order fixed by the loader's seed 0, without augmentation, so a PTQ row is
-  measured once;
-  retention is against the parent.
+  measured once; retention is against the parent.
 
 Retention of a QAT row = mean over seeds of (QAT mAP50-95 / FP32 fine-tune mAP50-95 at the same seed); its spread is
 the standard deviation over seeds. All numbers come from val.run on each run's best.pt with the same settings.
