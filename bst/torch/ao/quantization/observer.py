@@ -152,18 +152,19 @@ class MinMaxObserver(ObserverBase):
         return f"{super().extra_repr()}, min_val={self.min_val}, max_val={self.max_val}"
 
 
-def _moving_average(running_min, running_max, cur_min, cur_max, c):
+def _moving_average(running_min, running_max, cur_min, cur_max, c, xp=torch):
     """running + c * (current - running) (torch's operation order), or current where nothing was
-    observed yet (min and max are set together, so an infinite running min marks both)."""
+    observed yet (min and max are set together, so an infinite running min marks both). `xp`: torch for
+    tensors, numpy for float32 arrays (then `c` a numpy float32, as torch rounds the scalar)."""
     if c == 1.0:  # exactly the current range (weights): no history to blend, no rounding
         return cur_min, cur_max
-    first = torch.isinf(running_min)
+    first = xp.isinf(running_min)
     new_min = running_min + c * (cur_min - running_min)
     new_max = running_max + c * (cur_max - running_max)
     # near the float32 limit the difference overflows: keep the running range rather than store inf/NaN
-    ok = torch.isfinite(new_min) & torch.isfinite(new_max)
-    return (torch.where(first, cur_min, torch.where(ok, new_min, running_min)),
-            torch.where(first, cur_max, torch.where(ok, new_max, running_max)))
+    ok = xp.isfinite(new_min) & xp.isfinite(new_max)
+    return (xp.where(first, cur_min, xp.where(ok, new_min, running_min)),
+            xp.where(first, cur_max, xp.where(ok, new_max, running_max)))
 
 
 def _check_averaging_constant(averaging_constant):
@@ -303,16 +304,8 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
         return _moving_average(self.min_val, self.max_val, cur_min, cur_max, self.averaging_constant)
 
     def _combine_numpy(self, cur_min, cur_max):
-        c = self.averaging_constant
-        if c == 1.0:
-            return cur_min, cur_max
-        run_min, run_max, c = self.min_val.numpy(), self.max_val.numpy(), np.float32(c)
-        first = np.isinf(run_min)
-        new_min = run_min + c * (cur_min - run_min)
-        new_max = run_max + c * (cur_max - run_max)
-        ok = np.isfinite(new_min) & np.isfinite(new_max)
-        return (np.where(first, cur_min, np.where(ok, new_min, run_min)),
-                np.where(first, cur_max, np.where(ok, new_max, run_max)))
+        return _moving_average(self.min_val.numpy(), self.max_val.numpy(), cur_min, cur_max,
+                               np.float32(self.averaging_constant), xp=np)
 
 
 class FixedQParamsObserver(ObserverBase):
