@@ -20,13 +20,15 @@ partial run still gives every row.
   0, plus --bn-folding / --pow2-scale as the experiment says) and its recipe from data/quant/. Experiment 5 is
   experiment 4 on a ReLU6 model: it starts from the ReLU6 parent (--parent-relu6, the ReLU parent fine-tuned with
   --act relu6) and is compared with that parent's own FP32 fine-tune. This project's own rows: its default recipe
-  (default.yaml: MSE observers, one scale per channel for the Detect outputs), the same with one scale per tensor
-  everywhere (mse_per_tensor.yaml), the Detect outputs' per-channel ranges from min/max over all calibration batches
-  (detect_minmax.yaml), learnable power-of-two scales (learnable.yaml) and shared concat scales (shared_concat.yaml).
+  (default.yaml: MSE on a histogram of every calibration image, one scale per channel for the Detect outputs from
+  min/max), the default before it (mse_sampled.yaml: MSE on a sample of each batch, Detect ranges from a moving
+  average), one scale per tensor everywhere (mse_per_tensor.yaml), mse_sampled.yaml with the Detect outputs'
+  per-channel ranges from min/max over all calibration batches (detect_minmax.yaml), learnable power-of-two scales
+  (learnable.yaml) and shared concat scales (shared_concat.yaml).
 - PTQ rows: val.py --ptq of the parent with minmax, percentile and MSE observers (one scale per tensor everywhere),
-  linear and pow2, and with the default and detect_minmax recipes; BN folded. Calibration reads --calib-batches
-  batches of the train split in a shuffled order fixed by the loader's seed 0, without augmentation, so a PTQ row is
-  measured once; retention is against the parent.
+  linear and pow2, and with the default, mse_sampled and detect_minmax recipes; BN folded. Calibration reads
+  --calib-batches batches of the train split in a shuffled order fixed by the loader's seed 0, without augmentation,
+  so a PTQ row is measured once; retention is against the parent.
 
 Retention of a QAT row = mean over seeds of (QAT mAP50-95 / FP32 fine-tune mAP50-95 at the same seed); its spread is
 the standard deviation over seeds. All numbers come from val.run on each run's best.pt with the same settings.
@@ -68,6 +70,8 @@ TRAINED = dict([
     _exp(8, "pow2_first_only", POW2), _exp(9, "pow2_first_only_bnfold", BN + POW2),
     _exp(10, "pow2_last_fixed", POW2), _exp(11, "pow2_last_fixed_bnfold", BN + POW2),
     ("pow2 all, per-channel Detect outputs (default.yaml)", ["--qat", *SCHEDULE, *BN, *POW2]),
+    ("pow2 all, per-channel Detect outputs, sampled MSE (mse_sampled.yaml)",
+     ["--qat", *SCHEDULE, *BN, *POW2, "--qat-recipe", "data/quant/mse_sampled.yaml"]),
     ("pow2 all, one scale per tensor (mse_per_tensor.yaml)", ["--qat", *SCHEDULE, *BN, *POW2, "--qat-recipe",
                                                               "data/quant/mse_per_tensor.yaml"]),
     ("pow2 all, per-channel Detect outputs from min/max (detect_minmax.yaml)",
@@ -86,6 +90,7 @@ REFERENCE = {name: "FP32 fine-tune ReLU6 (reference for exp05)" if name in RELU6
 PTQ = {f"PTQ {obs} {kind}": (obs, kind == "pow2") for kind in ("linear", "pow2")
        for obs in ("minmax", "percentile", "mse")}
 PTQ["PTQ default recipe pow2 (per-channel Detect outputs)"] = ("data/quant/default.yaml", True)
+PTQ["PTQ mse_sampled recipe pow2 (per-channel Detect outputs, sampled MSE)"] = ("data/quant/mse_sampled.yaml", True)
 PTQ["PTQ detect_minmax recipe pow2 (per-channel Detect outputs from min/max)"] = ("data/quant/detect_minmax.yaml", True)
 FIELDS = ["variant", "seed", "epochs", "img", "parent", "mAP50", "mAP50-95", "per_epoch_mAP50-95", "seconds"]
 

@@ -2,7 +2,7 @@
 makes. A recipe sets the defaults and per-module overrides:
 
     default:                         # every quantized module, unless a rule says otherwise
-      activation: {observer: minmax | moving_average | percentile | mse, percentile: 99.99,
+      activation: {observer: minmax | moving_average | percentile | mse | mse_histogram, percentile: 99.99,
                    training_update: track | search}   # calibrators while training with observers on
       learnable: false               # LSQ scales (log2 of the scale when pow2)
     rules:                           # applied in order; later rules win
@@ -33,14 +33,17 @@ OBSERVERS = {
     "moving_average": bq.MovingAverageMinMaxObserver,
     "percentile": bq.PercentileObserver,
     "mse": bq.MSEObserver,
+    "mse_histogram": bq.HistogramMSEObserver,
 }
 PER_CHANNEL = {  # per_channel: true -> one scale (a shift on shift hardware) per output channel, axis 1 of NCHW
     "minmax": bq.PerChannelMinMaxObserver,
     "moving_average": bq.MovingAveragePerChannelMinMaxObserver,
 }
-CALIBRATORS = ("percentile", "mse")  # observers with a calibration search (training_update: track | search)
+# observers with a calibration search (training_update: track | search)
+CALIBRATORS = ("percentile", "mse", "mse_histogram")
 MODES = ("quantize", "float", "weight_only")
-DEFAULT_RECIPE = {"default": {"activation": {"observer": "mse"}, "learnable": False}, "rules": []}
+DEFAULT_RECIPE = {"default": {"activation": {"observer": "mse_histogram"}, "learnable": False},  # = default.yaml
+                  "rules": [{"match": "model.24.m.*", "activation": {"observer": "minmax", "per_channel": True}}]}
 
 
 def load_recipe(recipe) -> dict:
@@ -127,7 +130,8 @@ def _activation_spec(spec, where):
         raise UserError(f"{where}: observer {name!r} unknown; choose one of {', '.join(OBSERVERS)}")
     update = spec.get("training_update")
     if update is not None and (name not in CALIBRATORS or update not in bq.TRAINING_UPDATES):
-        raise UserError(f"{where}: training_update {update!r}: the {' and '.join(CALIBRATORS)} observers take "
+        names = f"{', '.join(CALIBRATORS[:-1])} and {CALIBRATORS[-1]}"
+        raise UserError(f"{where}: training_update {update!r}: the {names} observers take "
                         f"{' or '.join(bq.TRAINING_UPDATES)}")
     per_channel = spec.get("per_channel", False)
     if not isinstance(per_channel, bool):
@@ -186,7 +190,7 @@ def make_qconfig(config, spec: dict | None, learnable: bool, weight_only=False, 
     """A QConfig from a recipe entry (`where` names it in errors) under a QATConfig's scales (pow2, pow2_rounding) and
     rounding of ties."""
     pow2, pow2_rounding, rounding = config.pow2, config.pow2_rounding, config.rounding
-    spec = spec or {"observer": "mse"}
+    spec = spec or {"observer": "mse_histogram"}
     if "fixed" in spec:
         scale, zp, signed = _fixed_qparams(spec["fixed"], where)
         if pow2 and not bool(bq.is_pow2(torch.tensor(scale)).all()):

@@ -6,6 +6,7 @@ import torch
 
 from bst.torch.ao.quantization import (
     FixedQParamsObserver,
+    HistogramMSEObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
@@ -99,7 +100,7 @@ def test_non_finite_batches_are_ignored(bad):
 def test_calibrators_drop_non_finite_elements():
     x = torch.linspace(-2, 2, 1000)
     x[10], x[20] = float("nan"), float("inf")
-    for obs in (PercentileObserver(percentile=100), MSEObserver()):
+    for obs in (PercentileObserver(percentile=100), MSEObserver(), HistogramMSEObserver()):
         obs(x)
         scale, zp = obs.calculate_qparams()
         assert torch.isfinite(scale).all() and 0 < float(scale) < 1
@@ -169,9 +170,11 @@ def test_mse_observer_beats_min_max_on_heavy_tails(pow2, ratio):
     batches = [torch.distributions.StudentT(4.0).sample((20000,)) for _ in range(4)]
     data = torch.cat(batches)
     errors = {}
-    for name, obs in {"minmax": MinMaxObserver(pow2=pow2), "mse": MSEObserver(pow2=pow2)}.items():
+    for name, obs in {"minmax": MinMaxObserver(pow2=pow2), "mse": MSEObserver(pow2=pow2),
+                      "mse_histogram": HistogramMSEObserver(pow2=pow2)}.items():
         errors[name] = _fq_mse(data, *_calibrate(obs, batches), obs.quant_min, obs.quant_max)
     assert errors["mse"] < ratio * errors["minmax"], errors
+    assert errors["mse_histogram"] < ratio * errors["minmax"], errors
 
 
 @pytest.mark.parametrize("pow2", [False, True])
@@ -397,7 +400,8 @@ def _calibrated_fq(observer, pow2, batches, **kw):
     return fq, calibrated
 
 
-TRACK_CASES = [(obs, pow2, dtype, qs) for obs in (MSEObserver, PercentileObserver) for pow2 in (False, True)
+TRACK_CASES = [(obs, pow2, dtype, qs) for obs in (MSEObserver, HistogramMSEObserver, PercentileObserver)
+               for pow2 in (False, True)
                for dtype, qs in ((torch.quint8, torch.per_tensor_affine), (torch.qint8, torch.per_tensor_symmetric))]
 
 
@@ -514,3 +518,44 @@ def pickle_copy(module):
     import pickle
 
     return pickle.loads(pickle.dumps(module))
+
+
+def _images(n, seed):
+    """n images (4, 24, 40) whose ranges differ, so that which image comes first changes the running range."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 4, 24, 40, generator=g) * (0.5 + i % 4) + (i % 5 - 2) * 0.7 for i in range(n)]
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_histogram_mse_is_the_same_for_any_order_and_grouping_of_the_images(pow2):
+    images = _images(30, 7)
+    results = []
+    for order, batch in ((range(30), 8), (reversed(range(30)), 5), ([(7 * i) % 30 for i in range(30)], 1)):
+        obs = HistogramMSEObserver(pow2=pow2, samples_per_image=700, bins=512)
+        xs = [images[i] for i in order]
+        for k in range(0, len(xs), batch):
+            obs(torch.cat(xs[k:k + batch]))
+        results.append((obs.calculate_qparams(), obs._grid, obs.histogram.clone()))
+    for (qparams, grid, hist) in results[1:]:
+        assert torch.equal(qparams[0], results[0][0][0]) and torch.equal(qparams[1], results[0][0][1])
+        assert grid == results[0][1] and torch.equal(hist, results[0][2])
+    # each image stands for all its values (weights in 1/256ths, each image's rounded to its sample size), and its
+    # extremes are counted exactly: the bins of the smallest and the largest value hold them
+    e, origin = results[0][1]
+    hist = results[0][2]
+    data = torch.cat(images).reshape(-1)
+    assert abs(int(hist.sum()) - 256 * data.numel()) <= 30 * 549 // 2  # 549 = 3840 values at a step of 7
+    ends = (torch.stack(torch.aminmax(data)) * 2.0 ** -e).floor().to(torch.int64) - origin
+    assert int(ends[0]) == 0 and hist[ends[0]] >= 256 and hist[ends[1]] >= 256
+
+
+def test_histogram_mse_picks_the_best_power_of_two_of_the_full_data():
+    """The search on bin centres chooses what the exact MSE over every value chooses among the same candidates."""
+    torch.manual_seed(8)
+    batches = [torch.distributions.StudentT(3.0).sample((4, 8, 32, 32)) * 1.5 + 0.4 for _ in range(3)]
+    data = torch.cat([b.reshape(-1) for b in batches])
+    obs = HistogramMSEObserver(pow2=True, samples_per_image=1 << 13)  # every value of each 8 x 32 x 32 image
+    scale, zp = _calibrate(obs, batches)
+    exact = obs._mse_search(data, torch.ones_like(data))
+    assert (scale.item(), zp.item()) == (exact[0].item(), exact[1].item())
+    assert obs.histogram.sum() == data.numel() * 256

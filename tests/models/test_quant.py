@@ -135,7 +135,7 @@ def test_recipes_exclude_and_fix_the_detect_convs():
     with pytest.raises(UserError, match="observer 'bogus' unknown"):
         load_recipe({"rules": [{"match": "0", "activation": {"observer": "bogus"}}]})
     for bad in ({"observer": "minmax", "training_update": "track"}, {"observer": "mse", "training_update": "often"}):
-        with pytest.raises(UserError, match="training_update .* the percentile and mse observers take track or search"):
+        with pytest.raises(UserError, match="training_update .* mse and mse_histogram observers take track"):
             load_recipe({"default": {"activation": bad}})
 
 
@@ -149,6 +149,8 @@ BAD_RECIPES = [  # (recipe, the message must say)
     ({"default": {"activation": {"fixed": {"scale": 0.0625, "zero_point": "abc"}}}}, "zero_point 'abc' must be an int"),
     ({"default": {"activation": {"fixed": {"scale": 0.0625, "zero_point": 500}}}}, "zero_point 500 must be an integer"),
     ({"default": {"activation": {"fixed": {"scale": 0.0625}}}}, "fixed activation needs scale and zero_point"),
+    ({"default": {"activation": {"observer": "mse_histogram", "bins": 3}}}, "mse_histogram observer: bins=3 must be"),
+    ({"default": {"activation": {"observer": "mse_histogram", "num_samples": 64}}}, "num_samples"),
     ({"default": {"activation": {"observer": "percentile", "percentile": 150}}},
      r"percentile observer: percentile=150 must be in \(50, 100\]"),
     ({"default": {"activation": {"observer": "percentile", "percentile": "high"}}},
@@ -258,11 +260,12 @@ def test_concat_inputs_and_output_share_one_scale():
     assert all_scales_pow2(model)
 
 
-@pytest.mark.parametrize("recipe, order_free", [("data/quant/default.yaml", False),
-                                               ("data/quant/detect_minmax.yaml", True)])
+@pytest.mark.parametrize("recipe, order_free", [("data/quant/default.yaml", True),
+                                               ("data/quant/detect_minmax.yaml", True),
+                                               ("data/quant/mse_sampled.yaml", False)])
 def test_detect_output_ranges_and_the_order_of_calibration_batches(recipe, order_free):
-    """detect_minmax.yaml's per-channel Detect ranges are min/max over every calibration batch, whatever their order;
-    default.yaml's moving average keeps mostly the first batch's range."""
+    """default.yaml's and detect_minmax.yaml's per-channel Detect ranges are min/max over every calibration batch,
+    whatever their order; mse_sampled.yaml's moving average keeps mostly the first batch's range."""
     torch.manual_seed(1)
     x = torch.randn(2, 27, 12, 12)
     batches = [x, 8 * x, 2 * x]  # Detect outputs of three calibration batches (27 channels: 3 anchors x 9)
@@ -281,3 +284,25 @@ def test_detect_output_ranges_and_the_order_of_calibration_batches(recipe, order
     if order_free:  # 8x's range: the smallest power of two with 127 steps covering each channel's largest |value|
         bound = (8 * x).abs().amax(dim=(0, 2, 3))
         assert (scales[0] * 127 >= bound).all() and (scales[0] * 127 < 2 * bound).all()
+
+
+@pytest.mark.parametrize("recipe, order_free", [(None, True), ("data/quant/mse_sampled.yaml", False)])
+def test_default_calibration_is_the_same_for_any_order_and_grouping_of_the_images(recipe, order_free):
+    """Every quantizer of a model calibrated with the default recipe gets the same (scale, zero point) from the same
+    images in another order and other batches; mse_sampled.yaml's do not."""
+    torch.manual_seed(2)
+    images = [torch.rand(1, 3, 64, 64) ** (1 + i % 3) for i in range(12)]
+    results = []
+    for order, batch in ((range(12), 4), (range(11, -1, -1), 3)):
+        model = prepare_yolo_qat(small_model(), QATConfig(pow2=True, recipe=recipe and ROOT / recipe))
+        set_fake_quant(model, False)
+        set_observers(model, True)
+        xs = [images[i] for i in order]
+        with torch.no_grad():
+            for k in range(0, len(xs), batch):
+                model(torch.cat(xs[k:k + batch]))
+        freeze(model)
+        results.append([(q.scale.clone(), q.zero_point.clone()) for name, q in model.named_modules()
+                        if isinstance(q, FakeQuantizeBase) and not name.endswith("weight_fake_quant")])
+    same = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*results))
+    assert len(results[0]) > 20 and same == order_free

@@ -5,7 +5,7 @@ Importing this package never imports torch.ao.quantization.
 """
 from bst.torch.ao.nn.quantized.reference import integer_mode
 
-from .calibrators import TRAINING_UPDATES, MSEObserver, PercentileObserver
+from .calibrators import TRAINING_UPDATES, HistogramMSEObserver, MSEObserver, PercentileObserver
 from .factory import Factory
 from .fake_quantize import (
     FakeQuantize,
@@ -55,7 +55,7 @@ from .state import (
 from .stubs import DeQuantStub, QuantStub
 
 __all__ = [
-    "MSEObserver", "PercentileObserver", "TRAINING_UPDATES", "Factory",
+    "MSEObserver", "HistogramMSEObserver", "PercentileObserver", "TRAINING_UPDATES", "Factory",
     "FakeQuantize", "FakeQuantizeBase", "FixedQParamsFakeQuantize", "FusedMovingAvgObsFakeQuantize",
     "LearnableFakeQuantize", "disable_fake_quant", "disable_observer", "enable_fake_quant", "enable_observer",
     "fake_quant_enabled", "frozen_qparams", "output_quantizer", "qparams_of",

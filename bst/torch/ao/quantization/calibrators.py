@@ -373,7 +373,60 @@ class PercentileObserver(_TrackedCalibrator):
         return f"{super().extra_repr()}, percentile={self.percentile}, min_val={self.min_val}, max_val={self.max_val}"
 
 
-class MSEObserver(_TrackedCalibrator):
+class _MSESearch(_TrackedCalibrator):
+    """The minimum-MSE search shared by `MSEObserver` and `HistogramMSEObserver` (``min_val``, ``max_val`` and
+    ``max_shrink_log2`` set by the subclass): candidate scales from the full min/max scale down by
+    2**-max_shrink_log2 (8 per octave, or every power of two in pow2 mode); for affine schemes each scale is tried
+    with five grid placements from "ends at the maximum" to "starts at the minimum", and with the zero point of the
+    full range."""
+
+    def _candidate_scales(self):
+        full_scale, _ = compute_qparams(self.min_val, self.max_val, quant_min=self.quant_min, quant_max=self.quant_max,
+                                        symmetric=self.symmetric, zero_point=self.zero_point_if_symmetric,
+                                        eps=self.eps, pow2=self.pow2, pow2_rounding="ceil")
+        if self.pow2:
+            k = exponent_of_pow2(full_scale) - torch.arange(self.max_shrink_log2 + 1, device=full_scale.device)
+            return exp2_int(k)
+        steps = torch.arange(8 * self.max_shrink_log2 + 1, device=full_scale.device, dtype=torch.float32)
+        return torch.clamp_min(full_scale * torch.exp2(-steps / 8), self.eps)
+
+    @torch.no_grad()
+    def _mse_search(self, values, weights):
+        """The (scale, zero point) with the smallest weighted squared quantization error of `values` (a summary of
+        what was observed, each value standing for `weights` of them) among the candidates; (1, 0) for none."""
+        if not values.numel():
+            device = self.min_val.device
+            return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+        weights = weights / weights.sum()
+        scales = self._candidate_scales()
+        qmin, qmax = self.quant_min, self.quant_max
+        if self.symmetric:
+            zero_points = torch.full_like(scales, self.zero_point_if_symmetric)
+        else:
+            lo = torch.clamp_max(self.min_val, 0)
+            hi = torch.clamp_min(self.max_val, 0)
+            at_min = (qmin - torch.round(lo / scales)).clamp(qmin, qmax)  # grid starts at the minimum
+            at_max = (qmax - torch.round(hi / scales)).clamp(qmin, qmax)  # grid ends at the maximum
+            if bool(self.min_val >= 0) or bool(self.max_val <= 0):
+                # one-signed data (e.g. after ReLU): the grid starts (ends) at zero, zero point = quant_min
+                # (quant_max); integer kernels and requantizing adds need exactly that, and the MSE can only tie
+                zero_points = torch.full_like(scales, qmin if bool(self.min_val >= 0) else qmax)
+            else:
+                full = torch.round(qmin - lo / scales[0]).clamp(qmin, qmax).expand_as(scales)
+                placements = [torch.round(at_max + (at_min - at_max) * t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+                zero_points = torch.cat(placements + [full])
+                scales = scales.repeat(len(placements) + 1)
+        errors = torch.empty_like(scales)
+        for start in range(0, scales.numel(), 16):  # chunks bound the memory at 16 x num_samples
+            s = scales[start:start + 16, None]
+            z = zero_points[start:start + 16, None]
+            q = torch.clamp(torch.round(values * (1.0 / s)) + z, qmin, qmax)
+            errors[start:start + 16] = (((q - z) * s - values).square() * weights).sum(dim=1)
+        best = int(torch.argmin(errors))  # ties go to the first, i.e. the widest range
+        return scales[best].reshape(1).clone(), zero_points[best].reshape(1).to(torch.int32)
+
+
+class MSEObserver(_MSESearch):
     """Minimum-MSE clipping range, searched on a weighted summary of the observed values (per tensor).
 
     Each batch contributes its ``num_extremes`` largest and smallest values exactly (weight 1), so rare
@@ -486,50 +539,10 @@ class MSEObserver(_TrackedCalibrator):
         self.weights[:n - first] = weights[first:]
         self._cursor = (at + n) % self.num_samples
 
-    def _candidate_scales(self):
-        full_scale, _ = compute_qparams(self.min_val, self.max_val, quant_min=self.quant_min, quant_max=self.quant_max,
-                                        symmetric=self.symmetric, zero_point=self.zero_point_if_symmetric,
-                                        eps=self.eps, pow2=self.pow2, pow2_rounding="ceil")
-        if self.pow2:
-            k = exponent_of_pow2(full_scale) - torch.arange(self.max_shrink_log2 + 1, device=full_scale.device)
-            return exp2_int(k)
-        steps = torch.arange(8 * self.max_shrink_log2 + 1, device=full_scale.device, dtype=torch.float32)
-        return torch.clamp_min(full_scale * torch.exp2(-steps / 8), self.eps)
-
     @torch.no_grad()
     def _search_qparams(self):
         used = self.weights > 0
-        if not bool(used.any()):
-            device = self.min_val.device
-            return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
-        values, weights = self.samples[used], self.weights[used]
-        weights = weights / weights.sum()
-        scales = self._candidate_scales()
-        qmin, qmax = self.quant_min, self.quant_max
-        if self.symmetric:
-            zero_points = torch.full_like(scales, self.zero_point_if_symmetric)
-        else:
-            lo = torch.clamp_max(self.min_val, 0)
-            hi = torch.clamp_min(self.max_val, 0)
-            at_min = (qmin - torch.round(lo / scales)).clamp(qmin, qmax)  # grid starts at the minimum
-            at_max = (qmax - torch.round(hi / scales)).clamp(qmin, qmax)  # grid ends at the maximum
-            if bool(self.min_val >= 0) or bool(self.max_val <= 0):
-                # one-signed data (e.g. after ReLU): the grid starts (ends) at zero, zero point = quant_min
-                # (quant_max); integer kernels and requantizing adds need exactly that, and the MSE can only tie
-                zero_points = torch.full_like(scales, qmin if bool(self.min_val >= 0) else qmax)
-            else:
-                full = torch.round(qmin - lo / scales[0]).clamp(qmin, qmax).expand_as(scales)
-                placements = [torch.round(at_max + (at_min - at_max) * t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
-                zero_points = torch.cat(placements + [full])
-                scales = scales.repeat(len(placements) + 1)
-        errors = torch.empty_like(scales)
-        for start in range(0, scales.numel(), 16):  # chunks bound the memory at 16 x num_samples
-            s = scales[start:start + 16, None]
-            z = zero_points[start:start + 16, None]
-            q = torch.clamp(torch.round(values * (1.0 / s)) + z, qmin, qmax)
-            errors[start:start + 16] = (((q - z) * s - values).square() * weights).sum(dim=1)
-        best = int(torch.argmin(errors))  # ties go to the first, i.e. the widest range
-        return scales[best].reshape(1).clone(), zero_points[best].reshape(1).to(torch.int32)
+        return self._mse_search(self.samples[used], self.weights[used])
 
     def __getstate__(self):
         # the sample ring buffers are working memory of the search (not state_dict state either): pickles and
@@ -550,3 +563,160 @@ class MSEObserver(_TrackedCalibrator):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_samples={self.num_samples}, min_val={self.min_val}, max_val={self.max_val}"
+
+
+def _coprime_step(numel: int, wanted: int, period: int) -> int:
+    """A stride >= ceil(numel / wanted) sharing no factor with `period` (a row or plane length), so that strided
+    positions do not keep landing on the same few columns of an image."""
+    step = max(1, -(-numel // wanted))
+    while step > 1 and math.gcd(step, period) != 1:
+        step += 1
+    return step
+
+
+def _outside(rows, low, high):
+    """The values of each row of `rows` above its `high` or below its `low` (columns), and how many per row (int64).
+    Only blocks whose own extremes pass a bound are searched: the rest hold none of them."""
+    images, n = rows.shape
+    size = min(n & -n, 128)  # the largest power of two dividing the row length, at most 128
+    if size < 32:
+        outside = (rows > high) | (rows < low)
+        return rows[outside], outside.sum(1)
+    blocks = rows.view(images, n // size, size)
+    block_min, block_max = blocks.amin(dim=2), blocks.amax(dim=2)
+    row, block = ((block_max > high) | (block_min < low)).nonzero(as_tuple=True)
+    candidates = blocks[row, block]
+    outside = (candidates > high[row]) | (candidates < low[row])
+    counts = torch.zeros(images, dtype=torch.int64, device=rows.device)
+    counts.index_add_(0, row, outside.sum(1))
+    return candidates[outside], counts
+
+
+class HistogramMSEObserver(_MSESearch):
+    """Minimum-MSE range (the same search as `MSEObserver`) on a histogram of every calibration image, the same
+    for any order and grouping of the images into batches.
+
+    Each image (the first dimension of the observed tensor) contributes the same values wherever it comes: every
+    step-th value of it, about ``samples_per_image`` of them (the step shares no factor with the image's plane
+    size, and each stands for an equal share of the image), and every value of the image above or below all of
+    those exactly, so that rare outliers are costed at their true value. They are counted in ``bins`` bins of width
+    2**e on a grid anchored at zero, e the smallest exponent whose grid covers the exact min/max seen so far; the
+    histogram widens by merging neighbouring bins, which is exact, so it ends equal to counting every value at the
+    final width, whatever came first. With power-of-two candidate scales of two bins or more, the rounding and
+    clipping boundaries fall on bin edges: every value of a bin quantizes to the same integer, and the bin centres
+    give each candidate's error to within the bins' width. `MSEObserver` keeps each batch's extremes and a sample
+    of each batch instead, so its choice can follow which images share a batch.
+    """
+
+    compute_qparams_lazily = True
+
+    def __init__(self, bins: int = 1 << 14, samples_per_image: int = 1 << 12, max_shrink_log2: int = 10,
+                 dtype: torch.dtype = torch.quint8, qscheme: torch.qscheme = torch.per_tensor_affine,
+                 reduce_range: bool = False, quant_min: int | None = None, quant_max: int | None = None,
+                 eps: float = DEFAULT_EPS, pow2: bool = False, pow2_rounding: str = "ceil",
+                 training_update: str = "track", averaging_constant: float = 0.01) -> None:
+        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
+        self._init_tracking(training_update, averaging_constant)
+        if not 64 <= bins <= 1 << 20:
+            raise ValueError(f"bins={bins} must be in [64, 2**20]")
+        if samples_per_image < 16:
+            raise ValueError(f"samples_per_image={samples_per_image} must be at least 16")
+        if not 0 <= max_shrink_log2 <= 24:
+            raise ValueError(f"max_shrink_log2={max_shrink_log2} must be in [0, 24]")
+        self.bins = int(bins)
+        self.samples_per_image = int(samples_per_image)
+        self.max_shrink_log2 = int(max_shrink_log2)
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("histogram", torch.zeros(self.bins, dtype=torch.int64), persistent=False)
+        self._grid = None  # (e, origin): bin i counts [(origin + i) * 2**e, (origin + i + 1) * 2**e)
+        self._images = (1, 1)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._tracking:  # images along dim 0, each a plane of the trailing dims (a row for 2-d data)
+            self._images = (x.shape[0] if x.dim() > 1 else 1,
+                            math.prod(x.shape[2:]) if x.dim() > 2 else x.shape[-1] if x.dim() else 1)
+        return super().forward(x)
+
+    def _exponent(self, low: float, high: float) -> int:
+        """The smallest e whose zero-anchored grid of width 2**e covers [low, high] in `bins` bins, and no smaller
+        than keeps every scaled value below 2**22 (exact integers in float32): a function of the range alone,
+        which only grows as the range does."""
+        largest = max(abs(low), abs(high), 2.0 ** -100)
+        e = max(math.floor(math.log2(max(high - low, 2.0 ** -100) / self.bins)), math.ceil(math.log2(largest)) - 22)
+        while math.floor(math.ldexp(high, -e)) - math.floor(math.ldexp(low, -e)) >= self.bins:
+            e += 1
+        return e
+
+    def _regrid(self, e: int, origin: int):
+        """Move the counts onto the grid (e, origin), e no smaller than the current one: exact, bins only merge."""
+        if self._grid is not None and self._grid != (e, origin):
+            old_e, old_origin = self._grid
+            absolute = old_origin + torch.arange(self.bins, dtype=torch.int64, device=self.histogram.device)
+            moved = torch.div(absolute, 1 << (e - old_e), rounding_mode="floor") - origin
+            used = self.histogram > 0
+            new = torch.zeros_like(self.histogram)
+            new.index_add_(0, moved[used], self.histogram[used])
+            self.histogram = new
+        self._grid = (e, origin)
+
+    def _observe(self, values, low, high):
+        self.min_val.copy_(torch.minimum(self.min_val, low))
+        self.max_val.copy_(torch.maximum(self.max_val, high))
+        images, plane = self._images
+        if images < 1 or values.numel() % images:  # non-finite values were dropped: one image
+            images, plane = 1, values.numel()
+        rows = values.view(images, -1)
+        entries, weights = self._image_summary(rows, _coprime_step(rows.shape[1], self.samples_per_image, plane))
+        lo, hi = float(self.min_val), float(self.max_val)
+        e = self._exponent(lo, hi)
+        if self._grid is not None:
+            e = max(e, self._grid[0])
+        origin = math.floor(math.ldexp(lo, -e))
+        self._regrid(e, origin)
+        index = (entries * math.ldexp(1.0, -e)).floor_().sub_(origin).to(torch.int64)
+        self.histogram += torch.bincount(index, weights=weights, minlength=self.bins).to(torch.int64)
+
+    @staticmethod
+    def _image_summary(rows, step):
+        """(values, integer weights in 1/256ths, float64) standing for every value of each row (image): its
+        step-th values, and exactly every value outside their range (the image's tails, weight 1); each sampled
+        value stands for the rest of its image. Integer weights keep the sums exact, so their order cannot show."""
+        sample = rows[:, ::step]
+        images, k = sample.shape
+        if step == 1:
+            return sample.reshape(-1), torch.full((sample.numel(),), 256.0, dtype=torch.float64, device=rows.device)
+        low, high = torch.aminmax(sample, dim=1, keepdim=True)
+        tail_values, in_tails = _outside(rows, low, high)
+        per_sample = torch.round(256 * (rows.shape[1] - in_tails).to(torch.float64) / k)
+        weights = torch.cat([per_sample[:, None].expand(images, k).reshape(-1),
+                             torch.full((tail_values.numel(),), 256.0, dtype=torch.float64, device=rows.device)])
+        return torch.cat([sample.reshape(-1), tail_values]), weights
+
+    @torch.no_grad()
+    def _search_qparams(self):
+        used = (self.histogram > 0).nonzero().squeeze(1)
+        if self._grid is None or not used.numel():
+            return self._mse_search(self.min_val.new_zeros(0), self.min_val.new_zeros(0))
+        e, origin = self._grid
+        centres = ((used + origin).to(torch.float64) + 0.5) * math.ldexp(1.0, e)
+        return self._mse_search(centres.to(torch.float32), self.histogram[used].to(torch.float32))
+
+    def __getstate__(self):
+        # the histogram is working memory of the search, as MSEObserver's samples are
+        state = self.__dict__.copy()
+        buffers = dict(state["_buffers"])
+        buffers["histogram"] = buffers["histogram"].new_zeros(0)
+        state["_buffers"] = buffers
+        state["_grid"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self._buffers["histogram"].numel() == 0:
+            self._buffers["histogram"] = torch.zeros(self.bins, dtype=torch.int64, device=self.min_val.device)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, bins={self.bins}, samples_per_image={self.samples_per_image}, "
+                f"min_val={self.min_val}, max_val={self.max_val}")
