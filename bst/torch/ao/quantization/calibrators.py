@@ -380,6 +380,34 @@ class _MSESearch(_TrackedCalibrator):
     with five grid placements from "ends at the maximum" to "starts at the minimum", and with the zero point of the
     full range."""
 
+    # working memory of the search, rebuilt empty by `_new_work_buffers`: left out of state_dict, pickles and copies,
+    # which keeps a QAT checkpoint near the size of its float model
+    _WORK_BUFFERS: tuple = ()
+
+    def _init_search(self, training_update, averaging_constant, max_shrink_log2):
+        self._init_tracking(training_update, averaging_constant)
+        if not 0 <= max_shrink_log2 <= 24:
+            raise ValueError(f"max_shrink_log2={max_shrink_log2} must be in [0, 24]")
+        self.max_shrink_log2 = int(max_shrink_log2)
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def _new_work_buffers(self):
+        raise NotImplementedError
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        buffers = dict(state["_buffers"])
+        for k in self._WORK_BUFFERS:
+            buffers[k] = buffers[k].new_zeros(0)
+        state["_buffers"] = buffers
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # also adds the tracking state to pickles that predate it
+        if any(self._buffers[k].numel() == 0 for k in self._WORK_BUFFERS):
+            self._new_work_buffers()
+
     def _candidate_scales(self):
         full_scale, _ = compute_qparams(self.min_val, self.max_val, quant_min=self.quant_min, quant_max=self.quant_max,
                                         symmetric=self.symmetric, zero_point=self.zero_point_if_symmetric,
@@ -446,20 +474,20 @@ class MSEObserver(_MSESearch):
                  eps: float = DEFAULT_EPS, pow2: bool = False, pow2_rounding: str = "ceil",
                  training_update: str = "track", averaging_constant: float = 0.01) -> None:
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
-        self._init_tracking(training_update, averaging_constant)
         if num_samples < 64:
             raise ValueError(f"num_samples={num_samples} must be at least 64")
         if not 0 <= 4 * num_extremes < num_samples // 8:
             raise ValueError(f"num_extremes={num_extremes} must be in [0, num_samples / 32)")
-        if not 0 <= max_shrink_log2 <= 24:
-            raise ValueError(f"max_shrink_log2={max_shrink_log2} must be in [0, 24]")
+        self._init_search(training_update, averaging_constant, max_shrink_log2)
         self.num_samples = int(num_samples)
         self.num_extremes = int(num_extremes)
-        self.max_shrink_log2 = int(max_shrink_log2)
-        self.register_buffer("min_val", torch.tensor(float("inf")))
-        self.register_buffer("max_val", torch.tensor(float("-inf")))
-        self.register_buffer("samples", torch.zeros(self.num_samples), persistent=False)
-        self.register_buffer("weights", torch.zeros(self.num_samples), persistent=False)
+        self._new_work_buffers()
+
+    _WORK_BUFFERS = ("samples", "weights")
+
+    def _new_work_buffers(self):
+        self.register_buffer("samples", self.min_val.new_zeros(self.num_samples), persistent=False)
+        self.register_buffer("weights", self.min_val.new_zeros(self.num_samples), persistent=False)
         self._cursor = 0
 
     def _summarise(self, values):
@@ -544,23 +572,6 @@ class MSEObserver(_MSESearch):
         used = self.weights > 0
         return self._mse_search(self.samples[used], self.weights[used])
 
-    def __getstate__(self):
-        # the sample ring buffers are working memory of the search (not state_dict state either): pickles and
-        # checkpoints leave them out, which keeps a QAT checkpoint near the size of its float model
-        state = self.__dict__.copy()
-        buffers = dict(state["_buffers"])
-        for k in ("samples", "weights"):
-            buffers[k] = buffers[k].new_zeros(0)
-        state["_buffers"] = buffers
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)  # also adds the tracking state to pickles that predate it
-        for k in ("samples", "weights"):
-            if self._buffers[k].numel() == 0:
-                self._buffers[k] = self.min_val.new_zeros(self.num_samples)
-        self._cursor = 0
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_samples={self.num_samples}, min_val={self.min_val}, max_val={self.max_val}"
 
@@ -616,21 +627,22 @@ class HistogramMSEObserver(_MSESearch):
                  eps: float = DEFAULT_EPS, pow2: bool = False, pow2_rounding: str = "ceil",
                  training_update: str = "track", averaging_constant: float = 0.01) -> None:
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, eps, pow2, pow2_rounding)
-        self._init_tracking(training_update, averaging_constant)
         if not 64 <= bins <= 1 << 20:
             raise ValueError(f"bins={bins} must be in [64, 2**20]")
         if samples_per_image < 16:
             raise ValueError(f"samples_per_image={samples_per_image} must be at least 16")
-        if not 0 <= max_shrink_log2 <= 24:
-            raise ValueError(f"max_shrink_log2={max_shrink_log2} must be in [0, 24]")
+        self._init_search(training_update, averaging_constant, max_shrink_log2)
         self.bins = int(bins)
         self.samples_per_image = int(samples_per_image)
-        self.max_shrink_log2 = int(max_shrink_log2)
-        self.register_buffer("min_val", torch.tensor(float("inf")))
-        self.register_buffer("max_val", torch.tensor(float("-inf")))
-        self.register_buffer("histogram", torch.zeros(self.bins, dtype=torch.int64), persistent=False)
-        self._grid = None  # (e, origin): bin i counts [(origin + i) * 2**e, (origin + i + 1) * 2**e)
+        self._new_work_buffers()
         self._images = (1, 1)
+
+    _WORK_BUFFERS = ("histogram",)
+
+    def _new_work_buffers(self):
+        self.register_buffer("histogram", torch.zeros(self.bins, dtype=torch.int64, device=self.min_val.device),
+                             persistent=False)
+        self._grid = None  # (e, origin): bin i counts [(origin + i) * 2**e, (origin + i + 1) * 2**e)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -702,20 +714,6 @@ class HistogramMSEObserver(_MSESearch):
         e, origin = self._grid
         centres = ((used + origin).to(torch.float64) + 0.5) * math.ldexp(1.0, e)
         return self._mse_search(centres.to(torch.float32), self.histogram[used].to(torch.float32))
-
-    def __getstate__(self):
-        # the histogram is working memory of the search, as MSEObserver's samples are
-        state = self.__dict__.copy()
-        buffers = dict(state["_buffers"])
-        buffers["histogram"] = buffers["histogram"].new_zeros(0)
-        state["_buffers"] = buffers
-        state["_grid"] = None
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if self._buffers["histogram"].numel() == 0:
-            self._buffers["histogram"] = torch.zeros(self.bins, dtype=torch.int64, device=self.min_val.device)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, bins={self.bins}, samples_per_image={self.samples_per_image}, "
