@@ -559,3 +559,18 @@ def test_histogram_mse_picks_the_best_power_of_two_of_the_full_data():
     exact = obs._mse_search(data, torch.ones_like(data))
     assert (scale.item(), zp.item()) == (exact[0].item(), exact[1].item())
     assert obs.histogram.sum() == data.numel() * 256
+
+
+@pytest.mark.parametrize("value", [0.0, 5.0, -1e-30])
+def test_histogram_mse_widens_from_a_constant_first_batch(value):
+    """A first batch of one value (a ReLU output of zeros) gives the finest grid; the next batch widens it by a huge
+    exponent step, and the result equals observing that batch together with the first."""
+    g = torch.Generator().manual_seed(9)
+    later = torch.randn(2, 3, 8, 8, generator=g) * 4
+    first = torch.full((2, 3, 8, 8), value)
+    obs, together = HistogramMSEObserver(pow2=True), HistogramMSEObserver(pow2=True)
+    obs(first)
+    obs(later)
+    together(torch.cat([first, later]))
+    assert obs._grid == together._grid and torch.equal(obs.histogram, together.histogram)
+    assert torch.equal(obs.calculate_qparams()[0], together.calculate_qparams()[0])

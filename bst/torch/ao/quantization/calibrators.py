@@ -666,7 +666,9 @@ class HistogramMSEObserver(_MSESearch):
         if self._grid is not None and self._grid != (e, origin):
             old_e, old_origin = self._grid
             absolute = old_origin + torch.arange(self.bins, dtype=torch.int64, device=self.histogram.device)
-            moved = torch.div(absolute, 1 << (e - old_e), rounding_mode="floor") - origin
+            # floor(absolute / 2**(e - old_e)) as an arithmetic shift: exact for any exponent step (a first batch of
+            # zeros has a grid of 2**-114; at 63 every index becomes 0 or -1, the floor)
+            moved = torch.bitwise_right_shift(absolute, min(e - old_e, 63)) - origin
             used = self.histogram > 0
             new = torch.zeros_like(self.histogram)
             new.index_add_(0, moved[used], self.histogram[used])
