@@ -574,3 +574,49 @@ def test_histogram_mse_widens_from_a_constant_first_batch(value):
     together(torch.cat([first, later]))
     assert obs._grid == together._grid and torch.equal(obs.histogram, together.histogram)
     assert torch.equal(obs.calculate_qparams()[0], together.calculate_qparams()[0])
+
+
+def _histogram_state(batches, **kw):
+    obs = HistogramMSEObserver(**kw)
+    for b in batches:
+        obs(b)
+    return obs.calculate_qparams(), obs._grid, obs.histogram.clone()
+
+
+def _same_state(a, b):
+    return torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1], b[0][1]) and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+@pytest.mark.parametrize("holes", [1, 2])
+def test_histogram_mse_order_free_with_non_finite_values(holes):
+    """An image's NaN / inf values are dropped from that image alone: its other values count as in any batch."""
+    g = torch.Generator().manual_seed(10)
+    a, b = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g) * 3
+    a[0, 0, 0, :holes] = float("nan")
+    a[0, 1, 1, 1] = float("inf")
+    kw = {"samples_per_image": 16}
+    reference = _histogram_state([a, b], **kw)
+    for batches in ([torch.cat([a, b])], [torch.cat([b, a])], [b, a]):
+        assert _same_state(_histogram_state(batches, **kw), reference)
+
+
+def test_histogram_mse_bins_tiny_values_exactly_on_a_wide_grid():
+    """A value far below the bin width still lands in the bin below zero, whichever grid it was first counted on."""
+    small, big = torch.tensor([[-1e-33, 1.0]]), torch.tensor([[-1e15, 1e15]])
+    kw = {"bins": 64, "samples_per_image": 16}
+    assert _same_state(_histogram_state([small, big], **kw), _histogram_state([big, small], **kw))
+
+
+def test_mse_calibrators_start_afresh_after_load_state_dict():
+    """Loading state replaces min/max: what the observer had counted before is dropped with them."""
+    for cls in (HistogramMSEObserver, MSEObserver):
+        used, loaded = cls(), cls()
+        used(torch.tensor([[-50.0, 50.0]]))
+        loaded(torch.tensor([[1.0, 2.0]]))
+        used.load_state_dict(loaded.state_dict())
+        used(torch.tensor([[1.5, 1.7]]))
+        fresh = cls()
+        fresh.load_state_dict(loaded.state_dict())
+        fresh(torch.tensor([[1.5, 1.7]]))
+        assert torch.equal(used.calculate_qparams()[0], fresh.calculate_qparams()[0])
+        assert 0 < float(used.calculate_qparams()[0]) < 0.01

@@ -395,6 +395,12 @@ class _MSESearch(_TrackedCalibrator):
     def _new_work_buffers(self):
         raise NotImplementedError
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._new_work_buffers()  # what was observed before belongs to the replaced min/max, not to the loaded ones
+
     def __getstate__(self):
         state = self.__dict__.copy()
         buffers = dict(state["_buffers"])
@@ -635,7 +641,7 @@ class HistogramMSEObserver(_MSESearch):
         self.bins = int(bins)
         self.samples_per_image = int(samples_per_image)
         self._new_work_buffers()
-        self._images = (1, 1)
+        self._images, self._batch = (1, 1), None
 
     _WORK_BUFFERS = ("histogram",)
 
@@ -646,10 +652,16 @@ class HistogramMSEObserver(_MSESearch):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._tracking:  # images along dim 0, each a plane of the trailing dims (a row for 2-d data)
-            self._images = (x.shape[0] if x.dim() > 1 else 1,
-                            math.prod(x.shape[2:]) if x.dim() > 2 else x.shape[-1] if x.dim() else 1)
-        return super().forward(x)
+        if self._tracking:
+            return super().forward(x)
+        # images along dim 0, each a plane of the trailing dims (a row for 2-d data)
+        self._images = (x.shape[0] if x.dim() > 1 else 1,
+                        math.prod(x.shape[2:]) if x.dim() > 2 else x.shape[-1] if x.dim() else 1)
+        self._batch = x
+        try:
+            return super().forward(x)
+        finally:
+            self._batch = None
 
     def _exponent(self, low: float, high: float) -> int:
         """The smallest e whose zero-anchored grid of width 2**e covers [low, high] in `bins` bins, and no smaller
@@ -679,17 +691,24 @@ class HistogramMSEObserver(_MSESearch):
         self.min_val.copy_(torch.minimum(self.min_val, low))
         self.max_val.copy_(torch.maximum(self.max_val, high))
         images, plane = self._images
-        if images < 1 or values.numel() % images:  # non-finite values were dropped: one image
-            images, plane = 1, values.numel()
-        rows = values.view(images, -1)
-        entries, weights = self._image_summary(rows, _coprime_step(rows.shape[1], self.samples_per_image, plane))
+        if values.numel() == self._batch.numel():
+            rows = values.view(max(images, 1), -1)
+            entries, weights = self._image_summary(rows, _coprime_step(rows.shape[1], self.samples_per_image, plane))
+        else:  # non-finite values were dropped: each image's finite values on their own, as any batch would give them
+            parts = []
+            for image in self._batch.detach().reshape(max(images, 1), -1).to(torch.float32):
+                row = image[torch.isfinite(image)][None]
+                if row.numel():
+                    parts.append(self._image_summary(row, _coprime_step(row.shape[1], self.samples_per_image, plane)))
+            entries, weights = (torch.cat(t) for t in zip(*parts))
         lo, hi = float(self.min_val), float(self.max_val)
         e = self._exponent(lo, hi)
         if self._grid is not None:
             e = max(e, self._grid[0])
         origin = math.floor(math.ldexp(lo, -e))
         self._regrid(e, origin)
-        index = (entries * math.ldexp(1.0, -e)).floor_().sub_(origin).to(torch.int64)
+        # in float64, where scaling a float32 by 2**-e and taking the floor are exact (no underflow to -0.0)
+        index = (entries.to(torch.float64) * math.ldexp(1.0, -e)).floor_().sub_(origin).to(torch.int64)
         self.histogram += torch.bincount(index, weights=weights, minlength=self.bins).to(torch.int64)
 
     @staticmethod
