@@ -620,3 +620,27 @@ def test_mse_calibrators_start_afresh_after_load_state_dict():
         fresh(torch.tensor([[1.5, 1.7]]))
         assert torch.equal(used.calculate_qparams()[0], fresh.calculate_qparams()[0])
         assert 0 < float(used.calculate_qparams()[0]) < 0.01
+
+
+@pytest.mark.parametrize("observer", [MSEObserver, HistogramMSEObserver])
+def test_a_copied_calibrated_quantizer_tracks_from_its_calibrated_qparams(observer):
+    """deepcopy, pickle and state_dict leave the search's working memory behind: tracking then starts from the
+    qparams the fake quantizer holds, not from an empty search's (1, 0)."""
+    import copy
+
+    from bst.torch.ao.quantization import FakeQuantize
+
+    g = torch.Generator().manual_seed(11)
+    fq = FakeQuantize(observer=observer, pow2=True)
+    fq.disable_fake_quant()
+    for _ in range(3):
+        fq(torch.randn(2, 3, 8, 8, generator=g) * 4)
+    fq.enable_fake_quant()
+    fq.disable_observer()
+    scale, zero_point = fq.scale.clone(), fq.zero_point.clone()
+    twin = copy.deepcopy(fq)
+    twin.enable_observer()
+    twin(torch.randn(2, 3, 8, 8, generator=g) * 4)
+    assert twin.activation_post_process.tracking
+    assert torch.equal(twin.activation_post_process.reference[:2], torch.cat([scale, zero_point.float()]))
+    assert torch.equal(twin.scale, scale)  # the zero point follows the batch's minimum, as tracking does

@@ -185,14 +185,24 @@ class _TrackedCalibrator(ObserverBase):
         return self._tracking
 
     @torch.no_grad()
-    def begin_tracking(self) -> None:
+    def begin_tracking(self, calibrated: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Fix the reference: the calibrated qparams (one last search) and the average batch range so far.
-        Called by the fake quantizer on its first forward with both observer and fake quantization on."""
+        Called by the fake quantizer on its first forward with both observer and fake quantization on, with the
+        (scale, zero point) it holds as `calibrated`: those are used where nothing is left to search (a copy,
+        pickle or state_dict of a calibrated observer does not carry the search's working memory)."""
         if self.training_update != "track" or self._tracking:
             return
-        scale, zero_point = self._search_qparams()
+        if calibrated is not None and not self._can_search():
+            scale, zero_point = calibrated
+        else:
+            scale, zero_point = self._search_qparams()
         self.reference.copy_(torch.cat([scale.reshape(1).float(), zero_point.reshape(1).float(), self.batch_range]))
         self._tracking = True
+
+    def _can_search(self) -> bool:
+        """Whether `_search_qparams` has observations to search (calibrators whose working memory is not copied
+        say when it is empty)."""
+        return True
 
     @torch.no_grad()
     def _update_batch_range(self, low, high):
@@ -394,6 +404,9 @@ class _MSESearch(_TrackedCalibrator):
 
     def _new_work_buffers(self):
         raise NotImplementedError
+
+    def _can_search(self) -> bool:
+        return bool(self.max_val >= self.min_val) and any(bool(self._buffers[k].any()) for k in self._WORK_BUFFERS)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

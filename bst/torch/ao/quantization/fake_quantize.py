@@ -75,7 +75,7 @@ class FakeQuantizeBase(QuantizerModule):
         with fake quantization on (see `calibrators`)."""
         obs = self.activation_post_process
         if quantize and not getattr(obs, "tracking", True):
-            obs.begin_tracking()
+            obs.begin_tracking(None if self.__dict__.get("_stale") else (self.scale, self.zero_point))
         obs(x.detach())
 
     def enable_fake_quant(self, enabled: bool = True) -> FakeQuantizeBase:
