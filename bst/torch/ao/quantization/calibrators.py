@@ -390,8 +390,8 @@ class _MSESearch(_TrackedCalibrator):
     with five grid placements from "ends at the maximum" to "starts at the minimum", and with the zero point of the
     full range."""
 
-    # working memory of the search, rebuilt empty by `_new_work_buffers`: left out of state_dict, pickles and copies,
-    # which keeps a QAT checkpoint near the size of its float model
+    # working memory of the search, rebuilt empty by each subclass's `_new_work_buffers`: left out of state_dict,
+    # pickles and copies, which keeps a QAT checkpoint near the size of its float model
     _WORK_BUFFERS: tuple = ()
 
     def _init_search(self, training_update, averaging_constant, max_shrink_log2):
@@ -401,9 +401,6 @@ class _MSESearch(_TrackedCalibrator):
         self.max_shrink_log2 = int(max_shrink_log2)
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
-
-    def _new_work_buffers(self):
-        raise NotImplementedError
 
     def _can_search(self) -> bool:
         return bool(self.max_val >= self.min_val) and any(bool(self._buffers[k].any()) for k in self._WORK_BUFFERS)
@@ -678,8 +675,8 @@ class HistogramMSEObserver(_MSESearch):
 
     def _exponent(self, low: float, high: float) -> int:
         """The smallest e whose zero-anchored grid of width 2**e covers [low, high] in `bins` bins, and no smaller
-        than keeps every scaled value below 2**22 (exact integers in float32): a function of the range alone,
-        which only grows as the range does."""
+        than keeps every scaled value below 2**22 in magnitude (small integer bin indices): a function of the range
+        alone, which only grows as the range does."""
         largest = max(abs(low), abs(high), 2.0 ** -100)
         e = max(math.floor(math.log2(max(high - low, 2.0 ** -100) / self.bins)), math.ceil(math.log2(largest)) - 22)
         while math.floor(math.ldexp(high, -e)) - math.floor(math.ldexp(low, -e)) >= self.bins:
