@@ -13,11 +13,14 @@ a count of what changed) do that without changing a single integer:
   OpenVINO's CPU plugin fuses a convolution, its output FakeQuantize and a following Add into one convolution with a
   sum post-op, and then drops the rounding of that FakeQuantize (the sum adds the unrounded convolution output): on a
   yolov5n 2.6-3.6% of the raw head outputs were one or more steps off. The Clip changes no value (a dequantized value
-  already lies in that range) and keeps the rounding. It also moves the Reshape / Transpose that follow a per-channel
-  head output (DequantizeLinear -> Mul by the channel scales) onto the integers, so that OpenVINO transposes int8
-  instead of float, and writes the 5-d head permute (0, 1, 3, 4, 2) as the conv output's NCHW -> NHWC transpose,
-  which the plugin's convolutions write anyway, then a transpose of whole rows of outputs (static shapes); at 640 px
-  this took about a tenth off the int8 and the float model alike (benchmarks/export_speed.py).
+  already lies in that range) and keeps the rounding. It also writes the 5-d head permute (0, 1, 3, 4, 2) as the conv
+  output's NCHW -> NHWC transpose, which the plugin's convolutions write anyway, then a transpose of whole rows of
+  outputs (static shapes); at 640 px this took about a tenth off the int8 and the float model alike
+  (benchmarks/export_speed.py). The head's per-channel scales stay where the file has them (DequantizeLinear -> Mul
+  right after the conv's QuantizeLinear): the plugin folds that Mul into the head conv, which then writes float as
+  the float model's does. Moving the Reshape / Transposes onto the integers and the Mul after them was slower: the
+  plugin converts to float before the transposes anyway, and the Mul by the (anchor, channel) scales in the decoding
+  kernel made that kernel about twice as slow (int8 model 0.3-0.5 ms slower at 640 px, 0.1-0.2 ms at 256 px).
 * `onnxruntime_kernel_form` (onnxruntime on CPUs without VNNI): every int8 initializer that feeds a DequantizeLinear
   stored as uint8 (value + 128) with its zero point + 128, so onnxruntime's int8 convolution accumulates exactly.
 """
@@ -183,70 +186,9 @@ def _head_permute_4d(proto):
     return changed
 
 
-def _layout_chain(start, consumers):
-    chain, t = [], start
-    while len(consumers.get(t, [])) == 1 and consumers[t][0].op_type in ("Reshape", "Transpose"):
-        chain.append(consumers[t][0])
-        t = chain[-1].output[0]
-    return chain
-
-
-def _through_chain(proto, values, chain, inits):
-    """numpy `values` moved through the Reshape / Transpose nodes of `chain` (constant shapes), or None."""
-    for n in chain:
-        if n.op_type == "Transpose":
-            values = values.transpose(list(_attr(n, "perm", range(values.ndim)[::-1])))
-        else:
-            shape = _constant(proto, n.input[1], inits)
-            if shape is None or (shape <= 0).any():
-                return None
-            values = values.reshape([int(v) for v in shape])
-    return values
-
-
-def _integer_head_layout(proto, shapes):
-    """DequantizeLinear -> Mul(constant per-channel scales) -> Reshape / Transpose ... as Reshape / Transpose ... on
-    the integers -> DequantizeLinear -> Mul(the scales in the new layout, broadcast). `shapes`: tensor name -> static
-    shape (onnx shape inference)."""
-    producer, consumers, inits = _graph_maps(proto)
-    changed = 0
-    for mul in [n for n in proto.graph.node if n.op_type == "Mul"]:
-        dq = producer.get(mul.input[0])
-        scale = _constant(proto, mul.input[1], inits)
-        chain = _layout_chain(mul.output[0], consumers)
-        shape = shapes.get(mul.output[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or scale is None or not chain or not shape:
-            continue
-        index = np.broadcast_to(np.arange(scale.size).reshape(scale.shape), shape)
-        moved = _through_chain(proto, index, chain, inits)
-        if moved is None:
-            continue
-        for axis in range(moved.ndim):  # keep only the axes along which the channel changes
-            if (moved == moved.take([0], axis=axis)).all():
-                moved = moved.take([0], axis=axis)
-        last = chain[-1].output[0]
-        chain[0].input[0] = dq.input[0]
-        chain[-1].output[0] = f"{last}_integers"
-        dq.input[0], dq.output[0] = f"{last}_integers", f"{last}_dequantized"
-        name = f"{mul.input[1]}_moved"
-        proto.graph.initializer.append(numpy_helper.from_array(scale.reshape(-1)[moved].astype(np.float32), name))
-        mul.input[:] = [f"{last}_dequantized", name]
-        mul.output[0] = last
-        changed += 1
-    return changed
-
-
 def openvino_form(proto):
-    """See the module docstring. Returns (proto, {"clips": n, "permutes": n, "integer_layouts": n})."""
+    """See the module docstring. Returns (proto, {"clips": n, "permutes": n})."""
     counts = {"clips": _clip_sum_inputs(proto), "permutes": _head_permute_4d(proto)}
-    _topological(proto)
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    shapes = {}
-    for v in inferred.graph.value_info:
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
-        if dims and all(dims):
-            shapes[v.name] = dims
-    counts["integer_layouts"] = _integer_head_layout(proto, shapes)
     _topological(proto)
     return proto, counts
 

@@ -51,25 +51,25 @@ def test_space_to_depth_form_computes_the_same_integers(dynamic, tmp_path_factor
 
 
 def test_openvino_form_changes_no_number(tmp_path_factory):
-    """The OpenVINO form (a Clip on every dequantized input of an Add, the head's per-channel scales applied after
-    its Reshape / Transposes on the integers, the head permute as NCHW -> NHWC and a transpose of whole rows) computes
-    the file's raw outputs, run as written."""
+    """The OpenVINO form (a Clip on every dequantized input of an Add, the head permute as NCHW -> NHWC and a transpose
+    of whole rows, after the head's per-channel scales as the file has them) computes the file's raw outputs, run as
+    written."""
     _, f, _, _ = exported(tmp_path_factory)
     probe, names = raw_output_probe(f)
     form, counts = openvino_form(onnx.load_from_string(probe))
-    assert counts == {"clips": 14, "permutes": 3, "integer_layouts": 3}  # 7 skip-adds, 2 inputs each; 3 levels
+    assert counts == {"clips": 14, "permutes": 3}  # 7 skip-adds, 2 inputs each; 3 levels
     ops = [n.op_type for n in form.graph.node]
     assert ops.count("Clip") == 14 and ops.count("Transpose") == 6
     perms = sorted(tuple(next(a for a in t.attribute if a.name == "perm").ints) for t in form.graph.node
                    if t.op_type == "Transpose")
     assert perms == [(0, 2, 3, 1)] * 3 + [(0, 3, 1, 2, 4)] * 3
     producers = {o: n for n in form.graph.node for o in n.output}
-    for name in names:  # raw output = Cast(Mul(DequantizeLinear(Transpose(Reshape(Transpose(QuantizeLinear))))))
+    for name in names:  # raw output = Cast(Transpose(Reshape(Transpose(Mul(DequantizeLinear(QuantizeLinear))))))
         chain, node = [], producers[name]
         while node.op_type != "QuantizeLinear":
             chain.append(node.op_type)
             node = producers[node.input[0]]
-        assert chain == ["Cast", "Mul", "DequantizeLinear", "Transpose", "Reshape", "Transpose"]
+        assert chain == ["Cast", "Transpose", "Reshape", "Transpose", "Mul", "DequantizeLinear"]
     x = sample_batch((1, 3, H, W), seed=6).numpy()
     ref = onnxruntime_session(probe, as_written=True).run(names, {"images": x})
     got = onnxruntime_session(form.SerializeToString(), as_written=True).run(names, {"images": x})
