@@ -162,6 +162,23 @@ def ort_profile(onnx_path, x, threads, runs=10, **session_kw) -> dict:
     return {"(run)": sum(e["dur"] for e in timed) / runs / 1e3, **dict(per_op.most_common())}
 
 
+def ov_profile(xml, x, threads, runs=10) -> dict:
+    """Milliseconds per run by node type and precision of the graph OpenVINO's CPU plugin runs (its per-node
+    counters), over `runs` runs after 3 warmup runs: {"Convolution i8": ms, ...}, largest first; "(run)" is the sum
+    over all nodes."""
+    request = openvino_compiled(xml, threads=threads, profile=True).create_infer_request()
+    for _ in range(3):
+        openvino_run(request, x)
+    per_node = Counter()
+    for _ in range(runs):
+        openvino_run(request, x)
+        for node in request.get_profiling_info():
+            ms = node.real_time.total_seconds() * 1e3 / runs
+            if ms > 0:
+                per_node[f"{node.node_type} {node.exec_type.rsplit('_', 1)[-1].lower()}"] += ms
+    return {"(run)": sum(per_node.values()), **dict(per_node.most_common())}
+
+
 def _openvino_call(compiled):
     """A function running `compiled` through one InferRequest (which holds on to `compiled`)."""
     request = compiled.create_infer_request()
@@ -191,7 +208,9 @@ def measure(model, files, size, batch, threads, runs):
     notes = [f"onnxruntime int8: {_kernel_note(kernels_run(q_onnx, threads))}",
              "OpenVINO int8: convolutions by runtime precision " + ", ".join(f"{k} {v}" for k, v in conv.items())]
     profiles = {"onnxruntime int8": ort_profile(q_onnx, x, threads),
-                "onnxruntime fp32": ort_profile(f32_onnx, x, threads)}
+                "onnxruntime fp32": ort_profile(f32_onnx, x, threads),
+                "OpenVINO int8": ov_profile(openvino_xml(q_ov), x, threads),
+                "OpenVINO fp32": ov_profile(openvino_xml(f32_ov), x, threads)}
     return ms, notes, profiles
 
 
@@ -264,8 +283,8 @@ def main(argv=None):
         LOGGER.info(f"{size:>5} {batch:>5} {threads:>7}  {k:<18} {v:>9.1f} {ratio:>15.2f}x {same}")
     for n in notes:
         LOGGER.info(n)
-    LOGGER.info("\nwhere onnxruntime's time goes: ms per run by op type of the graph it runs (its profiler; the "
-                "largest first)")
+    LOGGER.info("\nwhere the time goes: ms per run by op type of the graph each runtime runs (onnxruntime's profiler; "
+                "OpenVINO's per-node counters, by node type and the precision it ran in; the largest first)")
     LOGGER.info(f"{'size':>5} {'batch':>5} {'threads':>7}  {'runtime':<17} {'total':>8}  op type ms")
     for line in profile_lines:
         LOGGER.info(line)

@@ -92,7 +92,7 @@ def openvino_core():
     return ov.Core()
 
 
-def openvino_compiled(model, threads=0, shape=None):
+def openvino_compiled(model, threads=0, shape=None, profile=False):
     """OpenVINO's CPU plugin compiling `model` (an .xml path or an openvino.Model) for latency; threads: inference
     threads (0: OpenVINO's default); shape: the input shape to compile a model with dynamic dimensions for. A QDQ
     model's QuantizeLinear/DequantizeLinear become FakeQuantize, which the CPU plugin runs as int8 convolutions (see
@@ -100,9 +100,12 @@ def openvino_compiled(model, threads=0, shape=None):
     AVX512_BF16) the plugin would otherwise run them in bfloat16, whose 8-bit mantissa moves outputs by about 1e-3
     of their range. A model with dynamic dimensions is compiled for `shape`: compiled for dynamic shapes, the
     plugin's int8 kernels gave other integers than for the same model at a fixed shape (all raw outputs of a yolov5n
-    moved, by up to 56 steps), at a fixed shape they are exact (utils.graph_forms.openvino_form)."""
+    moved, by up to 56 steps), at a fixed shape they are exact (utils.graph_forms.openvino_form). profile: count
+    each node's time (InferRequest.get_profiling_info), which slows every run a little."""
     core = openvino_core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if profile:
+        config["PERF_COUNT"] = "YES"
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     model = core.read_model(str(model)) if isinstance(model, (str, Path)) else model

@@ -127,3 +127,25 @@ def test_export_speed_benchmark_times_six_runtimes():
     assert all(r[4] > 0 and r[5] > 0 for r in rows)
     assert [r[3] for r in rows if r[6] is not None] == ["onnxruntime int8", "onnxruntime int8*",
                                                         "OpenVINO int8"] * 2  # int8 vs fp32
+
+
+def test_export_speed_openvino_profile_counts_every_node_by_precision(tmp_path):
+    """The benchmark's OpenVINO profile of an exported pow2 QAT model: each node's time by its type and the precision
+    it ran in; every convolution ran in int8, and the parts add up to the whole."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    from utils.runtimes import openvino_xml
+
+    spec = importlib.util.spec_from_file_location("export_speed", ROOT / "benchmarks" / "export_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    qat = bench.qat_checkpoint(reference("yolov5n_relu.pt"), tmp_path / "qat.pt", size=64)
+    _, folder = bench.exports(qat, tmp_path / "out", 64, 1)
+    profile = bench.ov_profile(openvino_xml(folder), sample_batch((1, 3, 64, 64), seed=2).numpy(), 1, runs=2)
+    total = profile.pop("(run)")
+    convs = {k: v for k, v in profile.items() if k.startswith("Convolution ")}
+    assert convs and all(k.split(" ")[1] in ("i8", "u8") for k in convs), profile
+    assert total > 0 and abs(total - sum(profile.values())) < 1e-6 * total
+    assert list(profile.values()) == sorted(profile.values(), reverse=True)
