@@ -19,9 +19,14 @@ activations.csv, hist/layer_NN.png and last_conv_act.png (the Detect convs, also
 sensitivity: for each model index i, post-training quantization (same calibration batches for every variant) with
   one          only model.i quantized (recipe: model -> float, i -> quantize, plus the recipe's own rules under i);
   all-but-one  the whole recipe with model.i left in float;
+  kinds        the whole recipe calibrated once, then one kind of quantizer turned off at a time (fake quantization
+               off, so those tensors stay float): the weights, every activation, the input image, the Conv blocks'
+               conv outputs with their activation (a lookup table's input and output together), the skip-adds and
+               concats, the Detect outputs (not with --layers);
 evaluated by val.run on the val split (or its first --max-images images, listed in val_subset.txt) and ranked by
-mAP50-95 lost vs the float model (one), or by mAP50-95 recovered vs all layers quantized (all-but-one). The input
-QuantStub sits outside model.* and stays quantized in every variant. Writes sensitivity.csv, sensitivity_summary.yaml.
+mAP50-95 lost vs the float model (one), or by mAP50-95 recovered vs all layers quantized (all-but-one, kinds). The
+input QuantStub sits outside model.* and stays quantized in the per-layer variants. Writes sensitivity.csv,
+sensitivity_summary.yaml.
 """
 from __future__ import annotations
 
@@ -75,7 +80,8 @@ from utils.general import (
 from utils.torch_utils import select_device
 
 TASKS = ("structure", "flow", "activations", "sensitivity")
-MODES = ("one", "all-but-one", "both")
+MODES = ("one", "all-but-one", "both", "kinds")
+KINDS = ("weights", "activation", "input", "conv/table", "add/concat", "Detect")  # see quantizer_kind
 PREFIX = colorstr("qat_report: ")
 
 
@@ -556,6 +562,48 @@ def layer_recipe(base: dict, index: int, mode: str) -> dict:
     return r
 
 
+def quantizer_kind(name: str, detect: int) -> str:
+    """Which kind of KINDS (besides "activation", every one but the weights) the fake quantizer `name` belongs to."""
+    if name.endswith("weight_fake_quant"):
+        return "weights"
+    if layer_index(name) is None:
+        return "input"
+    if layer_index(name) == detect:
+        return "Detect"
+    if re.search(r"\.(qadd|qcat)\.", name):
+        return "add/concat"
+    return "conv/table"
+
+
+def kind_sensitivity(float_model, data, batches, loader, device, config: QATConfig, save_dir):
+    """Rows (ranked by mAP50-95 recovered) of the whole recipe with one kind of quantizer off at a time, and the
+    reference mAPs. One calibration serves every row: turning fake quantizers off changes no other quantizer."""
+    ref = {"float": _evaluate(deepcopy(float_model), data, loader, save_dir)}
+    q = prepared(float_model, config).to(device)
+    calibrate(q, batches, len(batches), device)
+    q.eval()
+    ref["all_quantized"] = _evaluate(deepcopy(q), data, loader, save_dir)
+    detect = detect_index(float_model)
+    rows = []
+    for kind in KINDS:
+        variant = deepcopy(q)
+        found = [m for n, m in quantizers(variant)
+                 if (kind == "activation" and not n.endswith("weight_fake_quant")) or quantizer_kind(n, detect) == kind]
+        if not found:
+            continue
+        LOGGER.info(f"{PREFIX}kinds: {kind} in float ({len(found)} quantizers off)")
+        for m in found:
+            m.disable_fake_quant()
+        map50, map_ = _evaluate(variant, data, loader, save_dir)
+        rows.append({"rank": 0, "mode": "kinds", "layer": "", "module": kind, "quantizers": len(found),
+                     "mAP50": map50, "mAP50-95": map_, "drop_vs_float": ref["float"][1] - map_,
+                     "recovered_vs_all": map_ - ref["all_quantized"][1]})
+    rows.sort(key=lambda r: -r["recovered_vs_all"])
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows, ref
+
+
 def _evaluate(model, data, loader, save_dir):
     results = val.run(data=data, model=model, dataloader=loader, half=False, plots=False, save_dir=save_dir,
                       conf_thres=0.001, iou_thres=0.6)[0]
@@ -660,6 +708,9 @@ def _check_opt(opt):
         raise UserError(f"--max-images {opt.max_images}: must be >= 0 (0: every val image)")
     if opt.mode not in MODES:
         raise UserError(f"--mode {opt.mode!r}: choose one of {', '.join(MODES)}")
+    if opt.mode == "kinds" and opt.layers:
+        raise UserError(f"--layers {' '.join(map(str, opt.layers))}: --mode kinds turns kinds of quantizers off "
+                        "across every layer; drop --layers, or use --mode one / all-but-one for single layers")
     if opt.task in ("activations", "sensitivity") and not opt.weights:
         raise UserError(f"--task {opt.task}: needs --weights, a float .pt checkpoint")
 
@@ -736,6 +787,12 @@ def main(opt):
 
     # sensitivity
 
+    save_dir = _run_dir(opt)
+    batches = calibration_batches(data, imgsz, opt.batch_size, stride, opt.calib_batches, opt.workers)
+    if opt.mode == "kinds":
+        loader = val_dataloader(data, imgsz, opt.batch_size, stride, save_dir, opt.max_images, opt.workers)
+        rows, ref = kind_sensitivity(model, data, batches, loader, device, config, save_dir)
+        return _write_sensitivity(rows, ref, opt, config, save_dir, imgsz, batches, loader)
     n_layers = len(model.model)
     if opt.layers:
         bad = [i for i in opt.layers if not 0 <= i < n_layers]
@@ -751,10 +808,12 @@ def main(opt):
     if not layers:
         raise UserError(f"--layers {opt.layers}: none of them has anything to quantize")
     modes = ("one", "all-but-one") if opt.mode == "both" else (opt.mode,)
-    save_dir = _run_dir(opt)
-    batches = calibration_batches(data, imgsz, opt.batch_size, stride, opt.calib_batches, opt.workers)
     loader = val_dataloader(data, imgsz, opt.batch_size, stride, save_dir, opt.max_images, opt.workers)
     rows, ref = sensitivity(model, data, batches, loader, device, layers, modes, config, save_dir, everything)
+    return _write_sensitivity(rows, ref, opt, config, save_dir, imgsz, batches, loader)
+
+
+def _write_sensitivity(rows, ref, opt, config, save_dir, imgsz, batches, loader):
     print_sensitivity_table(rows, ref)
     csv_file = write_csv(rows, save_dir / "sensitivity.csv")
     yaml_save(save_dir / "sensitivity_summary.yaml", {

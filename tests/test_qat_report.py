@@ -189,6 +189,35 @@ def test_sensitivity_ranks_the_layers(tiny, tmp_path):
     assert subset == first
 
 
+def test_quantizer_kinds_cover_every_quantizer_once(float_model):
+    q = qr.prepared(float_model, POW2)
+    kinds = {}
+    for name, _ in qr.quantizers(q):
+        kinds.setdefault(qr.quantizer_kind(name, 24), []).append(name)
+    assert set(kinds) == set(qr.KINDS) - {"activation"}
+    assert kinds["input"] == ["input_quant.activation_post_process"]
+    assert len(kinds["weights"]) == 60 and all(n.endswith("weight_fake_quant") for n in kinds["weights"])
+    assert len(kinds["Detect"]) == 3 and all(".qadd." in n or ".qcat." in n for n in kinds["add/concat"])
+    assert sum(map(len, kinds.values())) == len(qr.quantizers(q))
+
+
+def test_sensitivity_by_kind_turns_each_kind_off_after_one_calibration(tiny, tmp_path):
+    csv_file = _main("--task", "sensitivity", "--mode", "kinds", "--weights", reference("yolov5n_relu.pt"), "--data",
+                     tiny, *FAST, "--calib-batches", "1", "--pow2-scale", "--max-images", "4", "--out", tmp_path / "k")
+    rows = _csv(csv_file)
+    assert sorted(r["module"] for r in rows) == sorted(qr.KINDS)
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    recovered = [float(r["recovered_vs_all"]) for r in rows]
+    assert recovered == sorted(recovered, reverse=True) and all(math.isfinite(v) for v in recovered)
+    count = {r["module"]: int(r["quantizers"]) for r in rows}
+    assert count["activation"] == count["input"] + count["conv/table"] + count["add/concat"] + count["Detect"]
+    summary = (tmp_path / "k" / "sensitivity_summary.yaml").read_text()
+    assert "all_quantized_mAP50-95" in summary
+    with pytest.raises(UserError, match="--mode kinds"):
+        _main("--task", "sensitivity", "--mode", "kinds", "--layers", "0", "--weights", reference("yolov5n_relu.pt"),
+              "--data", tiny, *FAST, "--out", tmp_path / "x")
+
+
 def test_bad_layers_are_a_user_error(tiny, tmp_path):
     with pytest.raises(UserError, match="--layers"):
         _main("--task", "sensitivity", "--weights", reference("yolov5n_relu.pt"), "--data", tiny, *FAST,
