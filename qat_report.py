@@ -579,10 +579,8 @@ def kind_sensitivity(float_model, data, batches, loader, device, config: QATConf
     """Rows (ranked by mAP50-95 recovered) of the whole recipe with one kind of quantizer off at a time, and the
     reference mAPs. One calibration serves every row: turning fake quantizers off changes no other quantizer."""
     ref = {"float": _evaluate(deepcopy(float_model), data, loader, save_dir)}
-    q = prepared(float_model, config).to(device)
-    calibrate(q, batches, len(batches), device)
-    q.eval()
-    ref["all_quantized"] = _evaluate(deepcopy(q), data, loader, save_dir)
+    q, ref["all_quantized"] = _all_quantized(float_model, config, load_recipe(config.recipe), data, batches, loader,
+                                             device, save_dir)
     detect = detect_index(float_model)
     rows = []
     for kind in KINDS:
@@ -604,6 +602,14 @@ def kind_sensitivity(float_model, data, batches, loader, device, config: QATConf
     return rows, ref
 
 
+def _all_quantized(float_model, config, recipe, data, batches, loader, device, save_dir):
+    """The float model prepared with the whole `recipe` and calibrated, in eval mode, and its (mAP50, mAP50-95)."""
+    LOGGER.info(f"{PREFIX}all layers quantized ({recipe.get('file', 'default recipe')})")
+    q = prepared(float_model, config, recipe).to(device)
+    calibrate(q, batches, len(batches), device)
+    return q.eval(), _evaluate(q, data, loader, save_dir)
+
+
 def _evaluate(model, data, loader, save_dir):
     results = val.run(data=data, model=model, dataloader=loader, half=False, plots=False, save_dir=save_dir,
                       conf_thres=0.001, iou_thres=0.6)[0]
@@ -618,10 +624,7 @@ def sensitivity(float_model, data, batches, loader, device, layers, modes, confi
     LOGGER.info(f"{PREFIX}float model")
     ref = {"float": _evaluate(deepcopy(float_model), data, loader, save_dir)}
     if "all-but-one" in modes:
-        LOGGER.info(f"{PREFIX}all layers quantized ({base.get('file', 'default recipe')})")
-        q = prepared(float_model, config, base).to(device)
-        calibrate(q, batches, len(batches), device)
-        ref["all_quantized"] = _evaluate(q.eval(), data, loader, save_dir)
+        _, ref["all_quantized"] = _all_quantized(float_model, config, base, data, batches, loader, device, save_dir)
     rows = []
     for mode in modes:
         mode_rows = []
@@ -787,30 +790,36 @@ def main(opt):
 
     # sensitivity
 
+    layers, everything = (None, None) if opt.mode == "kinds" else _sensitivity_layers(model, config, opt.layers)
     save_dir = _run_dir(opt)
     batches = calibration_batches(data, imgsz, opt.batch_size, stride, opt.calib_batches, opt.workers)
+    loader = val_dataloader(data, imgsz, opt.batch_size, stride, save_dir, opt.max_images, opt.workers)
     if opt.mode == "kinds":
-        loader = val_dataloader(data, imgsz, opt.batch_size, stride, save_dir, opt.max_images, opt.workers)
         rows, ref = kind_sensitivity(model, data, batches, loader, device, config, save_dir)
-        return _write_sensitivity(rows, ref, opt, config, save_dir, imgsz, batches, loader)
+    else:
+        modes = ("one", "all-but-one") if opt.mode == "both" else (opt.mode,)
+        rows, ref = sensitivity(model, data, batches, loader, device, layers, modes, config, save_dir, everything)
+    return _write_sensitivity(rows, ref, opt, config, save_dir, imgsz, batches, loader)
+
+
+def _sensitivity_layers(model, config, wanted):
+    """(model indices to test, {index: fake quantizers under it}) for --layers `wanted` (none: every index that has
+    quantizers); indices with nothing to quantize are skipped with a warning, bad ones are a UserError."""
     n_layers = len(model.model)
-    if opt.layers:
-        bad = [i for i in opt.layers if not 0 <= i < n_layers]
+    if wanted:
+        bad = [i for i in wanted if not 0 <= i < n_layers]
         if bad:
             raise UserError(f"--layers {bad}: model indices are 0-{n_layers - 1}")
     everything = quantizers_per_layer(prepared(model, config, {**load_recipe(config.recipe), "rules": []}))
-    layers = list(dict.fromkeys(opt.layers)) if opt.layers else sorted(everything)
+    layers = list(dict.fromkeys(wanted)) if wanted else sorted(everything)
     skipped = [i for i in layers if i not in everything]
     if skipped:
         LOGGER.warning(f"{PREFIX}WARNING: model indices {skipped} have nothing to quantize "
                        f"({', '.join(type(model.model[i]).__name__ for i in skipped)}); skipped")
     layers = [i for i in layers if i in everything]
     if not layers:
-        raise UserError(f"--layers {opt.layers}: none of them has anything to quantize")
-    modes = ("one", "all-but-one") if opt.mode == "both" else (opt.mode,)
-    loader = val_dataloader(data, imgsz, opt.batch_size, stride, save_dir, opt.max_images, opt.workers)
-    rows, ref = sensitivity(model, data, batches, loader, device, layers, modes, config, save_dir, everything)
-    return _write_sensitivity(rows, ref, opt, config, save_dir, imgsz, batches, loader)
+        raise UserError(f"--layers {wanted}: none of them has anything to quantize")
+    return layers, everything
 
 
 def _write_sensitivity(rows, ref, opt, config, save_dir, imgsz, batches, loader):

@@ -109,9 +109,8 @@ def test_missing_openvino_is_one_line(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.onnx"))  # refused before anything was written
 
 
-def test_export_speed_benchmark_times_six_runtimes():
-    """benchmarks/export_speed.py's main() times the six runtimes at each batch size (onnxruntime int8 as
-    DetectMultiBackend runs the file and the file as it is), with int8 against the fp32 model of the same runtime."""
+def _export_speed():
+    """benchmarks/export_speed.py as a module (benchmarks/ is not a package)."""
     import importlib.util
 
     from conftest import ROOT
@@ -119,6 +118,13 @@ def test_export_speed_benchmark_times_six_runtimes():
     spec = importlib.util.spec_from_file_location("export_speed", ROOT / "benchmarks" / "export_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_export_speed_benchmark_times_six_runtimes():
+    """benchmarks/export_speed.py's main() times the six runtimes at each batch size (onnxruntime int8 as
+    DetectMultiBackend runs the file and the file as it is), with int8 against the fp32 model of the same runtime."""
+    bench = _export_speed()
     rows = bench.main(["--weights", str(reference("yolov5n_relu.pt")), "--sizes", "64", "--batch-sizes", "1", "2",
                        "--threads", "1", "--runs", "1"])
     assert [r[:4] for r in rows] == [(64, b, 1, k) for b in (1, 2) for k in (
@@ -132,15 +138,9 @@ def test_export_speed_benchmark_times_six_runtimes():
 def test_export_speed_openvino_profile_counts_every_node_by_precision(tmp_path):
     """The benchmark's OpenVINO profile of an exported pow2 QAT model: each node's time by its type and the precision
     it ran in; every convolution ran in int8, and the parts add up to the whole."""
-    import importlib.util
-
-    from conftest import ROOT
-
     from utils.runtimes import openvino_xml
 
-    spec = importlib.util.spec_from_file_location("export_speed", ROOT / "benchmarks" / "export_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _export_speed()
     qat = bench.qat_checkpoint(reference("yolov5n_relu.pt"), tmp_path / "qat.pt", size=64)
     _, folder = bench.exports(qat, tmp_path / "out", 64, 1)
     profile = bench.ov_profile(openvino_xml(folder), sample_batch((1, 3, 64, 64), seed=2).numpy(), 1, runs=2)
